@@ -1,0 +1,471 @@
+//! Authentication: bearer JWTs verified against each issuer's JWKS.
+//!
+//! The verification cache only ever skips the *signature*: a cached token is
+//! re-checked for expiry and for its key still being published on every
+//! request, and everything after authentication (revocation, posture, policy)
+//! runs every time. Tokens are never logged; cache keys are SHA-256 hashes.
+//!
+//! Defences (standards.md §8): the algorithm is pinned per key and must be in
+//! the issuer's allow-list (the header's `alg` never chooses alone; `none` and
+//! HMAC are refused outright); keys come only from the configured JWKS, never
+//! from `jku`/`x5u`/`jwk`/`x5c`; `crit` is refused; `typ`, when present, must
+//! name an access token; `iss` is compared exactly; `aud` is required; `exp`
+//! is required; `nbf`/`iat` are honoured with a leeway of at most 60 s;
+//! duplicate claims are refused; the token length is bounded.
+
+pub mod jwks;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use jsonwebtoken::{Algorithm, Validation, errors::ErrorKind};
+use moka::sync::Cache;
+use serde::Deserialize;
+
+use crate::config::Config;
+pub use jwks::{Issuer, VerifyKey};
+
+/// Why a token was refused. Messages are safe to show the client: they never
+/// contain the token or key material.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    /// No `Authorization` header.
+    #[error("no bearer token")]
+    Missing,
+    /// `Authorization` is not `Bearer <token>`.
+    #[error("authorization header is not a bearer token")]
+    NotBearer,
+    /// Over the configured length.
+    #[error("token is longer than {0} bytes")]
+    TooLarge(usize),
+    /// Not three base64url parts, or the JSON is bad.
+    #[error("token is malformed")]
+    Malformed,
+    /// The header's `alg` is unknown, `none`, or not accepted.
+    #[error("token algorithm is not accepted")]
+    AlgorithmNotAccepted,
+    /// The header names a `crit` extension.
+    #[error("token header has a critical extension this verifier does not implement")]
+    CriticalHeader,
+    /// `typ` names something other than an access token.
+    #[error("token type `{0}` is not an access token")]
+    WrongType(String),
+    /// `iss` is missing or names no configured issuer.
+    #[error("token issuer is not trusted")]
+    UnknownIssuer,
+    /// The issuer is not accepted on this route.
+    #[error("token issuer is not accepted on this route")]
+    IssuerNotAllowed,
+    /// No published key matches the `kid`, even after a refresh.
+    #[error("token signing key is unknown")]
+    UnknownKey,
+    /// The key's type or pinned algorithm does not fit the header's `alg`.
+    #[error("token algorithm does not match its key")]
+    KeyAlgorithmMismatch,
+    /// Signature check failed.
+    #[error("token signature is invalid")]
+    BadSignature,
+    /// Past `exp` (plus leeway).
+    #[error("token has expired")]
+    Expired,
+    /// Before `nbf` (minus leeway).
+    #[error("token is not yet valid")]
+    NotYetValid,
+    /// `iat` in the future beyond the leeway.
+    #[error("token was issued in the future")]
+    IssuedInFuture,
+    /// `aud` missing or not one of ours.
+    #[error("token audience is not accepted")]
+    WrongAudience,
+    /// A required claim is missing or has the wrong shape.
+    #[error("token claim `{0}` is missing or malformed")]
+    BadClaim(String),
+}
+
+/// A verified token's claims, as later stages read them.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Claims {
+    /// Subject.
+    pub sub: String,
+    /// Issuer (already matched exactly).
+    pub iss: String,
+    /// Expiry, seconds since epoch.
+    pub exp: u64,
+    /// Not-before.
+    #[serde(default)]
+    pub nbf: Option<u64>,
+    /// Issued-at.
+    #[serde(default)]
+    pub iat: Option<u64>,
+    /// Token id.
+    #[serde(default)]
+    pub jti: Option<String>,
+    /// Authentication context class.
+    #[serde(default)]
+    pub acr: Option<String>,
+    /// Authentication methods.
+    #[serde(default)]
+    pub amr: Option<Vec<String>>,
+    /// Time of the user's authentication.
+    #[serde(default)]
+    pub auth_time: Option<u64>,
+    /// OAuth client id (RFC 9068).
+    #[serde(default)]
+    pub client_id: Option<String>,
+    /// Confirmation (RFC 7800): `x5t#S256`, `jkt`.
+    #[serde(default)]
+    pub cnf: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+/// A token that passed signature and claim checks.
+#[derive(Debug)]
+pub struct VerifiedToken {
+    /// Issuer that vouched for it.
+    pub issuer: Arc<Issuer>,
+    /// The key that verified the signature; the cache entry dies with it.
+    pub key: Arc<VerifyKey>,
+    /// Claims.
+    pub claims: Claims,
+    /// The device named by the issuer's device claim, if any.
+    pub device: Option<String>,
+}
+
+/// Result of [`Authenticator::authenticate`]: the token and whether the
+/// signature check was skipped thanks to the cache.
+#[derive(Debug, Clone)]
+pub struct Authenticated {
+    /// The verified token.
+    pub token: Arc<VerifiedToken>,
+    /// True when served from the verification cache.
+    pub cache_hit: bool,
+}
+
+#[derive(Deserialize)]
+struct IssPeek {
+    #[serde(default)]
+    iss: Option<String>,
+}
+
+struct TokenExpiry;
+
+impl moka::Expiry<[u8; 32], Arc<VerifiedToken>> for TokenExpiry {
+    fn expire_after_create(
+        &self,
+        _key: &[u8; 32],
+        value: &Arc<VerifiedToken>,
+        _created_at: Instant,
+    ) -> Option<Duration> {
+        let deadline = value.claims.exp + value.issuer.cfg.leeway_s;
+        Some(Duration::from_secs(
+            deadline.saturating_sub(crate::util::now_unix()),
+        ))
+    }
+}
+
+/// Verifies bearer tokens for every configured issuer, with a cache of
+/// verified tokens keyed by the token's SHA-256.
+pub struct Authenticator {
+    issuers: HashMap<String, Arc<Issuer>>,
+    cache: Cache<[u8; 32], Arc<VerifiedToken>>,
+    max_token_bytes: usize,
+}
+
+impl std::fmt::Debug for Authenticator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authenticator")
+            .field("issuers", &self.issuers.keys().collect::<Vec<_>>())
+            .field("cached_tokens", &self.cache.entry_count())
+            .finish()
+    }
+}
+
+impl Authenticator {
+    /// Builds the authenticator from issuers already constructed (and
+    /// possibly carried over from the previous config on reload).
+    pub fn new(issuers: Vec<Arc<Issuer>>, cache_capacity: u64, max_token_bytes: usize) -> Self {
+        let cache = Cache::builder()
+            .max_capacity(cache_capacity)
+            .expire_after(TokenExpiry)
+            .build();
+        Self {
+            issuers: issuers
+                .into_iter()
+                .map(|i| (i.cfg.issuer.clone(), i))
+                .collect(),
+            cache,
+            max_token_bytes,
+        }
+    }
+
+    /// Builds issuers fresh from config (no keys fetched yet; call
+    /// [`Issuer::refresh`] or [`Authenticator::refresh_all`]).
+    pub fn from_config(cfg: &Config, fetcher: &jwks::Fetcher) -> Result<Self, jwks::JwksError> {
+        let issuers = cfg
+            .issuers
+            .iter()
+            .map(|ic| Issuer::new(ic.clone(), fetcher))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self::new(
+            issuers,
+            crate::config::DEFAULT_TOKEN_CACHE_CAPACITY,
+            crate::config::DEFAULT_MAX_TOKEN_BYTES,
+        ))
+    }
+
+    /// All issuers.
+    pub fn issuers(&self) -> impl Iterator<Item = &Arc<Issuer>> {
+        self.issuers.values()
+    }
+
+    /// Fetches every issuer's keys once; errors are logged and leave the
+    /// issuer without keys (so it fails closed).
+    pub async fn refresh_all(&self) {
+        for i in self.issuers.values() {
+            if let Err(e) = i.refresh().await {
+                tracing::warn!(issuer = %i.cfg.name, error = %e, "jwks load failed");
+            }
+        }
+    }
+
+    /// True when every issuer has at least one usable key.
+    pub fn ready(&self) -> bool {
+        self.issuers.values().all(|i| i.key_count() > 0)
+    }
+
+    /// Number of cached verified tokens (approximate).
+    pub fn cached_tokens(&self) -> u64 {
+        self.cache.entry_count()
+    }
+
+    /// Extracts the token from an `Authorization` header value.
+    pub fn bearer_token(header: Option<&http::HeaderValue>) -> Result<&str, AuthError> {
+        let v = header.ok_or(AuthError::Missing)?;
+        let s = v.to_str().map_err(|_| AuthError::Malformed)?;
+        let (scheme, rest) = s.split_once(' ').ok_or(AuthError::NotBearer)?;
+        if !scheme.eq_ignore_ascii_case("bearer") {
+            return Err(AuthError::NotBearer);
+        }
+        let t = rest.trim_matches(' ');
+        if t.is_empty() {
+            return Err(AuthError::Missing);
+        }
+        Ok(t)
+    }
+
+    /// The fast path: a token verified before, still within its lifetime and
+    /// whose key is still published. `None` means "verify it".
+    pub fn check_cached(
+        &self,
+        token: &str,
+        now: u64,
+    ) -> Option<Result<Arc<VerifiedToken>, AuthError>> {
+        if token.len() > self.max_token_bytes {
+            return Some(Err(AuthError::TooLarge(self.max_token_bytes)));
+        }
+        let hash = crate::util::sha256(token.as_bytes());
+        let hit = self.cache.get(&hash)?;
+        if !hit.issuer.still_publishes(&hit.key) {
+            self.cache.invalidate(&hash);
+            return None;
+        }
+        Some(check_times(&hit, now).map(|()| hit))
+    }
+
+    /// Verifies a token, using the cache when it can. `allowed` limits the
+    /// issuers (by name); empty means any configured issuer.
+    pub async fn authenticate(
+        &self,
+        token: &str,
+        allowed: &[String],
+    ) -> Result<Authenticated, AuthError> {
+        let now = crate::util::now_unix();
+        let (token, cache_hit) = match self.check_cached(token, now) {
+            Some(r) => (r?, true),
+            None => (self.verify_uncached(token, now).await?, false),
+        };
+        if !allowed.is_empty() && !allowed.iter().any(|n| *n == token.issuer.cfg.name) {
+            return Err(AuthError::IssuerNotAllowed);
+        }
+        Ok(Authenticated { token, cache_hit })
+    }
+
+    /// Full verification: header, issuer, key (refreshing the JWKS once,
+    /// rate-limited, on an unknown `kid`), signature, claims. Caches success.
+    pub async fn verify_uncached(
+        &self,
+        token: &str,
+        now: u64,
+    ) -> Result<Arc<VerifiedToken>, AuthError> {
+        if token.len() > self.max_token_bytes {
+            return Err(AuthError::TooLarge(self.max_token_bytes));
+        }
+        let mut parts = token.split('.');
+        let (Some(h64), Some(p64), Some(_s64), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(AuthError::Malformed);
+        };
+        let header = parse_header(h64)?;
+        let peek: IssPeek = decode_part(p64)?;
+        let iss = peek.iss.ok_or(AuthError::UnknownIssuer)?;
+        let issuer = self
+            .issuers
+            .get(&iss)
+            .ok_or(AuthError::UnknownIssuer)?
+            .clone();
+        if !issuer.algorithms().contains(&header.alg) {
+            return Err(AuthError::AlgorithmNotAccepted);
+        }
+        let key = issuer.key_for(header.kid.as_deref(), header.alg).await?;
+        let data = jsonwebtoken::decode::<Claims>(token, &key.key, &key.validation)
+            .map_err(map_jwt_error)?;
+        let claims = data.claims;
+        if let Some(iat) = claims.iat
+            && iat > now + issuer.cfg.leeway_s
+        {
+            return Err(AuthError::IssuedInFuture);
+        }
+        // The device claim is configurable, so read it from the raw payload.
+        let device = if issuer.cfg.device_claim.is_empty() {
+            None
+        } else {
+            let raw: serde_json::Map<String, serde_json::Value> = decode_part(p64)?;
+            match raw.get(&issuer.cfg.device_claim) {
+                None | Some(serde_json::Value::Null) => None,
+                Some(serde_json::Value::String(s)) if !s.is_empty() && s.len() <= 256 => {
+                    Some(s.clone())
+                }
+                Some(_) => return Err(AuthError::BadClaim(issuer.cfg.device_claim.clone())),
+            }
+        };
+        let verified = Arc::new(VerifiedToken {
+            issuer,
+            key,
+            claims,
+            device,
+        });
+        check_times(&verified, now)?;
+        self.cache
+            .insert(crate::util::sha256(token.as_bytes()), verified.clone());
+        Ok(verified)
+    }
+}
+
+fn check_times(t: &VerifiedToken, now: u64) -> Result<(), AuthError> {
+    let leeway = t.issuer.cfg.leeway_s;
+    if now > t.claims.exp.saturating_add(leeway) {
+        return Err(AuthError::Expired);
+    }
+    if let Some(nbf) = t.claims.nbf
+        && nbf > now.saturating_add(leeway)
+    {
+        return Err(AuthError::NotYetValid);
+    }
+    Ok(())
+}
+
+/// The header members this verifier reads; anything else is ignored, and
+/// `jku`/`x5u`/`jwk`/`x5c` are never used to find a key.
+#[derive(Deserialize)]
+struct RawHeader {
+    alg: String,
+    #[serde(default)]
+    kid: Option<String>,
+    #[serde(default)]
+    typ: Option<String>,
+    #[serde(default)]
+    crit: Option<serde_json::Value>,
+}
+
+struct Header {
+    alg: Algorithm,
+    kid: Option<String>,
+}
+
+/// Longest `kid` accepted; it is an opaque map key, never a path or query.
+const MAX_KID_LEN: usize = 256;
+
+fn parse_header(h64: &str) -> Result<Header, AuthError> {
+    let raw: RawHeader = decode_part(h64)?;
+    if raw.crit.is_some() {
+        return Err(AuthError::CriticalHeader);
+    }
+    if let Some(typ) = &raw.typ {
+        let t = typ.to_ascii_lowercase();
+        let t = t.strip_prefix("application/").unwrap_or(&t);
+        if t != "jwt" && t != "at+jwt" {
+            return Err(AuthError::WrongType(typ.chars().take(32).collect()));
+        }
+    }
+    if raw.kid.as_ref().is_some_and(|k| k.len() > MAX_KID_LEN) {
+        return Err(AuthError::Malformed);
+    }
+    let alg = match raw.alg.as_str() {
+        "RS256" => Algorithm::RS256,
+        "RS384" => Algorithm::RS384,
+        "RS512" => Algorithm::RS512,
+        "PS256" => Algorithm::PS256,
+        "PS384" => Algorithm::PS384,
+        "PS512" => Algorithm::PS512,
+        "ES256" => Algorithm::ES256,
+        "ES384" => Algorithm::ES384,
+        "EdDSA" => Algorithm::EdDSA,
+        _ => return Err(AuthError::AlgorithmNotAccepted),
+    };
+    Ok(Header { alg, kid: raw.kid })
+}
+
+fn decode_part<T: serde::de::DeserializeOwned>(part: &str) -> Result<T, AuthError> {
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(part)
+        .map_err(|_| AuthError::Malformed)?;
+    serde_json::from_slice(&bytes).map_err(|_| AuthError::Malformed)
+}
+
+fn map_jwt_error(e: jsonwebtoken::errors::Error) -> AuthError {
+    match e.kind() {
+        ErrorKind::InvalidSignature => AuthError::BadSignature,
+        ErrorKind::ExpiredSignature => AuthError::Expired,
+        ErrorKind::ImmatureSignature => AuthError::NotYetValid,
+        ErrorKind::InvalidAudience => AuthError::WrongAudience,
+        ErrorKind::InvalidIssuer => AuthError::UnknownIssuer,
+        ErrorKind::InvalidAlgorithm
+        | ErrorKind::InvalidAlgorithmName
+        | ErrorKind::MissingAlgorithm => AuthError::AlgorithmNotAccepted,
+        ErrorKind::InvalidEcdsaKey
+        | ErrorKind::InvalidEddsaKey
+        | ErrorKind::InvalidRsaKey(_)
+        | ErrorKind::InvalidKeyFormat
+        | ErrorKind::UnsupportedAlgorithm => AuthError::KeyAlgorithmMismatch,
+        ErrorKind::MissingRequiredClaim(c) | ErrorKind::InvalidClaimFormat(c) => {
+            if c == "aud" {
+                AuthError::WrongAudience
+            } else {
+                AuthError::BadClaim(c.chars().take(32).collect())
+            }
+        }
+        _ => AuthError::Malformed,
+    }
+}
+
+/// Builds the per-key validation: one algorithm, exact `iss`, required `aud`
+/// and `exp`, `nbf` checked, the issuer's leeway.
+pub(crate) fn validation_for(
+    alg: Algorithm,
+    iss: &str,
+    audiences: &[String],
+    leeway: u64,
+) -> Validation {
+    let mut v = Validation::new(alg);
+    v.algorithms = vec![alg];
+    v.set_issuer(&[iss]);
+    v.set_audience(audiences);
+    v.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+    v.validate_exp = true;
+    v.validate_nbf = true;
+    v.validate_aud = true;
+    v.leeway = leeway;
+    v
+}

@@ -1,0 +1,204 @@
+//! The command line: `serve`, `check`, `demo`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::Config;
+
+/// portcullis: an identity-aware reverse proxy.
+#[derive(Debug, Parser)]
+#[command(name = "portcullis", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the proxy and admin listeners from a config file.
+    Serve {
+        /// Config file (TOML).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Write the bound addresses here as JSON once listening (useful with port 0).
+        #[arg(long)]
+        addr_file: Option<PathBuf>,
+    },
+    /// Validate a config file: syntax, fields, certificates, keys, JWKS files.
+    Check {
+        /// Config file (TOML).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Run the embedded demo: proxy, demo app and dev token issuer on 127.0.0.1.
+    Demo {
+        /// Where certificates, keys, the generated config and demo.env go.
+        #[arg(long, default_value = crate::demo::DEFAULT_DATA_DIR)]
+        data_dir: PathBuf,
+        /// Proxy (TLS) port on 127.0.0.1 (0 picks a free port).
+        #[arg(long, default_value_t = 8443)]
+        proxy_port: u16,
+        /// Admin port on 127.0.0.1 (0 picks a free port).
+        #[arg(long, default_value_t = 9090)]
+        admin_port: u16,
+    },
+}
+
+/// Entry point used by `main.rs`.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { config } => check(&config),
+        Command::Serve { config, addr_file } => run_async(serve(config, addr_file)),
+        Command::Demo {
+            data_dir,
+            proxy_port,
+            admin_port,
+        } => run_async(demo(crate::demo::DemoOptions {
+            data_dir,
+            proxy_port,
+            admin_port,
+        })),
+    }
+}
+
+fn run_async(fut: impl std::future::Future<Output = Result<(), String>>) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(fut) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Validates everything `serve` would load, without opening a socket.
+pub fn check_config(path: &std::path::Path) -> Result<Config, String> {
+    let cfg = Config::load(path).map_err(|e| e.to_string())?;
+    crate::tls::build_server_config(&cfg.tls)
+        .map_err(|e| format!("{}: tls: {e}", path.display()))?;
+    crate::proxy::client::upstream_client(&cfg.upstream)
+        .map_err(|e| format!("{}: upstream.ca: {e}", path.display()))?;
+    let fetcher = crate::authn::jwks::Fetcher::default();
+    for (i, ic) in cfg.issuers.iter().enumerate() {
+        let issuer = crate::authn::Issuer::new(ic.clone(), &fetcher)
+            .map_err(|e| format!("{}: issuers[{i}]: {e}", path.display()))?;
+        if let Some(file) = &ic.jwks_file {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())?;
+            let n = rt
+                .block_on(issuer.refresh())
+                .map_err(|e| format!("{}: issuers[{i}].jwks_file: {e}", path.display()))?;
+            if n == 0 {
+                return Err(format!(
+                    "{}: issuers[{i}].jwks_file: {} holds no key usable with {:?}",
+                    path.display(),
+                    file.display(),
+                    ic.algorithms
+                ));
+            }
+        }
+    }
+    Ok(cfg)
+}
+
+fn check(path: &std::path::Path) -> ExitCode {
+    match check_config(path) {
+        Ok(cfg) => {
+            println!(
+                "{}: ok ({} routes, {} issuers, {} certificates)",
+                path.display(),
+                cfg.routes.len(),
+                cfg.issuers.len(),
+                cfg.tls.certificates.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(config: PathBuf, addr_file: Option<PathBuf>) -> Result<(), String> {
+    let cfg = Config::load(&config).map_err(|e| e.to_string())?;
+    crate::telemetry::logging::init(&cfg.log);
+    let server =
+        crate::server::start_with(cfg, std::sync::Arc::new(crate::telemetry::Metrics::new()))
+            .await
+            .map_err(|e| e.to_string())?;
+    if let Some(path) = addr_file {
+        let doc = serde_json::json!({
+            "proxy": server.proxy_addr.to_string(),
+            "plain_http": server.plain_addr.map(|a| a.to_string()),
+            "admin": server.admin_addr.to_string(),
+            "pid": std::process::id(),
+        });
+        // Write then rename, so a reader never sees half a file.
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, doc.to_string())
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    wait_for_signals(&server).await?;
+    tracing::info!("shutting down: draining in-flight requests");
+    server.shutdown().await;
+    Ok(())
+}
+
+/// Waits for SIGTERM / Ctrl-C (returns) and handles SIGHUP (reload) meanwhile.
+async fn wait_for_signals(server: &crate::server::RunningServer) -> Result<(), String> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut hup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
+        let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
+        loop {
+            tokio::select! {
+                _ = hup.recv() => {
+                    match server.shared.reload().await {
+                        Ok(v) => tracing::info!(version = v, "SIGHUP: config reloaded"),
+                        Err(e) => tracing::error!(error = %e, "SIGHUP: new config rejected; still serving the previous one"),
+                    }
+                }
+                _ = term.recv() => return Ok(()),
+                _ = tokio::signal::ctrl_c() => return Ok(()),
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = server;
+        tokio::signal::ctrl_c().await.map_err(|e| e.to_string())
+    }
+}
+
+async fn demo(opts: crate::demo::DemoOptions) -> Result<(), String> {
+    crate::telemetry::logging::init(&crate::config::LogConfig {
+        format: crate::config::LogFormat::Text,
+        level: "warn".into(),
+    });
+    let demo = crate::demo::start(&opts).await.map_err(|e| e.to_string())?;
+    println!("{}", demo.walkthrough);
+    println!("demo.env: {}", demo.env_file.display());
+    wait_for_signals(&demo.server).await?;
+    demo.server.shutdown().await;
+    Ok(())
+}

@@ -1,0 +1,671 @@
+//! Configuration: strict TOML, validated before anything runs.
+//!
+//! Every table denies unknown fields, because in a security proxy a typo must
+//! fail loudly. Defaults are named constants. Errors name the file and the key
+//! path. Relative paths in the file are resolved against the file's directory.
+//! This room never opens a socket; it only reads files.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Default limit on the bytes of one request's header block.
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 128 * 1024;
+/// Default limit on the number of request headers.
+pub const DEFAULT_MAX_HEADERS: usize = 100;
+/// Default time a client has to send a complete header block (slowloris guard).
+pub const DEFAULT_HEADER_READ_TIMEOUT_MS: u64 = 10_000;
+/// Default time a client has to complete the TLS handshake.
+pub const DEFAULT_TLS_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
+/// Default limit on open client connections.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Default time to wait for an upstream's response headers.
+pub const DEFAULT_UPSTREAM_TIMEOUT_MS: u64 = 30_000;
+/// Default time to connect to an upstream.
+pub const DEFAULT_UPSTREAM_CONNECT_TIMEOUT_MS: u64 = 5_000;
+/// Default idle keep-alive connections kept per upstream host.
+pub const DEFAULT_UPSTREAM_POOL_IDLE_PER_HOST: usize = 64;
+/// Default time graceful shutdown waits for in-flight requests.
+pub const DEFAULT_DRAIN_TIMEOUT_MS: u64 = 30_000;
+/// Default clock-skew leeway for `exp`, `nbf` and `iat`.
+pub const DEFAULT_LEEWAY_S: u64 = 30;
+/// Hard ceiling on the configurable leeway.
+pub const MAX_LEEWAY_S: u64 = 60;
+/// Default scheduled JWKS refresh period.
+pub const DEFAULT_JWKS_REFRESH_S: u64 = 300;
+/// Default minimum time between refreshes triggered by an unknown `kid`.
+pub const DEFAULT_JWKS_MIN_REFRESH_S: u64 = 30;
+/// Default longest token accepted, in bytes.
+pub const DEFAULT_MAX_TOKEN_BYTES: usize = 16 * 1024;
+/// Default number of verified tokens kept in the signature cache.
+pub const DEFAULT_TOKEN_CACHE_CAPACITY: u64 = 100_000;
+/// The claim that names the device, unless an issuer says otherwise.
+pub const DEFAULT_DEVICE_CLAIM: &str = "device_id";
+
+/// Identity headers stripped from every client request by default: every
+/// header the proxy itself sets, and the usual names apps trust from proxies.
+pub const DEFAULT_STRIPPED_HEADERS: &[&str] = &[
+    "x-portcullis-subject",
+    "x-portcullis-issuer",
+    "x-portcullis-device",
+    "x-portcullis-route",
+    "x-portcullis-decision",
+    "x-portcullis-request-id",
+    "x-request-id",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "x-forwarded-port",
+    "x-forwarded-user",
+    "x-forwarded-email",
+    "x-forwarded-groups",
+    "x-forwarded-preferred-username",
+    "x-forwarded-access-token",
+    "forwarded",
+    "x-real-ip",
+    "x-remote-user",
+    "remote-user",
+    "x-user",
+    "x-email",
+    "x-auth-request-user",
+    "x-auth-request-email",
+    "x-auth-request-groups",
+    "x-auth-request-preferred-username",
+    "x-auth-request-access-token",
+    "x-client-cert",
+    "x-ssl-client-cert",
+    "x-ssl-client-verify",
+    "x-ssl-client-s-dn",
+];
+
+/// A configuration error, naming the file and the key path.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        /// The file.
+        file: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The TOML did not parse or did not fit the schema.
+    #[error("{file}: {message}")]
+    Parse {
+        /// The file.
+        file: PathBuf,
+        /// The parser's message, which names the key and line.
+        message: String,
+    },
+    /// A value parsed but is not acceptable.
+    #[error("{file}: {key}: {message}")]
+    Invalid {
+        /// The file.
+        file: PathBuf,
+        /// Dotted key path, such as `routes[1].upstream`.
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The proxy listener.
+    pub proxy: ProxyConfig,
+    /// Server certificates and client-certificate trust.
+    pub tls: TlsConfig,
+    /// The admin listener.
+    pub admin: AdminConfig,
+    /// Logging.
+    #[serde(default)]
+    pub log: LogConfig,
+    /// Token issuers.
+    #[serde(default)]
+    pub issuers: Vec<IssuerConfig>,
+    /// Routes, matched by host and longest path prefix.
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+    /// Upstream client settings.
+    #[serde(default)]
+    pub upstream: UpstreamConfig,
+    /// Where this config was read from (not part of the file).
+    #[serde(skip)]
+    pub source: PathBuf,
+}
+
+/// The proxy listener and its limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// TLS listener address.
+    pub listen: SocketAddr,
+    /// Optional plain-HTTP listener; only when set explicitly.
+    #[serde(default)]
+    pub plain_http_listen: Option<SocketAddr>,
+    /// Limit on open client connections.
+    #[serde(default = "d_max_connections")]
+    pub max_connections: usize,
+    /// Limit on the bytes of a request's header block.
+    #[serde(default = "d_max_header_bytes")]
+    pub max_header_bytes: usize,
+    /// Limit on the number of request headers.
+    #[serde(default = "d_max_headers")]
+    pub max_headers: usize,
+    /// Time to receive a complete header block, in milliseconds.
+    #[serde(default = "d_header_read_timeout_ms")]
+    pub header_read_timeout_ms: u64,
+    /// Time to complete the TLS handshake, in milliseconds.
+    #[serde(default = "d_tls_handshake_timeout_ms")]
+    pub tls_handshake_timeout_ms: u64,
+    /// Time graceful shutdown waits for in-flight requests, in milliseconds.
+    #[serde(default = "d_drain_timeout_ms")]
+    pub drain_timeout_ms: u64,
+    /// Extra identity headers to strip, besides the defaults.
+    #[serde(default)]
+    pub strip_headers: Vec<String>,
+    /// Replace the default strip list instead of extending it.
+    #[serde(default)]
+    pub strip_headers_replace_defaults: bool,
+    /// Forward the client's `Authorization` header to the upstream.
+    #[serde(default = "d_true")]
+    pub forward_authorization: bool,
+}
+
+/// Server certificates (chosen by SNI) and client-certificate trust.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Server certificates; the first is the default when SNI matches none.
+    pub certificates: Vec<CertificateConfig>,
+    /// CA bundles (PEM) that client certificates are verified against.
+    /// When empty, no client certificate is requested.
+    #[serde(default)]
+    pub client_ca: Vec<PathBuf>,
+}
+
+/// One server certificate chain and key.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateConfig {
+    /// PEM chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+    /// SNI names this certificate answers for; empty means "take them from
+    /// the certificate's DNS SANs".
+    #[serde(default)]
+    pub server_names: Vec<String>,
+}
+
+/// The admin listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Plain-HTTP admin address; keep it on loopback or a private interface.
+    pub listen: SocketAddr,
+    /// Bearer secret required for `/metrics`, when set.
+    #[serde(default)]
+    pub metrics_token: Option<String>,
+}
+
+/// Log format and level.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` or `json`.
+    #[serde(default)]
+    pub format: LogFormat,
+    /// A tracing filter such as `info` or `portcullis=debug`.
+    #[serde(default = "d_log_level")]
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            level: d_log_level(),
+        }
+    }
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// A token issuer: its `iss`, audiences, algorithms and key source.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct IssuerConfig {
+    /// Name used by routes and metrics.
+    pub name: String,
+    /// The exact `iss` value.
+    pub issuer: String,
+    /// Accepted `aud` values; a token must carry at least one.
+    pub audiences: Vec<String>,
+    /// Algorithm allow-list; the token's `alg` header never chooses alone.
+    pub algorithms: Vec<String>,
+    /// JWKS URL.
+    #[serde(default)]
+    pub jwks_url: Option<String>,
+    /// OIDC discovery URL (`…/.well-known/openid-configuration`).
+    #[serde(default)]
+    pub discovery_url: Option<String>,
+    /// Static JWKS file.
+    #[serde(default)]
+    pub jwks_file: Option<PathBuf>,
+    /// Extra CA bundle (PEM) for fetching JWKS / discovery over https.
+    #[serde(default)]
+    pub fetch_ca: Option<PathBuf>,
+    /// Scheduled refresh period, seconds.
+    #[serde(default = "d_jwks_refresh_s")]
+    pub refresh_interval_s: u64,
+    /// Minimum seconds between refreshes triggered by an unknown `kid`.
+    #[serde(default = "d_jwks_min_refresh_s")]
+    pub min_refresh_interval_s: u64,
+    /// Clock-skew leeway in seconds, at most 60.
+    #[serde(default = "d_leeway_s")]
+    pub leeway_s: u64,
+    /// The claim naming the device.
+    #[serde(default = "d_device_claim")]
+    pub device_claim: String,
+}
+
+/// One route.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Name used in metrics and logs.
+    pub name: String,
+    /// Host to match (`*` matches any host).
+    #[serde(default = "d_any_host")]
+    pub host: String,
+    /// Path prefix to match; the longest matching prefix wins.
+    #[serde(default = "d_root_prefix")]
+    pub path_prefix: String,
+    /// Upstream base URL, http or https.
+    pub upstream: String,
+    /// How sensitive the app is.
+    #[serde(default)]
+    pub sensitivity: Sensitivity,
+    /// How requests authenticate.
+    pub auth: AuthMode,
+    /// Issuers accepted on this route (names); empty means all.
+    #[serde(default)]
+    pub issuers: Vec<String>,
+    /// Largest request body accepted, in bytes.
+    #[serde(default)]
+    pub max_body_bytes: Option<u64>,
+    /// Time to wait for the upstream's response headers, in milliseconds.
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+}
+
+/// Route sensitivity, which policies read.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum Sensitivity {
+    /// Low.
+    Low,
+    /// Medium (the default).
+    #[default]
+    Medium,
+    /// High.
+    High,
+    /// Critical.
+    Critical,
+}
+
+impl Sensitivity {
+    /// The lowercase name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Low => "low",
+            Self::Medium => "medium",
+            Self::High => "high",
+            Self::Critical => "critical",
+        }
+    }
+}
+
+/// How a route authenticates requests.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// A bearer JWT is required.
+    Bearer,
+    /// No authentication; identity headers are still stripped.
+    Public,
+}
+
+/// Upstream client settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Default time to wait for response headers, in milliseconds.
+    #[serde(default = "d_upstream_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Time to connect, in milliseconds.
+    #[serde(default = "d_upstream_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// Idle keep-alive connections kept per host.
+    #[serde(default = "d_pool_idle_per_host")]
+    pub pool_idle_per_host: usize,
+    /// Extra CA bundle (PEM) for https upstreams, besides the web PKI roots.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        Self {
+            timeout_ms: DEFAULT_UPSTREAM_TIMEOUT_MS,
+            connect_timeout_ms: DEFAULT_UPSTREAM_CONNECT_TIMEOUT_MS,
+            pool_idle_per_host: DEFAULT_UPSTREAM_POOL_IDLE_PER_HOST,
+            ca: None,
+        }
+    }
+}
+
+fn d_true() -> bool {
+    true
+}
+fn d_max_connections() -> usize {
+    DEFAULT_MAX_CONNECTIONS
+}
+fn d_max_header_bytes() -> usize {
+    DEFAULT_MAX_HEADER_BYTES
+}
+fn d_max_headers() -> usize {
+    DEFAULT_MAX_HEADERS
+}
+fn d_header_read_timeout_ms() -> u64 {
+    DEFAULT_HEADER_READ_TIMEOUT_MS
+}
+fn d_tls_handshake_timeout_ms() -> u64 {
+    DEFAULT_TLS_HANDSHAKE_TIMEOUT_MS
+}
+fn d_drain_timeout_ms() -> u64 {
+    DEFAULT_DRAIN_TIMEOUT_MS
+}
+fn d_log_level() -> String {
+    "info".to_owned()
+}
+fn d_jwks_refresh_s() -> u64 {
+    DEFAULT_JWKS_REFRESH_S
+}
+fn d_jwks_min_refresh_s() -> u64 {
+    DEFAULT_JWKS_MIN_REFRESH_S
+}
+fn d_leeway_s() -> u64 {
+    DEFAULT_LEEWAY_S
+}
+fn d_device_claim() -> String {
+    DEFAULT_DEVICE_CLAIM.to_owned()
+}
+fn d_any_host() -> String {
+    "*".to_owned()
+}
+fn d_root_prefix() -> String {
+    "/".to_owned()
+}
+fn d_upstream_timeout_ms() -> u64 {
+    DEFAULT_UPSTREAM_TIMEOUT_MS
+}
+fn d_upstream_connect_timeout_ms() -> u64 {
+    DEFAULT_UPSTREAM_CONNECT_TIMEOUT_MS
+}
+fn d_pool_idle_per_host() -> usize {
+    DEFAULT_UPSTREAM_POOL_IDLE_PER_HOST
+}
+
+/// Algorithms an issuer may list. `none` and the HMAC family are refused:
+/// access tokens from a third-party issuer are verified with public keys only.
+pub const SUPPORTED_ALGORITHMS: &[&str] = &[
+    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA",
+];
+
+impl Config {
+    /// Reads, parses and validates a config file. Paths inside it become
+    /// absolute, resolved against the file's directory.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml(&text, path)
+    }
+
+    /// Parses and validates TOML text that came from `path`.
+    pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let mut cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            file: path.to_owned(),
+            message: e.to_string().trim_end().replace('\n', " | "),
+        })?;
+        cfg.source = path.to_owned();
+        let base = path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        cfg.resolve_paths(&base);
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let abs = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        for c in &mut self.tls.certificates {
+            abs(&mut c.cert);
+            abs(&mut c.key);
+        }
+        self.tls.client_ca.iter_mut().for_each(abs);
+        for i in &mut self.issuers {
+            if let Some(p) = i.jwks_file.as_mut() {
+                abs(p);
+            }
+            if let Some(p) = i.fetch_ca.as_mut() {
+                abs(p);
+            }
+        }
+        if let Some(p) = self.upstream.ca.as_mut() {
+            abs(p);
+        }
+    }
+
+    fn invalid(&self, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            file: self.source.clone(),
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+
+    /// Checks everything a parse cannot: references, ranges, URL shapes.
+    /// Files (certificates, keys, JWKS) are checked where they are loaded.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.tls.certificates.is_empty() {
+            return Err(self.invalid("tls.certificates", "at least one certificate is required"));
+        }
+        if self.proxy.max_connections == 0 {
+            return Err(self.invalid("proxy.max_connections", "must be at least 1"));
+        }
+        if self.proxy.max_header_bytes < 8192 {
+            return Err(self.invalid("proxy.max_header_bytes", "must be at least 8192"));
+        }
+        if self.proxy.max_headers == 0 {
+            return Err(self.invalid("proxy.max_headers", "must be at least 1"));
+        }
+        for (i, h) in self.proxy.strip_headers.iter().enumerate() {
+            if http::HeaderName::from_bytes(h.as_bytes()).is_err() {
+                return Err(self.invalid(
+                    format!("proxy.strip_headers[{i}]"),
+                    format!("`{h}` is not a header name"),
+                ));
+            }
+        }
+        if (self.admin.listen == self.proxy.listen
+            || Some(self.admin.listen) == self.proxy.plain_http_listen)
+            && self.admin.listen.port() != 0
+        {
+            return Err(self.invalid("admin.listen", "must differ from the proxy listeners"));
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log.level)
+            .map_err(|e| self.invalid("log.level", format!("`{}`: {e}", self.log.level)))?;
+
+        let mut names = HashSet::new();
+        for (i, iss) in self.issuers.iter().enumerate() {
+            let key = |k: &str| format!("issuers[{i}].{k}");
+            if !names.insert(iss.name.as_str()) {
+                return Err(self.invalid(key("name"), format!("duplicate issuer `{}`", iss.name)));
+            }
+            if iss.issuer.is_empty() {
+                return Err(self.invalid(key("issuer"), "must not be empty"));
+            }
+            if iss.audiences.is_empty() || iss.audiences.iter().any(String::is_empty) {
+                return Err(self.invalid(key("audiences"), "at least one non-empty audience"));
+            }
+            if iss.algorithms.is_empty() {
+                return Err(self.invalid(key("algorithms"), "at least one algorithm"));
+            }
+            for (j, a) in iss.algorithms.iter().enumerate() {
+                if !SUPPORTED_ALGORITHMS.contains(&a.as_str()) {
+                    return Err(self.invalid(
+                        format!("issuers[{i}].algorithms[{j}]"),
+                        format!(
+                            "`{a}` is not accepted; use one of {}",
+                            SUPPORTED_ALGORITHMS.join(", ")
+                        ),
+                    ));
+                }
+            }
+            let sources = [
+                iss.jwks_url.is_some(),
+                iss.discovery_url.is_some(),
+                iss.jwks_file.is_some(),
+            ]
+            .iter()
+            .filter(|b| **b)
+            .count();
+            if sources != 1 {
+                return Err(self.invalid(
+                    key("jwks_url"),
+                    "set exactly one of jwks_url, discovery_url, jwks_file",
+                ));
+            }
+            for (k, url) in [
+                ("jwks_url", &iss.jwks_url),
+                ("discovery_url", &iss.discovery_url),
+            ] {
+                if let Some(u) = url {
+                    check_http_url(u).map_err(|m| self.invalid(key(k), m))?;
+                }
+            }
+            if iss.leeway_s > MAX_LEEWAY_S {
+                return Err(self.invalid(
+                    key("leeway_s"),
+                    format!("{} exceeds the ceiling of {MAX_LEEWAY_S} s", iss.leeway_s),
+                ));
+            }
+            if iss.refresh_interval_s == 0 {
+                return Err(self.invalid(key("refresh_interval_s"), "must be at least 1"));
+            }
+            if iss.device_claim.is_empty() {
+                return Err(self.invalid(key("device_claim"), "must not be empty"));
+            }
+        }
+
+        let mut route_names = HashSet::new();
+        let mut matchers = HashSet::new();
+        for (i, r) in self.routes.iter().enumerate() {
+            let key = |k: &str| format!("routes[{i}].{k}");
+            if !route_names.insert(r.name.as_str()) {
+                return Err(self.invalid(key("name"), format!("duplicate route `{}`", r.name)));
+            }
+            if !r.path_prefix.starts_with('/') {
+                return Err(self.invalid(key("path_prefix"), "must start with `/`"));
+            }
+            if r.host.is_empty() {
+                return Err(self.invalid(key("host"), "must not be empty (use `*` for any)"));
+            }
+            if !matchers.insert((r.host.to_ascii_lowercase(), r.path_prefix.clone())) {
+                return Err(self.invalid(
+                    key("path_prefix"),
+                    format!(
+                        "another route already matches `{}{}`",
+                        r.host, r.path_prefix
+                    ),
+                ));
+            }
+            check_http_url(&r.upstream).map_err(|m| self.invalid(key("upstream"), m))?;
+            for (j, name) in r.issuers.iter().enumerate() {
+                if !self.issuers.iter().any(|x| &x.name == name) {
+                    return Err(self.invalid(
+                        format!("routes[{i}].issuers[{j}]"),
+                        format!("no issuer named `{name}`"),
+                    ));
+                }
+            }
+            if r.auth == AuthMode::Bearer && self.issuers.is_empty() {
+                return Err(self.invalid(key("auth"), "bearer routes need at least one issuer"));
+            }
+            if r.timeout_ms == Some(0) {
+                return Err(self.invalid(key("timeout_ms"), "must be at least 1"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The header names stripped from client requests.
+    pub fn stripped_headers(&self) -> Vec<http::HeaderName> {
+        let mut out: Vec<http::HeaderName> = Vec::new();
+        if !self.proxy.strip_headers_replace_defaults {
+            out.extend(
+                DEFAULT_STRIPPED_HEADERS
+                    .iter()
+                    .map(|h| http::HeaderName::from_static(h)),
+            );
+        }
+        for h in &self.proxy.strip_headers {
+            if let Ok(n) = http::HeaderName::from_bytes(h.as_bytes())
+                && !out.contains(&n)
+            {
+                out.push(n);
+            }
+        }
+        out
+    }
+
+    /// Header-read timeout as a duration.
+    pub fn header_read_timeout(&self) -> Duration {
+        Duration::from_millis(self.proxy.header_read_timeout_ms)
+    }
+}
+
+fn check_http_url(u: &str) -> Result<(), String> {
+    let uri: http::Uri = u.parse().map_err(|e| format!("`{u}` is not a URL: {e}"))?;
+    match uri.scheme_str() {
+        Some("http") | Some("https") => {}
+        _ => return Err(format!("`{u}` must be an http or https URL")),
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(format!("`{u}` has no host"));
+    }
+    Ok(())
+}

@@ -1,0 +1,19 @@
+//! portcullis: an identity-aware reverse proxy that makes device posture and
+//! identity lifecycle count at request time.
+//!
+//! Rooms follow the request path (see `proxy` for the phase chart):
+//! `tls` → `route` → `authn` → `proxy` (forward) → `telemetry`; `server`
+//! owns listeners and lifecycle, `admin` the admin listener, `cli` and
+//! `demo` the outside view.
+
+pub mod admin;
+pub mod authn;
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod proxy;
+pub mod route;
+pub mod server;
+pub mod telemetry;
+pub mod tls;
+pub mod util;

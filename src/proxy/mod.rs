@@ -1,0 +1,463 @@
+//! The request path. [`Proxy::handle`] runs the phases in order:
+//!
+//! ```text
+//! 1. route         host + path prefix → Route                      (route/)
+//! 2. authenticate  bearer JWT → VerifiedToken (cache skips only    (authn/)
+//!                  the signature check)
+//! 3. bind          token ↔ client certificate / DPoP               (binding/, later)
+//! 4. resolve       principal → identity, device → posture          (posture/, later)
+//! 5. decide        Cedar policies → decision                       (policy/, later)
+//! 6. forward       header hygiene, stream both ways, upgrades
+//! 7. record        metrics and access line
+//! ```
+//!
+//! Every refusal is a [`Denial`], turned into a response in one place
+//! ([`rescue::respond`]). The phases read one [`Runtime`] snapshot, loaded
+//! once per request, so a reload mid-request never mixes two configs. This
+//! room must never buffer a body whole or log a token.
+
+pub mod client;
+pub mod headers;
+pub mod rescue;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use http::header::{self, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri, Version};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+
+use crate::authn::{Authenticated, Authenticator};
+use crate::config::{AuthMode, Config};
+use crate::route::{Route, RouteTable};
+use crate::telemetry::{ActionLabel, Metrics, RouteLabel, RouteStatus};
+use crate::tls::TlsInfo;
+use crate::util::RequestIds;
+pub use client::ProxyBody;
+pub use rescue::Denial;
+
+/// What the accept loop knows about a connection, shared by its requests.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    /// Client address.
+    pub peer: SocketAddr,
+    /// TLS facts, absent on the plain-HTTP listener.
+    pub tls: Option<TlsInfo>,
+}
+
+/// Everything built from one config, swapped whole on reload.
+pub struct Runtime {
+    /// The config it was built from.
+    pub config: Arc<Config>,
+    /// Routes.
+    pub routes: RouteTable,
+    /// Token verification.
+    pub auth: Arc<Authenticator>,
+    /// Upstream client (connection pool).
+    pub upstream: client::UpstreamClient,
+    /// Identity headers stripped from client requests.
+    pub stripped: Vec<HeaderName>,
+    /// Monotonic version of this runtime, for logs.
+    pub version: u64,
+}
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runtime")
+            .field("version", &self.version)
+            .finish()
+    }
+}
+
+/// Per-request state the phases fill in, read by the record phase.
+#[derive(Debug)]
+pub struct RequestCtx {
+    /// Request id, echoed to client and upstream.
+    pub id: String,
+    /// When the request arrived.
+    pub started: Instant,
+    /// The matched route, once phase 1 ran.
+    pub route: Option<Arc<Route>>,
+    /// The authenticated token, once phase 2 ran.
+    pub auth: Option<Authenticated>,
+}
+
+/// The shared proxy state.
+pub struct Proxy {
+    /// Current runtime (config-derived state).
+    pub runtime: ArcSwap<Runtime>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    ids: RequestIds,
+}
+
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy").finish_non_exhaustive()
+    }
+}
+
+/// Names of headers the proxy sets for the upstream (all in the default strip list).
+pub mod set_headers {
+    /// Verified subject.
+    pub const SUBJECT: &str = "x-portcullis-subject";
+    /// Verified issuer name.
+    pub const ISSUER: &str = "x-portcullis-issuer";
+    /// Device named by the token.
+    pub const DEVICE: &str = "x-portcullis-device";
+    /// Matched route.
+    pub const ROUTE: &str = "x-portcullis-route";
+    /// Request id.
+    pub const REQUEST_ID: &str = "x-request-id";
+}
+
+impl Proxy {
+    /// Creates the proxy around a first runtime.
+    pub fn new(runtime: Runtime, metrics: Arc<Metrics>) -> Self {
+        Self {
+            runtime: ArcSwap::from_pointee(runtime),
+            metrics,
+            ids: RequestIds::default(),
+        }
+    }
+
+    /// Handles one request through every phase; never fails (refusals become
+    /// responses).
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        conn: Arc<ConnInfo>,
+    ) -> Response<ProxyBody> {
+        let rt = self.runtime.load_full();
+        let mut ctx = RequestCtx {
+            id: self.ids.next_id(),
+            started: Instant::now(),
+            route: None,
+            auth: None,
+        };
+        let method = req.method().clone();
+        let path = req.uri().path().to_owned();
+        let resp = match self.pipeline(&rt, &mut ctx, req, &conn).await {
+            Ok(r) => r,
+            Err(d) => {
+                self.metrics
+                    .decisions
+                    .get_or_create(&ActionLabel {
+                        action: d.action(),
+                        reason: d.code(),
+                    })
+                    .inc();
+                if d.origin() != rescue::Origin::Downstream {
+                    tracing::warn!(request_id = %ctx.id, origin = ?d.origin(), error = %d, "request failed");
+                }
+                rescue::respond(&d, &ctx.id)
+            }
+        };
+        self.record(&ctx, &method, &path, &conn, resp.status());
+        resp
+    }
+
+    async fn pipeline(
+        &self,
+        rt: &Runtime,
+        ctx: &mut RequestCtx,
+        mut req: Request<Incoming>,
+        conn: &ConnInfo,
+    ) -> Result<Response<ProxyBody>, Denial> {
+        // 1. route
+        let route = phase_route(rt, &req)?;
+        ctx.route = Some(route.clone());
+        // 2. authenticate
+        if route.auth == AuthMode::Bearer {
+            let auth = self.phase_authenticate(rt, &route, &req).await?;
+            ctx.auth = Some(auth);
+        }
+        // 3–5 (bind, resolve, decide) arrive with the binding, feeds and policy rooms.
+        self.metrics
+            .decisions
+            .get_or_create(&ActionLabel {
+                action: "allow",
+                reason: "ok",
+            })
+            .inc();
+        // 6. forward
+        prepare_upstream_request(rt, ctx, &route, &mut req, conn)?;
+        self.phase_forward(rt, ctx, &route, req).await
+    }
+
+    /// Phase 2: reads `Authorization`, adds the verified token to the context.
+    async fn phase_authenticate(
+        &self,
+        rt: &Runtime,
+        route: &Route,
+        req: &Request<Incoming>,
+    ) -> Result<Authenticated, Denial> {
+        let token = Authenticator::bearer_token(req.headers().get(header::AUTHORIZATION))
+            .map_err(Denial::Unauthenticated)?;
+        let auth = rt
+            .auth
+            .authenticate(token, &route.issuers)
+            .await
+            .map_err(Denial::Unauthenticated)?;
+        if auth.cache_hit {
+            self.metrics.token_cache_hits.inc();
+        } else {
+            self.metrics.token_cache_misses.inc();
+        }
+        Ok(auth)
+    }
+
+    /// Phase 6: sends the request upstream and streams the answer back;
+    /// hands `Upgrade` connections (WebSocket) over to a byte pump.
+    async fn phase_forward(
+        &self,
+        _rt: &Runtime,
+        ctx: &RequestCtx,
+        route: &Route,
+        mut req: Request<Incoming>,
+    ) -> Result<Response<ProxyBody>, Denial> {
+        let upgrade =
+            headers::upgrade_protocol(req.headers()).filter(|_| req.version() == Version::HTTP_11);
+        let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
+        let limit = route.max_body_bytes;
+        if let (Some(limit), Some(len)) = (limit, content_length(&req))
+            && len > limit
+        {
+            return Err(Denial::BodyTooLarge { limit });
+        }
+        let (mut parts, body) = req.into_parts();
+        headers::remove_hop_by_hop(&mut parts.headers);
+        if let Some(proto) = &upgrade {
+            parts
+                .headers
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            parts.headers.insert(header::UPGRADE, proto.clone());
+        }
+        let body: ProxyBody = match limit {
+            Some(l) => Limited::new(body, l as usize).boxed_unsync(),
+            None => body
+                .map_err(|e| Box::new(e) as client::BoxError)
+                .boxed_unsync(),
+        };
+        let up_req = Request::from_parts(parts, body);
+        let started = Instant::now();
+        let result = tokio::time::timeout(route.timeout, rt_upstream(_rt).request(up_req)).await;
+        self.metrics
+            .upstream_seconds
+            .get_or_create(&RouteLabel {
+                route: route.name.clone(),
+            })
+            .observe(started.elapsed().as_secs_f64());
+        let mut resp = match result {
+            Err(_) => return Err(Denial::UpstreamTimeout),
+            Ok(Err(e)) => {
+                if is_body_limit(&e) {
+                    return Err(Denial::BodyTooLarge {
+                        limit: limit.unwrap_or(0),
+                    });
+                }
+                tracing::debug!(request_id = %ctx.id, error = %e, "upstream request failed");
+                return Err(Denial::UpstreamUnavailable);
+            }
+            Ok(Ok(r)) => r,
+        };
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            let Some(client_upgrade) = client_upgrade else {
+                return Err(Denial::UpstreamUnavailable);
+            };
+            let upstream_upgrade = hyper::upgrade::on(&mut resp);
+            let id = ctx.id.clone();
+            tokio::spawn(async move {
+                match tokio::try_join!(client_upgrade, upstream_upgrade) {
+                    Ok((c, u)) => {
+                        let mut c = TokioIo::new(c);
+                        let mut u = TokioIo::new(u);
+                        if let Err(e) = tokio::io::copy_bidirectional(&mut c, &mut u).await {
+                            tracing::debug!(request_id = %id, error = %e, "upgraded connection closed");
+                        }
+                    }
+                    Err(e) => tracing::debug!(request_id = %id, error = %e, "upgrade failed"),
+                }
+            });
+            let (parts, _) = resp.into_parts();
+            let mut out = Response::from_parts(
+                parts,
+                http_body_util::Empty::new()
+                    .map_err(|n| match n {})
+                    .boxed_unsync(),
+            );
+            set_request_id(out.headers_mut(), &ctx.id);
+            return Ok(out);
+        }
+        let (mut parts, body) = resp.into_parts();
+        headers::remove_hop_by_hop(&mut parts.headers);
+        set_request_id(&mut parts.headers, &ctx.id);
+        let body = body
+            .map_err(|e| Box::new(e) as client::BoxError)
+            .boxed_unsync();
+        Ok(Response::from_parts(parts, body))
+    }
+
+    /// Phase 7: metrics and the access line.
+    fn record(
+        &self,
+        ctx: &RequestCtx,
+        method: &http::Method,
+        path: &str,
+        conn: &ConnInfo,
+        status: StatusCode,
+    ) {
+        let route = ctx.route.as_ref().map_or("none", |r| r.name.as_str());
+        self.metrics
+            .requests
+            .get_or_create(&RouteStatus {
+                route: route.to_owned(),
+                status: status.as_u16(),
+            })
+            .inc();
+        let subject = ctx.auth.as_ref().map(|a| a.token.claims.sub.as_str());
+        tracing::info!(
+            target: "portcullis::access",
+            request_id = %ctx.id,
+            peer = %conn.peer,
+            route,
+            method = %method,
+            path,
+            status = status.as_u16(),
+            subject,
+            elapsed_us = ctx.started.elapsed().as_micros() as u64,
+            "request"
+        );
+    }
+}
+
+fn rt_upstream(rt: &Runtime) -> &client::UpstreamClient {
+    &rt.upstream
+}
+
+fn content_length<B>(req: &Request<B>) -> Option<u64> {
+    req.headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|s| s.parse().ok())
+}
+
+fn is_body_limit(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if err.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
+fn set_request_id(h: &mut http::HeaderMap, id: &str) {
+    if let Ok(v) = HeaderValue::from_str(id) {
+        h.insert(set_headers::REQUEST_ID, v);
+    }
+}
+
+/// The request's host, without port: `Host` for HTTP/1.1, the URI authority for HTTP/2.
+fn request_host<B>(req: &Request<B>) -> Option<&str> {
+    let raw = req.uri().authority().map(|a| a.as_str()).or_else(|| {
+        req.headers()
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok())
+    })?;
+    Some(strip_port(raw))
+}
+
+fn strip_port(authority: &str) -> &str {
+    if authority.starts_with('[') {
+        return authority
+            .split_once(']')
+            .map_or(authority, |(h, _)| &h[1..]);
+    }
+    authority.rsplit_once(':').map_or(authority, |(h, _)| h)
+}
+
+/// Phase 1: finds the route; adds it to the context.
+fn phase_route<B>(rt: &Runtime, req: &Request<B>) -> Result<Arc<Route>, Denial> {
+    let host = request_host(req).unwrap_or("");
+    rt.routes
+        .lookup(host, req.uri().path())
+        .cloned()
+        .ok_or(Denial::NoRoute)
+}
+
+/// Rewrites the request for the upstream: URI, identity headers out,
+/// forwarding and verified-identity headers in, version for the pool.
+fn prepare_upstream_request<B>(
+    rt: &Runtime,
+    ctx: &RequestCtx,
+    route: &Route,
+    req: &mut Request<B>,
+    conn: &ConnInfo,
+) -> Result<(), Denial> {
+    let original_host = req
+        .uri()
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        });
+    let path_and_query = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let mut pq = String::with_capacity(route.upstream_base_path.len() + path_and_query.len());
+    pq.push_str(&route.upstream_base_path);
+    pq.push_str(path_and_query);
+    let mut parts = route.upstream.clone().into_parts();
+    parts.path_and_query = Some(
+        pq.parse()
+            .map_err(|_| Denial::BadRequest("request target is not a valid path"))?,
+    );
+    *req.uri_mut() = Uri::from_parts(parts).map_err(|_| Denial::Internal)?;
+    *req.version_mut() = Version::HTTP_11;
+
+    let h = req.headers_mut();
+    headers::strip_identity(h, &rt.stripped);
+    h.remove(header::HOST);
+    if !rt.config.proxy.forward_authorization {
+        h.remove(header::AUTHORIZATION);
+    }
+    let proto = if conn.tls.is_some() { "https" } else { "http" };
+    headers::set_forwarded(h, conn.peer.ip(), proto, original_host.as_deref());
+    set_request_id(h, &ctx.id);
+    if let Ok(v) = HeaderValue::from_str(&route.name) {
+        h.insert(set_headers::ROUTE, v);
+    }
+    if let Some(a) = &ctx.auth {
+        let t = &a.token;
+        if let Ok(v) = HeaderValue::from_str(&t.claims.sub) {
+            h.insert(set_headers::SUBJECT, v);
+        }
+        if let Ok(v) = HeaderValue::from_str(&t.issuer.cfg.name) {
+            h.insert(set_headers::ISSUER, v);
+        }
+        if let Some(Ok(v)) = t.device.as_deref().map(HeaderValue::from_str) {
+            h.insert(set_headers::DEVICE, v);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::strip_port;
+
+    #[test]
+    fn strips_ports() {
+        assert_eq!(strip_port("app.example:8443"), "app.example");
+        assert_eq!(strip_port("app.example"), "app.example");
+        assert_eq!(strip_port("[::1]:8443"), "::1");
+        assert_eq!(strip_port("[::1]"), "::1");
+    }
+}

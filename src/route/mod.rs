@@ -1,0 +1,128 @@
+//! Routing: host + longest path prefix → [`Route`].
+//!
+//! Built once per config and swapped whole on reload; lookups take no lock and
+//! allocate nothing.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use http::Uri;
+
+use crate::config::{AuthMode, Config, RouteConfig, Sensitivity};
+
+/// A route as the request path sees it.
+#[derive(Debug)]
+pub struct Route {
+    /// Name for metrics and logs.
+    pub name: String,
+    /// Matched path prefix.
+    pub path_prefix: String,
+    /// Upstream scheme + authority + base path.
+    pub upstream: Uri,
+    /// Upstream base path without a trailing slash (`""` for `/`).
+    pub upstream_base_path: String,
+    /// Sensitivity, for policies.
+    pub sensitivity: Sensitivity,
+    /// How requests authenticate.
+    pub auth: AuthMode,
+    /// Issuer names accepted here; empty means all.
+    pub issuers: Vec<String>,
+    /// Largest request body accepted.
+    pub max_body_bytes: Option<u64>,
+    /// Time to wait for response headers.
+    pub timeout: std::time::Duration,
+}
+
+/// All routes, indexed by host.
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    by_host: HashMap<String, Vec<Arc<Route>>>,
+    any_host: Vec<Arc<Route>>,
+}
+
+fn path_matches(path: &str, prefix: &str) -> bool {
+    // `/api` matches `/api`, `/api/x` and `/api?…`, never `/apix`.
+    path.starts_with(prefix)
+        && (prefix.ends_with('/')
+            || path.len() == prefix.len()
+            || path.as_bytes().get(prefix.len()) == Some(&b'/'))
+}
+
+impl RouteTable {
+    /// Builds the table from validated config.
+    pub fn new(cfg: &Config) -> Self {
+        let mut t = RouteTable::default();
+        for rc in &cfg.routes {
+            let route = Arc::new(build_route(rc, cfg));
+            let host = rc.host.to_ascii_lowercase();
+            if host == "*" {
+                t.any_host.push(route);
+            } else {
+                t.by_host.entry(host).or_default().push(route);
+            }
+        }
+        // INVARIANT: each list is sorted longest prefix first, so the first match wins.
+        for v in t
+            .by_host
+            .values_mut()
+            .chain(std::iter::once(&mut t.any_host))
+        {
+            v.sort_by(|a, b| b.path_prefix.len().cmp(&a.path_prefix.len()));
+        }
+        t
+    }
+
+    /// Finds the route for a host (without port) and path; host-specific
+    /// routes win over `*` routes.
+    pub fn lookup(&self, host: &str, path: &str) -> Option<&Arc<Route>> {
+        let find = |v: &'_ [Arc<Route>]| -> Option<usize> {
+            v.iter().position(|r| path_matches(path, &r.path_prefix))
+        };
+        if !self.by_host.is_empty() {
+            let lower;
+            let host = if host.bytes().any(|b| b.is_ascii_uppercase()) {
+                lower = host.to_ascii_lowercase();
+                lower.as_str()
+            } else {
+                host
+            };
+            if let Some(v) = self.by_host.get(host)
+                && let Some(i) = find(v)
+            {
+                return v.get(i);
+            }
+        }
+        find(&self.any_host).and_then(|i| self.any_host.get(i))
+    }
+}
+
+fn build_route(rc: &RouteConfig, cfg: &Config) -> Route {
+    // INVARIANT: Config::validate checked that the upstream parses as an http(s) URL.
+    let upstream: Uri = rc.upstream.parse().unwrap_or_default();
+    let base = upstream.path().trim_end_matches('/').to_owned();
+    Route {
+        name: rc.name.clone(),
+        path_prefix: rc.path_prefix.clone(),
+        upstream,
+        upstream_base_path: base,
+        sensitivity: rc.sensitivity,
+        auth: rc.auth,
+        issuers: rc.issuers.clone(),
+        max_body_bytes: rc.max_body_bytes,
+        timeout: std::time::Duration::from_millis(rc.timeout_ms.unwrap_or(cfg.upstream.timeout_ms)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::path_matches;
+
+    #[test]
+    fn prefix_respects_segments() {
+        assert!(path_matches("/api", "/api"));
+        assert!(path_matches("/api/x", "/api"));
+        assert!(!path_matches("/apix", "/api"));
+        assert!(path_matches("/anything", "/"));
+        assert!(path_matches("/api/x", "/api/"));
+    }
+}

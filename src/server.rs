@@ -1,0 +1,421 @@
+//! Listeners and lifecycle: accept loops (TLS, optional plain HTTP, admin),
+//! the connection limit, handshake and header-read timeouts, graceful drain,
+//! and config reload that keeps the running config when the new one fails.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use rustls::ServerConfig;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
+
+use crate::authn::{Authenticator, Issuer, jwks::Fetcher};
+use crate::config::{Config, ConfigError};
+use crate::proxy::{ConnInfo, Proxy, Runtime};
+use crate::route::RouteTable;
+use crate::telemetry::{ConnectionGuard, Metrics, ResultLabel};
+use crate::tls::{PeerCertificate, TlsInfo};
+
+/// Why the server could not start or reload.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Config file problem.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Certificate or key problem.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    /// JWKS source problem.
+    #[error(transparent)]
+    Jwks(#[from] crate::authn::jwks::JwksError),
+    /// A listener could not bind.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// Address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Builds a runtime from config, carrying over issuers (and their fetched
+/// keys) whose config is unchanged.
+pub fn build_runtime(
+    cfg: Config,
+    prev: Option<&Runtime>,
+    fetcher: &Fetcher,
+    version: u64,
+) -> Result<(Runtime, Vec<Arc<Issuer>>), StartError> {
+    let mut fresh = Vec::new();
+    let mut issuers = Vec::new();
+    for ic in &cfg.issuers {
+        let reused = prev.and_then(|p| p.auth.issuers().find(|i| i.cfg == *ic).cloned());
+        match reused {
+            Some(i) => issuers.push(i),
+            None => {
+                let i = Issuer::new(ic.clone(), fetcher)?;
+                fresh.push(i.clone());
+                issuers.push(i);
+            }
+        }
+    }
+    let auth = Arc::new(Authenticator::new(
+        issuers,
+        crate::config::DEFAULT_TOKEN_CACHE_CAPACITY,
+        crate::config::DEFAULT_MAX_TOKEN_BYTES,
+    ));
+    let upstream = crate::proxy::client::upstream_client(&cfg.upstream)?;
+    let rt = Runtime {
+        routes: RouteTable::new(&cfg),
+        stripped: cfg.stripped_headers(),
+        auth,
+        upstream,
+        config: Arc::new(cfg),
+        version,
+    };
+    Ok((rt, fresh))
+}
+
+/// Loads a fresh issuer's keys; a static JWKS file that does not parse is a
+/// config error, a URL that is unreachable is not (the issuer fails closed
+/// and retries on schedule and on unknown `kid`).
+async fn load_issuer(i: &Arc<Issuer>) -> Result<(), StartError> {
+    match i.refresh().await {
+        Ok(_) => {}
+        Err(e @ crate::authn::jwks::JwksError::File { .. }) => return Err(e.into()),
+        Err(e) if i.cfg.jwks_file.is_some() => return Err(e.into()),
+        Err(e) => {
+            tracing::warn!(issuer = %i.cfg.name, error = %e, "jwks not loaded yet; tokens from this issuer fail until it is")
+        }
+    }
+    i.spawn_refresh_task();
+    Ok(())
+}
+
+/// Everything that lives across reloads.
+pub struct Shared {
+    /// The proxy (runtime + metrics).
+    pub proxy: Arc<Proxy>,
+    /// Current TLS config.
+    pub tls: ArcSwap<ServerConfig>,
+    fetcher: Fetcher,
+    version: AtomicU64,
+    config_path: PathBuf,
+    reload_lock: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("config", &self.config_path)
+            .finish()
+    }
+}
+
+impl Shared {
+    /// Re-reads the config file and swaps in a new runtime and TLS config.
+    /// On any error the running config stays and the error is returned.
+    pub async fn reload(&self) -> Result<u64, StartError> {
+        let _g = self.reload_lock.lock().await;
+        let result = self.reload_inner().await;
+        let label = ResultLabel {
+            result: if result.is_ok() { "ok" } else { "error" },
+        };
+        self.proxy
+            .metrics
+            .config_reloads
+            .get_or_create(&label)
+            .inc();
+        result
+    }
+
+    async fn reload_inner(&self) -> Result<u64, StartError> {
+        let cfg = Config::load(&self.config_path)?;
+        let old = self.proxy.runtime.load_full();
+        if cfg.proxy.listen != old.config.proxy.listen
+            || cfg.admin.listen != old.config.admin.listen
+            || cfg.proxy.plain_http_listen != old.config.proxy.plain_http_listen
+        {
+            tracing::warn!(
+                "listener addresses changed in the config; they take effect only after a restart"
+            );
+        }
+        let tls = crate::tls::build_server_config(&cfg.tls)?;
+        let version = self.version.fetch_add(1, Ordering::Relaxed) + 1;
+        let (rt, fresh) = build_runtime(cfg, Some(&old), &self.fetcher, version)?;
+        for i in &fresh {
+            load_issuer(i).await?;
+        }
+        self.tls.store(tls);
+        self.proxy.runtime.store(Arc::new(rt));
+        tracing::info!(version, "config reloaded");
+        Ok(version)
+    }
+
+    /// The config file this server reads.
+    pub fn config_path(&self) -> &std::path::Path {
+        &self.config_path
+    }
+}
+
+/// A started server: its bound addresses and a handle to stop it.
+pub struct RunningServer {
+    /// TLS listener address.
+    pub proxy_addr: SocketAddr,
+    /// Plain-HTTP listener address, when configured.
+    pub plain_addr: Option<SocketAddr>,
+    /// Admin listener address.
+    pub admin_addr: SocketAddr,
+    /// Shared state (reload, metrics).
+    pub shared: Arc<Shared>,
+    shutdown: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+}
+
+impl std::fmt::Debug for RunningServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunningServer")
+            .field("proxy_addr", &self.proxy_addr)
+            .field("admin_addr", &self.admin_addr)
+            .finish()
+    }
+}
+
+impl RunningServer {
+    /// Stops accepting, drains in-flight requests (up to the configured
+    /// drain timeout), then returns.
+    pub async fn shutdown(mut self) {
+        let _ = self.shutdown.send(true);
+        while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, source })
+}
+
+/// Starts every listener for a config file.
+pub async fn start(config_path: PathBuf) -> Result<RunningServer, StartError> {
+    let cfg = Config::load(&config_path)?;
+    start_with(cfg, Arc::new(Metrics::new())).await
+}
+
+/// Starts every listener for an already-loaded config, with the given metrics.
+pub async fn start_with(cfg: Config, metrics: Arc<Metrics>) -> Result<RunningServer, StartError> {
+    let fetcher = Fetcher::default();
+    let tls = crate::tls::build_server_config(&cfg.tls)?;
+    let config_path = cfg.source.clone();
+    let (rt, fresh) = build_runtime(cfg, None, &fetcher, 1)?;
+    for i in &fresh {
+        load_issuer(i).await?;
+    }
+    let cfg = rt.config.clone();
+    let proxy = Arc::new(Proxy::new(rt, metrics));
+    let shared = Arc::new(Shared {
+        proxy,
+        tls: ArcSwap::new(tls),
+        fetcher,
+        version: AtomicU64::new(1),
+        config_path,
+        reload_lock: tokio::sync::Mutex::new(()),
+    });
+
+    let tls_listener = bind(cfg.proxy.listen).await?;
+    let plain_listener = match cfg.proxy.plain_http_listen {
+        Some(a) => Some(bind(a).await?),
+        None => None,
+    };
+    let admin_listener = bind(cfg.admin.listen).await?;
+    let proxy_addr = local_addr(&tls_listener, cfg.proxy.listen);
+    let plain_addr = plain_listener
+        .as_ref()
+        .map(|l| local_addr(l, cfg.proxy.listen));
+    let admin_addr = local_addr(&admin_listener, cfg.admin.listen);
+
+    let (tx, rx) = watch::channel(false);
+    let limit = Arc::new(Semaphore::new(cfg.proxy.max_connections));
+    let mut tasks = JoinSet::new();
+    tasks.spawn(accept_loop(
+        shared.clone(),
+        tls_listener,
+        true,
+        limit.clone(),
+        rx.clone(),
+        cfg.clone(),
+    ));
+    if let Some(l) = plain_listener {
+        tasks.spawn(accept_loop(
+            shared.clone(),
+            l,
+            false,
+            limit,
+            rx.clone(),
+            cfg.clone(),
+        ));
+    }
+    tasks.spawn(crate::admin::serve(shared.clone(), admin_listener, rx));
+    tracing::info!(%proxy_addr, ?plain_addr, %admin_addr, "portcullis listening");
+    Ok(RunningServer {
+        proxy_addr,
+        plain_addr,
+        admin_addr,
+        shared,
+        shutdown: tx,
+        tasks,
+    })
+}
+
+fn local_addr(l: &TcpListener, fallback: SocketAddr) -> SocketAddr {
+    l.local_addr().unwrap_or(fallback)
+}
+
+fn http_builder(cfg: &Config) -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(cfg.header_read_timeout())
+        .max_buf_size(cfg.proxy.max_header_bytes.max(8192))
+        .max_headers(cfg.proxy.max_headers)
+        .keep_alive(true);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(cfg.proxy.max_header_bytes).unwrap_or(u32::MAX))
+        .max_concurrent_streams(256)
+        .keep_alive_interval(Some(Duration::from_secs(30)));
+    b
+}
+
+async fn accept_loop(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    tls: bool,
+    limit: Arc<Semaphore>,
+    mut shutdown: watch::Receiver<bool>,
+    cfg: Arc<Config>,
+) {
+    let graceful = GracefulShutdown::new();
+    let builder = Arc::new(http_builder(&cfg));
+    let handshake_timeout = Duration::from_millis(cfg.proxy.tls_handshake_timeout_ms);
+    let listener_name: &'static str = if tls { "https" } else { "http" };
+    loop {
+        let permit = tokio::select! {
+            p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            _ = shutdown.changed() => break,
+        };
+        let (tcp, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => break,
+        };
+        let _ = tcp.set_nodelay(true);
+        let shared = shared.clone();
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let _guard = ConnectionGuard::new(&shared.proxy.metrics, listener_name);
+            if tls {
+                serve_tls(shared, builder, watcher, tcp, peer, handshake_timeout).await;
+            } else {
+                let info = Arc::new(ConnInfo { peer, tls: None });
+                serve_http(shared, &builder, watcher, TokioIo::new(tcp), info).await;
+            }
+        });
+    }
+    drop(listener);
+    let drain = Duration::from_millis(cfg.proxy.drain_timeout_ms);
+    if tokio::time::timeout(drain, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("drain timed out; closing remaining connections");
+    }
+}
+
+async fn serve_tls(
+    shared: Arc<Shared>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    watcher: hyper_util::server::graceful::Watcher,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    handshake_timeout: Duration,
+) {
+    let refused = |why: &'static str| {
+        shared
+            .proxy
+            .metrics
+            .connections_refused
+            .get_or_create(&ResultLabel { result: why })
+            .inc();
+    };
+    let acceptor = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp);
+    let handshake = async {
+        let start = acceptor.await?;
+        let config = shared.tls.load_full();
+        start.into_stream(config).await
+    };
+    let stream = match tokio::time::timeout(handshake_timeout, handshake).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            refused("tls_error");
+            tracing::debug!(%peer, error = %e, "tls handshake failed");
+            return;
+        }
+        Err(_) => {
+            refused("tls_timeout");
+            return;
+        }
+    };
+    let (_, conn) = stream.get_ref();
+    let info = TlsInfo {
+        server_name: conn.server_name().map(str::to_owned),
+        alpn: conn.alpn_protocol().map(<[u8]>::to_vec),
+        peer: conn
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .map(|c| Arc::new(PeerCertificate::new(c.clone().into_owned()))),
+    };
+    let info = Arc::new(ConnInfo {
+        peer,
+        tls: Some(info),
+    });
+    serve_http(shared, &builder, watcher, TokioIo::new(stream), info).await;
+}
+
+async fn serve_http<I>(
+    shared: Arc<Shared>,
+    builder: &auto::Builder<TokioExecutor>,
+    watcher: hyper_util::server::graceful::Watcher,
+    io: I,
+    info: Arc<ConnInfo>,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let proxy = shared.proxy.clone();
+    let svc = service_fn(move |req| {
+        let proxy = proxy.clone();
+        let info = info.clone();
+        async move { Ok::<_, Infallible>(proxy.handle(req, info).await) }
+    });
+    let conn = builder.serve_connection_with_upgrades(io, svc);
+    if let Err(e) = watcher.watch(conn.into_owned()).await {
+        tracing::debug!(error = %e, "connection ended with error");
+    }
+}

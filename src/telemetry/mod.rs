@@ -1,0 +1,189 @@
+//! Telemetry: Prometheus metrics, logs, and the per-request record.
+//!
+//! Metrics go through `prometheus-client`. Label values are bounded (route
+//! names from config, status codes, action names): never a path, subject or
+//! token. This room never decides anything.
+
+pub mod logging;
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Labels for per-route request counts.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteStatus {
+    /// Route name (`none` when no route matched).
+    pub route: String,
+    /// HTTP status code.
+    pub status: u16,
+}
+
+/// Labels for decisions.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ActionLabel {
+    /// allow, deny, …
+    pub action: &'static str,
+    /// Why, as a short code (`ok`, `invalid_token`, …).
+    pub reason: &'static str,
+}
+
+/// Labels naming a route.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabel {
+    /// Route name.
+    pub route: String,
+}
+
+/// Labels naming a listener.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabel {
+    /// `https`, `http` or `admin`.
+    pub listener: &'static str,
+}
+
+/// Labels naming an outcome.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    /// Outcome.
+    pub result: &'static str,
+}
+
+/// Every metric the proxy exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Requests by route and status.
+    pub requests: Family<RouteStatus, Counter>,
+    /// Decisions by action and reason.
+    pub decisions: Family<ActionLabel, Counter>,
+    /// Upstream response-header latency by route.
+    pub upstream_seconds: Family<RouteLabel, Histogram>,
+    /// Token verification cache hits.
+    pub token_cache_hits: Counter,
+    /// Token verification cache misses.
+    pub token_cache_misses: Counter,
+    /// Open client connections by listener.
+    pub open_connections: Family<ListenerLabel, Gauge>,
+    /// Connections refused at the connection limit or in the TLS handshake.
+    pub connections_refused: Family<ResultLabel, Counter>,
+    /// Config reloads by result.
+    pub config_reloads: Family<ResultLabel, Counter>,
+}
+
+fn latency_histogram() -> Histogram {
+    // 100 µs … ~52 s.
+    Histogram::new(exponential_buckets(0.0001, 2.0, 20))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Creates and registers every metric under the `portcullis` prefix.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("portcullis");
+        let requests = Family::<RouteStatus, Counter>::default();
+        let decisions = Family::<ActionLabel, Counter>::default();
+        let upstream_seconds = Family::<RouteLabel, Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        let token_cache_hits = Counter::default();
+        let token_cache_misses = Counter::default();
+        let open_connections = Family::<ListenerLabel, Gauge>::default();
+        let connections_refused = Family::<ResultLabel, Counter>::default();
+        let config_reloads = Family::<ResultLabel, Counter>::default();
+        registry.register("requests", "Requests by route and status", requests.clone());
+        registry.register(
+            "decisions",
+            "Access decisions by action and reason",
+            decisions.clone(),
+        );
+        registry.register(
+            "upstream_response_seconds",
+            "Time from forwarding a request to the upstream's response headers",
+            upstream_seconds.clone(),
+        );
+        registry.register(
+            "token_cache_hits",
+            "Bearer tokens whose signature check was served from the cache",
+            token_cache_hits.clone(),
+        );
+        registry.register(
+            "token_cache_misses",
+            "Bearer tokens that needed a full signature check",
+            token_cache_misses.clone(),
+        );
+        registry.register(
+            "open_connections",
+            "Open client connections",
+            open_connections.clone(),
+        );
+        registry.register(
+            "connections_refused",
+            "Client connections refused (limit, handshake failure or timeout)",
+            connections_refused.clone(),
+        );
+        registry.register(
+            "config_reloads",
+            "Config reloads by result",
+            config_reloads.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            decisions,
+            upstream_seconds,
+            token_cache_hits,
+            token_cache_misses,
+            open_connections,
+            connections_refused,
+            config_reloads,
+        }
+    }
+
+    /// Registers a further metric (used by later rooms: feeds, policy).
+    pub fn registry_mut(&mut self) -> &mut Registry {
+        &mut self.registry
+    }
+
+    /// Encodes the OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+/// An open-connection guard: the gauge goes up on creation, down on drop.
+#[derive(Debug)]
+pub struct ConnectionGuard {
+    gauge: Gauge,
+}
+
+impl ConnectionGuard {
+    /// Counts one connection on `listener`.
+    pub fn new(metrics: &Arc<Metrics>, listener: &'static str) -> Self {
+        let gauge = metrics
+            .open_connections
+            .get_or_create_owned(&ListenerLabel { listener });
+        gauge.inc();
+        Self { gauge }
+    }
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
+}
