@@ -67,7 +67,7 @@ impl RouteTable {
             .values_mut()
             .chain(std::iter::once(&mut t.any_host))
         {
-            v.sort_by(|a, b| b.path_prefix.len().cmp(&a.path_prefix.len()));
+            v.sort_by_key(|r| std::cmp::Reverse(r.path_prefix.len()));
         }
         t
     }

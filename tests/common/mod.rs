@@ -1,0 +1,485 @@
+//! Test harness: real certificates (rcgen), real keys, real servers on
+//! 127.0.0.1:0, a real TLS client. No mocks, no fixed ports, no sleeps in
+//! the tests themselves (waits poll against a deadline).
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use portcullis::demo::pki::{DevCa, SigningKey};
+use tokio::net::TcpListener;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type TestBody = UnsyncBoxBody<Bytes, BoxError>;
+
+/// Upper bound for any single wait in a test.
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+pub const AUDIENCE: &str = "https://api.test";
+
+/// What the upstream saw.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    pub path: String,
+    pub headers: http::HeaderMap,
+    pub body_len: u64,
+}
+
+/// A real upstream app on loopback that records every request.
+///
+/// Paths: `/slow` waits 5 s before answering; `/count` streams the body
+/// and answers with its length; anything else echoes method, path and headers.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+impl Upstream {
+    pub async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+        let s2 = seen.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                let seen = s2.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req: Request<Incoming>| {
+                        let seen = seen.clone();
+                        async move { Ok::<_, Infallible>(upstream_handle(req, seen).await) }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection_with_upgrades(TokioIo::new(tcp), svc)
+                        .await;
+                });
+            }
+        });
+        Self { addr, seen }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn count(&self) -> usize {
+        self.seen.lock().unwrap().len()
+    }
+
+    pub fn last(&self) -> Seen {
+        self.seen
+            .lock()
+            .unwrap()
+            .last()
+            .cloned()
+            .expect("upstream saw no request")
+    }
+}
+
+async fn upstream_handle(
+    req: Request<Incoming>,
+    seen: Arc<Mutex<Vec<Seen>>>,
+) -> Response<Full<Bytes>> {
+    let method = req.method().to_string();
+    let path = req.uri().path().to_owned();
+    let headers = req.headers().clone();
+    let mut body_len = 0u64;
+    if path == "/slow" {
+        seen.lock().unwrap().push(Seen {
+            method,
+            path,
+            headers,
+            body_len,
+        });
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        return Response::new(Full::new(Bytes::from_static(b"late")));
+    }
+    let mut body = req.into_body();
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(f) => {
+                if let Some(d) = f.data_ref() {
+                    body_len += d.len() as u64;
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    let echo = serde_json::json!({
+        "method": method,
+        "path": path,
+        "body_len": body_len,
+        "headers": headers.iter().map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap_or("").to_owned())).collect::<std::collections::BTreeMap<_, _>>(),
+    });
+    seen.lock().unwrap().push(Seen {
+        method,
+        path,
+        headers,
+        body_len,
+    });
+    let mut r = Response::new(Full::new(Bytes::from(echo.to_string())));
+    r.headers_mut().insert(
+        "content-type",
+        http::HeaderValue::from_static("application/json"),
+    );
+    // A hop-by-hop header the proxy must drop on the way back.
+    r.headers_mut()
+        .insert("x-upstream-hop", http::HeaderValue::from_static("1"));
+    r.headers_mut().insert(
+        "connection",
+        http::HeaderValue::from_static("x-upstream-hop"),
+    );
+    r
+}
+
+/// A WebSocket echo server on loopback.
+pub async fn ws_echo_server() -> SocketAddr {
+    use futures_util::{SinkExt, StreamExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(tcp).await else {
+                    return;
+                };
+                while let Some(Ok(msg)) = ws.next().await {
+                    if msg.is_text() || msg.is_binary() {
+                        if ws.send(msg).await.is_err() {
+                            break;
+                        }
+                    } else if msg.is_close() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A JWKS (and OIDC discovery) server whose key set a test can change.
+pub struct JwksServer {
+    pub addr: SocketAddr,
+    pub keys: Arc<Mutex<Vec<serde_json::Value>>>,
+    pub hits: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl JwksServer {
+    pub async fn start(issuer: &str, keys: Vec<serde_json::Value>) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let keys = Arc::new(Mutex::new(keys));
+        let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (k2, h2, iss) = (keys.clone(), hits.clone(), issuer.to_owned());
+        tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (keys, hits, iss) = (k2.clone(), h2.clone(), iss.clone());
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req: Request<Incoming>| {
+                        let (keys, hits, iss) = (keys.clone(), hits.clone(), iss.clone());
+                        async move {
+                            let body = match req.uri().path() {
+                                "/.well-known/openid-configuration" => serde_json::json!({
+                                    "issuer": iss,
+                                    "jwks_uri": format!("http://{addr}/jwks.json"),
+                                }),
+                                _ => {
+                                    hits.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                                    serde_json::json!({ "keys": *keys.lock().unwrap() })
+                                }
+                            };
+                            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(
+                                body.to_string(),
+                            ))))
+                        }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tcp), svc)
+                        .await;
+                });
+            }
+        });
+        Self { addr, keys, hits }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}/jwks.json", self.addr)
+    }
+
+    pub fn discovery_url(&self) -> String {
+        format!("http://{}/.well-known/openid-configuration", self.addr)
+    }
+
+    pub fn set_keys(&self, keys: Vec<serde_json::Value>) {
+        *self.keys.lock().unwrap() = keys;
+    }
+}
+
+/// Certificates for a test: a CA and a server certificate for localhost.
+pub struct TestPki {
+    pub dir: tempfile::TempDir,
+    pub ca: DevCa,
+    pub ca_pem: String,
+}
+
+impl TestPki {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = DevCa::new("test CA").unwrap();
+        let server = ca
+            .server_cert(&["localhost", "127.0.0.1", "app.test", "other.test"])
+            .unwrap();
+        std::fs::write(dir.path().join("ca.pem"), ca.cert_pem()).unwrap();
+        std::fs::write(dir.path().join("server.pem"), &server.cert_pem).unwrap();
+        std::fs::write(dir.path().join("server-key.pem"), &server.key_pem).unwrap();
+        let ca_pem = ca.cert_pem();
+        Self { dir, ca, ca_pem }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Writes a config file into the temp dir and returns its path.
+    pub fn write_config(&self, name: &str, body: &str) -> PathBuf {
+        let p = self.dir.path().join(name);
+        std::fs::write(&p, body).unwrap();
+        p
+    }
+}
+
+/// A standard config: TLS on 127.0.0.1:0, one issuer, routes given by the caller.
+pub fn base_config(issuer: &str, issuer_keys: &str, routes: &str) -> String {
+    format!(
+        r#"
+[proxy]
+listen = "127.0.0.1:0"
+
+[admin]
+listen = "127.0.0.1:0"
+
+[log]
+level = "warn"
+
+[[tls.certificates]]
+cert = "server.pem"
+key = "server-key.pem"
+
+[[issuers]]
+name = "test"
+issuer = "{issuer}"
+audiences = ["{AUDIENCE}"]
+algorithms = ["RS256", "ES256", "EdDSA"]
+{issuer_keys}
+min_refresh_interval_s = 0
+leeway_s = 5
+
+{routes}
+"#
+    )
+}
+
+/// A TLS client trusting the test CA; `h2` picks ALPN h2 only, else http/1.1 only.
+pub fn client(
+    ca_pem: &str,
+    h2: bool,
+) -> Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    TestBody,
+> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let b = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_only();
+    let conn = if h2 {
+        b.enable_http2().build()
+    } else {
+        b.enable_http1().build()
+    };
+    let mut cb = Client::builder(TokioExecutor::new());
+    if h2 {
+        cb.http2_only(true);
+    }
+    cb.build(conn)
+}
+
+use rustls_pki_types::pem::PemObject;
+
+pub fn empty() -> TestBody {
+    Full::new(Bytes::new())
+        .map_err(|n| match n {})
+        .boxed_unsync()
+}
+
+pub fn full(b: impl Into<Bytes>) -> TestBody {
+    Full::new(b.into()).map_err(|n| match n {}).boxed_unsync()
+}
+
+/// Sends a GET with an optional bearer token; returns status, headers, body.
+pub async fn get(
+    c: &Client<
+        hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+        TestBody,
+    >,
+    url: &str,
+    token: Option<&str>,
+    extra: &[(&str, &str)],
+) -> (StatusCode, http::HeaderMap, Bytes) {
+    let mut b = Request::get(url);
+    if let Some(t) = token {
+        b = b.header("authorization", format!("Bearer {t}"));
+    }
+    for (k, v) in extra {
+        b = b.header(*k, *v);
+    }
+    let resp = tokio::time::timeout(DEADLINE, c.request(b.body(empty()).unwrap()))
+        .await
+        .expect("request timed out")
+        .expect("request failed");
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    (parts.status, parts.headers, body)
+}
+
+/// Claims for a valid token from `iss`.
+pub fn claims(iss: &str, sub: &str) -> serde_json::Value {
+    let now = portcullis::util::now_unix();
+    serde_json::json!({
+        "iss": iss, "sub": sub, "aud": AUDIENCE,
+        "iat": now, "nbf": now, "exp": now + 600,
+        "device_id": "laptop-1",
+    })
+}
+
+/// Generates a key of each kind the tests use.
+pub fn keys() -> (SigningKey, SigningKey, SigningKey) {
+    (
+        SigningKey::rs256("rsa-1").unwrap(),
+        SigningKey::es256("ec-1").unwrap(),
+        SigningKey::eddsa("ed-1").unwrap(),
+    )
+}
+
+/// Polls `f` until it returns true or the deadline passes.
+pub async fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < DEADLINE, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The portcullis binary built for this test run.
+pub fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_portcullis"))
+}
+
+/// A `portcullis serve` child process.
+pub struct ServeProcess {
+    pub child: std::process::Child,
+    pub proxy: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+impl ServeProcess {
+    pub async fn spawn(config: &Path) -> Self {
+        let addr_file = config.with_extension("addrs.json");
+        let _ = std::fs::remove_file(&addr_file);
+        let child = std::process::Command::new(binary())
+            .args(["serve", "--config"])
+            .arg(config)
+            .arg("--addr-file")
+            .arg(&addr_file)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut me = Self {
+            child,
+            proxy: "127.0.0.1:1".parse().unwrap(),
+            admin: "127.0.0.1:1".parse().unwrap(),
+        };
+        let start = Instant::now();
+        loop {
+            if let Ok(text) = std::fs::read_to_string(&addr_file) {
+                let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+                me.proxy = v["proxy"].as_str().unwrap().parse().unwrap();
+                me.admin = v["admin"].as_str().unwrap().parse().unwrap();
+                return me;
+            }
+            if let Ok(Some(status)) = me.child.try_wait() {
+                let mut err = String::new();
+                use std::io::Read;
+                me.child
+                    .stderr
+                    .take()
+                    .unwrap()
+                    .read_to_string(&mut err)
+                    .unwrap();
+                panic!("portcullis exited early ({status}): {err}");
+            }
+            assert!(start.elapsed() < DEADLINE, "portcullis did not start");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Resident set size in KiB, from /proc.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = std::process::Command::new("kill")
+            .args([&format!("-{sig}"), &self.pid().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{sig} failed");
+    }
+}
+
+impl Drop for ServeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
