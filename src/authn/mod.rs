@@ -446,6 +446,17 @@ fn map_jwt_error(e: jsonwebtoken::errors::Error) -> AuthError {
                 AuthError::BadClaim(c.chars().take(32).collect())
             }
         }
+        ErrorKind::Json(j) => {
+            // serde names the missing field: "missing field `exp` at line …".
+            let msg = j.to_string();
+            match msg
+                .strip_prefix("missing field `")
+                .and_then(|rest| rest.split_once('`'))
+            {
+                Some((field, _)) => AuthError::BadClaim(field.chars().take(32).collect()),
+                None => AuthError::Malformed,
+            }
+        }
         _ => AuthError::Malformed,
     }
 }

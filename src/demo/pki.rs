@@ -140,6 +140,8 @@ pub struct SigningKey {
     pub alg: &'static str,
     /// Private key PEM (PKCS#8).
     pub private_pem: String,
+    /// Public key PEM (SPKI).
+    pub public_pem: String,
     /// Public JWK (JSON object).
     pub jwk: serde_json::Value,
 }
@@ -161,6 +163,7 @@ impl SigningKey {
             kid: kid.to_owned(),
             alg: "ES256",
             private_pem: kp.serialize_pem(),
+            public_pem: kp.public_key_pem(),
             jwk: serde_json::json!({
                 "kty": "EC", "crv": "P-256", "use": "sig", "alg": "ES256", "kid": kid,
                 "x": b64(&raw[1..33]), "y": b64(&raw[33..65]),
@@ -175,6 +178,7 @@ impl SigningKey {
             kid: kid.to_owned(),
             alg: "EdDSA",
             private_pem: kp.serialize_pem(),
+            public_pem: kp.public_key_pem(),
             jwk: serde_json::json!({
                 "kty": "OKP", "crv": "Ed25519", "use": "sig", "alg": "EdDSA", "kid": kid,
                 "x": b64(kp.public_key_raw()),
@@ -192,6 +196,7 @@ impl SigningKey {
             kid: kid.to_owned(),
             alg: "RS256",
             private_pem: kp.serialize_pem(),
+            public_pem: kp.public_key_pem(),
             jwk: serde_json::json!({
                 "kty": "RSA", "use": "sig", "alg": "RS256", "kid": kid,
                 "n": b64(n), "e": b64(e),
