@@ -323,13 +323,13 @@ pub async fn start(opts: &DemoOptions) -> Result<RunningDemo, DemoError> {
          \n  issuer {issuer_url}  (dev token issuer: /token?sub=…&device_id=…)\
          \n  env    {env}  (source it: . {env})\n\
          \n# 1. An allowed request: a valid token for alice on laptop-001 reaches the demo app.\n\
-         curl --cacert {ca_arg} -H 'Authorization: Bearer {token}' {proxy_url}/hello\n\
+         curl -sS --cacert {ca_arg} -H 'Authorization: Bearer {token}' {proxy_url}/hello\n\
          \n# 2. A rejected request: no token, so the proxy answers 401 and the app never sees it.\n\
-         curl -i --cacert {ca_arg} {proxy_url}/hello\n\
+         curl -sS -i --cacert {ca_arg} {proxy_url}/hello\n\
          \n# 3. A rejected request: a tampered token (last signature characters changed) gets 401 invalid_token.\n\
-         curl -i --cacert {ca_arg} -H 'Authorization: Bearer {tampered}' {proxy_url}/hello\n\
+         curl -sS -i --cacert {ca_arg} -H 'Authorization: Bearer {tampered}' {proxy_url}/hello\n\
          \n# 4. A public route needs no token.\n\
-         curl --cacert {ca_arg} {proxy_url}/public/info\n\
+         curl -sS --cacert {ca_arg} {proxy_url}/public/info\n\
          \n# 5. Metrics.\n\
          curl -s {admin_url}/metrics | grep portcullis_requests\n\
          \nPress Ctrl-C to stop.\n",

@@ -97,14 +97,15 @@ async fn upstream_handle(
     let path = req.uri().path().to_owned();
     let headers = req.headers().clone();
     let mut body_len = 0u64;
-    if path == "/slow" {
+    if path == "/slow" || path == "/delay" {
+        let wait = if path == "/slow" { 5000 } else { 1000 };
         seen.lock().unwrap().push(Seen {
             method,
             path,
             headers,
             body_len,
         });
-        tokio::time::sleep(Duration::from_secs(5)).await;
+        tokio::time::sleep(Duration::from_millis(wait)).await;
         return Response::new(Full::new(Bytes::from_static(b"late")));
     }
     let mut body = req.into_body();
