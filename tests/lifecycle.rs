@@ -183,10 +183,11 @@ async fn sighup_applies_a_good_config_and_keeps_the_old_one_when_the_new_is_brok
     let up = f.upstream.url();
     let good = config(
         &f,
-        &format!("[[routes]]\nname = \"open\"\npath_prefix = \"/open\"\nupstream = \"{up}\"\nauth = \"public\"\n"),
+        &format!(
+            "[[routes]]\nname = \"open\"\npath_prefix = \"/open\"\nupstream = \"{up}\"\nauth = \"public\"\n"
+        ),
         "",
-    )
-    .replace("127.0.0.1:0", "127.0.0.1:0");
+    );
     std::fs::write(&cfg_path, &good).unwrap();
     p.signal("HUP");
     wait_until_async("reload ok", || async {
@@ -368,12 +369,10 @@ async fn slow_headers_are_cut_off_and_oversized_headers_refused() {
     let n = tokio::time::timeout(DEADLINE, s.read(&mut buf))
         .await
         .expect("connection stayed open");
-    match n {
-        Ok(n) => {
-            let text = String::from_utf8_lossy(&buf[..n]);
-            assert!(n == 0 || text.starts_with("HTTP/1.1 408"), "got `{text}`");
-        }
-        Err(_) => {} // reset: also closed
+    // A reset (Err) also means closed.
+    if let Ok(n) = n {
+        let text = String::from_utf8_lossy(&buf[..n]);
+        assert!(n == 0 || text.starts_with("HTTP/1.1 408"), "got `{text}`");
     }
 
     // Too many headers.
