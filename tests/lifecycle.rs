@@ -461,3 +461,28 @@ fn check_rejects_files_that_are_not_toml() {
         "{out}"
     );
 }
+
+#[test]
+fn the_shipped_example_config_passes_check_once_its_certificates_exist() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("config")).unwrap();
+    std::fs::create_dir_all(dir.path().join("certs")).unwrap();
+    let example = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/config/portcullis.example.toml"
+    );
+    let cfg = dir.path().join("config/portcullis.example.toml");
+    std::fs::copy(example, &cfg).unwrap();
+    let ca = portcullis::demo::pki::DevCa::new("example CA").unwrap();
+    let leaf = ca
+        .server_cert(&["wiki.example.com", "apps.example.com"])
+        .unwrap();
+    std::fs::write(dir.path().join("certs/server.pem"), leaf.cert_pem).unwrap();
+    std::fs::write(dir.path().join("certs/server-key.pem"), leaf.key_pem).unwrap();
+    let (ok, out) = check(&cfg);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("ok (3 routes, 1 issuers, 1 certificates)"),
+        "{out}"
+    );
+}

@@ -215,6 +215,8 @@ http {
         listen 127.0.0.1:$UP_PORT;
         default_type text/plain;
         location / { return 200 "ok\n"; }
+        # Diagnostics for the script: connections accepted / requests served.
+        location = /__stub_status { stub_status; }
     }
 }
 EOF
@@ -336,13 +338,18 @@ metric() {   # sum of a metric's samples on the portcullis admin endpoint
         | awk -v m="$1" '$1 == m || index($1, m "{") == 1 { s += $NF } END { printf "%d", s }'
 }
 
+upstream_stub() {   # "accepted_connections requests" of the upstream nginx
+    curl -sS --max-time 5 "http://127.0.0.1:$UP_PORT/__stub_status" \
+        | awk '/^ *[0-9]+ +[0-9]+ +[0-9]+ *$/ { print $1, $3; exit }'
+}
+
 run_wrk() {   # duration, url, output file
     timeout --kill-after=5 "$(( $1 + 30 ))" \
         wrk -t"$THREADS" -c"$CONNS" -d"$1"s --latency "${AUTH[@]}" "$2" > "$3" 2>&1 \
         || { cat "$3" >&2; die "wrk against $2 failed"; }
 }
 
-declare -A RPS P50 P99 CPU_US REQS BAD
+declare -A RPS P50 P99 CPU_US REQS BAD NOTES
 measure() {   # name, url, root pid
     local name=$1 url=$2 root=$3 out=$TMP/wrk-$1.txt
     local -a pids
@@ -350,10 +357,18 @@ measure() {   # name, url, root pid
     if (( WARMUP > 0 )); then run_wrk "$WARMUP" "$url" "$TMP/wrk-$name-warmup.txt"; fi
     mapfile -t pids < <(proc_pids "$root")
     log "$name: measuring ${DURATION}s, -t$THREADS -c$CONNS (pids: ${pids[*]})"
-    local t0 t1 u0 u1
+    local t0 t1 u0 u1 s0 s1 h0=0 h1=0 m0=0 m1=0
+    s0=$(upstream_stub)
+    if [[ $name == portcullis ]]; then
+        h0=$(metric portcullis_token_cache_hits_total); m0=$(metric portcullis_token_cache_misses_total)
+    fi
     t0=$(cpu_ticks "${pids[@]}"); u0=$(cpu_ticks $(proc_pids "$UP_PID"))
     run_wrk "$DURATION" "$url" "$out"
     t1=$(cpu_ticks "${pids[@]}"); u1=$(cpu_ticks $(proc_pids "$UP_PID"))
+    if [[ $name == portcullis ]]; then
+        h1=$(metric portcullis_token_cache_hits_total); m1=$(metric portcullis_token_cache_misses_total)
+    fi
+    s1=$(upstream_stub)
     local now; now=$(proc_pids "$root" | sort | tr '\n' ' ')
     [[ $now == "$(printf '%s\n' "${pids[@]}" | sort | tr '\n' ' ')" ]] \
         || log "$name: WARNING: process set changed during the run (${pids[*]} -> $now)"
@@ -378,29 +393,32 @@ measure() {   # name, url, root pid
     [[ -z $sockerr ]] || BAD[$name]="${BAD[$name]}+sock"
     CPU_US[$name]=$(awk -v t=$(( t1 - t0 )) -v hz="$CLK_TCK" -v n="$reqs" \
         'BEGIN { printf "%.1f", t / hz * 1e6 / n }')
-    local cpu_s up_us
+    local cpu_s up_us up_conns up_reqs
     cpu_s=$(awk -v t=$(( t1 - t0 )) -v hz="$CLK_TCK" 'BEGIN { printf "%.2f", t / hz }')
     up_us=$(awk -v t=$(( u1 - u0 )) -v hz="$CLK_TCK" -v n="$reqs" 'BEGIN { printf "%.1f", t / hz * 1e6 / n }')
-    log "$name: $reqs requests, proxy CPU ${cpu_s}s, upstream CPU ${up_us} µs/req"
+    up_conns=$(( ${s1% *} - ${s0% *} ))
+    up_reqs=$(( ${s1#* } - ${s0#* } - 1 ))   # minus the stub_status request itself
+    NOTES[$name]="$name: $reqs requests, proxy CPU ${cpu_s}s; upstream: ${up_reqs} requests on ${up_conns} new connections, ${up_us} CPU-us/req"
+    if [[ $name == portcullis ]]; then
+        NOTES[$name]+="; token cache: hits +$(( h1 - h0 )), misses +$(( m1 - m0 ))"
+    fi
+    log "${NOTES[$name]}"
 }
 
-hits0=$(metric portcullis_token_cache_hits_total)
-miss0=$(metric portcullis_token_cache_misses_total)
 measure portcullis "$PC_URL" "$PC_PID"
-hits1=$(metric portcullis_token_cache_hits_total)
-miss1=$(metric portcullis_token_cache_misses_total)
 measure nginx "$NG_URL" "$NG_PID"
 
 kill -0 "$PC_PID" 2>/dev/null || die "portcullis died during the run"
 if [[ -s $PC/stderr.log ]]; then
-    log "portcullis stderr (warn level and above), last 10 lines:"
-    tail -n 10 "$PC/stderr.log" >&2
+    log "portcullis wrote $(wc -l < "$PC/stderr.log") log lines at warn+ (distinct messages, timestamps stripped):"
+    sed -e 's/\x1b\[[0-9;]*m//g' -e 's/^[0-9TZ:.-]* *//' "$PC/stderr.log" \
+        | sort | uniq -c | sort -rn | head -n 10 >&2
 fi
 
 # ------------------------------------------------------------------ report ---
 echo
 echo "portcullis vs nginx TLS reverse proxy: wrk -t$THREADS -c$CONNS -d${DURATION}s (warm-up ${WARMUP}s), $(nproc) CPUs"
-echo "token cache during the portcullis run: hits +$(( hits1 - hits0 )), misses +$(( miss1 - miss0 ))"
+for p in portcullis nginx; do echo "  ${NOTES[$p]}"; done
 echo
 printf '%-11s %11s %10s %10s %12s %10s\n' proxy req/s p50_ms p99_ms CPU-us/req non2xx/err
 for p in portcullis nginx; do
