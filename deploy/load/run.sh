@@ -11,6 +11,8 @@
 #   WARMUP=3           seconds of the warm-up wrk run before each measured run
 #   CONNS=32           wrk connections (-c)
 #   THREADS=2          wrk threads (-t)
+#   ROUNDS=1           measure each proxy this many times, alternating the order;
+#                      the table then shows every round plus totals
 #   PORTCULLIS_BIN     prebuilt binary; default: cargo build --release into
 #                      ${CARGO_TARGET_DIR:-<repo>/target} and use release/portcullis
 #   BASE_PORT=18080    first port tried when picking free loopback ports
@@ -25,6 +27,7 @@ DURATION=${DURATION:-15}
 WARMUP=${WARMUP:-3}
 CONNS=${CONNS:-32}
 THREADS=${THREADS:-2}
+ROUNDS=${ROUNDS:-1}
 BASE_PORT=${BASE_PORT:-18080}
 KEEP_TMP=${KEEP_TMP:-0}
 
@@ -34,10 +37,10 @@ REPO_ROOT=$(cd "$SCRIPT_DIR/../.." && pwd)
 log() { printf '[load] %s\n' "$*" >&2; }
 die() { printf '[load] FAIL: %s\n' "$*" >&2; exit 1; }
 
-for v in DURATION WARMUP CONNS THREADS BASE_PORT; do
+for v in DURATION WARMUP CONNS THREADS ROUNDS BASE_PORT; do
     [[ ${!v} =~ ^[0-9]+$ ]] || die "$v must be a positive integer (got '${!v}')"
 done
-(( DURATION > 0 && CONNS > 0 && THREADS > 0 )) || die "DURATION, CONNS, THREADS must be > 0"
+(( DURATION > 0 && CONNS > 0 && THREADS > 0 && ROUNDS > 0 )) || die "DURATION, CONNS, THREADS, ROUNDS must be > 0"
 (( CONNS >= THREADS )) || die "CONNS ($CONNS) must be >= THREADS ($THREADS) for wrk"
 
 # ---------------------------------------------------------------- cleanup ---
@@ -349,14 +352,18 @@ run_wrk() {   # duration, url, output file
         || { cat "$3" >&2; die "wrk against $2 failed"; }
 }
 
-declare -A RPS P50 P99 CPU_US REQS BAD NOTES
-measure() {   # name, url, root pid
-    local name=$1 url=$2 root=$3 out=$TMP/wrk-$1.txt
+# Per proxy, accumulated over rounds: requests, CPU ticks, wrk seconds; and
+# space-separated per-round lists of req/s, p50, p99 and CPU-us/req.
+declare -A TOT_REQS TOT_TICKS TOT_SECS BAD RPS_L P50_L P99_L CPU_L
+ROWS=()     # per-round table rows
+NOTES=()    # per-round diagnostics
+measure() {   # round, name, url, root pid
+    local round=$1 name=$2 url=$3 root=$4 out=$TMP/wrk-$2-$1.txt
     local -a pids
-    log "$name: warm-up ${WARMUP}s"
-    if (( WARMUP > 0 )); then run_wrk "$WARMUP" "$url" "$TMP/wrk-$name-warmup.txt"; fi
+    log "round $round, $name: warm-up ${WARMUP}s"
+    if (( WARMUP > 0 )); then run_wrk "$WARMUP" "$url" "$TMP/wrk-$name-$round-warmup.txt"; fi
     mapfile -t pids < <(proc_pids "$root")
-    log "$name: measuring ${DURATION}s, -t$THREADS -c$CONNS (pids: ${pids[*]})"
+    log "round $round, $name: measuring ${DURATION}s, -t$THREADS -c$CONNS (pids: ${pids[*]})"
     local t0 t1 u0 u1 s0 s1 h0=0 h1=0 m0=0 m1=0
     s0=$(upstream_stub)
     if [[ $name == portcullis ]]; then
@@ -373,40 +380,55 @@ measure() {   # name, url, root pid
     [[ $now == "$(printf '%s\n' "${pids[@]}" | sort | tr '\n' ' ')" ]] \
         || log "$name: WARNING: process set changed during the run (${pids[*]} -> $now)"
 
-    local reqs rps p50 p99 non2xx sockerr
+    local reqs secs rps p50 p99 non2xx sockerr
     reqs=$(awk '/requests in/ { print $1; exit }' "$out")
+    secs=$(awk '/requests in/ { sub(/,$/, "", $4); print $4; exit }' "$out")
+    secs=$(awk -v ms="$(to_ms "$secs")" 'BEGIN { print ms / 1000 }')
     rps=$(awk '/^Requests\/sec:/ { print $2; exit }' "$out")
     p50=$(awk '$1 == "50%" { print $2; exit }' "$out")
     p99=$(awk '$1 == "99%" { print $2; exit }' "$out")
     non2xx=$(awk '/Non-2xx or 3xx responses:/ { print $NF; exit }' "$out")
     sockerr=$(sed -n 's/.*Socket errors: *//p' "$out")
-    [[ -n $reqs && -n $rps && -n $p50 && -n $p99 ]] || { cat "$out" >&2; die "$name: cannot parse wrk output"; }
+    [[ -n $reqs && -n $secs && -n $rps && -n $p50 && -n $p99 ]] || { cat "$out" >&2; die "$name: cannot parse wrk output"; }
     (( reqs > 0 )) || die "$name: wrk completed no requests"
     [[ -z $non2xx ]] || log "$name: WARNING: $non2xx non-2xx/3xx responses"
     [[ -z $sockerr ]] || log "$name: WARNING: socket errors: $sockerr"
 
-    REQS[$name]=$reqs
-    RPS[$name]=$rps
-    P50[$name]=$(to_ms "$p50")
-    P99[$name]=$(to_ms "$p99")
-    BAD[$name]=$(( ${non2xx:-0} ))
-    [[ -z $sockerr ]] || BAD[$name]="${BAD[$name]}+sock"
-    CPU_US[$name]=$(awk -v t=$(( t1 - t0 )) -v hz="$CLK_TCK" -v n="$reqs" \
-        'BEGIN { printf "%.1f", t / hz * 1e6 / n }')
-    local cpu_s up_us up_conns up_reqs
-    cpu_s=$(awk -v t=$(( t1 - t0 )) -v hz="$CLK_TCK" 'BEGIN { printf "%.2f", t / hz }')
+    local ticks=$(( t1 - t0 )) cpu_us cpu_s up_us up_conns up_reqs
+    cpu_us=$(awk -v t="$ticks" -v hz="$CLK_TCK" -v n="$reqs" 'BEGIN { printf "%.1f", t / hz * 1e6 / n }')
+    cpu_s=$(awk -v t="$ticks" -v hz="$CLK_TCK" 'BEGIN { printf "%.2f", t / hz }')
     up_us=$(awk -v t=$(( u1 - u0 )) -v hz="$CLK_TCK" -v n="$reqs" 'BEGIN { printf "%.1f", t / hz * 1e6 / n }')
     up_conns=$(( ${s1% *} - ${s0% *} ))
     up_reqs=$(( ${s1#* } - ${s0#* } - 1 ))   # minus the stub_status request itself
-    NOTES[$name]="$name: $reqs requests, proxy CPU ${cpu_s}s; upstream: ${up_reqs} requests on ${up_conns} new connections, ${up_us} CPU-us/req"
+
+    TOT_REQS[$name]=$(( ${TOT_REQS[$name]:-0} + reqs ))
+    TOT_TICKS[$name]=$(( ${TOT_TICKS[$name]:-0} + ticks ))
+    TOT_SECS[$name]=$(awk -v a="${TOT_SECS[$name]:-0}" -v b="$secs" 'BEGIN { print a + b }')
+    BAD[$name]=$(( ${BAD[$name]:-0} + ${non2xx:-0} ))
+    [[ -z $sockerr ]] || BAD[$name]="${BAD[$name]}+sock"
+    RPS_L[$name]+="$rps "
+    P50_L[$name]+="$(to_ms "$p50") "
+    P99_L[$name]+="$(to_ms "$p99") "
+    CPU_L[$name]+="$cpu_us "
+    ROWS+=("$(printf '%-11s %5s %11s %10s %10s %12s %10s' "$name" "$round" "$rps" "$(to_ms "$p50")" "$(to_ms "$p99")" "$cpu_us" "${non2xx:-0}${sockerr:++sock}")")
+    local note="round $round, $name: $reqs requests, proxy CPU ${cpu_s}s; upstream: ${up_reqs} requests on ${up_conns} new connections, ${up_us} CPU-us/req"
     if [[ $name == portcullis ]]; then
-        NOTES[$name]+="; token cache: hits +$(( h1 - h0 )), misses +$(( m1 - m0 ))"
+        note+="; token cache: hits +$(( h1 - h0 )), misses +$(( m1 - m0 ))"
     fi
-    log "${NOTES[$name]}"
+    NOTES+=("$note")
+    log "$note"
 }
 
-measure portcullis "$PC_URL" "$PC_PID"
-measure nginx "$NG_URL" "$NG_PID"
+# Alternate the order each round so slow drift on the machine hits both alike.
+for (( r=1; r<=ROUNDS; r++ )); do
+    if (( r % 2 )); then
+        measure "$r" portcullis "$PC_URL" "$PC_PID"
+        measure "$r" nginx "$NG_URL" "$NG_PID"
+    else
+        measure "$r" nginx "$NG_URL" "$NG_PID"
+        measure "$r" portcullis "$PC_URL" "$PC_PID"
+    fi
+done
 
 kill -0 "$PC_PID" 2>/dev/null || die "portcullis died during the run"
 if [[ -s $PC/stderr.log ]]; then
@@ -416,15 +438,37 @@ if [[ -s $PC/stderr.log ]]; then
 fi
 
 # ------------------------------------------------------------------ report ---
+median() { tr ' ' '\n' | awk 'NF' | sort -g | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else printf "%.3f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+
 echo
-echo "portcullis vs nginx TLS reverse proxy: wrk -t$THREADS -c$CONNS -d${DURATION}s (warm-up ${WARMUP}s), $(nproc) CPUs"
-for p in portcullis nginx; do echo "  ${NOTES[$p]}"; done
+echo "portcullis vs nginx TLS reverse proxy: wrk -t$THREADS -c$CONNS -d${DURATION}s (warm-up ${WARMUP}s), ${ROUNDS} round(s), $(nproc) CPUs"
+for n in "${NOTES[@]}"; do echo "  $n"; done
+if (( ROUNDS > 1 )); then
+    echo
+    printf '%-11s %5s %11s %10s %10s %12s %10s\n' proxy round req/s p50_ms p99_ms CPU-us/req non2xx/err
+    for row in "${ROWS[@]}"; do echo "$row"; done
+    echo
+    echo "overall (req/s = total requests / total seconds; p50, p99 = median over rounds;"
+    echo "CPU-us/req = total CPU / total requests):"
+fi
 echo
+declare -A CPU_US
 printf '%-11s %11s %10s %10s %12s %10s\n' proxy req/s p50_ms p99_ms CPU-us/req non2xx/err
 for p in portcullis nginx; do
-    printf '%-11s %11s %10s %10s %12s %10s\n' "$p" "${RPS[$p]}" "${P50[$p]}" "${P99[$p]}" "${CPU_US[$p]}" "${BAD[$p]}"
+    CPU_US[$p]=$(awk -v t="${TOT_TICKS[$p]}" -v hz="$CLK_TCK" -v n="${TOT_REQS[$p]}" 'BEGIN { printf "%.1f", t / hz * 1e6 / n }')
+    printf '%-11s %11s %10s %10s %12s %10s\n' "$p" \
+        "$(awk -v n="${TOT_REQS[$p]}" -v s="${TOT_SECS[$p]}" 'BEGIN { printf "%.2f", n / s }')" \
+        "$(median <<< "${P50_L[$p]}")" "$(median <<< "${P99_L[$p]}")" "${CPU_US[$p]}" "${BAD[$p]}"
 done
 ratio=$(awk -v a="${CPU_US[portcullis]}" -v b="${CPU_US[nginx]}" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }')
 verdict=$(awk -v r="$ratio" 'BEGIN { if (r == "n/a") print "n/a"; else if (r <= 1.5) print "within"; else print "OVER" }')
 echo
 echo "CPU-us/req ratio portcullis/nginx: ${ratio}x (target <= 1.5x: $verdict)"
+if (( ROUNDS > 1 )); then
+    read -r -a pc <<< "${CPU_L[portcullis]}"; read -r -a ng <<< "${CPU_L[nginx]}"
+    per=""
+    for (( i=0; i<ROUNDS; i++ )); do
+        per+="$(awk -v a="${pc[i]}" -v b="${ng[i]}" 'BEGIN { printf "%.2f", a / b }')x "
+    done
+    echo "per-round ratios: $per"
+fi
