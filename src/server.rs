@@ -38,6 +38,9 @@ pub enum StartError {
     /// JWKS source problem.
     #[error(transparent)]
     Jwks(#[from] crate::authn::jwks::JwksError),
+    /// The store could not open.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
     /// A listener could not bind.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -106,6 +109,10 @@ async fn load_issuer(i: &Arc<Issuer>) -> Result<(), StartError> {
 pub struct Shared {
     /// The proxy (runtime + metrics).
     pub proxy: Arc<Proxy>,
+    /// The posture service (snapshot + ingest).
+    pub posture: Arc<crate::posture::Posture>,
+    /// Feed receivers built from the running config.
+    pub feeds: ArcSwap<crate::feeds::FeedContext>,
     /// Current TLS config.
     pub tls: ArcSwap<ServerConfig>,
     fetcher: Fetcher,
@@ -156,7 +163,16 @@ impl Shared {
         for i in &fresh {
             load_issuer(i).await?;
         }
+        let feeds = build_feeds(
+            &rt.config,
+            Some(&self.feeds.load()),
+            &self.posture,
+            &self.proxy.metrics,
+            &self.fetcher,
+        )
+        .await?;
         self.tls.store(tls);
+        self.feeds.store(feeds);
         self.proxy.runtime.store(Arc::new(rt));
         tracing::info!(version, "config reloaded");
         Ok(version)
@@ -212,18 +228,50 @@ pub async fn start(config_path: PathBuf) -> Result<RunningServer, StartError> {
     start_with(cfg, Arc::new(Metrics::new())).await
 }
 
+/// Builds the feed receivers for a config, reusing the SSF receiver (and
+/// its fetched keys) when its config is unchanged.
+async fn build_feeds(
+    cfg: &Arc<Config>,
+    prev: Option<&crate::feeds::FeedContext>,
+    posture: &Arc<crate::posture::Posture>,
+    metrics: &Arc<Metrics>,
+    fetcher: &Fetcher,
+) -> Result<Arc<crate::feeds::FeedContext>, StartError> {
+    let ssf = match &cfg.feeds.ssf {
+        None => None,
+        Some(sc) => match prev.and_then(|p| p.ssf.clone()).filter(|r| r.cfg == *sc) {
+            Some(r) => Some(r),
+            None => Some(crate::feeds::ssf::Receiver::new(sc.clone(), fetcher).await?),
+        },
+    };
+    Ok(Arc::new(crate::feeds::FeedContext {
+        posture: posture.clone(),
+        metrics: metrics.clone(),
+        config: cfg.clone(),
+        ssf,
+    }))
+}
+
 /// Starts every listener for an already-loaded config, with the given metrics.
 pub async fn start_with(cfg: Config, metrics: Arc<Metrics>) -> Result<RunningServer, StartError> {
     let fetcher = Fetcher::default();
     let tls = crate::tls::build_server_config(&cfg.tls)?;
     let config_path = cfg.source.clone();
+    let store = crate::store::sqlite::SqliteStore::open(
+        &cfg.store.path,
+        cfg.store.sync == crate::config::SyncMode::Full,
+    )?;
+    let posture = crate::posture::Posture::start(Box::new(store), metrics.clone())?;
     let (rt, fresh) = build_runtime(cfg, None, &fetcher, 1)?;
     for i in &fresh {
         load_issuer(i).await?;
     }
     let cfg = rt.config.clone();
-    let proxy = Arc::new(Proxy::new(rt, metrics));
+    let feeds = build_feeds(&cfg, None, &posture, &metrics, &fetcher).await?;
+    let proxy = Arc::new(Proxy::new(rt, metrics, posture.clone()));
     let shared = Arc::new(Shared {
+        posture,
+        feeds: ArcSwap::new(feeds.clone()),
         proxy,
         tls: ArcSwap::new(tls),
         fetcher,
@@ -263,6 +311,13 @@ pub async fn start_with(cfg: Config, metrics: Arc<Metrics>) -> Result<RunningSer
             limit,
             rx.clone(),
             cfg.clone(),
+        ));
+    }
+    if let Some(rx_ssf) = feeds.ssf.clone().filter(|r| r.cfg.poll_url.is_some()) {
+        tasks.spawn(crate::feeds::ssf::poll_loop(
+            feeds.clone(),
+            rx_ssf,
+            rx.clone(),
         ));
     }
     tasks.spawn(crate::admin::serve(shared.clone(), admin_listener, rx));

@@ -39,7 +39,7 @@ pub async fn serve(
             let _guard = ConnectionGuard::new(&shared.proxy.metrics, "admin");
             let svc = service_fn(move |req| {
                 let shared = shared.clone();
-                async move { Ok::<_, Infallible>(handle(&shared, req)) }
+                async move { Ok::<_, Infallible>(handle(&shared, req).await) }
             });
             let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             b.http1()
@@ -81,7 +81,26 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     aws_lc_rs::constant_time::verify_slices_are_equal(a, b).is_ok()
 }
 
-fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let path = req.uri().path();
+    if path.starts_with("/admin/v1/")
+        || path == "/ssf/push"
+        || path.starts_with("/scim/v2")
+        || path.starts_with("/mdm/")
+    {
+        let feeds = shared.feeds.load_full();
+        return if path.starts_with("/admin/v1/") {
+            crate::feeds::admin::handle(&feeds, req).await
+        } else if path == "/ssf/push" {
+            crate::feeds::ssf::push(&feeds, req).await
+        } else if path.starts_with("/scim/v2") {
+            crate::feeds::scim::handle(&feeds, req).await
+        } else if path == "/mdm/jamf" {
+            crate::feeds::jamf::webhook(&feeds, req).await
+        } else {
+            crate::feeds::mdm::handle(&feeds, req).await
+        };
+    }
     let rt = shared.proxy.runtime.load();
     match (req.method().as_str(), req.uri().path()) {
         ("GET", "/healthz") => text(StatusCode::OK, "ok\n"),

@@ -102,6 +102,9 @@ pub struct Claims {
     /// Token id.
     #[serde(default)]
     pub jti: Option<String>,
+    /// Session id (OIDC `sid`).
+    #[serde(default)]
+    pub sid: Option<String>,
     /// Authentication context class.
     #[serde(default)]
     pub acr: Option<String>,

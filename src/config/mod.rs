@@ -134,6 +134,12 @@ pub struct Config {
     /// Upstream client settings.
     #[serde(default)]
     pub upstream: UpstreamConfig,
+    /// The embedded store.
+    #[serde(default)]
+    pub store: StoreConfig,
+    /// Posture and identity feeds.
+    #[serde(default)]
+    pub feeds: FeedsConfig,
     /// Where this config was read from (not part of the file).
     #[serde(skip)]
     pub source: PathBuf,
@@ -212,6 +218,222 @@ pub struct AdminConfig {
     /// Bearer secret required for `/metrics`, when set.
     #[serde(default)]
     pub metrics_token: Option<String>,
+    /// Bearer secret for the operator API (`/admin/v1/…`); the API is off without it.
+    #[serde(default)]
+    pub api_token: Option<String>,
+}
+
+/// Where the embedded store keeps its database.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// SQLite database path (WAL mode).
+    #[serde(default = "d_store_path")]
+    pub path: PathBuf,
+    /// `full` (survives power loss) or `normal` (survives a process kill).
+    #[serde(default)]
+    pub sync: SyncMode,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            path: d_store_path(),
+            sync: SyncMode::Full,
+        }
+    }
+}
+
+/// SQLite `synchronous` setting.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SyncMode {
+    /// fsync on every commit.
+    #[default]
+    Full,
+    /// fsync at checkpoints; a process kill loses nothing, a power cut may.
+    Normal,
+}
+
+fn d_store_path() -> PathBuf {
+    PathBuf::from("portcullis.db")
+}
+
+/// Default largest feed request body.
+pub const DEFAULT_FEED_MAX_BODY_BYTES: usize = 1024 * 1024;
+
+/// All feeds.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FeedsConfig {
+    /// Largest request body any feed endpoint accepts.
+    #[serde(default = "d_feed_max_body")]
+    pub max_body_bytes: usize,
+    /// OpenID Shared Signals receiver.
+    #[serde(default)]
+    pub ssf: Option<SsfConfig>,
+    /// SCIM 2.0 service provider.
+    #[serde(default)]
+    pub scim: Option<ScimConfig>,
+    /// Jamf Pro webhooks.
+    #[serde(default)]
+    pub jamf: Option<JamfConfig>,
+    /// Microsoft Intune poller.
+    #[serde(default)]
+    pub intune: Option<IntuneConfig>,
+    /// Generic JSON device-event sources.
+    #[serde(default)]
+    pub mdm: Vec<GenericMdmConfig>,
+}
+
+impl Default for FeedsConfig {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: DEFAULT_FEED_MAX_BODY_BYTES,
+            ssf: None,
+            scim: None,
+            jamf: None,
+            intune: None,
+            mdm: Vec::new(),
+        }
+    }
+}
+
+fn d_feed_max_body() -> usize {
+    DEFAULT_FEED_MAX_BODY_BYTES
+}
+
+/// The Shared Signals receiver: one transmitter.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SsfConfig {
+    /// Bearer secret the transmitter sends on push (`Authorization: Bearer …`).
+    #[serde(default)]
+    pub push_token: Option<String>,
+    /// The transmitter's exact `iss`.
+    pub issuer: String,
+    /// Audiences this receiver accepts in `aud`.
+    pub audiences: Vec<String>,
+    /// Algorithms accepted for SETs (asymmetric only).
+    #[serde(default = "d_ssf_algs")]
+    pub algorithms: Vec<String>,
+    /// Transmitter JWKS URL.
+    #[serde(default)]
+    pub jwks_url: Option<String>,
+    /// Transmitter metadata URL (`…/.well-known/ssf-configuration`).
+    #[serde(default)]
+    pub discovery_url: Option<String>,
+    /// Static JWKS file.
+    #[serde(default)]
+    pub jwks_file: Option<PathBuf>,
+    /// Poll endpoint (RFC 8936), for transmitters that only offer polling.
+    #[serde(default)]
+    pub poll_url: Option<String>,
+    /// Bearer token for the poll endpoint.
+    #[serde(default)]
+    pub poll_token: Option<String>,
+    /// Time between polls, milliseconds.
+    #[serde(default = "d_poll_interval_ms")]
+    pub poll_interval_ms: u64,
+}
+
+fn d_ssf_algs() -> Vec<String> {
+    vec!["RS256".into(), "ES256".into(), "PS256".into()]
+}
+
+fn d_poll_interval_ms() -> u64 {
+    5_000
+}
+
+/// The SCIM service provider.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScimConfig {
+    /// Bearer token the IdP sends.
+    pub token: String,
+    /// Which SCIM attribute is the token `sub`: `userName`, `externalId` or `id`.
+    #[serde(default = "d_subject_attribute")]
+    pub subject_attribute: String,
+    /// Group display name → entitlements granted to its members.
+    #[serde(default)]
+    pub group_entitlements: std::collections::BTreeMap<String, Vec<String>>,
+}
+
+fn d_subject_attribute() -> String {
+    "userName".into()
+}
+
+/// Jamf Pro webhooks.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JamfConfig {
+    /// The exact `Authorization` header value Jamf is configured to send.
+    pub authorization: String,
+    /// Smart-group ids whose members are non-compliant.
+    #[serde(default)]
+    pub noncompliant_groups: Vec<u64>,
+    /// Smart-group ids whose members are behind on patches.
+    #[serde(default)]
+    pub patch_groups: Vec<u64>,
+    /// Smart-group ids whose members are compromised.
+    #[serde(default)]
+    pub compromised_groups: Vec<u64>,
+    /// Smart-group ids whose members are in lost mode.
+    #[serde(default)]
+    pub lost_groups: Vec<u64>,
+    /// Which device field is the canonical device id: `udid`, `serialNumber` or `jssID`.
+    #[serde(default = "d_jamf_id")]
+    pub device_id_field: String,
+}
+
+fn d_jamf_id() -> String {
+    "udid".into()
+}
+
+/// Microsoft Intune through Graph `managedDevices`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IntuneConfig {
+    /// Graph base URL, e.g. `https://graph.microsoft.com/v1.0`.
+    pub graph_url: String,
+    /// OAuth token endpoint (client credentials).
+    pub token_url: String,
+    /// OAuth client id.
+    pub client_id: String,
+    /// OAuth client secret.
+    pub client_secret: String,
+    /// OAuth scope.
+    #[serde(default = "d_graph_scope")]
+    pub scope: String,
+    /// Poll interval, seconds.
+    #[serde(default = "d_intune_interval")]
+    pub interval_s: u64,
+    /// Which field is the canonical device id: `azureADDeviceId` or `id`.
+    #[serde(default = "d_intune_id")]
+    pub device_id_field: String,
+    /// Extra CA bundle for Graph / token endpoints.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+}
+
+fn d_graph_scope() -> String {
+    "https://graph.microsoft.com/.default".into()
+}
+fn d_intune_interval() -> u64 {
+    300
+}
+fn d_intune_id() -> String {
+    "azureADDeviceId".into()
+}
+
+/// A generic MDM source posting the documented JSON device event.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GenericMdmConfig {
+    /// Source name; the endpoint is `/mdm/v1/{name}/events`.
+    pub name: String,
+    /// Bearer secret the source sends.
+    pub secret: String,
 }
 
 /// Log format and level.
@@ -487,6 +709,13 @@ impl Config {
         if let Some(p) = self.upstream.ca.as_mut() {
             abs(p);
         }
+        abs(&mut self.store.path);
+        if let Some(p) = self.feeds.ssf.as_mut().and_then(|s| s.jwks_file.as_mut()) {
+            abs(p);
+        }
+        if let Some(p) = self.feeds.intune.as_mut().and_then(|s| s.ca.as_mut()) {
+            abs(p);
+        }
     }
 
     fn invalid(&self, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
@@ -591,6 +820,8 @@ impl Config {
             }
         }
 
+        self.validate_feeds()?;
+
         let mut route_names = HashSet::new();
         let mut matchers = HashSet::new();
         for (i, r) in self.routes.iter().enumerate() {
@@ -628,6 +859,121 @@ impl Config {
             if r.timeout_ms == Some(0) {
                 return Err(self.invalid(key("timeout_ms"), "must be at least 1"));
             }
+        }
+        Ok(())
+    }
+
+    fn validate_feeds(&self) -> Result<(), ConfigError> {
+        let secret = |key: &str, v: &str| -> Result<(), ConfigError> {
+            if v.len() < 16 {
+                return Err(self.invalid(key, "secrets must be at least 16 characters"));
+            }
+            Ok(())
+        };
+        if let Some(t) = &self.admin.api_token {
+            secret("admin.api_token", t)?;
+        }
+        if let Some(t) = &self.admin.metrics_token {
+            secret("admin.metrics_token", t)?;
+        }
+        if self.feeds.max_body_bytes == 0 {
+            return Err(self.invalid("feeds.max_body_bytes", "must be at least 1"));
+        }
+        if let Some(ssf) = &self.feeds.ssf {
+            if let Some(t) = &ssf.push_token {
+                secret("feeds.ssf.push_token", t)?;
+            }
+            if ssf.audiences.is_empty() {
+                return Err(self.invalid("feeds.ssf.audiences", "at least one audience"));
+            }
+            for (j, a) in ssf.algorithms.iter().enumerate() {
+                if !SUPPORTED_ALGORITHMS.contains(&a.as_str()) {
+                    return Err(self.invalid(
+                        format!("feeds.ssf.algorithms[{j}]"),
+                        format!("`{a}` is not accepted"),
+                    ));
+                }
+            }
+            let n = [
+                ssf.jwks_url.is_some(),
+                ssf.discovery_url.is_some(),
+                ssf.jwks_file.is_some(),
+            ]
+            .iter()
+            .filter(|b| **b)
+            .count();
+            if n != 1 {
+                return Err(self.invalid(
+                    "feeds.ssf.jwks_url",
+                    "set exactly one of jwks_url, discovery_url, jwks_file",
+                ));
+            }
+            for (k, u) in [
+                ("jwks_url", &ssf.jwks_url),
+                ("discovery_url", &ssf.discovery_url),
+                ("poll_url", &ssf.poll_url),
+            ] {
+                if let Some(u) = u {
+                    check_http_url(u).map_err(|m| self.invalid(format!("feeds.ssf.{k}"), m))?;
+                }
+            }
+            if ssf.push_token.is_none() && ssf.poll_url.is_none() {
+                return Err(self.invalid(
+                    "feeds.ssf",
+                    "set push_token (push) or poll_url (poll), or both",
+                ));
+            }
+        }
+        if let Some(scim) = &self.feeds.scim {
+            secret("feeds.scim.token", &scim.token)?;
+            if !["userName", "externalId", "id"].contains(&scim.subject_attribute.as_str()) {
+                return Err(self.invalid(
+                    "feeds.scim.subject_attribute",
+                    "one of userName, externalId, id",
+                ));
+            }
+        }
+        if let Some(j) = &self.feeds.jamf {
+            secret("feeds.jamf.authorization", &j.authorization)?;
+            if !["udid", "serialNumber", "jssID"].contains(&j.device_id_field.as_str()) {
+                return Err(self.invalid(
+                    "feeds.jamf.device_id_field",
+                    "one of udid, serialNumber, jssID",
+                ));
+            }
+        }
+        if let Some(i) = &self.feeds.intune {
+            check_http_url(&i.graph_url).map_err(|m| self.invalid("feeds.intune.graph_url", m))?;
+            check_http_url(&i.token_url).map_err(|m| self.invalid("feeds.intune.token_url", m))?;
+            if i.interval_s == 0 {
+                return Err(self.invalid("feeds.intune.interval_s", "must be at least 1"));
+            }
+            if !["azureADDeviceId", "id"].contains(&i.device_id_field.as_str()) {
+                return Err(
+                    self.invalid("feeds.intune.device_id_field", "one of azureADDeviceId, id")
+                );
+            }
+        }
+        let mut names = HashSet::new();
+        for (i, m) in self.feeds.mdm.iter().enumerate() {
+            if m.name.is_empty()
+                || !m
+                    .name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            {
+                return Err(self.invalid(
+                    format!("feeds.mdm[{i}].name"),
+                    "letters, digits, `-` and `_` only",
+                ));
+            }
+            if !names.insert(m.name.as_str()) {
+                return Err(self.invalid(
+                    format!("feeds.mdm[{i}].name"),
+                    format!("duplicate source `{}`", m.name),
+                ));
+            }
+            secret(&format!("feeds.mdm[{i}].secret"), &m.secret)?;
         }
         Ok(())
     }

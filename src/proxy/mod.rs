@@ -84,6 +84,8 @@ pub struct RequestCtx {
     pub route: Option<Arc<Route>>,
     /// The authenticated token, once phase 2 ran.
     pub auth: Option<Authenticated>,
+    /// Identity and device posture, once phase 4 ran.
+    pub resolved: Option<crate::posture::Resolved>,
 }
 
 /// The shared proxy state.
@@ -92,6 +94,8 @@ pub struct Proxy {
     pub runtime: ArcSwap<Runtime>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
+    /// The device-trust and identity snapshot.
+    pub posture: Arc<crate::posture::Posture>,
     ids: RequestIds,
 }
 
@@ -117,10 +121,15 @@ pub mod set_headers {
 
 impl Proxy {
     /// Creates the proxy around a first runtime.
-    pub fn new(runtime: Runtime, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        runtime: Runtime,
+        metrics: Arc<Metrics>,
+        posture: Arc<crate::posture::Posture>,
+    ) -> Self {
         Self {
             runtime: ArcSwap::from_pointee(runtime),
             metrics,
+            posture,
             ids: RequestIds::default(),
         }
     }
@@ -138,6 +147,7 @@ impl Proxy {
             started: Instant::now(),
             route: None,
             auth: None,
+            resolved: None,
         };
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
@@ -174,9 +184,13 @@ impl Proxy {
         // 2. authenticate
         if route.auth == AuthMode::Bearer {
             let auth = self.phase_authenticate(rt, &route, &req).await?;
+            // 3 (bind) arrives with the binding room.
+            // 4. resolve + baseline
+            let resolved = self.phase_resolve(&auth);
             ctx.auth = Some(auth);
+            ctx.resolved = Some(resolved?);
         }
-        // 3–5 (bind, resolve, decide) arrive with the binding, feeds and policy rooms.
+        // 5 (decide) arrives with the policy room.
         self.metrics
             .decisions
             .get_or_create(&ActionLabel {
@@ -209,6 +223,39 @@ impl Proxy {
             self.metrics.token_cache_misses.inc();
         }
         Ok(auth)
+    }
+
+    /// Phase 4: looks up the subject's identity and the token's device in the
+    /// snapshot, records the control window if this request is the first on
+    /// a changed state, and applies the baseline (disabled subjects, revoked
+    /// credentials, lost / wiped / compromised devices are refused).
+    fn phase_resolve(&self, auth: &Authenticated) -> Result<crate::posture::Resolved, Denial> {
+        let t = &auth.token;
+        let sub = t.claims.sub.as_str();
+        let resolved = self.posture.resolve(sub, t.device.as_deref());
+        self.posture.observe_control_window(sub, &resolved);
+        let canonical = resolved
+            .identity
+            .as_ref()
+            .map_or(sub, |i| i.subject.as_str());
+        let pair = t.device.as_deref().map(|d| format!("{canonical}|{d}"));
+        let mut sessions: Vec<&str> = Vec::with_capacity(3);
+        sessions.extend(t.claims.jti.as_deref());
+        sessions.extend(t.claims.sid.as_deref());
+        sessions.extend(pair.as_deref());
+        match self
+            .posture
+            .baseline(sub, &resolved, t.claims.iat, &sessions)
+        {
+            Ok(()) => Ok(resolved),
+            Err(p) => {
+                self.metrics
+                    .posture_denials
+                    .get_or_create(&crate::telemetry::ResultLabel { result: p.code() })
+                    .inc();
+                Err(Denial::Posture(p))
+            }
+        }
     }
 
     /// Phase 6: sends the request upstream and streams the answer back;

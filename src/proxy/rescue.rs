@@ -37,6 +37,10 @@ pub enum Denial {
         /// The limit.
         limit: u64,
     },
+    /// The posture baseline refused: subject disabled, credential revoked,
+    /// device lost / wiped / compromised.
+    #[error("{0}")]
+    Posture(crate::posture::PostureDenial),
     /// The request is malformed in a way hyper let through.
     #[error("{0}")]
     BadRequest(&'static str),
@@ -57,6 +61,9 @@ impl Denial {
         match self {
             Denial::NoRoute => StatusCode::NOT_FOUND,
             Denial::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+            // A revoked credential is an invalid token: the client must re-authenticate.
+            Denial::Posture(crate::posture::PostureDenial::Revoked(_)) => StatusCode::UNAUTHORIZED,
+            Denial::Posture(_) => StatusCode::FORBIDDEN,
             Denial::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Denial::BadRequest(_) => StatusCode::BAD_REQUEST,
             Denial::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
@@ -71,6 +78,7 @@ impl Denial {
             Denial::NoRoute => "no_route",
             Denial::Unauthenticated(AuthError::Missing) => "missing_token",
             Denial::Unauthenticated(_) => "invalid_token",
+            Denial::Posture(p) => p.code(),
             Denial::BodyTooLarge { .. } => "body_too_large",
             Denial::BadRequest(_) => "bad_request",
             Denial::UpstreamUnavailable => "upstream_unavailable",
@@ -91,7 +99,7 @@ impl Denial {
     /// The access decision this refusal stands for, for metrics.
     pub fn action(&self) -> &'static str {
         match self {
-            Denial::Unauthenticated(_) | Denial::NoRoute => "deny",
+            Denial::Unauthenticated(_) | Denial::NoRoute | Denial::Posture(_) => "deny",
             _ => "allow",
         }
     }
@@ -125,6 +133,15 @@ pub fn respond(d: &Denial, request_id: &str) -> Response<ProxyBody> {
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     if let Ok(v) = HeaderValue::from_str(request_id) {
         h.insert("x-request-id", v);
+    }
+    if let Denial::Posture(p @ crate::posture::PostureDenial::Revoked(_)) = d {
+        let challenge = format!(
+            "Bearer realm=\"portcullis\", error=\"invalid_token\", error_description=\"{}\"",
+            quoted(&p.to_string())
+        );
+        if let Ok(v) = HeaderValue::from_str(&challenge) {
+            h.insert(header::WWW_AUTHENTICATE, v);
+        }
     }
     if let Denial::Unauthenticated(e) = d {
         let challenge = match e {

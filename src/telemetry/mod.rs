@@ -54,6 +54,26 @@ pub struct ResultLabel {
     pub result: &'static str,
 }
 
+/// Labels for feed events.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FeedOutcomeLabel {
+    /// Feed (`ssf`, `scim`, `jamf`, `intune`, `mdm`, `admin`).
+    pub feed: &'static str,
+    /// Event type label (a bounded set chosen by each feed).
+    pub kind: String,
+    /// `applied`, `stale`, `duplicate`, `rejected`, `ignored`.
+    pub outcome: &'static str,
+}
+
+/// Labels for per-feed, per-type histograms.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FeedKindLabel {
+    /// Feed.
+    pub feed: &'static str,
+    /// Event type label.
+    pub kind: String,
+}
+
 /// Every metric the proxy exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -74,6 +94,14 @@ pub struct Metrics {
     pub connections_refused: Family<ResultLabel, Counter>,
     /// Config reloads by result.
     pub config_reloads: Family<ResultLabel, Counter>,
+    /// Feed events by feed, type and outcome.
+    pub feed_events: Family<FeedOutcomeLabel, Counter>,
+    /// Time to make a batch of events durable and apply it.
+    pub apply_seconds: Histogram,
+    /// Accept → first request decided on the new state, by feed and type.
+    pub control_window_seconds: Family<FeedKindLabel, Histogram>,
+    /// Requests refused by the posture baseline, by reason.
+    pub posture_denials: Family<ResultLabel, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -137,7 +165,37 @@ impl Metrics {
             "Config reloads by result",
             config_reloads.clone(),
         );
+        let feed_events = Family::<FeedOutcomeLabel, Counter>::default();
+        let apply_seconds = latency_histogram();
+        let control_window_seconds = Family::<FeedKindLabel, Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        let posture_denials = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "feed_events",
+            "Feed events by feed, type and outcome (applied, stale, duplicate, rejected, ignored)",
+            feed_events.clone(),
+        );
+        registry.register(
+            "apply_seconds",
+            "Time to make a batch of feed events durable and apply it to the snapshot",
+            apply_seconds.clone(),
+        );
+        registry.register(
+            "control_window_seconds",
+            "Time from accepting a feed event to the first request decided on the new state",
+            control_window_seconds.clone(),
+        );
+        registry.register(
+            "posture_denials",
+            "Requests refused by the posture baseline, by reason",
+            posture_denials.clone(),
+        );
         Self {
+            feed_events,
+            apply_seconds,
+            control_window_seconds,
+            posture_denials,
             registry,
             requests,
             decisions,

@@ -1,0 +1,598 @@
+//! Posture: the device-trust and identity snapshot, the one apply path every
+//! feed goes through, and the request-path lookups over it.
+//!
+//! Apply = validate → append to the event log and write the records in one
+//! transaction (group commit on a dedicated writer thread) → publish the new
+//! records to the in-memory snapshot → acknowledge. The request path only
+//! reads the snapshot: lock-free map lookups, no I/O.
+
+pub mod event;
+pub mod model;
+pub mod snapshot;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use moka::sync::Cache;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::store::{CommitBatch, EventStore, LoggedEvent, Outcome, StoreError};
+use crate::telemetry::{FeedKindLabel, FeedOutcomeLabel, Metrics};
+use event::{Change, EventError, PostureEvent, merge_device, merge_identity};
+use model::{Device, Identity, IdentityStatus, Revocation, RevocationTarget};
+pub use snapshot::Snapshot;
+
+/// Most events folded into one transaction.
+pub const MAX_BATCH_EVENTS: usize = 1024;
+/// How long an accepted change waits for a request to measure its control window.
+pub const CONTROL_WINDOW_HORIZON: Duration = Duration::from_secs(3600);
+
+/// Why an ingest failed; nothing was acknowledged.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    /// The event is malformed.
+    #[error(transparent)]
+    Invalid(#[from] EventError),
+    /// The store failed; the event was not stored.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The writer is gone (shutting down).
+    #[error("ingest is shutting down")]
+    Closed,
+}
+
+enum Job {
+    Apply {
+        events: Vec<PostureEvent>,
+        accepted: Instant,
+        reply: oneshot::Sender<Result<Vec<Outcome>, IngestError>>,
+    },
+    History {
+        key: String,
+        limit: usize,
+        reply: oneshot::Sender<Result<Vec<LoggedEvent>, StoreError>>,
+    },
+    GetMeta {
+        key: String,
+        reply: oneshot::Sender<Result<Option<String>, StoreError>>,
+    },
+    SetMeta {
+        key: String,
+        value: String,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+}
+
+#[derive(Debug, Clone)]
+struct Pending {
+    accepted: Instant,
+    version: u64,
+    feed: &'static str,
+    kind: String,
+}
+
+/// The posture service: snapshot + ingest. Shared by the proxy and the feeds.
+pub struct Posture {
+    snapshot: Arc<Snapshot>,
+    jobs: mpsc::Sender<Job>,
+    pending: Cache<String, Pending>,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Posture {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Posture")
+            .field("snapshot", &self.snapshot)
+            .finish()
+    }
+}
+
+/// What the request path learned about a principal and device.
+#[derive(Debug, Clone, Default)]
+pub struct Resolved {
+    /// Snapshot version the lookups saw (at least).
+    pub snapshot_version: u64,
+    /// The identity record, when the snapshot knows the subject.
+    pub identity: Option<Arc<Identity>>,
+    /// The device id the request claims (token claim or certificate).
+    pub device_id: Option<String>,
+    /// The device record, when known. `None` with a `device_id` = unknown device.
+    pub device: Option<Arc<Device>>,
+}
+
+/// Why the baseline (applied before any policy) refuses a request.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PostureDenial {
+    /// The subject is suspended or terminated.
+    #[error("subject is {0}")]
+    SubjectDisabled(&'static str),
+    /// The credential was issued before a revocation of its subject, device or session.
+    #[error("credential was revoked ({0})")]
+    Revoked(&'static str),
+    /// The device is lost, wiped or being wiped, or deleted.
+    #[error("device is {0}")]
+    DeviceUntrusted(&'static str),
+    /// The device is compromised (jailbroken, rooted, threat).
+    #[error("device is compromised")]
+    DeviceCompromised,
+}
+
+impl PostureDenial {
+    /// Short reason code for metrics and bodies.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::SubjectDisabled(_) => "subject_disabled",
+            Self::Revoked(_) => "revoked",
+            Self::DeviceUntrusted(_) => "device_untrusted",
+            Self::DeviceCompromised => "device_compromised",
+        }
+    }
+}
+
+fn lifecycle_name(l: model::Lifecycle) -> &'static str {
+    match l {
+        model::Lifecycle::Lost => "lost",
+        model::Lifecycle::WipePending => "wipe_pending",
+        model::Lifecycle::Wiped => "wiped",
+        model::Lifecycle::Deleted => "deleted",
+        model::Lifecycle::Unenrolled => "unenrolled",
+        model::Lifecycle::Enrolled => "enrolled",
+        model::Lifecycle::Unknown => "unknown",
+    }
+}
+
+impl Posture {
+    /// Opens the posture service over a store: loads every record into the
+    /// snapshot, then starts the writer thread.
+    pub fn start(
+        mut store: Box<dyn EventStore>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Self>, StoreError> {
+        let snapshot = Arc::new(Snapshot::new());
+        let loaded = store.load()?;
+        for d in loaded.devices {
+            snapshot.put_device(Arc::new(d));
+        }
+        for i in loaded.identities {
+            snapshot.put_identity(Arc::new(i));
+        }
+        for r in loaded.revocations {
+            snapshot.put_revocation(Arc::new(r));
+        }
+        snapshot.set_version(loaded.last_seq);
+        let (tx, rx) = mpsc::channel(4096);
+        let me = Arc::new(Self {
+            snapshot: snapshot.clone(),
+            jobs: tx,
+            pending: Cache::builder()
+                .max_capacity(1_000_000)
+                .time_to_live(CONTROL_WINDOW_HORIZON)
+                .build(),
+            metrics,
+        });
+        let writer = Writer {
+            store,
+            snapshot,
+            next_seq: loaded.last_seq + 1,
+            posture: Arc::downgrade(&me),
+        };
+        std::thread::Builder::new()
+            .name("portcullis-ingest".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|e| StoreError::Db(format!("cannot start the ingest thread: {e}")))?;
+        Ok(me)
+    }
+
+    /// The snapshot.
+    pub fn snapshot(&self) -> &Arc<Snapshot> {
+        &self.snapshot
+    }
+
+    /// Validates, makes durable and applies events; returns once they are
+    /// committed (so a caller may acknowledge), with one outcome per event.
+    pub async fn ingest(&self, events: Vec<PostureEvent>) -> Result<Vec<Outcome>, IngestError> {
+        for e in &events {
+            e.validate()?;
+        }
+        let (reply, rx) = oneshot::channel();
+        self.jobs
+            .send(Job::Apply {
+                events,
+                accepted: Instant::now(),
+                reply,
+            })
+            .await
+            .map_err(|_| IngestError::Closed)?;
+        rx.await.map_err(|_| IngestError::Closed)?
+    }
+
+    /// The events that touched a record (`device:…` / `subject:…`), oldest first.
+    pub async fn history(&self, key: &str, limit: usize) -> Result<Vec<LoggedEvent>, IngestError> {
+        let (reply, rx) = oneshot::channel();
+        self.jobs
+            .send(Job::History {
+                key: key.to_owned(),
+                limit,
+                reply,
+            })
+            .await
+            .map_err(|_| IngestError::Closed)?;
+        Ok(rx.await.map_err(|_| IngestError::Closed)??)
+    }
+
+    /// Reads a feed cursor.
+    pub async fn get_meta(&self, key: &str) -> Result<Option<String>, IngestError> {
+        let (reply, rx) = oneshot::channel();
+        self.jobs
+            .send(Job::GetMeta {
+                key: key.to_owned(),
+                reply,
+            })
+            .await
+            .map_err(|_| IngestError::Closed)?;
+        Ok(rx.await.map_err(|_| IngestError::Closed)??)
+    }
+
+    /// Stores a feed cursor durably.
+    pub async fn set_meta(&self, key: &str, value: &str) -> Result<(), IngestError> {
+        let (reply, rx) = oneshot::channel();
+        self.jobs
+            .send(Job::SetMeta {
+                key: key.to_owned(),
+                value: value.to_owned(),
+                reply,
+            })
+            .await
+            .map_err(|_| IngestError::Closed)?;
+        Ok(rx.await.map_err(|_| IngestError::Closed)??)
+    }
+
+    /// Phase 4 (resolve): looks up the identity and device for a request.
+    pub fn resolve(&self, subject: &str, device_id: Option<&str>) -> Resolved {
+        // INVARIANT: read the version before the records, so every record
+        // written at or below it is visible to the lookups below.
+        let snapshot_version = self.snapshot.version();
+        let identity = self.snapshot.identity(subject);
+        let device = device_id.and_then(|d| self.snapshot.device(d));
+        Resolved {
+            snapshot_version,
+            identity,
+            device_id: device_id.map(str::to_owned),
+            device,
+        }
+    }
+
+    /// The baseline every request gets, before any policy: terminated or
+    /// suspended subjects, revoked credentials, and lost / wiped /
+    /// compromised devices are refused (fail closed).
+    pub fn baseline(
+        &self,
+        subject: &str,
+        r: &Resolved,
+        issued_at_s: Option<u64>,
+        session_ids: &[&str],
+    ) -> Result<(), PostureDenial> {
+        let revoked = |target: RevocationTarget, key: &str| -> bool {
+            self.snapshot
+                .revocation(target, key)
+                .is_some_and(|rv| issued_at_s.is_none_or(|iat| iat <= rv.not_before_s))
+        };
+        let canonical = r.identity.as_ref().map_or(subject, |i| i.subject.as_str());
+        if let Some(i) = &r.identity {
+            match i.status {
+                IdentityStatus::Active => {}
+                IdentityStatus::Suspended => {
+                    return Err(PostureDenial::SubjectDisabled("suspended"));
+                }
+                IdentityStatus::Terminated => {
+                    return Err(PostureDenial::SubjectDisabled("terminated"));
+                }
+            }
+        }
+        if revoked(RevocationTarget::Subject, canonical)
+            || (canonical != subject && revoked(RevocationTarget::Subject, subject))
+        {
+            return Err(PostureDenial::Revoked("subject"));
+        }
+        if session_ids
+            .iter()
+            .any(|s| revoked(RevocationTarget::Session, s))
+        {
+            return Err(PostureDenial::Revoked("session"));
+        }
+        if let Some(d) = &r.device_id
+            && revoked(RevocationTarget::Device, d)
+        {
+            return Err(PostureDenial::Revoked("device"));
+        }
+        if let Some(d) = &r.device {
+            if d.lifecycle.is_dead() {
+                return Err(PostureDenial::DeviceUntrusted(lifecycle_name(d.lifecycle)));
+            }
+            if d.compromised {
+                return Err(PostureDenial::DeviceCompromised);
+            }
+        }
+        Ok(())
+    }
+
+    /// Phase 7 helper: if this request is the first decided on a state some
+    /// feed changed, records the control window (accept → decision).
+    pub fn observe_control_window(&self, subject: &str, r: &Resolved) {
+        let subj = r.identity.as_ref().map_or(subject, |i| i.subject.as_str());
+        let mut keys = vec![format!("subject:{subj}")];
+        if let Some(d) = &r.device_id {
+            keys.push(format!("device:{d}"));
+        }
+        for k in keys {
+            if let Some(p) = self.pending.get(&k)
+                && p.version <= r.snapshot_version
+            {
+                self.pending.invalidate(&k);
+                self.metrics
+                    .control_window_seconds
+                    .get_or_create(&FeedKindLabel {
+                        feed: p.feed,
+                        kind: p.kind.clone(),
+                    })
+                    .observe(p.accepted.elapsed().as_secs_f64());
+            }
+        }
+    }
+}
+
+struct Writer {
+    store: Box<dyn EventStore>,
+    snapshot: Arc<Snapshot>,
+    next_seq: u64,
+    posture: std::sync::Weak<Posture>,
+}
+
+struct Applying {
+    events: Vec<PostureEvent>,
+    accepted: Instant,
+    reply: oneshot::Sender<Result<Vec<Outcome>, IngestError>>,
+}
+
+impl Writer {
+    fn run(mut self, mut rx: mpsc::Receiver<Job>) {
+        while let Some(first) = rx.blocking_recv() {
+            let mut applies = Vec::new();
+            let mut n_events = 0;
+            let mut next = Some(first);
+            while let Some(job) = next.take() {
+                match job {
+                    Job::Apply {
+                        events,
+                        accepted,
+                        reply,
+                    } => {
+                        n_events += events.len();
+                        applies.push(Applying {
+                            events,
+                            accepted,
+                            reply,
+                        });
+                    }
+                    Job::History { key, limit, reply } => {
+                        let _ = reply.send(self.store.history(&key, limit));
+                    }
+                    Job::GetMeta { key, reply } => {
+                        let _ = reply.send(self.store.get_meta(&key));
+                    }
+                    Job::SetMeta { key, value, reply } => {
+                        let _ = reply.send(self.store.set_meta(&key, &value));
+                    }
+                }
+                if n_events < MAX_BATCH_EVENTS {
+                    next = rx.try_recv().ok();
+                }
+            }
+            if !applies.is_empty() {
+                self.apply(applies);
+            }
+        }
+    }
+
+    fn apply(&mut self, jobs: Vec<Applying>) {
+        let started = Instant::now();
+        let accepted_ms = crate::util::now_unix_ms();
+        let mut batch = CommitBatch::default();
+        let mut devices: HashMap<String, Device> = HashMap::new();
+        let mut identities: HashMap<String, Identity> = HashMap::new();
+        let mut revocations: HashMap<(RevocationTarget, String), Revocation> = HashMap::new();
+        let mut seen: HashSet<String> = HashSet::new();
+        let mut outcomes: Vec<Vec<Outcome>> = Vec::with_capacity(jobs.len());
+        let mut pendings: Vec<(String, Pending)> = Vec::new();
+        let first_seq = self.next_seq;
+        let mut failed: Option<StoreError> = None;
+
+        'jobs: for job in &jobs {
+            let mut outs = Vec::with_capacity(job.events.len());
+            for ev in &job.events {
+                let dup = seen.contains(&ev.id)
+                    || match self.store.contains(&ev.id) {
+                        Ok(b) => b,
+                        Err(e) => {
+                            failed = Some(e);
+                            break 'jobs;
+                        }
+                    };
+                if dup {
+                    outs.push(Outcome::Duplicate);
+                    continue;
+                }
+                seen.insert(ev.id.clone());
+                let seq = self.next_seq;
+                self.next_seq += 1;
+                let mut applied = false;
+                for change in &ev.changes {
+                    match change {
+                        Change::Device { id, patch } => {
+                            let cur = devices
+                                .get(id)
+                                .cloned()
+                                .or_else(|| self.snapshot.device(id).map(|d| (*d).clone()));
+                            if cur.as_ref().is_some_and(|c| c.updated_ms > ev.origin_ms) {
+                                continue;
+                            }
+                            let mut d = merge_device(cur.as_ref(), id, patch);
+                            d.updated_ms = ev.origin_ms;
+                            d.source = ev.feed.as_str().to_owned();
+                            d.version = seq;
+                            devices.insert(id.clone(), d);
+                            applied = true;
+                        }
+                        Change::Identity { subject, patch } => {
+                            let cur = identities
+                                .get(subject)
+                                .cloned()
+                                .or_else(|| self.snapshot.identity(subject).map(|i| (*i).clone()))
+                                .filter(|i| i.subject == *subject);
+                            if cur.as_ref().is_some_and(|c| c.updated_ms > ev.origin_ms) {
+                                continue;
+                            }
+                            let mut i = merge_identity(cur.as_ref(), subject, patch);
+                            i.updated_ms = ev.origin_ms;
+                            i.source = ev.feed.as_str().to_owned();
+                            i.version = seq;
+                            identities.insert(subject.clone(), i);
+                            applied = true;
+                        }
+                        Change::Revoke { target, key } => {
+                            // Credentials issued up to acceptance are revoked; a
+                            // late (out-of-order) revocation only reaches back to
+                            // its own origin time, so it cannot kill credentials
+                            // issued after a newer re-enable.
+                            let newer_state = match target {
+                                RevocationTarget::Subject => identities
+                                    .get(key)
+                                    .map(|i| i.updated_ms)
+                                    .or_else(|| self.snapshot.identity(key).map(|i| i.updated_ms)),
+                                RevocationTarget::Device => devices
+                                    .get(key)
+                                    .map(|d| d.updated_ms)
+                                    .or_else(|| self.snapshot.device(key).map(|d| d.updated_ms)),
+                                RevocationTarget::Session => None,
+                            }
+                            .is_some_and(|u| u > ev.origin_ms);
+                            let nb = if newer_state {
+                                ev.origin_ms / 1000
+                            } else {
+                                accepted_ms / 1000
+                            };
+                            let rk = (*target, key.clone());
+                            let prev = revocations
+                                .get(&rk)
+                                .map(|r| r.not_before_s)
+                                .or_else(|| {
+                                    self.snapshot
+                                        .revocation(*target, key)
+                                        .map(|r| r.not_before_s)
+                                })
+                                .unwrap_or(0);
+                            if nb <= prev {
+                                continue;
+                            }
+                            revocations.insert(
+                                rk,
+                                Revocation {
+                                    target: *target,
+                                    key: key.clone(),
+                                    not_before_s: nb,
+                                    source: ev.feed.as_str().to_owned(),
+                                    version: seq,
+                                },
+                            );
+                            applied = true;
+                        }
+                    }
+                }
+                let outcome = if applied {
+                    Outcome::Applied
+                } else {
+                    Outcome::Stale
+                };
+                if applied {
+                    for k in ev.touched() {
+                        pendings.push((
+                            k,
+                            Pending {
+                                accepted: job.accepted,
+                                version: seq,
+                                feed: ev.feed.as_str(),
+                                kind: ev.kind.clone(),
+                            },
+                        ));
+                    }
+                }
+                batch.events.push(LoggedEvent {
+                    seq,
+                    event: ev.clone(),
+                    accepted_ms,
+                    outcome,
+                });
+                outs.push(outcome);
+            }
+            outcomes.push(outs);
+        }
+
+        if failed.is_none() && !batch.events.is_empty() {
+            batch.devices = devices.values().cloned().collect();
+            batch.identities = identities.values().cloned().collect();
+            batch.revocations = revocations.values().cloned().collect();
+            if let Err(e) = self.store.commit(&batch) {
+                failed = Some(e);
+            }
+        }
+        let posture = self.posture.upgrade();
+        if let Some(e) = failed {
+            self.next_seq = first_seq;
+            tracing::error!(error = %e, "event batch not stored; feeds get an error and will retry");
+            for job in jobs {
+                let _ = job
+                    .reply
+                    .send(Err(IngestError::Store(StoreError::Db(e.to_string()))));
+            }
+            return;
+        }
+        // Durable now. Publish: pending control windows first, then records,
+        // then the version (see `Posture::resolve`).
+        if let Some(p) = &posture {
+            for (k, pend) in pendings {
+                p.pending.insert(k, pend);
+            }
+        }
+        for (_, d) in devices {
+            self.snapshot.put_device(Arc::new(d));
+        }
+        for (_, i) in identities {
+            self.snapshot.put_identity(Arc::new(i));
+        }
+        for (_, r) in revocations {
+            self.snapshot.put_revocation(Arc::new(r));
+        }
+        self.snapshot.set_version(self.next_seq - 1);
+        if let Some(p) = &posture {
+            p.metrics
+                .apply_seconds
+                .observe(started.elapsed().as_secs_f64());
+            for (job, outs) in jobs.iter().zip(&outcomes) {
+                for (ev, o) in job.events.iter().zip(outs) {
+                    p.metrics
+                        .feed_events
+                        .get_or_create(&FeedOutcomeLabel {
+                            feed: ev.feed.as_str(),
+                            kind: ev.kind.clone(),
+                            outcome: o.as_str(),
+                        })
+                        .inc();
+                }
+            }
+        }
+        for (job, outs) in jobs.into_iter().zip(outcomes) {
+            let _ = job.reply.send(Ok(outs));
+        }
+    }
+}

@@ -1,0 +1,256 @@
+//! The canonical model: devices (lifecycle kept apart from posture flags),
+//! identities, revocations. Every record keeps the origin time and source of
+//! the event that last changed it, and the snapshot version it was written at.
+
+use serde::{Deserialize, Serialize};
+
+/// How a device is owned.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Ownership {
+    /// Company-owned.
+    Corporate,
+    /// Personal (bring your own device).
+    Byod,
+    /// A partner's device.
+    Partner,
+    /// Shared / kiosk.
+    Shared,
+    /// Not known.
+    #[default]
+    Unknown,
+}
+
+/// Where a device is in its management lifecycle.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Lifecycle {
+    /// No MDM knows it.
+    #[default]
+    Unknown,
+    /// Enrolled in an MDM.
+    Enrolled,
+    /// Was enrolled, no longer is.
+    Unenrolled,
+    /// A wipe was ordered.
+    WipePending,
+    /// Wiped.
+    Wiped,
+    /// Reported lost or stolen (lost mode).
+    Lost,
+    /// Removed from the MDM.
+    Deleted,
+}
+
+impl Lifecycle {
+    /// Lifecycles in which a device must never get access.
+    pub fn is_dead(self) -> bool {
+        matches!(
+            self,
+            Self::Lost | Self::WipePending | Self::Wiped | Self::Deleted
+        )
+    }
+}
+
+/// The compliance verdict of the device's MDM.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Compliance {
+    /// Compliant.
+    Compliant,
+    /// Not compliant.
+    NonCompliant,
+    /// Non-compliant but inside a grace period.
+    Grace,
+    /// No verdict.
+    #[default]
+    Unknown,
+}
+
+/// Threat level reported for a device or identity.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Threat {
+    /// None reported.
+    #[default]
+    None,
+    /// Low.
+    Low,
+    /// Medium.
+    Medium,
+    /// High.
+    High,
+}
+
+/// A device as the snapshot knows it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Device {
+    /// Canonical device id (the value of the token's device claim).
+    pub id: String,
+    /// `macos`, `ios`, `windows`, `android`, …
+    #[serde(default)]
+    pub platform: Option<String>,
+    /// OS version as reported.
+    #[serde(default)]
+    pub os_version: Option<String>,
+    /// Ownership.
+    #[serde(default)]
+    pub ownership: Ownership,
+    /// Which MDM manages it (`jamf`, `intune`, a generic source name).
+    #[serde(default)]
+    pub management_source: Option<String>,
+    /// Lifecycle.
+    #[serde(default)]
+    pub lifecycle: Lifecycle,
+    /// Compliance verdict.
+    #[serde(default)]
+    pub compliance: Compliance,
+    /// Jailbroken / rooted / compromised.
+    #[serde(default)]
+    pub compromised: bool,
+    /// Missing patches or below the OS baseline.
+    #[serde(default)]
+    pub patch_behind: bool,
+    /// Threat level.
+    #[serde(default)]
+    pub threat: Threat,
+    /// Last MDM check-in, ms since epoch.
+    #[serde(default)]
+    pub last_check_in_ms: Option<u64>,
+    /// Subjects assigned to this device.
+    #[serde(default)]
+    pub subjects: Vec<String>,
+    /// SHA-256 thumbprints (hex) of the device's certificates.
+    #[serde(default)]
+    pub cert_thumbprints: Vec<String>,
+    /// Per-source identifiers (Jamf `jssID`, Intune id, serial…), `source:value`.
+    #[serde(default)]
+    pub external_ids: Vec<String>,
+    /// Origin time (ms) of the event that last changed this record.
+    #[serde(default)]
+    pub updated_ms: u64,
+    /// Feed that last changed it.
+    #[serde(default)]
+    pub source: String,
+    /// Snapshot version at which it last changed.
+    #[serde(default)]
+    pub version: u64,
+}
+
+/// Human or non-human.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IdentityKind {
+    /// A person.
+    #[default]
+    Human,
+    /// A service account, workload or API client.
+    Workload,
+}
+
+/// Lifecycle status of an identity.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IdentityStatus {
+    /// May get access.
+    #[default]
+    Active,
+    /// Temporarily disabled.
+    Suspended,
+    /// Left (leaver) or purged.
+    Terminated,
+}
+
+/// An identity as the snapshot knows it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Identity {
+    /// The subject: the token's `sub`.
+    pub subject: String,
+    /// Human or workload.
+    #[serde(default)]
+    pub kind: IdentityKind,
+    /// Status.
+    #[serde(default)]
+    pub status: IdentityStatus,
+    /// Department.
+    #[serde(default)]
+    pub department: Option<String>,
+    /// Role / title.
+    #[serde(default)]
+    pub role: Option<String>,
+    /// Group names.
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// Entitlements (computed from groups by config, plus direct grants).
+    #[serde(default)]
+    pub entitlements: Vec<String>,
+    /// Contract end, ms since epoch.
+    #[serde(default)]
+    pub contract_end_ms: Option<u64>,
+    /// Accountable owner (workloads).
+    #[serde(default)]
+    pub owner: Option<String>,
+    /// Devices assigned.
+    #[serde(default)]
+    pub devices: Vec<String>,
+    /// Risk level reported by a shared-signals transmitter.
+    #[serde(default)]
+    pub risk: Threat,
+    /// Last assurance level reported (CAEP assurance-level-change).
+    #[serde(default)]
+    pub assurance: Option<String>,
+    /// Other names this subject is known by (email, SCIM userName, `iss|sub`).
+    #[serde(default)]
+    pub aliases: Vec<String>,
+    /// Origin time (ms) of the event that last changed this record.
+    #[serde(default)]
+    pub updated_ms: u64,
+    /// Feed that last changed it.
+    #[serde(default)]
+    pub source: String,
+    /// Snapshot version at which it last changed.
+    #[serde(default)]
+    pub version: u64,
+}
+
+/// What a revocation applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RevocationTarget {
+    /// Every token and session of a subject.
+    Subject,
+    /// Every token and session on a device.
+    Device,
+    /// One session (`sid`) or token (`jti`).
+    Session,
+}
+
+impl RevocationTarget {
+    /// Lowercase name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Subject => "subject",
+            Self::Device => "device",
+            Self::Session => "session",
+        }
+    }
+}
+
+/// Tokens and sessions of `key` issued at or before `not_before_s` stop working.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revocation {
+    /// What it applies to.
+    pub target: RevocationTarget,
+    /// Subject, device id or session id.
+    pub key: String,
+    /// Seconds since epoch; credentials issued at or before it are revoked.
+    pub not_before_s: u64,
+    /// Feed that recorded it.
+    pub source: String,
+    /// Snapshot version at which it was recorded.
+    pub version: u64,
+}

@@ -1,0 +1,285 @@
+//! The embedded store: SQLite, bundled, WAL mode, `synchronous=FULL` by
+//! default. The event log and the materialised records are written in one
+//! transaction, so a crash leaves either both or neither.
+
+use std::path::Path;
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::{CommitBatch, EventStore, LoadedState, LoggedEvent, Outcome, StoreError};
+use crate::posture::model::{Device, Identity, Revocation};
+
+fn db(e: rusqlite::Error) -> StoreError {
+    StoreError::Db(e.to_string())
+}
+
+fn corrupt(e: serde_json::Error) -> StoreError {
+    StoreError::Corrupt(e.to_string())
+}
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS events (
+    seq          INTEGER PRIMARY KEY,
+    id           TEXT NOT NULL UNIQUE,
+    feed         TEXT NOT NULL,
+    kind         TEXT NOT NULL,
+    origin_ms    INTEGER NOT NULL,
+    accepted_ms  INTEGER NOT NULL,
+    outcome      TEXT NOT NULL,
+    body         TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS event_keys (
+    record_key   TEXT NOT NULL,
+    seq          INTEGER NOT NULL,
+    PRIMARY KEY (record_key, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS devices (
+    id      TEXT PRIMARY KEY,
+    version INTEGER NOT NULL,
+    body    TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS identities (
+    subject TEXT PRIMARY KEY,
+    version INTEGER NOT NULL,
+    body    TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS revocations (
+    target       TEXT NOT NULL,
+    key          TEXT NOT NULL,
+    body         TEXT NOT NULL,
+    PRIMARY KEY (target, key)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS meta (
+    k TEXT PRIMARY KEY,
+    v TEXT NOT NULL
+) WITHOUT ROWID;
+"#;
+
+/// The SQLite store.
+pub struct SqliteStore {
+    conn: Connection,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SqliteStore")
+    }
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path`. `full_sync` picks
+    /// `synchronous=FULL` (survives power loss) over `NORMAL` (survives a
+    /// process kill, which WAL already guarantees).
+    pub fn open(path: &Path, full_sync: bool) -> Result<Self, StoreError> {
+        if let Some(parent) = path.parent()
+            && !parent.as_os_str().is_empty()
+        {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| StoreError::Db(format!("{}: {e}", parent.display())))?;
+        }
+        let conn = Connection::open(path)
+            .map_err(|e| StoreError::Db(format!("{}: {e}", path.display())))?;
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
+            .map_err(db)?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(StoreError::Db(format!(
+                "{}: WAL mode refused ({mode})",
+                path.display()
+            )));
+        }
+        conn.execute_batch(if full_sync {
+            "PRAGMA synchronous=FULL;"
+        } else {
+            "PRAGMA synchronous=NORMAL;"
+        })
+        .map_err(db)?;
+        conn.execute_batch("PRAGMA foreign_keys=ON; PRAGMA busy_timeout=5000;")
+            .map_err(db)?;
+        conn.execute_batch(SCHEMA).map_err(db)?;
+        Ok(Self { conn })
+    }
+}
+
+impl EventStore for SqliteStore {
+    fn contains(&mut self, event_id: &str) -> Result<bool, StoreError> {
+        self.conn
+            .prepare_cached("SELECT 1 FROM events WHERE id = ?1")
+            .map_err(db)?
+            .exists(params![event_id])
+            .map_err(db)
+    }
+
+    fn commit(&mut self, batch: &CommitBatch) -> Result<(), StoreError> {
+        let tx = self.conn.transaction().map_err(db)?;
+        {
+            let mut ins_event = tx
+                .prepare_cached(
+                    "INSERT INTO events (seq, id, feed, kind, origin_ms, accepted_ms, outcome, body)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                )
+                .map_err(db)?;
+            let mut ins_key = tx
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO event_keys (record_key, seq) VALUES (?1, ?2)",
+                )
+                .map_err(db)?;
+            for le in &batch.events {
+                let e = &le.event;
+                let body = serde_json::to_string(&e.changes).map_err(corrupt)?;
+                ins_event
+                    .execute(params![
+                        le.seq as i64,
+                        e.id,
+                        e.feed.as_str(),
+                        e.kind,
+                        e.origin_ms as i64,
+                        le.accepted_ms as i64,
+                        le.outcome.as_str(),
+                        body
+                    ])
+                    .map_err(db)?;
+                for k in e.touched() {
+                    ins_key.execute(params![k, le.seq as i64]).map_err(db)?;
+                }
+            }
+            let mut up_dev = tx
+                .prepare_cached(
+                    "INSERT INTO devices (id, version, body) VALUES (?1, ?2, ?3)
+                     ON CONFLICT(id) DO UPDATE SET version = excluded.version, body = excluded.body",
+                )
+                .map_err(db)?;
+            for d in &batch.devices {
+                let body = serde_json::to_string(d).map_err(corrupt)?;
+                up_dev
+                    .execute(params![d.id, d.version as i64, body])
+                    .map_err(db)?;
+            }
+            let mut up_id = tx
+                .prepare_cached(
+                    "INSERT INTO identities (subject, version, body) VALUES (?1, ?2, ?3)
+                     ON CONFLICT(subject) DO UPDATE SET version = excluded.version, body = excluded.body",
+                )
+                .map_err(db)?;
+            for i in &batch.identities {
+                let body = serde_json::to_string(i).map_err(corrupt)?;
+                up_id
+                    .execute(params![i.subject, i.version as i64, body])
+                    .map_err(db)?;
+            }
+            let mut up_rev = tx
+                .prepare_cached(
+                    "INSERT INTO revocations (target, key, body) VALUES (?1, ?2, ?3)
+                     ON CONFLICT(target, key) DO UPDATE SET body = excluded.body",
+                )
+                .map_err(db)?;
+            for r in &batch.revocations {
+                let body = serde_json::to_string(r).map_err(corrupt)?;
+                up_rev
+                    .execute(params![r.target.as_str(), r.key, body])
+                    .map_err(db)?;
+            }
+        }
+        tx.commit().map_err(db)
+    }
+
+    fn load(&mut self) -> Result<LoadedState, StoreError> {
+        let mut out = LoadedState::default();
+        let mut stmt = self.conn.prepare("SELECT body FROM devices").map_err(db)?;
+        let rows = stmt.query_map([], |r| r.get::<_, String>(0)).map_err(db)?;
+        for row in rows {
+            out.devices
+                .push(serde_json::from_str::<Device>(&row.map_err(db)?).map_err(corrupt)?);
+        }
+        let mut stmt = self
+            .conn
+            .prepare("SELECT body FROM identities")
+            .map_err(db)?;
+        let rows = stmt.query_map([], |r| r.get::<_, String>(0)).map_err(db)?;
+        for row in rows {
+            out.identities
+                .push(serde_json::from_str::<Identity>(&row.map_err(db)?).map_err(corrupt)?);
+        }
+        let mut stmt = self
+            .conn
+            .prepare("SELECT body FROM revocations")
+            .map_err(db)?;
+        let rows = stmt.query_map([], |r| r.get::<_, String>(0)).map_err(db)?;
+        for row in rows {
+            out.revocations
+                .push(serde_json::from_str::<Revocation>(&row.map_err(db)?).map_err(corrupt)?);
+        }
+        out.last_seq = self
+            .conn
+            .query_row("SELECT COALESCE(MAX(seq), 0) FROM events", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .map_err(db)? as u64;
+        Ok(out)
+    }
+
+    fn history(&mut self, record_key: &str, limit: usize) -> Result<Vec<LoggedEvent>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT e.seq, e.id, e.feed, e.kind, e.origin_ms, e.accepted_ms, e.outcome, e.body
+                 FROM event_keys k JOIN events e ON e.seq = k.seq
+                 WHERE k.record_key = ?1 ORDER BY k.seq DESC LIMIT ?2",
+            )
+            .map_err(db)?;
+        let rows = stmt
+            .query_map(params![record_key, limit as i64], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, i64>(4)?,
+                    r.get::<_, i64>(5)?,
+                    r.get::<_, String>(6)?,
+                    r.get::<_, String>(7)?,
+                ))
+            })
+            .map_err(db)?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (seq, id, feed, kind, origin_ms, accepted_ms, outcome, body) = row.map_err(db)?;
+            let feed = serde_json::from_value(serde_json::Value::String(feed)).map_err(corrupt)?;
+            let outcome: Outcome =
+                serde_json::from_value(serde_json::Value::String(outcome)).map_err(corrupt)?;
+            out.push(LoggedEvent {
+                seq: seq as u64,
+                accepted_ms: accepted_ms as u64,
+                outcome,
+                event: crate::posture::event::PostureEvent {
+                    id,
+                    feed,
+                    kind,
+                    origin_ms: origin_ms as u64,
+                    changes: serde_json::from_str(&body).map_err(corrupt)?,
+                },
+            });
+        }
+        out.reverse();
+        Ok(out)
+    }
+
+    fn get_meta(&mut self, key: &str) -> Result<Option<String>, StoreError> {
+        self.conn
+            .query_row("SELECT v FROM meta WHERE k = ?1", params![key], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(db)
+    }
+
+    fn set_meta(&mut self, key: &str, value: &str) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "INSERT INTO meta (k, v) VALUES (?1, ?2) ON CONFLICT(k) DO UPDATE SET v = excluded.v",
+                params![key, value],
+            )
+            .map(|_| ())
+            .map_err(db)
+    }
+}
