@@ -7,7 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::model::{
-    Compliance, Device, Identity, IdentityKind, IdentityStatus, Lifecycle, Ownership,
+    Compliance, Device, Group, Identity, IdentityKind, IdentityStatus, Lifecycle, Ownership,
     RevocationTarget, Threat,
 };
 
@@ -131,6 +131,9 @@ pub struct IdentityPatch {
     /// Remove aliases.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub remove_aliases: Vec<String>,
+    /// Replace the stored SCIM resource (`Some(None)` removes it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scim: Option<Option<serde_json::Value>>,
 }
 
 /// One change an event makes.
@@ -151,6 +154,13 @@ pub enum Change {
         /// What changes.
         patch: IdentityPatch,
     },
+    /// Create, replace (`Some`) or delete (`None`) a SCIM group.
+    Group {
+        /// SCIM group id.
+        id: String,
+        /// The new state; `None` deletes it.
+        record: Option<Group>,
+    },
     /// Revoke every credential of a subject, device or session issued before
     /// the event was accepted.
     Revoke {
@@ -167,6 +177,7 @@ impl Change {
         match self {
             Change::Device { id, .. } => format!("device:{id}"),
             Change::Identity { subject, .. } => format!("subject:{subject}"),
+            Change::Group { id, .. } => format!("group:{id}"),
             Change::Revoke { target, key } => format!("{}:{key}", target.as_str()),
         }
     }
@@ -268,6 +279,13 @@ impl PostureEvent {
                     check_list("aliases", &patch.remove_aliases)?;
                 }
                 Change::Revoke { key, .. } => check_key("revocation key", key)?,
+                Change::Group { id, record } => {
+                    check_key("group id", id)?;
+                    if let Some(g) = record {
+                        check_key("group displayName", &g.display_name)?;
+                        check_list("members", &g.members)?;
+                    }
+                }
             }
         }
         Ok(())

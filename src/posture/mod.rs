@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::store::{CommitBatch, EventStore, LoggedEvent, Outcome, StoreError};
 use crate::telemetry::{FeedKindLabel, FeedOutcomeLabel, Metrics};
 use event::{Change, EventError, PostureEvent, merge_device, merge_identity};
-use model::{Device, Identity, IdentityStatus, Revocation, RevocationTarget};
+use model::{Device, Group, Identity, IdentityStatus, Revocation, RevocationTarget};
 pub use snapshot::Snapshot;
 
 /// Most events folded into one transaction.
@@ -159,6 +159,10 @@ impl Posture {
         }
         for r in loaded.revocations {
             snapshot.put_revocation(Arc::new(r));
+        }
+        for g in loaded.groups {
+            let id = g.id.clone();
+            snapshot.put_group(&id, Some(Arc::new(g)));
         }
         snapshot.set_version(loaded.last_seq);
         let (tx, rx) = mpsc::channel(4096);
@@ -402,6 +406,7 @@ impl Writer {
         let mut devices: HashMap<String, Device> = HashMap::new();
         let mut identities: HashMap<String, Identity> = HashMap::new();
         let mut revocations: HashMap<(RevocationTarget, String), Revocation> = HashMap::new();
+        let mut groups: HashMap<String, Option<Group>> = HashMap::new();
         let mut seen: HashSet<String> = HashSet::new();
         let mut outcomes: Vec<Vec<Outcome>> = Vec::with_capacity(jobs.len());
         let mut pendings: Vec<(String, Pending)> = Vec::new();
@@ -458,6 +463,24 @@ impl Writer {
                             i.source = ev.feed.as_str().to_owned();
                             i.version = seq;
                             identities.insert(subject.clone(), i);
+                            applied = true;
+                        }
+                        Change::Group { id, record } => {
+                            let cur_ms = match groups.get(id) {
+                                Some(g) => g.as_ref().map(|g| g.updated_ms),
+                                None => self.snapshot.group(id).map(|g| g.updated_ms),
+                            };
+                            if cur_ms.is_some_and(|u| u > ev.origin_ms) {
+                                continue;
+                            }
+                            let rec = record.clone().map(|mut g| {
+                                g.id = id.clone();
+                                g.updated_ms = ev.origin_ms;
+                                g.source = ev.feed.as_str().to_owned();
+                                g.version = seq;
+                                g
+                            });
+                            groups.insert(id.clone(), rec);
                             applied = true;
                         }
                         Change::Revoke { target, key } => {
@@ -542,6 +565,7 @@ impl Writer {
             batch.devices = devices.values().cloned().collect();
             batch.identities = identities.values().cloned().collect();
             batch.revocations = revocations.values().cloned().collect();
+            batch.groups = groups.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
             if let Err(e) = self.store.commit(&batch) {
                 failed = Some(e);
             }
@@ -572,6 +596,9 @@ impl Writer {
         }
         for (_, r) in revocations {
             self.snapshot.put_revocation(Arc::new(r));
+        }
+        for (id, g) in groups {
+            self.snapshot.put_group(&id, g.map(Arc::new));
         }
         self.snapshot.set_version(self.next_seq - 1);
         if let Some(p) = &posture {

@@ -206,6 +206,9 @@ pub struct Identity {
     /// Other names this subject is known by (email, SCIM userName, `iss|sub`).
     #[serde(default)]
     pub aliases: Vec<String>,
+    /// The SCIM User resource as last provisioned (served back to SCIM clients).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scim: Option<serde_json::Value>,
     /// Origin time (ms) of the event that last changed this record.
     #[serde(default)]
     pub updated_ms: u64,
@@ -252,5 +255,30 @@ pub struct Revocation {
     /// Feed that recorded it.
     pub source: String,
     /// Snapshot version at which it was recorded.
+    pub version: u64,
+}
+
+/// A group provisioned over SCIM.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Group {
+    /// SCIM `id`.
+    pub id: String,
+    /// `displayName` (unique).
+    pub display_name: String,
+    /// Member SCIM user ids.
+    #[serde(default)]
+    pub members: Vec<String>,
+    /// The SCIM Group resource as last provisioned.
+    #[serde(default)]
+    pub resource: serde_json::Value,
+    /// Origin time (ms) of the event that last changed it.
+    #[serde(default)]
+    pub updated_ms: u64,
+    /// Feed that last changed it.
+    #[serde(default)]
+    pub source: String,
+    /// Snapshot version at which it last changed.
+    #[serde(default)]
     pub version: u64,
 }

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use moka::sync::Cache;
 
-use super::model::{Device, Identity, Revocation, RevocationTarget};
+use super::model::{Device, Group, Identity, Revocation, RevocationTarget};
 
 /// Current state of every record, plus the snapshot version.
 pub struct Snapshot {
@@ -19,6 +19,7 @@ pub struct Snapshot {
     thumbprints: Cache<String, String>,
     /// `subject:…` / `device:…` / `session:…` → revocation.
     revocations: Cache<String, Arc<Revocation>>,
+    groups: Cache<String, Arc<Group>>,
     version: AtomicU64,
 }
 
@@ -51,6 +52,7 @@ impl Snapshot {
             aliases: Cache::builder().build(),
             thumbprints: Cache::builder().build(),
             revocations: Cache::builder().build(),
+            groups: Cache::builder().build(),
             version: AtomicU64::new(0),
         }
     }
@@ -133,6 +135,29 @@ impl Snapshot {
     /// Installs a revocation (after it was made durable).
     pub fn put_revocation(&self, r: Arc<Revocation>) {
         self.revocations.insert(revocation_key(r.target, &r.key), r);
+    }
+
+    /// A SCIM group by id.
+    pub fn group(&self, id: &str) -> Option<Arc<Group>> {
+        self.groups.get(id)
+    }
+
+    /// Every SCIM group (unordered).
+    pub fn groups(&self) -> Vec<Arc<Group>> {
+        self.groups.iter().map(|(_, g)| g).collect()
+    }
+
+    /// Every identity (unordered; for SCIM listing and reports).
+    pub fn identities(&self) -> Vec<Arc<Identity>> {
+        self.identities.iter().map(|(_, i)| i).collect()
+    }
+
+    /// Installs (`Some`) or removes (`None`) a group (after it was made durable).
+    pub fn put_group(&self, id: &str, g: Option<Arc<Group>>) {
+        match g {
+            Some(g) => self.groups.insert(id.to_owned(), g),
+            None => self.groups.invalidate(id),
+        }
     }
 
     /// Advances the version (after a commit).

@@ -10,7 +10,7 @@ pub mod sqlite;
 use serde::{Deserialize, Serialize};
 
 use crate::posture::event::PostureEvent;
-use crate::posture::model::{Device, Identity, Revocation};
+use crate::posture::model::{Device, Group, Identity, Revocation};
 
 /// A storage failure.
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +70,8 @@ pub struct CommitBatch {
     pub identities: Vec<Identity>,
     /// Revocations in their new state.
     pub revocations: Vec<Revocation>,
+    /// Groups in their new state (`None` = deleted), by id.
+    pub groups: Vec<(String, Option<Group>)>,
 }
 
 /// Every record, for a cold start.
@@ -81,6 +83,8 @@ pub struct LoadedState {
     pub identities: Vec<Identity>,
     /// Revocations.
     pub revocations: Vec<Revocation>,
+    /// Groups.
+    pub groups: Vec<Group>,
     /// Highest event sequence number.
     pub last_seq: u64,
 }

@@ -7,7 +7,7 @@ use std::path::Path;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{CommitBatch, EventStore, LoadedState, LoggedEvent, Outcome, StoreError};
-use crate::posture::model::{Device, Identity, Revocation};
+use crate::posture::model::{Device, Group, Identity, Revocation};
 
 fn db(e: rusqlite::Error) -> StoreError {
     StoreError::Db(e.to_string())
@@ -48,6 +48,10 @@ CREATE TABLE IF NOT EXISTS revocations (
     key          TEXT NOT NULL,
     body         TEXT NOT NULL,
     PRIMARY KEY (target, key)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS groups (
+    id      TEXT PRIMARY KEY,
+    body    TEXT NOT NULL
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS meta (
     k TEXT PRIMARY KEY,
@@ -208,6 +212,12 @@ impl EventStore for SqliteStore {
         for row in rows {
             out.revocations
                 .push(serde_json::from_str::<Revocation>(&row.map_err(db)?).map_err(corrupt)?);
+        }
+        let mut stmt = self.conn.prepare("SELECT body FROM groups").map_err(db)?;
+        let rows = stmt.query_map([], |r| r.get::<_, String>(0)).map_err(db)?;
+        for row in rows {
+            out.groups
+                .push(serde_json::from_str::<Group>(&row.map_err(db)?).map_err(corrupt)?);
         }
         out.last_seq = self
             .conn
