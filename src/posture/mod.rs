@@ -130,18 +130,6 @@ impl PostureDenial {
     }
 }
 
-fn lifecycle_name(l: model::Lifecycle) -> &'static str {
-    match l {
-        model::Lifecycle::Lost => "lost",
-        model::Lifecycle::WipePending => "wipe_pending",
-        model::Lifecycle::Wiped => "wiped",
-        model::Lifecycle::Deleted => "deleted",
-        model::Lifecycle::Unenrolled => "unenrolled",
-        model::Lifecycle::Enrolled => "enrolled",
-        model::Lifecycle::Unknown => "unknown",
-    }
-}
-
 impl Posture {
     /// Opens the posture service over a store: loads every record into the
     /// snapshot, then starts the writer thread.
@@ -312,7 +300,9 @@ impl Posture {
         }
         if let Some(d) = &r.device {
             if d.lifecycle.is_dead() {
-                return Err(PostureDenial::DeviceUntrusted(lifecycle_name(d.lifecycle)));
+                return Err(PostureDenial::DeviceUntrusted(model::lifecycle_name(
+                    d.lifecycle,
+                )));
             }
             if d.compromised {
                 return Err(PostureDenial::DeviceCompromised);

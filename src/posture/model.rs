@@ -282,3 +282,26 @@ pub struct Group {
     #[serde(default)]
     pub version: u64,
 }
+
+/// Lowercase name of a lifecycle.
+pub fn lifecycle_name(l: Lifecycle) -> &'static str {
+    match l {
+        Lifecycle::Lost => "lost",
+        Lifecycle::WipePending => "wipe_pending",
+        Lifecycle::Wiped => "wiped",
+        Lifecycle::Deleted => "deleted",
+        Lifecycle::Unenrolled => "unenrolled",
+        Lifecycle::Enrolled => "enrolled",
+        Lifecycle::Unknown => "unknown",
+    }
+}
+
+/// Lowercase name of a compliance verdict.
+pub fn compliance_name(c: Compliance) -> &'static str {
+    match c {
+        Compliance::Compliant => "compliant",
+        Compliance::NonCompliant => "non_compliant",
+        Compliance::Grace => "grace",
+        Compliance::Unknown => "unknown",
+    }
+}

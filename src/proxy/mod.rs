@@ -117,6 +117,12 @@ pub mod set_headers {
     pub const ROUTE: &str = "x-portcullis-route";
     /// Request id.
     pub const REQUEST_ID: &str = "x-request-id";
+    /// Device compliance as the snapshot knows it (`unknown` for unknown devices).
+    pub const DEVICE_COMPLIANCE: &str = "x-portcullis-device-compliance";
+    /// Device lifecycle as the snapshot knows it.
+    pub const DEVICE_LIFECYCLE: &str = "x-portcullis-device-lifecycle";
+    /// Snapshot version the decision was made on.
+    pub const SNAPSHOT: &str = "x-portcullis-snapshot";
 }
 
 impl Proxy {
@@ -492,6 +498,25 @@ fn prepare_upstream_request<B>(
         if let Some(Ok(v)) = t.device.as_deref().map(HeaderValue::from_str) {
             h.insert(set_headers::DEVICE, v);
         }
+    }
+    if let Some(r) = &ctx.resolved {
+        if r.device_id.is_some() {
+            let (compliance, lifecycle) = r.device.as_ref().map_or(("unknown", "unknown"), |d| {
+                (
+                    crate::posture::model::compliance_name(d.compliance),
+                    crate::posture::model::lifecycle_name(d.lifecycle),
+                )
+            });
+            h.insert(
+                set_headers::DEVICE_COMPLIANCE,
+                HeaderValue::from_static(compliance),
+            );
+            h.insert(
+                set_headers::DEVICE_LIFECYCLE,
+                HeaderValue::from_static(lifecycle),
+            );
+        }
+        h.insert(set_headers::SNAPSHOT, HeaderValue::from(r.snapshot_version));
     }
     Ok(())
 }
