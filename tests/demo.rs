@@ -88,7 +88,7 @@ fn the_printed_curl_commands_work_as_printed() {
         .iter()
         .filter(|l| l.starts_with("curl "))
         .collect();
-    assert_eq!(curls.len(), 5, "walkthrough:\n{}", demo.lines.join("\n"));
+    assert_eq!(curls.len(), 8, "walkthrough:\n{}", demo.lines.join("\n"));
 
     let (ok, out) = sh(curls[0]);
     assert!(ok, "{out}");
@@ -108,9 +108,33 @@ fn the_printed_curl_commands_work_as_printed() {
     let (ok, out) = sh(curls[3]);
     assert!(ok && out.contains("demo-public"), "{out}");
 
+    // The seeded device record.
     let (ok, out) = sh(curls[4]);
+    assert!(ok, "{out}");
+    let v: serde_json::Value =
+        serde_json::from_str(out.trim()).unwrap_or_else(|_| panic!("not JSON: {out}"));
+    assert_eq!(v["device"]["compliance"], "compliant");
+    assert_eq!(v["device"]["lifecycle"], "enrolled");
+
+    // The device-lost event is accepted after the durable write…
+    let (ok, out) = sh(curls[5]);
+    assert!(ok, "{out}");
+    assert!(out.contains("\"outcome\":\"applied\""), "{out}");
+    // …and the next request with the same token is refused.
+    let (_, out) = sh(curls[6]);
+    assert!(
+        out.starts_with("HTTP/2 401") || out.starts_with("HTTP/2 403"),
+        "{out}"
+    );
+    assert!(out.contains("revoked") || out.contains("lost"), "{out}");
+
+    let (ok, out) = sh(curls[7]);
     assert!(
         ok && out.contains("portcullis_requests_total{route=\"demo-app\",status=\"200\"} 1"),
+        "{out}"
+    );
+    assert!(
+        out.contains("portcullis_control_window_seconds_count{feed=\"mdm\""),
         "{out}"
     );
     let _ = &demo.dir;
@@ -139,6 +163,18 @@ fn demo_env_is_enough_to_mint_a_token_and_call_the_proxy() {
         "PORTCULLIS_ISSUER_JWKS",
         "PORTCULLIS_DEVICE_CLAIM",
         "PORTCULLIS_TOKEN",
+        "PORTCULLIS_SCIM_URL",
+        "PORTCULLIS_SCIM_TOKEN",
+        "PORTCULLIS_SSF_PUSH_URL",
+        "PORTCULLIS_SSF_PUSH_TOKEN",
+        "PORTCULLIS_SSF_ISSUER",
+        "PORTCULLIS_SSF_AUDIENCE",
+        "PORTCULLIS_SSF_ALG",
+        "PORTCULLIS_SSF_KID",
+        "PORTCULLIS_SSF_KEY",
+        "PORTCULLIS_MDM_URL",
+        "PORTCULLIS_MDM_SECRET",
+        "PORTCULLIS_ADMIN_TOKEN",
     ];
     let script = format!(
         ". '{env_path}' && {}",
@@ -186,6 +222,36 @@ fn demo_env_is_enough_to_mint_a_token_and_call_the_proxy() {
     assert_eq!(v["device"], "tool-device");
     let (ok, out) = sh(&format!("curl -sS {}/readyz", env["PORTCULLIS_ADMIN_URL"]));
     assert!(ok && out.contains("ready"), "{out}");
+
+    // An outside SET signer: account-disabled for the tool's subject, signed
+    // with the demo transmitter's key from demo.env, pushed with its token.
+    let ssf_pem = std::fs::read(env["PORTCULLIS_SSF_KEY"]).unwrap();
+    let ssf_key = jsonwebtoken::EncodingKey::from_ec_pem(&ssf_pem).unwrap();
+    let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+    h.kid = Some(env["PORTCULLIS_SSF_KID"].to_owned());
+    h.typ = Some("secevent+jwt".into());
+    let set = jsonwebtoken::encode(
+        &h,
+        &serde_json::json!({
+            "iss": env["PORTCULLIS_SSF_ISSUER"], "aud": env["PORTCULLIS_SSF_AUDIENCE"],
+            "iat": portcullis::util::now_unix(), "jti": "outside-1",
+            "sub_id": {"format": "email", "email": "outside-tool@example.com"},
+            "events": {"https://schemas.openid.net/secevent/risc/event-type/account-disabled": {}},
+        }),
+        &ssf_key,
+    )
+    .unwrap();
+    let (ok, out) = sh(&format!(
+        "curl -sS -o /dev/null -w '%{{http_code}}' -X POST -H 'Authorization: Bearer {}' -H 'Content-Type: application/secevent+jwt' --data-binary '{set}' {}",
+        env["PORTCULLIS_SSF_PUSH_TOKEN"], env["PORTCULLIS_SSF_PUSH_URL"]
+    ));
+    assert!(ok && out.trim() == "202", "{out}");
+    let (ok, out) = sh(&format!(
+        "curl -sS -o /dev/null -w '%{{http_code}}' --cacert {} -H 'Authorization: Bearer {token}' {}/whoami",
+        shell_quote(env["PORTCULLIS_CA_CERT"]),
+        env["PORTCULLIS_PROXY_URL"]
+    ));
+    assert!(ok && out.trim() == "403", "{out}");
 }
 
 fn shell_quote(s: &str) -> String {
