@@ -24,7 +24,7 @@ use model::{Device, Group, Identity, IdentityStatus, Revocation, RevocationTarge
 pub use snapshot::Snapshot;
 
 /// Most events folded into one transaction.
-pub const MAX_BATCH_EVENTS: usize = 1024;
+pub const MAX_BATCH_EVENTS: usize = 4096;
 /// How long an accepted change waits for a request to measure its control window.
 pub const CONTROL_WINDOW_HORIZON: Duration = Duration::from_secs(3600);
 
@@ -77,6 +77,10 @@ pub struct Posture {
     snapshot: Arc<Snapshot>,
     jobs: mpsc::Sender<Job>,
     pending: Cache<String, Pending>,
+    /// At least the number of entries in `pending` (incremented before each
+    /// insert, decremented by the removal listener), so the request path can
+    /// skip the lookups when nothing is pending.
+    pending_upper_bound: Arc<std::sync::atomic::AtomicI64>,
     metrics: Arc<Metrics>,
 }
 
@@ -154,13 +158,19 @@ impl Posture {
         }
         snapshot.set_version(loaded.last_seq);
         let (tx, rx) = mpsc::channel(4096);
+        let pending_upper_bound = Arc::new(std::sync::atomic::AtomicI64::new(0));
+        let counter = pending_upper_bound.clone();
         let me = Arc::new(Self {
             snapshot: snapshot.clone(),
             jobs: tx,
             pending: Cache::builder()
                 .max_capacity(1_000_000)
                 .time_to_live(CONTROL_WINDOW_HORIZON)
+                .eviction_listener(move |_k, _v, _cause| {
+                    counter.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+                })
                 .build(),
+            pending_upper_bound,
             metrics,
         });
         let writer = Writer {
@@ -314,6 +324,13 @@ impl Posture {
     /// Phase 7 helper: if this request is the first decided on a state some
     /// feed changed, records the control window (accept → decision).
     pub fn observe_control_window(&self, subject: &str, r: &Resolved) {
+        if self
+            .pending_upper_bound
+            .load(std::sync::atomic::Ordering::Acquire)
+            <= 0
+        {
+            return;
+        }
         let subj = r.identity.as_ref().map_or(subject, |i| i.subject.as_str());
         let mut keys = vec![format!("subject:{subj}")];
         if let Some(d) = &r.device_id {
@@ -575,6 +592,8 @@ impl Writer {
         // then the version (see `Posture::resolve`).
         if let Some(p) = &posture {
             for (k, pend) in pendings {
+                p.pending_upper_bound
+                    .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
                 p.pending.insert(k, pend);
             }
         }

@@ -1,25 +1,31 @@
-//! The in-memory snapshot the request path reads: every device, identity and
-//! revocation, held in concurrent maps (moka, unbounded) and replaced record
-//! by record after each durable commit. Lookups take no global lock.
+//! The in-memory snapshot the request path reads: every device, identity,
+//! group and revocation, held in lock-free concurrent maps (papaya) and
+//! replaced record by record after each durable commit. Lookups never block on
+//! writers and allocate nothing.
+//!
+//! This is the whole snapshot, not a cache: a miss means "unknown", never
+//! "go and read the store".
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use moka::sync::Cache;
-
 use super::model::{Device, Group, Identity, Revocation, RevocationTarget};
+
+type Map<V> = papaya::HashMap<String, V>;
 
 /// Current state of every record, plus the snapshot version.
 pub struct Snapshot {
-    devices: Cache<String, Arc<Device>>,
-    identities: Cache<String, Arc<Identity>>,
-    /// alias (email, userName, `iss|sub`) → subject.
-    aliases: Cache<String, String>,
+    devices: Map<Arc<Device>>,
+    identities: Map<Arc<Identity>>,
+    /// alias (email, userName, `iss|sub`, `scim:<id>`) → subject.
+    aliases: Map<String>,
     /// certificate thumbprint (hex) → device id.
-    thumbprints: Cache<String, String>,
-    /// `subject:…` / `device:…` / `session:…` → revocation.
-    revocations: Cache<String, Arc<Revocation>>,
-    groups: Cache<String, Arc<Group>>,
+    thumbprints: Map<String>,
+    /// Revocations by target.
+    revoked_subjects: Map<Arc<Revocation>>,
+    revoked_devices: Map<Arc<Revocation>>,
+    revoked_sessions: Map<Arc<Revocation>>,
+    groups: Map<Arc<Group>>,
     version: AtomicU64,
 }
 
@@ -27,8 +33,8 @@ impl std::fmt::Debug for Snapshot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Snapshot")
             .field("version", &self.version())
-            .field("devices", &self.devices.entry_count())
-            .field("identities", &self.identities.entry_count())
+            .field("devices", &self.devices.len())
+            .field("identities", &self.identities.len())
             .finish()
     }
 }
@@ -39,21 +45,27 @@ impl Default for Snapshot {
     }
 }
 
-fn revocation_key(target: RevocationTarget, key: &str) -> String {
-    format!("{}:{key}", target.as_str())
-}
-
 impl Snapshot {
     /// An empty snapshot.
     pub fn new() -> Self {
         Self {
-            devices: Cache::builder().build(),
-            identities: Cache::builder().build(),
-            aliases: Cache::builder().build(),
-            thumbprints: Cache::builder().build(),
-            revocations: Cache::builder().build(),
-            groups: Cache::builder().build(),
+            devices: Map::new(),
+            identities: Map::new(),
+            aliases: Map::new(),
+            thumbprints: Map::new(),
+            revoked_subjects: Map::new(),
+            revoked_devices: Map::new(),
+            revoked_sessions: Map::new(),
+            groups: Map::new(),
             version: AtomicU64::new(0),
+        }
+    }
+
+    fn revocations(&self, target: RevocationTarget) -> &Map<Arc<Revocation>> {
+        match target {
+            RevocationTarget::Subject => &self.revoked_subjects,
+            RevocationTarget::Device => &self.revoked_devices,
+            RevocationTarget::Session => &self.revoked_sessions,
         }
     }
 
@@ -64,99 +76,111 @@ impl Snapshot {
 
     /// A device by id.
     pub fn device(&self, id: &str) -> Option<Arc<Device>> {
-        self.devices.get(id)
+        self.devices.pin().get(id).cloned()
     }
 
     /// An identity by subject, or by one of its aliases.
     pub fn identity(&self, subject: &str) -> Option<Arc<Identity>> {
-        self.identities.get(subject).or_else(|| {
-            self.aliases
-                .get(subject)
-                .and_then(|s| self.identities.get(&s))
-        })
+        let ids = self.identities.pin();
+        if let Some(i) = ids.get(subject) {
+            return Some(i.clone());
+        }
+        let aliases = self.aliases.pin();
+        aliases
+            .get(subject)
+            .and_then(|s| ids.get(s.as_str()).cloned())
     }
 
     /// The subject an alias (or subject) names.
     pub fn resolve_subject(&self, name: &str) -> Option<String> {
-        if self.identities.contains_key(name) {
+        if self.identities.pin().contains_key(name) {
             return Some(name.to_owned());
         }
-        self.aliases.get(name)
+        self.aliases.pin().get(name).cloned()
     }
 
     /// The device a certificate thumbprint (lowercase hex) is registered to.
     pub fn device_by_thumbprint(&self, hex: &str) -> Option<String> {
-        self.thumbprints.get(hex)
+        self.thumbprints.pin().get(hex).cloned()
     }
 
     /// The revocation for a subject, device or session, if any.
     pub fn revocation(&self, target: RevocationTarget, key: &str) -> Option<Arc<Revocation>> {
-        self.revocations.get(&revocation_key(target, key))
+        let m = self.revocations(target);
+        if m.is_empty() {
+            return None;
+        }
+        m.pin().get(key).cloned()
     }
 
-    /// Number of devices and identities (approximate while writes run).
+    /// Number of devices and identities.
     pub fn counts(&self) -> (u64, u64) {
-        self.devices.run_pending_tasks();
-        self.identities.run_pending_tasks();
-        (self.devices.entry_count(), self.identities.entry_count())
+        (self.devices.len() as u64, self.identities.len() as u64)
     }
 
     /// Installs a device record (after it was made durable).
     pub fn put_device(&self, d: Arc<Device>) {
-        if let Some(old) = self.devices.get(&d.id) {
+        let devices = self.devices.pin();
+        let thumbs = self.thumbprints.pin();
+        if let Some(old) = devices.get(d.id.as_str()) {
             for t in &old.cert_thumbprints {
                 if !d.cert_thumbprints.contains(t) {
-                    self.thumbprints.invalidate(t);
+                    thumbs.remove(t.as_str());
                 }
             }
         }
         for t in &d.cert_thumbprints {
-            self.thumbprints
-                .insert(t.to_ascii_lowercase(), d.id.clone());
+            thumbs.insert(t.to_ascii_lowercase(), d.id.clone());
         }
-        self.devices.insert(d.id.clone(), d);
+        devices.insert(d.id.clone(), d);
     }
 
     /// Installs an identity record (after it was made durable).
     pub fn put_identity(&self, i: Arc<Identity>) {
-        if let Some(old) = self.identities.get(&i.subject) {
+        let ids = self.identities.pin();
+        let aliases = self.aliases.pin();
+        if let Some(old) = ids.get(i.subject.as_str()) {
             for a in &old.aliases {
                 if !i.aliases.contains(a) {
-                    self.aliases.invalidate(a);
+                    aliases.remove(a.as_str());
                 }
             }
         }
         for a in &i.aliases {
-            self.aliases.insert(a.clone(), i.subject.clone());
+            aliases.insert(a.clone(), i.subject.clone());
         }
-        self.identities.insert(i.subject.clone(), i);
+        ids.insert(i.subject.clone(), i);
     }
 
     /// Installs a revocation (after it was made durable).
     pub fn put_revocation(&self, r: Arc<Revocation>) {
-        self.revocations.insert(revocation_key(r.target, &r.key), r);
+        self.revocations(r.target).pin().insert(r.key.clone(), r);
     }
 
     /// A SCIM group by id.
     pub fn group(&self, id: &str) -> Option<Arc<Group>> {
-        self.groups.get(id)
+        self.groups.pin().get(id).cloned()
     }
 
     /// Every SCIM group (unordered).
     pub fn groups(&self) -> Vec<Arc<Group>> {
-        self.groups.iter().map(|(_, g)| g).collect()
+        self.groups.pin().values().cloned().collect()
     }
 
     /// Every identity (unordered; for SCIM listing and reports).
     pub fn identities(&self) -> Vec<Arc<Identity>> {
-        self.identities.iter().map(|(_, i)| i).collect()
+        self.identities.pin().values().cloned().collect()
     }
 
     /// Installs (`Some`) or removes (`None`) a group (after it was made durable).
     pub fn put_group(&self, id: &str, g: Option<Arc<Group>>) {
         match g {
-            Some(g) => self.groups.insert(id.to_owned(), g),
-            None => self.groups.invalidate(id),
+            Some(g) => {
+                self.groups.pin().insert(id.to_owned(), g);
+            }
+            None => {
+                self.groups.pin().remove(id);
+            }
         }
     }
 
