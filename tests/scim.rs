@@ -37,6 +37,10 @@ struct Env {
 
 impl Env {
     async fn start() -> Self {
+        Self::start_with("userName").await
+    }
+
+    async fn start_with(subject_attribute: &str) -> Self {
         let pki = TestPki::new();
         let upstream = Upstream::start().await;
         let (_, ec, _) = keys();
@@ -59,7 +63,7 @@ max_body_bytes = {MAX_BODY}
 
 [feeds.scim]
 token = "{SCIM_TOKEN}"
-subject_attribute = "userName"
+subject_attribute = "{subject_attribute}"
 
 [feeds.scim.group_entitlements]
 "Sales" = ["crm:read", "crm:write"]
@@ -1100,4 +1104,76 @@ async fn restart_restores_scim_state() {
         .scim(Method::POST, "/Users", Some(okta_user(a_sub, "00uagain")))
         .await;
     assert_eq!(st, StatusCode::CONFLICT);
+}
+
+#[tokio::test]
+async fn subject_attribute_external_id_names_the_token_subject() {
+    let env = Env::start_with("externalId").await;
+    let id = create_user(&env, okta_user("r.okafor@acme.example", "00urokafor")).await;
+    // The subject is the externalId; userName, email and scim:<id> are aliases.
+    let rec = env.subject("r.okafor@acme.example").await;
+    assert_eq!(rec["subject"]["subject"], "00urokafor");
+    assert_eq!(
+        env.subject(&format!("scim:{id}")).await["subject"]["subject"],
+        "00urokafor"
+    );
+    let token = env.token_at("00urokafor", portcullis::util::now_unix());
+    env.allowed(&token, "joiner").await;
+
+    // Without externalId there is no subject; a second user with the same one is a duplicate.
+    let mut no_ext = okta_user("x@acme.example", "unused");
+    no_ext.as_object_mut().unwrap().remove("externalId");
+    let (st, v) = env.scim(Method::POST, "/Users", Some(no_ext)).await;
+    assert_eq!(st, StatusCode::BAD_REQUEST);
+    assert_scim_error(&v, "400", Some("invalidValue"));
+    let (st, v) = env
+        .scim(
+            Method::POST,
+            "/Users",
+            Some(okta_user("y@acme.example", "00urokafor")),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CONFLICT);
+    assert_scim_error(&v, "409", Some("uniqueness"));
+
+    // A userName change keeps the subject and moves the alias.
+    let (st, _) = env
+        .scim(
+            Method::PATCH,
+            &format!("/Users/{id}"),
+            Some(patch_op(json!([{ "op": "Replace", "path": "userName", "value": "rita.okafor@acme.example" }]))),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    let rec = env.subject("rita.okafor@acme.example").await;
+    assert_eq!(rec["subject"]["subject"], "00urokafor");
+    // The old name is still the work email, so it still resolves.
+    let aliases = rec["subject"]["aliases"].clone();
+    assert!(
+        aliases
+            .as_array()
+            .unwrap()
+            .contains(&json!("r.okafor@acme.example")),
+        "{aliases}"
+    );
+    assert!(
+        aliases
+            .as_array()
+            .unwrap()
+            .contains(&json!("rita.okafor@acme.example")),
+        "{aliases}"
+    );
+
+    // Leaver by externalId subject.
+    let (st, _) = env
+        .scim(
+            Method::PATCH,
+            &format!("/Users/{id}"),
+            Some(patch_op(
+                json!([{ "op": "replace", "value": { "active": false } }]),
+            )),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    env.refused(&token, "externalId leaver").await;
 }

@@ -31,7 +31,7 @@ fn stored(g: &Group) -> Map<String, Value> {
 pub(super) fn list(call: &Call<'_>, q: &Query) -> super::AdminResponse {
     let mut groups: Vec<Map<String, Value>> =
         call.snap.groups().iter().map(|g| stored(g)).collect();
-    groups.sort_by(|a, b| sort_key(a).cmp(&sort_key(b)));
+    groups.sort_by_key(sort_key);
     q.list(groups)
 }
 

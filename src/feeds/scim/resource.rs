@@ -187,6 +187,18 @@ fn key_like(attr: &str, v: &str) -> Result<(), ScimError> {
     Ok(())
 }
 
+/// A User value that becomes an alias: also kept clear of the `scim:` prefix
+/// the provider reserves for its own `scim:<id>` alias.
+fn alias_like(attr: &str, v: &str) -> Result<(), ScimError> {
+    key_like(attr, v)?;
+    if v.starts_with("scim:") {
+        return Err(ScimError::invalid_value(format!(
+            "`{attr}` may not start with `scim:`"
+        )));
+    }
+    Ok(())
+}
+
 fn optional_string(o: &Map<String, Value>, attr: &str) -> Result<(), ScimError> {
     match o.get(attr) {
         None | Some(Value::String(_)) => Ok(()),
@@ -243,7 +255,7 @@ pub fn normalize_user(v: Value, active_default: bool) -> Result<Map<String, Valu
     }
     check_schemas(&mut o, USER_SCHEMA)?;
     match o.get("userName") {
-        Some(Value::String(u)) => key_like("userName", u)?,
+        Some(Value::String(u)) => alias_like("userName", u)?,
         Some(_) => return Err(ScimError::invalid_value("`userName` must be a string")),
         None => return Err(ScimError::invalid_value("`userName` is required")),
     }
@@ -256,7 +268,7 @@ pub fn normalize_user(v: Value, active_default: bool) -> Result<Map<String, Valu
     o.insert("active".into(), Value::Bool(active));
     if let Some(x) = o.get("externalId") {
         match x {
-            Value::String(x) => key_like("externalId", x)?,
+            Value::String(x) => alias_like("externalId", x)?,
             _ => return Err(ScimError::invalid_value("`externalId` must be a string")),
         }
     }
@@ -276,7 +288,7 @@ pub fn normalize_user(v: Value, active_default: bool) -> Result<Map<String, Valu
             }
             for e in items {
                 match e.as_object().map(|e| e.get("value")) {
-                    Some(Some(Value::String(v))) => key_like("emails.value", v)?,
+                    Some(Some(Value::String(v))) => alias_like("emails.value", v)?,
                     Some(None) => {}
                     _ => {
                         return Err(ScimError::invalid_value(
@@ -484,6 +496,7 @@ mod tests {
             json!({"userName": 5}),
             json!({"userName": "a", "active": "yes"}),
             json!({"userName": "a", "active": 1}),
+            json!({"userName": "scim:0000"}),
             json!({"userName": "a", "emails": "a@x"}),
             json!({"userName": "a", "userName ": "b", "USERNAME": "c"}),
             json!({"userName": "a", "schemas": ["urn:ietf:params:scim:schemas:core:2.0:Group"]}),

@@ -49,7 +49,7 @@ pub(super) fn list(call: &Call<'_>, q: &Query) -> super::AdminResponse {
             _ => None,
         })
         .collect();
-    users.sort_by(|a, b| sort_key(a).cmp(&sort_key(b)));
+    users.sort_by_key(sort_key);
     let none = Vec::new();
     let rendered = users
         .iter()
