@@ -209,11 +209,14 @@ async fn write(
         id: id.to_owned(),
         record,
     }];
+    // One pass over every membership, not one per affected member.
+    let index = view.index();
     for uid in affected {
         let Some((ident, _)) = find_user(call.snap, &uid) else {
             continue;
         };
-        let (groups, entitlements) = derive(call.cfg, &view.memberships(&uid));
+        let memberships = index.get(&uid).map_or(&[][..], Vec::as_slice);
+        let (groups, entitlements) = derive(call.cfg, memberships);
         if groups == ident.groups && entitlements == ident.entitlements {
             continue;
         }

@@ -305,6 +305,7 @@ fn user_changes(
 pub(super) async fn delete(call: &Call<'_>, id: &str) -> Result<super::AdminResponse, ScimError> {
     let _w = WRITES.lock().await;
     let (ident, _) = find_user(call.snap, id).ok_or_else(|| not_found(id))?;
+    let now = resource::rfc3339(crate::util::now_unix_ms());
     let mut floor = ident.updated_ms;
     let mut changes = vec![
         Change::Identity {
@@ -334,6 +335,9 @@ pub(super) async fn delete(call: &Call<'_>, id: &str) -> Result<super::AdminResp
         };
         if let Some(Value::Array(ms)) = res.get_mut("members") {
             ms.retain(|m| m.get("value").and_then(Value::as_str) != Some(id));
+        }
+        if let Some(Value::Object(meta)) = res.get_mut("meta") {
+            meta.insert("lastModified".into(), now.clone().into());
         }
         changes.push(Change::Group {
             id: g.id.clone(),
