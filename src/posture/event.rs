@@ -203,10 +203,12 @@ pub struct PostureEvent {
 pub const MAX_ID_LEN: usize = 512;
 /// Longest key (device id, subject) accepted.
 pub const MAX_KEY_LEN: usize = 256;
-/// Most changes in one event.
-pub const MAX_CHANGES: usize = 64;
 /// Most list items (groups, entitlements…) in one patch.
 pub const MAX_LIST: usize = 1024;
+/// Most changes in one event: a SCIM group change carries the group and the
+/// update of every member it touches (old and new members, up to
+/// `MAX_LIST` each) in the same event.
+pub const MAX_CHANGES: usize = 2 * MAX_LIST + 64;
 
 /// Why an event was refused before anything was written.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -360,6 +362,9 @@ pub fn merge_identity(current: Option<&Identity>, subject: &str, p: &IdentityPat
     );
     if let Some(a) = &p.assurance {
         i.assurance = Some(a.clone());
+    }
+    if let Some(s) = &p.scim {
+        i.scim = s.clone();
     }
     i.aliases.retain(|a| !p.remove_aliases.contains(a));
     for a in &p.add_aliases {

@@ -183,6 +183,26 @@ impl EventStore for SqliteStore {
                     .execute(params![r.target.as_str(), r.key, body])
                     .map_err(db)?;
             }
+            let mut up_group = tx
+                .prepare_cached(
+                    "INSERT INTO groups (id, body) VALUES (?1, ?2)
+                     ON CONFLICT(id) DO UPDATE SET body = excluded.body",
+                )
+                .map_err(db)?;
+            let mut del_group = tx
+                .prepare_cached("DELETE FROM groups WHERE id = ?1")
+                .map_err(db)?;
+            for (id, g) in &batch.groups {
+                match g {
+                    Some(g) => {
+                        let body = serde_json::to_string(g).map_err(corrupt)?;
+                        up_group.execute(params![id, body]).map_err(db)?;
+                    }
+                    None => {
+                        del_group.execute(params![id]).map_err(db)?;
+                    }
+                }
+            }
         }
         tx.commit().map_err(db)
     }
