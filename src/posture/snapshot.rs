@@ -17,6 +17,8 @@ pub struct Snapshot {
     aliases: Cache<String, String>,
     /// certificate thumbprint (hex) → device id.
     thumbprints: Cache<String, String>,
+    /// per-source external id (`jamf:jss:computer:42`, …) → device id.
+    external_ids: Cache<String, String>,
     /// `subject:…` / `device:…` / `session:…` → revocation.
     revocations: Cache<String, Arc<Revocation>>,
     version: AtomicU64,
@@ -50,6 +52,7 @@ impl Snapshot {
             identities: Cache::builder().build(),
             aliases: Cache::builder().build(),
             thumbprints: Cache::builder().build(),
+            external_ids: Cache::builder().build(),
             revocations: Cache::builder().build(),
             version: AtomicU64::new(0),
         }
@@ -87,6 +90,11 @@ impl Snapshot {
         self.thumbprints.get(hex)
     }
 
+    /// The device that carries a per-source external id (`source:value`).
+    pub fn device_by_external_id(&self, external_id: &str) -> Option<String> {
+        self.external_ids.get(external_id)
+    }
+
     /// The revocation for a subject, device or session, if any.
     pub fn revocation(&self, target: RevocationTarget, key: &str) -> Option<Arc<Revocation>> {
         self.revocations.get(&revocation_key(target, key))
@@ -107,6 +115,14 @@ impl Snapshot {
                     self.thumbprints.invalidate(t);
                 }
             }
+            for x in &old.external_ids {
+                if !d.external_ids.contains(x) {
+                    self.external_ids.invalidate(x);
+                }
+            }
+        }
+        for x in &d.external_ids {
+            self.external_ids.insert(x.clone(), d.id.clone());
         }
         for t in &d.cert_thumbprints {
             self.thumbprints
