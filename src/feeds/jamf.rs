@@ -194,9 +194,11 @@ impl JamfDevice {
         out
     }
 
-    fn platform(&self, kind: Kind) -> &'static str {
+    /// `macos` for computers; for mobile devices the model decides between
+    /// `ios`, `ipados` and `tvos`, and no model leaves the platform as it is.
+    fn platform(&self, kind: Kind) -> Option<&'static str> {
         if kind == Kind::Computer {
-            return "macos";
+            return Some("macos");
         }
         let hint = [&self.model_display, &self.model, &self.product]
             .into_iter()
@@ -204,12 +206,14 @@ impl JamfDevice {
             .collect::<Vec<_>>()
             .join(" ")
             .to_ascii_lowercase();
-        if hint.contains("ipad") {
-            "ipados"
+        if hint.is_empty() {
+            None
+        } else if hint.contains("ipad") {
+            Some("ipados")
         } else if hint.contains("apple tv") || hint.contains("appletv") {
-            "tvos"
+            Some("tvos")
         } else {
-            "ios"
+            Some("ios")
         }
     }
 
@@ -316,7 +320,7 @@ impl Webhook<'_> {
 /// The base patch every Jamf device event carries.
 fn base_patch(d: &JamfDevice, kind: Kind, field: &str) -> DevicePatch {
     DevicePatch {
-        platform: Some(d.platform(kind).to_owned()),
+        platform: d.platform(kind).map(str::to_owned),
         management_source: Some("jamf".into()),
         add_external_ids: d.external_ids(kind, field),
         ..DevicePatch::default()
@@ -505,14 +509,7 @@ fn smart_group(
                 Some(dev) => push(
                     dev,
                     DevicePatch {
-                        platform: Some(
-                            if kind == Kind::Computer {
-                                "macos"
-                            } else {
-                                "ios"
-                            }
-                            .into(),
-                        ),
+                        platform: (kind == Kind::Computer).then(|| "macos".to_owned()),
                         management_source: Some("jamf".into()),
                         add_external_ids: vec![jss_external(kind, &j)],
                         ..DevicePatch::default()
@@ -862,14 +859,21 @@ mod tests {
     #[test]
     fn platforms() {
         let m = |v: serde_json::Value| serde_json::from_value::<JamfDevice>(v).unwrap();
-        assert_eq!(m(serde_json::json!({})).platform(Kind::Computer), "macos");
+        assert_eq!(
+            m(serde_json::json!({})).platform(Kind::Computer),
+            Some("macos")
+        );
         assert_eq!(
             m(serde_json::json!({"modelDisplay": "iPad Pro"})).platform(Kind::Mobile),
-            "ipados"
+            Some("ipados")
         );
         assert_eq!(
             m(serde_json::json!({"model": "iPhone 15"})).platform(Kind::Mobile),
-            "ios"
+            Some("ios")
+        );
+        assert_eq!(
+            m(serde_json::json!({"model": ""})).platform(Kind::Mobile),
+            None
         );
     }
 
