@@ -25,7 +25,7 @@ fn device_event(seq: u64, i: u64) -> PostureEvent {
             id: format!("device-{i}"),
             patch: DevicePatch {
                 lifecycle: Some(Lifecycle::Enrolled),
-                compliance: Some(if seq % 2 == 0 {
+                compliance: Some(if seq.is_multiple_of(2) {
                     Compliance::Compliant
                 } else {
                     Compliance::NonCompliant

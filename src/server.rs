@@ -320,6 +320,9 @@ pub async fn start_with(cfg: Config, metrics: Arc<Metrics>) -> Result<RunningSer
             rx.clone(),
         ));
     }
+    if cfg.feeds.intune.is_some() {
+        tasks.spawn(crate::feeds::intune::poll_loop(shared.clone(), rx.clone()));
+    }
     tasks.spawn(crate::admin::serve(shared.clone(), admin_listener, rx));
     tracing::info!(%proxy_addr, ?plain_addr, %admin_addr, "portcullis listening");
     Ok(RunningServer {

@@ -266,6 +266,9 @@ fn d_store_path() -> PathBuf {
 /// Default largest feed request body.
 pub const DEFAULT_FEED_MAX_BODY_BYTES: usize = 1024 * 1024;
 
+/// Default seconds between full Intune sweeps.
+pub const DEFAULT_INTUNE_FULL_SYNC_S: u64 = 24 * 3600;
+
 /// All feeds.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -395,7 +398,7 @@ fn d_jamf_id() -> String {
 }
 
 /// Microsoft Intune through Graph `managedDevices`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct IntuneConfig {
     /// Graph base URL, e.g. `https://graph.microsoft.com/v1.0`.
@@ -418,6 +421,10 @@ pub struct IntuneConfig {
     /// Extra CA bundle for Graph / token endpoints.
     #[serde(default)]
     pub ca: Option<PathBuf>,
+    /// Seconds between full sweeps (no `lastSyncDateTime` filter), which
+    /// catch state that changed without a device sync; 0 = only the first poll.
+    #[serde(default = "d_intune_full_sync")]
+    pub full_sync_interval_s: u64,
 }
 
 fn d_graph_scope() -> String {
@@ -425,6 +432,9 @@ fn d_graph_scope() -> String {
 }
 fn d_intune_interval() -> u64 {
     300
+}
+fn d_intune_full_sync() -> u64 {
+    DEFAULT_INTUNE_FULL_SYNC_S
 }
 fn d_intune_id() -> String {
     "azureADDeviceId".into()
@@ -945,12 +955,49 @@ impl Config {
                     "one of udid, serialNumber, jssID",
                 ));
             }
+            if http::HeaderValue::from_str(&j.authorization).is_err() {
+                return Err(self.invalid(
+                    "feeds.jamf.authorization",
+                    "must be a valid header value (visible ASCII)",
+                ));
+            }
+            for (k, ids) in [
+                ("noncompliant_groups", &j.noncompliant_groups),
+                ("patch_groups", &j.patch_groups),
+                ("compromised_groups", &j.compromised_groups),
+                ("lost_groups", &j.lost_groups),
+            ] {
+                let mut seen = HashSet::new();
+                for (n, id) in ids.iter().enumerate() {
+                    if *id == 0 || !seen.insert(*id) {
+                        return Err(self.invalid(
+                            format!("feeds.jamf.{k}[{n}]"),
+                            format!("`{id}` is zero or listed twice"),
+                        ));
+                    }
+                }
+            }
         }
         if let Some(i) = &self.feeds.intune {
             check_http_url(&i.graph_url).map_err(|m| self.invalid("feeds.intune.graph_url", m))?;
             check_http_url(&i.token_url).map_err(|m| self.invalid("feeds.intune.token_url", m))?;
             if i.interval_s == 0 {
                 return Err(self.invalid("feeds.intune.interval_s", "must be at least 1"));
+            }
+            for (k, v) in [
+                ("client_id", &i.client_id),
+                ("client_secret", &i.client_secret),
+                ("scope", &i.scope),
+            ] {
+                if v.trim().is_empty() {
+                    return Err(self.invalid(format!("feeds.intune.{k}"), "must not be empty"));
+                }
+            }
+            if i.full_sync_interval_s != 0 && i.full_sync_interval_s < i.interval_s {
+                return Err(self.invalid(
+                    "feeds.intune.full_sync_interval_s",
+                    "must be 0 (off) or at least interval_s",
+                ));
             }
             if !["azureADDeviceId", "id"].contains(&i.device_id_field.as_str()) {
                 return Err(

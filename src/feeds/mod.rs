@@ -7,6 +7,7 @@
 //! parsing and validation all happen before `Posture::ingest`.
 
 pub mod admin;
+pub mod intune;
 pub mod jamf;
 pub mod mdm;
 pub mod scim;

@@ -21,6 +21,8 @@ pub struct Snapshot {
     aliases: Map<String>,
     /// certificate thumbprint (hex) → device id.
     thumbprints: Map<String>,
+    /// per-source external id (`jamf:jss:computer:42`, …) → device id.
+    external_ids: Map<String>,
     /// Revocations by target.
     revoked_subjects: Map<Arc<Revocation>>,
     revoked_devices: Map<Arc<Revocation>>,
@@ -53,6 +55,7 @@ impl Snapshot {
             identities: Map::new(),
             aliases: Map::new(),
             thumbprints: Map::new(),
+            external_ids: Map::new(),
             revoked_subjects: Map::new(),
             revoked_devices: Map::new(),
             revoked_sessions: Map::new(),
@@ -104,6 +107,11 @@ impl Snapshot {
         self.thumbprints.pin().get(hex).cloned()
     }
 
+    /// The device that carries a per-source external id (`source:value`).
+    pub fn device_by_external_id(&self, external_id: &str) -> Option<String> {
+        self.external_ids.pin().get(external_id).cloned()
+    }
+
     /// The revocation for a subject, device or session, if any.
     pub fn revocation(&self, target: RevocationTarget, key: &str) -> Option<Arc<Revocation>> {
         let m = self.revocations(target);
@@ -128,6 +136,16 @@ impl Snapshot {
                     thumbs.remove(t.as_str());
                 }
             }
+            let ext = self.external_ids.pin();
+            for x in &old.external_ids {
+                if !d.external_ids.contains(x) {
+                    ext.remove(x.as_str());
+                }
+            }
+        }
+        let ext = self.external_ids.pin();
+        for x in &d.external_ids {
+            ext.insert(x.clone(), d.id.clone());
         }
         for t in &d.cert_thumbprints {
             thumbs.insert(t.to_ascii_lowercase(), d.id.clone());
