@@ -64,21 +64,14 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
 }
 
 fn authorized(req: &Request<Incoming>, secret: Option<&str>) -> bool {
-    let Some(secret) = secret else { return true };
-    let Some(got) = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-    else {
-        return false;
-    };
-    constant_time_eq(got.as_bytes(), secret.as_bytes())
+    secret.is_none_or(|secret| crate::feeds::bearer_is(req, secret))
 }
 
-/// Compares secrets without an early exit on the first differing byte.
+/// Compares secrets in constant time: both sides are hashed first, so
+/// neither a differing byte nor a differing length shows in the timing.
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    aws_lc_rs::constant_time::verify_slices_are_equal(a, b).is_ok()
+    let (ha, hb) = (crate::util::sha256(a), crate::util::sha256(b));
+    aws_lc_rs::constant_time::verify_slices_are_equal(&ha, &hb).is_ok()
 }
 
 async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
