@@ -142,21 +142,20 @@ impl Posture {
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Self>, StoreError> {
         let snapshot = Arc::new(Snapshot::new());
-        let loaded = store.load()?;
-        for d in loaded.devices {
-            snapshot.put_device(Arc::new(d));
-        }
-        for i in loaded.identities {
-            snapshot.put_identity(Arc::new(i));
-        }
-        for r in loaded.revocations {
-            snapshot.put_revocation(Arc::new(r));
-        }
-        for g in loaded.groups {
-            let id = g.id.clone();
-            snapshot.put_group(&id, Some(Arc::new(g)));
-        }
-        snapshot.set_version(loaded.last_seq);
+        let last_seq = store.load(&|rec| match rec {
+            crate::store::Loaded::SizeHint {
+                devices,
+                identities,
+            } => snapshot.reserve(devices, identities),
+            crate::store::Loaded::Device(d) => snapshot.put_device(Arc::new(d)),
+            crate::store::Loaded::Identity(i) => snapshot.put_identity(Arc::new(i)),
+            crate::store::Loaded::Revocation(r) => snapshot.put_revocation(Arc::new(r)),
+            crate::store::Loaded::Group(g) => {
+                let id = g.id.clone();
+                snapshot.put_group(&id, Some(Arc::new(g)));
+            }
+        })?;
+        snapshot.set_version(last_seq);
         let (tx, rx) = mpsc::channel(4096);
         let pending_upper_bound = Arc::new(std::sync::atomic::AtomicI64::new(0));
         let counter = pending_upper_bound.clone();
@@ -176,7 +175,7 @@ impl Posture {
         let writer = Writer {
             store,
             snapshot,
-            next_seq: loaded.last_seq + 1,
+            next_seq: last_seq + 1,
             posture: Arc::downgrade(&me),
         };
         std::thread::Builder::new()
@@ -451,7 +450,7 @@ impl Writer {
                             }
                             let mut d = merge_device(cur.as_ref(), id, patch);
                             d.updated_ms = ev.origin_ms;
-                            d.source = ev.feed.as_str().to_owned();
+                            d.source = Some(ev.feed);
                             d.version = seq;
                             devices.insert(id.clone(), d);
                             applied = true;
@@ -467,7 +466,7 @@ impl Writer {
                             }
                             let mut i = merge_identity(cur.as_ref(), subject, patch);
                             i.updated_ms = ev.origin_ms;
-                            i.source = ev.feed.as_str().to_owned();
+                            i.source = Some(ev.feed);
                             i.version = seq;
                             identities.insert(subject.clone(), i);
                             applied = true;
@@ -483,7 +482,7 @@ impl Writer {
                             let rec = record.clone().map(|mut g| {
                                 g.id = id.clone();
                                 g.updated_ms = ev.origin_ms;
-                                g.source = ev.feed.as_str().to_owned();
+                                g.source = Some(ev.feed);
                                 g.version = seq;
                                 g
                             });
@@ -531,7 +530,7 @@ impl Writer {
                                     target: *target,
                                     key: key.clone(),
                                     not_before_s: nb,
-                                    source: ev.feed.as_str().to_owned(),
+                                    source: Some(ev.feed),
                                     version: seq,
                                 },
                             );

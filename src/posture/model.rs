@@ -134,7 +134,7 @@ pub struct Device {
     pub updated_ms: u64,
     /// Feed that last changed it.
     #[serde(default)]
-    pub source: String,
+    pub source: Option<super::event::Feed>,
     /// Snapshot version at which it last changed.
     #[serde(default)]
     pub version: u64,
@@ -214,7 +214,7 @@ pub struct Identity {
     pub updated_ms: u64,
     /// Feed that last changed it.
     #[serde(default)]
-    pub source: String,
+    pub source: Option<super::event::Feed>,
     /// Snapshot version at which it last changed.
     #[serde(default)]
     pub version: u64,
@@ -253,7 +253,7 @@ pub struct Revocation {
     /// Seconds since epoch; credentials issued at or before it are revoked.
     pub not_before_s: u64,
     /// Feed that recorded it.
-    pub source: String,
+    pub source: Option<super::event::Feed>,
     /// Snapshot version at which it was recorded.
     pub version: u64,
 }
@@ -277,7 +277,7 @@ pub struct Group {
     pub updated_ms: u64,
     /// Feed that last changed it.
     #[serde(default)]
-    pub source: String,
+    pub source: Option<super::event::Feed>,
     /// Snapshot version at which it last changed.
     #[serde(default)]
     pub version: u64,

@@ -202,6 +202,12 @@ impl Snapshot {
         }
     }
 
+    /// Pre-sizes the maps before a bulk load.
+    pub fn reserve(&self, devices: u64, identities: u64) {
+        self.devices.pin().reserve(devices as usize);
+        self.identities.pin().reserve(identities as usize);
+    }
+
     /// Advances the version (after a commit).
     pub fn set_version(&self, v: u64) {
         self.version.fetch_max(v, Ordering::AcqRel);

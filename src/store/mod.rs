@@ -74,19 +74,24 @@ pub struct CommitBatch {
     pub groups: Vec<(String, Option<Group>)>,
 }
 
-/// Every record, for a cold start.
-#[derive(Debug, Default)]
-pub struct LoadedState {
-    /// Devices.
-    pub devices: Vec<Device>,
-    /// Identities.
-    pub identities: Vec<Identity>,
-    /// Revocations.
-    pub revocations: Vec<Revocation>,
-    /// Groups.
-    pub groups: Vec<Group>,
-    /// Highest event sequence number.
-    pub last_seq: u64,
+/// One record read back on a cold start.
+#[derive(Debug)]
+pub enum Loaded {
+    /// How many devices and identities follow (sent first, for pre-sizing).
+    SizeHint {
+        /// Devices.
+        devices: u64,
+        /// Identities.
+        identities: u64,
+    },
+    /// A device.
+    Device(Device),
+    /// An identity.
+    Identity(Identity),
+    /// A revocation.
+    Revocation(Revocation),
+    /// A SCIM group.
+    Group(Group),
 }
 
 /// The storage contract. Implementations must make `commit` atomic and
@@ -96,8 +101,10 @@ pub trait EventStore: Send + 'static {
     fn contains(&mut self, event_id: &str) -> Result<bool, StoreError>;
     /// Appends the events and writes the records, in one transaction.
     fn commit(&mut self, batch: &CommitBatch) -> Result<(), StoreError>;
-    /// Reads every record back (cold start).
-    fn load(&mut self) -> Result<LoadedState, StoreError>;
+    /// Streams every record into `sink` (cold start) and returns the highest
+    /// event sequence number. Streaming keeps the peak memory at one copy; an
+    /// implementation may call `sink` from several threads at once.
+    fn load(&mut self, sink: &(dyn Fn(Loaded) + Sync)) -> Result<u64, StoreError>;
     /// Events that touched a record key (`device:…`, `subject:…`), oldest first.
     fn history(&mut self, record_key: &str, limit: usize) -> Result<Vec<LoggedEvent>, StoreError>;
     /// A small key/value area for feed cursors (poll positions, watermarks).

@@ -6,8 +6,7 @@ use std::path::Path;
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::{CommitBatch, EventStore, LoadedState, LoggedEvent, Outcome, StoreError};
-use crate::posture::model::{Device, Group, Identity, Revocation};
+use super::{CommitBatch, EventStore, Loaded, LoggedEvent, Outcome, StoreError};
 
 fn db(e: rusqlite::Error) -> StoreError {
     StoreError::Db(e.to_string())
@@ -62,6 +61,7 @@ CREATE TABLE IF NOT EXISTS meta (
 /// The SQLite store.
 pub struct SqliteStore {
     conn: Connection,
+    path: std::path::PathBuf,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -101,7 +101,10 @@ impl SqliteStore {
         conn.execute_batch("PRAGMA foreign_keys=ON; PRAGMA busy_timeout=5000;")
             .map_err(db)?;
         conn.execute_batch(SCHEMA).map_err(db)?;
-        Ok(Self { conn })
+        Ok(Self {
+            conn,
+            path: path.to_owned(),
+        })
     }
 }
 
@@ -207,45 +210,73 @@ impl EventStore for SqliteStore {
         tx.commit().map_err(db)
     }
 
-    fn load(&mut self) -> Result<LoadedState, StoreError> {
-        let mut out = LoadedState::default();
-        let mut stmt = self.conn.prepare("SELECT body FROM devices").map_err(db)?;
-        let rows = stmt.query_map([], |r| r.get::<_, String>(0)).map_err(db)?;
-        for row in rows {
-            out.devices
-                .push(serde_json::from_str::<Device>(&row.map_err(db)?).map_err(corrupt)?);
+    fn load(&mut self, sink: &(dyn Fn(Loaded) + Sync)) -> Result<u64, StoreError> {
+        fn each<T: serde::de::DeserializeOwned>(
+            conn: &Connection,
+            sql: &str,
+            sink: &(dyn Fn(Loaded) + Sync),
+            wrap: fn(T) -> Loaded,
+        ) -> Result<(), StoreError> {
+            let mut stmt = conn.prepare(sql).map_err(db)?;
+            let mut rows = stmt.query([]).map_err(db)?;
+            while let Some(row) = rows.next().map_err(db)? {
+                // Parse straight from SQLite's buffer: no per-row String.
+                let text = row
+                    .get_ref(0)
+                    .map_err(db)?
+                    .as_str()
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                sink(wrap(serde_json::from_str::<T>(text).map_err(corrupt)?));
+            }
+            Ok(())
         }
-        let mut stmt = self
-            .conn
-            .prepare("SELECT body FROM identities")
-            .map_err(db)?;
-        let rows = stmt.query_map([], |r| r.get::<_, String>(0)).map_err(db)?;
-        for row in rows {
-            out.identities
-                .push(serde_json::from_str::<Identity>(&row.map_err(db)?).map_err(corrupt)?);
-        }
-        let mut stmt = self
-            .conn
-            .prepare("SELECT body FROM revocations")
-            .map_err(db)?;
-        let rows = stmt.query_map([], |r| r.get::<_, String>(0)).map_err(db)?;
-        for row in rows {
-            out.revocations
-                .push(serde_json::from_str::<Revocation>(&row.map_err(db)?).map_err(corrupt)?);
-        }
-        let mut stmt = self.conn.prepare("SELECT body FROM groups").map_err(db)?;
-        let rows = stmt.query_map([], |r| r.get::<_, String>(0)).map_err(db)?;
-        for row in rows {
-            out.groups
-                .push(serde_json::from_str::<Group>(&row.map_err(db)?).map_err(corrupt)?);
-        }
-        out.last_seq = self
+        let count = |sql: &str| -> Result<u64, StoreError> {
+            self.conn
+                .query_row(sql, [], |r| r.get::<_, i64>(0))
+                .map(|n| n as u64)
+                .map_err(db)
+        };
+        sink(Loaded::SizeHint {
+            devices: count("SELECT COUNT(*) FROM devices")?,
+            identities: count("SELECT COUNT(*) FROM identities")?,
+        });
+        // Identities load on a second read connection in parallel with the
+        // devices (WAL allows concurrent readers); the snapshot maps are
+        // concurrent, so the sink takes both streams at once.
+        let second = Connection::open_with_flags(
+            &self.path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(db)?;
+        let conn = &self.conn;
+        let (a, b) = std::thread::scope(|sc| {
+            let ids = sc.spawn(move || {
+                each(
+                    &second,
+                    "SELECT body FROM identities",
+                    sink,
+                    Loaded::Identity,
+                )
+            });
+            let devs = each(conn, "SELECT body FROM devices", sink, Loaded::Device);
+            (devs, ids.join())
+        });
+        a?;
+        b.map_err(|_| StoreError::Db("identity loader panicked".into()))??;
+        each(
+            &self.conn,
+            "SELECT body FROM revocations",
+            sink,
+            Loaded::Revocation,
+        )?;
+        each(&self.conn, "SELECT body FROM groups", sink, Loaded::Group)?;
+        let last_seq = self
             .conn
             .query_row("SELECT COALESCE(MAX(seq), 0) FROM events", [], |r| {
                 r.get::<_, i64>(0)
             })
-            .map_err(db)? as u64;
-        Ok(out)
+            .map_err(db)?;
+        Ok(last_seq as u64)
     }
 
     fn history(&mut self, record_key: &str, limit: usize) -> Result<Vec<LoggedEvent>, StoreError> {
