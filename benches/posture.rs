@@ -87,6 +87,13 @@ fn bench(c: &mut Criterion) {
             )
         })
         .collect();
+    g.bench_function("resolve (identity + device lookup)", |b| {
+        b.iter(|| {
+            i = (i + 1) & 1023;
+            let (s, d) = &subjects[i as usize];
+            black_box(posture.resolve(black_box(s), Some(black_box(d))));
+        })
+    });
     g.bench_function("resolve+baseline (cache hit)", |b| {
         b.iter(|| {
             i = (i + 1) & 1023;

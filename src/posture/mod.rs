@@ -613,17 +613,25 @@ impl Writer {
             p.metrics
                 .apply_seconds
                 .observe(started.elapsed().as_secs_f64());
+            // Count per label set first: one metrics lookup per distinct
+            // (feed, kind, outcome) in the batch, not one per event.
+            let mut counts: HashMap<(&'static str, &str, &'static str), u64> = HashMap::new();
             for (job, outs) in jobs.iter().zip(&outcomes) {
                 for (ev, o) in job.events.iter().zip(outs) {
-                    p.metrics
-                        .feed_events
-                        .get_or_create(&FeedOutcomeLabel {
-                            feed: ev.feed.as_str(),
-                            kind: ev.kind.clone(),
-                            outcome: o.as_str(),
-                        })
-                        .inc();
+                    *counts
+                        .entry((ev.feed.as_str(), ev.kind.as_str(), o.as_str()))
+                        .or_default() += 1;
                 }
+            }
+            for ((feed, kind, outcome), n) in counts {
+                p.metrics
+                    .feed_events
+                    .get_or_create(&FeedOutcomeLabel {
+                        feed,
+                        kind: kind.to_owned(),
+                        outcome,
+                    })
+                    .inc_by(n);
             }
         }
         for (job, outs) in jobs.into_iter().zip(outcomes) {
