@@ -2,9 +2,9 @@
 //!
 //! Checks, cheapest first: one proof of bounded length; three base64url
 //! parts; header `typ` = `dpop+jwt`, `alg` on the allow-list (asymmetric only),
-//! no `crit`; `jwk` present, public-only and of the algorithm's key type;
-//! signature (jsonwebtoken, `DecodingKey::from_jwk` over the proof's own
-//! `jwk`); claims `jti`, `htm`, `htu`, `iat` (and `ath`, `nonce`); `htm` and
+//! no `crit`; `jwk` present, public-only and of the algorithm's key type
+//! and size; signature (jsonwebtoken's `crypto::verify` with
+//! `DecodingKey::from_jwk` over the proof's own `jwk`); claims `jti`, `htm`, `htu`, `iat` (and `ath`, `nonce`); `htm` and
 //! `htu` against the request; `iat` inside the window; the server nonce
 //! when required; `ath` against the access token; the RFC 7638 thumbprint
 //! against the token's `cnf.jkt`; and last, the replay cache, so a proof
@@ -24,7 +24,7 @@ use jsonwebtoken::jwk::{
     EllipticCurveKeyType, Jwk, OctetKeyPairParameters, OctetKeyPairType, RSAKeyParameters,
     RSAKeyType, ThumbprintHash,
 };
-use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use jsonwebtoken::{Algorithm, DecodingKey};
 use moka::sync::Cache;
 use serde::Deserialize;
 use serde::de::IgnoredAny;
@@ -38,6 +38,10 @@ pub const MAX_JTI_LEN: usize = 256;
 pub const MAX_NONCE_LEN: usize = 256;
 /// Smallest RSA modulus accepted in a proof key, in base64url characters (2048 bits).
 const MIN_RSA_N_CHARS: usize = 342;
+/// Base64url length of a 32-byte coordinate (P-256, Ed25519).
+const B64_32: usize = 43;
+/// Base64url length of a 48-byte coordinate (P-384).
+const B64_48: usize = 64;
 
 /// Why a DPoP proof was refused. Messages are safe to show the client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -199,23 +203,30 @@ impl ProofJwk {
         let crv = self.crv.as_deref();
         let algorithm = match (alg, self.kty.as_str()) {
             (Algorithm::ES256 | Algorithm::ES384, "EC") => {
-                let curve = match (alg, crv) {
-                    (Algorithm::ES256, Some("P-256")) => EllipticCurve::P256,
-                    (Algorithm::ES384, Some("P-384")) => EllipticCurve::P384,
+                let (curve, len) = match (alg, crv) {
+                    (Algorithm::ES256, Some("P-256")) => (EllipticCurve::P256, B64_32),
+                    (Algorithm::ES384, Some("P-384")) => (EllipticCurve::P384, B64_48),
                     _ => return None,
                 };
+                let (x, y) = (self.x?, self.y?);
+                // Coordinates are fixed-size (RFC 7518 §6.2.1.2): the key
+                // verified is exactly the key thumbprinted.
+                if x.len() != len || y.len() != len {
+                    return None;
+                }
                 AlgorithmParameters::EllipticCurve(EllipticCurveKeyParameters {
                     key_type: EllipticCurveKeyType::EC,
                     curve,
-                    x: self.x?,
-                    y: self.y?,
+                    x,
+                    y,
                 })
             }
             (Algorithm::EdDSA, "OKP") if crv == Some("Ed25519") => {
+                let x = self.x.filter(|x| x.len() == B64_32)?;
                 AlgorithmParameters::OctetKeyPair(OctetKeyPairParameters {
                     key_type: OctetKeyPairType::OctetKeyPair,
                     curve: EllipticCurve::Ed25519,
-                    x: self.x?,
+                    x,
                 })
             }
             (
@@ -336,7 +347,7 @@ impl DpopState {
 
 /// Verifies DPoP proofs under one config; shares [`DpopState`] across reloads.
 pub struct DpopVerifier {
-    validations: Vec<(Algorithm, Validation)>,
+    algorithms: Vec<Algorithm>,
     algs: String,
     max_age_s: u64,
     future_skew_s: u64,
@@ -384,19 +395,10 @@ impl DpopVerifier {
     /// Builds the verifier from `[binding]`, reusing `previous` state (replay
     /// cache, nonce key) when there is one.
     pub fn new(cfg: &BindingConfig, previous: Option<&DpopVerifier>) -> Self {
-        let validations: Vec<(Algorithm, Validation)> = cfg
+        let algorithms = cfg
             .dpop_algorithms
             .iter()
             .filter_map(|a| parse_alg(a))
-            .map(|alg| {
-                let mut v = Validation::new(alg);
-                v.algorithms = vec![alg];
-                v.required_spec_claims.clear();
-                v.validate_exp = false;
-                v.validate_nbf = false;
-                v.validate_aud = false;
-                (alg, v)
-            })
             .collect();
         let state = match previous {
             Some(p) if p.state.capacity == cfg.dpop_replay_capacity => p.state.clone(),
@@ -407,7 +409,7 @@ impl DpopVerifier {
         };
         Self {
             algs: cfg.dpop_algorithms.join(" "),
-            validations,
+            algorithms,
             max_age_s: cfg.dpop_max_age_s,
             future_skew_s: cfg.dpop_future_skew_s,
             nonce: cfg.dpop_nonce,
@@ -419,7 +421,7 @@ impl DpopVerifier {
 
     /// Whether DPoP is accepted at all (some algorithm is allowed).
     pub fn enabled(&self) -> bool {
-        !self.validations.is_empty()
+        !self.algorithms.is_empty()
     }
 
     /// The accepted algorithms, space-separated, for `WWW-Authenticate: DPoP algs="…"`.
@@ -453,7 +455,7 @@ impl DpopVerifier {
             return Err(DpopError::TooLarge(self.max_proof_bytes));
         }
         let mut parts = proof.split('.');
-        let (Some(h64), Some(_), Some(_), None) =
+        let (Some(h64), Some(p64), Some(s64), None) =
             (parts.next(), parts.next(), parts.next(), parts.next())
         else {
             return Err(DpopError::Malformed);
@@ -466,8 +468,8 @@ impl DpopVerifier {
         {
             return Err(DpopError::WrongType);
         }
-        let (alg, validation) = parse_alg(&header.alg)
-            .and_then(|alg| self.validations.iter().find(|(a, _)| *a == alg))
+        let alg = parse_alg(&header.alg)
+            .filter(|a| self.algorithms.contains(a))
             .ok_or(DpopError::AlgorithmNotAccepted)?;
         if header.crit.is_some() {
             return Err(DpopError::CriticalHeader);
@@ -476,11 +478,17 @@ impl DpopVerifier {
         if jwk.has_private_members() {
             return Err(DpopError::PrivateKey);
         }
-        let jwk = jwk.into_public(*alg).ok_or(DpopError::BadKey)?;
+        let jwk = jwk.into_public(alg).ok_or(DpopError::BadKey)?;
         let key = DecodingKey::from_jwk(&jwk).map_err(|_| DpopError::BadKey)?;
-        let claims = jsonwebtoken::decode::<ProofClaims>(proof, &key, validation)
-            .map_err(map_jwt_error)?
-            .claims;
+        // INVARIANT: h64 and p64 are the first two parts of `proof`, so this
+        // is exactly the signing input `h64.p64`.
+        let signing_input = &proof[..h64.len() + 1 + p64.len()];
+        match jsonwebtoken::crypto::verify(s64, signing_input.as_bytes(), &key, alg) {
+            Ok(true) => {}
+            Ok(false) => return Err(DpopError::BadSignature),
+            Err(e) => return Err(map_jwt_error(e)),
+        }
+        let claims: ProofClaims = decode_part(p64)?;
 
         let jti = claims
             .jti
