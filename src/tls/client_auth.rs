@@ -165,11 +165,17 @@ impl HostSet {
     }
 }
 
+/// A leaf certificate that cannot be classified: unparsable, or claiming a
+/// SPIFFE id without being a well-formed SVID.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("client certificate is malformed or not a well-formed SPIFFE SVID")]
+pub struct MalformedLeaf;
+
 /// The SPIFFE id of a leaf certificate, if it is an SVID. An SVID has
 /// exactly one URI SAN; a certificate with a `spiffe:` URI among others, or
 /// an unparsable one, is malformed.
-pub fn leaf_spiffe_id(der: &[u8]) -> Result<Option<SpiffeId>, ()> {
-    let (_, x509) = x509_parser::parse_x509_certificate(der).map_err(|_| ())?;
+pub fn leaf_spiffe_id(der: &[u8]) -> Result<Option<SpiffeId>, MalformedLeaf> {
+    let (_, x509) = x509_parser::parse_x509_certificate(der).map_err(|_| MalformedLeaf)?;
     let uris: Vec<&str> = match x509.subject_alternative_name() {
         Ok(Some(san)) => san
             .value
@@ -181,7 +187,7 @@ pub fn leaf_spiffe_id(der: &[u8]) -> Result<Option<SpiffeId>, ()> {
             })
             .collect(),
         Ok(None) => Vec::new(),
-        Err(_) => return Err(()),
+        Err(_) => return Err(MalformedLeaf),
     };
     let spiffe = uris
         .iter()
@@ -192,8 +198,10 @@ pub fn leaf_spiffe_id(der: &[u8]) -> Result<Option<SpiffeId>, ()> {
         .count();
     match (spiffe, uris.len()) {
         (0, _) => Ok(None),
-        (1, 1) => SpiffeId::parse(uris[0]).map(Some).map_err(|_| ()),
-        _ => Err(()),
+        (1, 1) => SpiffeId::parse(uris[0])
+            .map(Some)
+            .map_err(|_| MalformedLeaf),
+        _ => Err(MalformedLeaf),
     }
 }
 
@@ -274,7 +282,7 @@ impl ClientCertVerifier for ClientAuthVerifier {
         let verifier = match leaf_spiffe_id(end_entity.as_ref()) {
             Ok(Some(id)) => self.domains.get(&id.trust_domain),
             Ok(None) => self.devices.as_ref(),
-            Err(()) => {
+            Err(MalformedLeaf) => {
                 return Err(rustls::Error::InvalidCertificate(
                     CertificateError::BadEncoding,
                 ));
