@@ -247,6 +247,57 @@ mod tests {
         );
     }
 
+    /// Arbitrary input never panics; a normalised URI normalises to itself.
+    #[test]
+    fn normalisation_is_total_and_idempotent() {
+        let pieces = [
+            "https://",
+            "http://",
+            "HTTPS://",
+            "a.example",
+            "A.EXAMPLE",
+            ":443",
+            ":80",
+            ":8443",
+            ":",
+            "[::1]",
+            "[",
+            "]",
+            "/",
+            "/.",
+            "/..",
+            "./",
+            "../",
+            "%2e",
+            "%2F",
+            "%7E",
+            "%",
+            "%4",
+            "x",
+            "?",
+            "#",
+            "@",
+            " ",
+            "\u{e9}",
+            "//",
+        ];
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = |n: usize| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % n as u64) as usize
+        };
+        for _ in 0..50_000 {
+            let len = next(8) + 1;
+            let s: String = (0..len).map(|_| pieces[next(pieces.len())]).collect();
+            if let Ok(n) = normalize(&s) {
+                assert_eq!(normalize(&n).as_deref(), Ok(n.as_str()), "from {s:?}");
+                assert!(!n.contains(['?', '#']));
+            }
+        }
+    }
+
     #[test]
     fn dot_segments_follow_the_rfc_examples() {
         assert_eq!(remove_dot_segments("/a/b/c/./../../g"), "/a/g");

@@ -352,6 +352,41 @@ mod tests {
         }
     }
 
+    /// Certificate and SPIFFE parsers never panic on arbitrary or truncated input.
+    #[test]
+    fn parsers_are_total_on_garbage() {
+        let ca = crate::demo::pki::DevCa::new("t").unwrap();
+        let der = ca
+            .client_cert("", &["spiffe://prod.test/billing"])
+            .unwrap()
+            .cert_der;
+        assert_eq!(
+            leaf_spiffe_id(&der).unwrap().unwrap().to_string(),
+            "spiffe://prod.test/billing"
+        );
+        let mut state = 0x1234_5678_9abc_def1u64;
+        for i in 0..der.len() {
+            assert!(leaf_spiffe_id(&der[..i]).is_err());
+            let mut flipped = der.clone();
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            flipped[i] ^= (state as u8) | 1;
+            let _ = leaf_spiffe_id(&flipped);
+            let _ = super::super::PeerCertificate::new(flipped.into());
+        }
+        for s in [
+            "",
+            "spiffe:",
+            "spiffe:///",
+            "spiffe://a//",
+            "spiffe://a/\u{e9}",
+            "spiffe://-/-",
+        ] {
+            let _ = SpiffeId::parse(s);
+        }
+    }
+
     #[test]
     fn host_sets_match_exact_wildcard_and_any() {
         let s = HostSet::new(&["mtls.example.com".into(), "*.devices.example".into()]);
