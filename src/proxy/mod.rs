@@ -197,11 +197,12 @@ impl Proxy {
             AuthMode::Bearer => {
                 // 2. authenticate
                 let (scheme, token, auth) = self.phase_authenticate(rt, &route, &req).await?;
-                // 3. bind
-                let binding = phase_bind(rt, &route, &req, conn, scheme, token, &auth)?;
-                dpop_used = scheme == Scheme::Dpop;
+                // 3. bind (the subject stays in the context, and so in the
+                // access line, even when its binding is refused)
+                let binding = phase_bind(rt, &route, &req, conn, scheme, token, &auth);
                 ctx.auth = Some(auth);
-                ctx.binding = Some(binding);
+                ctx.binding = Some(binding?);
+                dpop_used = scheme == Scheme::Dpop;
             }
             // 2–3. a workload certificate authenticates and binds at once.
             AuthMode::Mtls => ctx.binding = Some(phase_workload(rt, &route, &req, conn)?),
