@@ -2,12 +2,13 @@
 //! identity lifecycle count at request time.
 //!
 //! Rooms follow the request path (see `proxy` for the phase chart):
-//! `tls` → `route` → `authn` → `proxy` (forward) → `telemetry`; `server`
+//! `tls` → `route` → `authn` → `binding` → `proxy` (forward) → `telemetry`; `server`
 //! owns listeners and lifecycle, `admin` the admin listener, `cli` and
 //! `demo` the outside view.
 
 pub mod admin;
 pub mod authn;
+pub mod binding;
 pub mod cli;
 pub mod config;
 pub mod demo;

@@ -14,7 +14,6 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use rustls::ServerConfig;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
@@ -24,7 +23,7 @@ use crate::config::{Config, ConfigError};
 use crate::proxy::{ConnInfo, Proxy, Runtime};
 use crate::route::RouteTable;
 use crate::telemetry::{ConnectionGuard, Metrics, ResultLabel};
-use crate::tls::{PeerCertificate, TlsInfo};
+use crate::tls::{PeerCertificate, TlsConfigs, TlsInfo};
 
 /// Why the server could not start or reload.
 #[derive(Debug, thiserror::Error)]
@@ -78,8 +77,11 @@ pub fn build_runtime(
         crate::config::DEFAULT_MAX_TOKEN_BYTES,
     ));
     let upstream = crate::proxy::client::upstream_client(&cfg.upstream)?;
+    // The DPoP replay cache and nonce key outlive the config.
+    let binder = crate::binding::Binder::new(&cfg, prev.map(|p| &p.binder));
     let rt = Runtime {
         routes: RouteTable::new(&cfg),
+        binder,
         stripped: cfg.stripped_headers(),
         auth,
         upstream,
@@ -113,8 +115,8 @@ pub struct Shared {
     pub posture: Arc<crate::posture::Posture>,
     /// Feed receivers built from the running config.
     pub feeds: ArcSwap<crate::feeds::FeedContext>,
-    /// Current TLS config.
-    pub tls: ArcSwap<ServerConfig>,
+    /// Current TLS configs (public, and client-certificate names).
+    pub tls: ArcSwap<TlsConfigs>,
     fetcher: Fetcher,
     version: AtomicU64,
     config_path: PathBuf,
@@ -157,7 +159,8 @@ impl Shared {
                 "listener addresses changed in the config; they take effect only after a restart"
             );
         }
-        let tls = crate::tls::build_server_config(&cfg.tls)?;
+        // Re-reads certificates, keys and CA bundles (device and SPIFFE).
+        let tls = Arc::new(crate::tls::build_tls(&cfg.tls)?);
         let version = self.version.fetch_add(1, Ordering::Relaxed) + 1;
         let (rt, fresh) = build_runtime(cfg, Some(&old), &self.fetcher, version)?;
         for i in &fresh {
@@ -255,7 +258,7 @@ async fn build_feeds(
 /// Starts every listener for an already-loaded config, with the given metrics.
 pub async fn start_with(cfg: Config, metrics: Arc<Metrics>) -> Result<RunningServer, StartError> {
     let fetcher = Fetcher::default();
-    let tls = crate::tls::build_server_config(&cfg.tls)?;
+    let tls = Arc::new(crate::tls::build_tls(&cfg.tls)?);
     let config_path = cfg.source.clone();
     let store = crate::store::sqlite::SqliteStore::open(
         &cfg.store.path,
@@ -424,27 +427,32 @@ async fn serve_tls(
             .inc();
     };
     let acceptor = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp);
+    // The ClientHello's SNI picks the config: only client-auth names ask
+    // for a certificate.
     let handshake = async {
         let start = acceptor.await?;
-        let config = shared.tls.load_full();
-        start.into_stream(config).await
+        let configs = shared.tls.load_full();
+        let (config, asked) = configs.for_server_name(start.client_hello().server_name());
+        start.into_stream(config).await.map(|s| (s, asked))
     };
-    let stream = match tokio::time::timeout(handshake_timeout, handshake).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            refused("tls_error");
-            tracing::debug!(%peer, error = %e, "tls handshake failed");
-            return;
-        }
-        Err(_) => {
-            refused("tls_timeout");
-            return;
-        }
-    };
+    let (stream, client_cert_requested) =
+        match tokio::time::timeout(handshake_timeout, handshake).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                refused("tls_error");
+                tracing::debug!(%peer, error = %e, "tls handshake failed");
+                return;
+            }
+            Err(_) => {
+                refused("tls_timeout");
+                return;
+            }
+        };
     let (_, conn) = stream.get_ref();
     let info = TlsInfo {
         server_name: conn.server_name().map(str::to_owned),
         alpn: conn.alpn_protocol().map(<[u8]>::to_vec),
+        client_cert_requested,
         peer: conn
             .peer_certificates()
             .and_then(|c| c.first())

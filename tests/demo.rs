@@ -88,14 +88,17 @@ fn the_printed_curl_commands_work_as_printed() {
         .iter()
         .filter(|l| l.starts_with("curl "))
         .collect();
-    assert_eq!(curls.len(), 8, "walkthrough:\n{}", demo.lines.join("\n"));
+    assert_eq!(curls.len(), 12, "walkthrough:\n{}", demo.lines.join("\n"));
+    let json = |out: &str| -> serde_json::Value {
+        serde_json::from_str(out.trim()).unwrap_or_else(|_| panic!("not JSON: {out}"))
+    };
 
     let (ok, out) = sh(curls[0]);
     assert!(ok, "{out}");
-    let v: serde_json::Value =
-        serde_json::from_str(out.trim()).unwrap_or_else(|_| panic!("not JSON: {out}"));
+    let v = json(&out);
     assert_eq!(v["subject"], "alice@example.com");
     assert_eq!(v["device"], "laptop-001");
+    assert_eq!(v["binding"], "none");
 
     let (_, out) = sh(curls[1]);
     assert!(out.contains(" 401"), "{out}");
@@ -108,29 +111,53 @@ fn the_printed_curl_commands_work_as_printed() {
     let (ok, out) = sh(curls[3]);
     assert!(ok && out.contains("demo-public"), "{out}");
 
-    // The seeded device record.
-    let (ok, out) = sh(curls[4]);
+    // DPoP-bound, with a fresh proof each time: it works twice.
+    for _ in 0..2 {
+        let (ok, out) = sh(curls[4]);
+        assert!(ok, "{out}");
+        assert_eq!(json(&out)["binding"], "dpop", "{out}");
+    }
+
+    let (_, out) = sh(curls[5]);
+    assert!(out.contains(" 401"), "{out}");
+    assert!(
+        out.contains("DPoP-bound token presented as a bearer token"),
+        "{out}"
+    );
+
+    // mTLS-bound, with the seeded device's certificate.
+    let (ok, out) = sh(curls[6]);
     assert!(ok, "{out}");
-    let v: serde_json::Value =
-        serde_json::from_str(out.trim()).unwrap_or_else(|_| panic!("not JSON: {out}"));
+    let v = json(&out);
+    assert_eq!(v["binding"], "mtls", "{out}");
+    assert_eq!(v["verified_device"], "laptop-001", "{out}");
+
+    let (_, out) = sh(curls[7]);
+    assert!(out.contains(" 401"), "{out}");
+    assert!(out.contains("none was presented"), "{out}");
+
+    // The seeded device record.
+    let (ok, out) = sh(curls[8]);
+    assert!(ok, "{out}");
+    let v = json(&out);
     assert_eq!(v["device"]["compliance"], "compliant");
     assert_eq!(v["device"]["lifecycle"], "enrolled");
 
     // The device-lost event is accepted after the durable write…
-    let (ok, out) = sh(curls[5]);
+    let (ok, out) = sh(curls[9]);
     assert!(ok, "{out}");
     assert!(out.contains("\"outcome\":\"applied\""), "{out}");
     // …and the next request with the same token is refused.
-    let (_, out) = sh(curls[6]);
+    let (_, out) = sh(curls[10]);
     assert!(
         out.starts_with("HTTP/2 401") || out.starts_with("HTTP/2 403"),
         "{out}"
     );
     assert!(out.contains("revoked") || out.contains("lost"), "{out}");
 
-    let (ok, out) = sh(curls[7]);
+    let (ok, out) = sh(curls[11]);
     assert!(
-        ok && out.contains("portcullis_requests_total{route=\"demo-app\",status=\"200\"} 1"),
+        ok && out.contains("portcullis_requests_total{route=\"demo-app\",status=\"200\"} 4"),
         "{out}"
     );
     assert!(
@@ -252,6 +279,189 @@ fn demo_env_is_enough_to_mint_a_token_and_call_the_proxy() {
         env["PORTCULLIS_PROXY_URL"]
     ));
     assert!(ok && out.trim() == "403", "{out}");
+}
+
+fn read_env(demo: &Demo, keys: &[&str]) -> std::collections::HashMap<String, String> {
+    let env_path = demo
+        .lines
+        .last()
+        .unwrap()
+        .strip_prefix("demo.env: ")
+        .unwrap()
+        .to_owned();
+    let script = format!(
+        ". '{env_path}' && {}",
+        keys.iter()
+            .map(|k| format!("printf '%s\\n' \"${k}\""))
+            .collect::<Vec<_>>()
+            .join(" && ")
+    );
+    let (ok, out) = sh(&format!("bash -c {}", shell_quote(&script)));
+    assert!(ok, "{out}");
+    let vals: Vec<&str> = out.lines().collect();
+    assert_eq!(vals.len(), keys.len(), "{out}");
+    let env: std::collections::HashMap<String, String> = keys
+        .iter()
+        .map(|k| (*k).to_owned())
+        .zip(vals.into_iter().map(str::to_owned))
+        .collect();
+    for k in keys {
+        assert!(!env[*k].is_empty(), "{k} is empty");
+    }
+    env
+}
+
+fn b64(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+fn sha256(bytes: &[u8]) -> Vec<u8> {
+    aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes)
+        .as_ref()
+        .to_vec()
+}
+
+/// An outside client's token, minted from the files in demo.env alone.
+fn mint_token(
+    env: &std::collections::HashMap<String, String>,
+    sub: &str,
+    device: &str,
+    cnf: serde_json::Value,
+) -> String {
+    let pem = std::fs::read(&env["PORTCULLIS_ISSUER_KEY"]).unwrap();
+    let key = jsonwebtoken::EncodingKey::from_ec_pem(&pem).unwrap();
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+    header.kid = Some(env["PORTCULLIS_ISSUER_KID"].clone());
+    let now = portcullis::util::now_unix();
+    let mut claims = serde_json::json!({
+        "iss": env["PORTCULLIS_ISSUER"], "aud": env["PORTCULLIS_AUDIENCE"],
+        "sub": sub, "iat": now, "exp": now + 300, "cnf": cnf,
+    });
+    claims[env["PORTCULLIS_DEVICE_CLAIM"].as_str()] = device.into();
+    jsonwebtoken::encode(&header, &claims, &key).unwrap()
+}
+
+#[test]
+fn demo_env_is_enough_to_mint_a_device_certificate_and_a_dpop_proof() {
+    let demo = start_demo();
+    let env = read_env(
+        &demo,
+        &[
+            "PORTCULLIS_PROXY_URL",
+            "PORTCULLIS_MTLS_URL",
+            "PORTCULLIS_CA_CERT",
+            "PORTCULLIS_ISSUER",
+            "PORTCULLIS_AUDIENCE",
+            "PORTCULLIS_ISSUER_KID",
+            "PORTCULLIS_ISSUER_KEY",
+            "PORTCULLIS_DEVICE_CLAIM",
+            "PORTCULLIS_DEVICE_CA_CERT",
+            "PORTCULLIS_DEVICE_CA_KEY",
+            "PORTCULLIS_DEVICE_ID_RULE",
+        ],
+    );
+    let work = tempfile::tempdir().unwrap();
+
+    // 1. A device certificate for a device the demo never saw, signed by the
+    //    demo's device CA, naming the device as the rule says.
+    let rule = &env["PORTCULLIS_DEVICE_ID_RULE"];
+    let template = rule.strip_prefix("san-uri:").expect("a san-uri rule");
+    let device_uri = template.replace("{id}", "tool-device");
+    let ca_key = rcgen::KeyPair::from_pem(
+        &std::fs::read_to_string(&env["PORTCULLIS_DEVICE_CA_KEY"]).unwrap(),
+    )
+    .unwrap();
+    let ca = rcgen::Issuer::from_ca_cert_pem(
+        &std::fs::read_to_string(&env["PORTCULLIS_DEVICE_CA_CERT"]).unwrap(),
+        ca_key,
+    )
+    .unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params
+        .subject_alt_names
+        .push(rcgen::SanType::URI(device_uri.as_str().try_into().unwrap()));
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let leaf_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let leaf = params.signed_by(&leaf_key, &ca).unwrap();
+    let cert_path = work.path().join("tool.pem");
+    let key_path = work.path().join("tool-key.pem");
+    std::fs::write(&cert_path, leaf.pem()).unwrap();
+    std::fs::write(&key_path, leaf_key.serialize_pem()).unwrap();
+
+    // 2. A token bound to that certificate, sent with it over the mTLS URL.
+    let x5t = b64(&sha256(leaf.der()));
+    let token = mint_token(
+        &env,
+        "tool@example.com",
+        "tool-device",
+        serde_json::json!({ "x5t#S256": x5t }),
+    );
+    let (ok, out) = sh(&format!(
+        "curl -sS --cacert {} --cert {} --key {} -H 'Authorization: Bearer {token}' {}/whoami",
+        shell_quote(&env["PORTCULLIS_CA_CERT"]),
+        shell_quote(&cert_path.display().to_string()),
+        shell_quote(&key_path.display().to_string()),
+        env["PORTCULLIS_MTLS_URL"]
+    ));
+    assert!(ok, "{out}");
+    let v: serde_json::Value =
+        serde_json::from_str(out.trim()).unwrap_or_else(|_| panic!("not JSON: {out}"));
+    assert_eq!(v["subject"], "tool@example.com");
+    assert_eq!(v["binding"], "mtls");
+    assert_eq!(v["verified_device"], "tool-device");
+    // Without the certificate the same token is refused.
+    let (_, out) = sh(&format!(
+        "curl -sS -i --cacert {} -H 'Authorization: Bearer {token}' {}/whoami",
+        shell_quote(&env["PORTCULLIS_CA_CERT"]),
+        env["PORTCULLIS_PROXY_URL"]
+    ));
+    assert!(out.contains(" 401"), "{out}");
+
+    // 3. Its own DPoP key, a token bound to it, and a proof built with
+    //    jsonwebtoken alone (not portcullis' helpers).
+    let dpop_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let point = dpop_key.public_key_raw();
+    let jwk: jsonwebtoken::jwk::Jwk = serde_json::from_value(serde_json::json!({
+        "kty": "EC", "crv": "P-256", "x": b64(&point[1..33]), "y": b64(&point[33..65]),
+    }))
+    .unwrap();
+    let jkt = jwk
+        .thumbprint(jsonwebtoken::jwk::ThumbprintHash::SHA256)
+        .unwrap();
+    let token = mint_token(
+        &env,
+        "tool@example.com",
+        "tool-device",
+        serde_json::json!({ "jkt": jkt }),
+    );
+    let url = format!("{}/orders", env["PORTCULLIS_PROXY_URL"]);
+    let proof = {
+        let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        h.typ = Some("dpop+jwt".into());
+        h.jwk = Some(jwk);
+        let claims = serde_json::json!({
+            "jti": format!("tool-{}", portcullis::util::now_unix()),
+            "htm": "POST", "htu": url, "iat": portcullis::util::now_unix(),
+            "ath": b64(&sha256(token.as_bytes())),
+        });
+        let key =
+            jsonwebtoken::EncodingKey::from_ec_pem(dpop_key.serialize_pem().as_bytes()).unwrap();
+        jsonwebtoken::encode(&h, &claims, &key).unwrap()
+    };
+    let dpop_curl = format!(
+        "curl -sS -i --cacert {} -X POST -H 'Authorization: DPoP {token}' -H 'DPoP: {proof}' '{url}?page=2'",
+        shell_quote(&env["PORTCULLIS_CA_CERT"])
+    );
+    let (ok, out) = sh(&dpop_curl);
+    assert!(ok && out.contains(" 200"), "{out}");
+    assert!(out.contains("\"binding\":\"dpop\""), "{out}");
+    // The same proof again is a replay.
+    let (_, out) = sh(&dpop_curl);
+    assert!(
+        out.contains(" 401") && out.contains("invalid_dpop_proof"),
+        "{out}"
+    );
 }
 
 fn shell_quote(s: &str) -> String {

@@ -475,14 +475,18 @@ fn the_shipped_example_config_passes_check_once_its_certificates_exist() {
     std::fs::copy(example, &cfg).unwrap();
     let ca = portcullis::demo::pki::DevCa::new("example CA").unwrap();
     let leaf = ca
-        .server_cert(&["wiki.example.com", "apps.example.com"])
+        .server_cert(&["wiki.example.com", "apps.example.com", "mtls.example.com"])
         .unwrap();
     std::fs::write(dir.path().join("certs/server.pem"), leaf.cert_pem).unwrap();
     std::fs::write(dir.path().join("certs/server-key.pem"), leaf.key_pem).unwrap();
+    let device_ca = portcullis::demo::pki::DevCa::new("example device CA").unwrap();
+    std::fs::write(dir.path().join("certs/device-ca.pem"), device_ca.cert_pem()).unwrap();
+    let spire = portcullis::demo::pki::DevCa::new("example SPIRE CA").unwrap();
+    std::fs::write(dir.path().join("certs/spire-bundle.pem"), spire.cert_pem()).unwrap();
     let (ok, out) = check(&cfg);
     assert!(ok, "{out}");
     assert!(
-        out.contains("ok (3 routes, 1 issuers, 1 certificates)"),
+        out.contains("ok (4 routes, 1 issuers, 1 certificates)"),
         "{out}"
     );
 }

@@ -84,6 +84,15 @@ pub enum AuthError {
     BadClaim(String),
 }
 
+/// The `Authorization` scheme a token came under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Scheme {
+    /// `Bearer` (RFC 6750).
+    Bearer,
+    /// `DPoP` (RFC 9449 §7.1): the token must be DPoP-bound and come with a proof.
+    Dpop,
+}
+
 /// A verified token's claims, as later stages read them.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Claims {
@@ -255,6 +264,29 @@ impl Authenticator {
             return Err(AuthError::Missing);
         }
         Ok(t)
+    }
+
+    /// Extracts the scheme and token from an `Authorization` header value:
+    /// `Bearer <token>`, or `DPoP <token>` when `dpop` is accepted.
+    pub fn authorization(
+        header: Option<&http::HeaderValue>,
+        dpop: bool,
+    ) -> Result<(Scheme, &str), AuthError> {
+        let v = header.ok_or(AuthError::Missing)?;
+        let s = v.to_str().map_err(|_| AuthError::Malformed)?;
+        let (scheme, rest) = s.split_once(' ').ok_or(AuthError::NotBearer)?;
+        let scheme = if scheme.eq_ignore_ascii_case("bearer") {
+            Scheme::Bearer
+        } else if dpop && scheme.eq_ignore_ascii_case("dpop") {
+            Scheme::Dpop
+        } else {
+            return Err(AuthError::NotBearer);
+        };
+        let t = rest.trim_matches(' ');
+        if t.is_empty() {
+            return Err(AuthError::Missing);
+        }
+        Ok((scheme, t))
     }
 
     /// The fast path: a token verified before, still within its lifetime and

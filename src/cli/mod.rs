@@ -89,8 +89,7 @@ fn run_async(fut: impl std::future::Future<Output = Result<(), String>>) -> Exit
 /// Validates everything `serve` would load, without opening a socket.
 pub fn check_config(path: &std::path::Path) -> Result<Config, String> {
     let cfg = Config::load(path).map_err(|e| e.to_string())?;
-    crate::tls::build_server_config(&cfg.tls)
-        .map_err(|e| format!("{}: tls: {e}", path.display()))?;
+    crate::tls::build_tls(&cfg.tls).map_err(|e| format!("{}: tls: {e}", path.display()))?;
     crate::proxy::client::upstream_client(&cfg.upstream)
         .map_err(|e| format!("{}: upstream.ca: {e}", path.display()))?;
     let fetcher = crate::authn::jwks::Fetcher::default();

@@ -44,6 +44,22 @@ pub const DEFAULT_MAX_TOKEN_BYTES: usize = 16 * 1024;
 pub const DEFAULT_TOKEN_CACHE_CAPACITY: u64 = 100_000;
 /// The claim that names the device, unless an issuer says otherwise.
 pub const DEFAULT_DEVICE_CLAIM: &str = "device_id";
+/// DPoP proof algorithms accepted unless `binding.dpop_algorithms` says otherwise.
+pub const DEFAULT_DPOP_ALGORITHMS: &[&str] = &["ES256", "ES384", "EdDSA", "PS256", "RS256"];
+/// Default age a DPoP proof may have (`iat` in the past), seconds.
+pub const DEFAULT_DPOP_MAX_AGE_S: u64 = 60;
+/// Ceiling on `binding.dpop_max_age_s`.
+pub const MAX_DPOP_MAX_AGE_S: u64 = 300;
+/// Default tolerance for a DPoP proof's `iat` in the future, seconds.
+pub const DEFAULT_DPOP_FUTURE_SKEW_S: u64 = 5;
+/// Ceiling on `binding.dpop_future_skew_s`.
+pub const MAX_DPOP_FUTURE_SKEW_S: u64 = 60;
+/// Default lifetime of a server-issued DPoP nonce, seconds.
+pub const DEFAULT_DPOP_NONCE_LIFETIME_S: u64 = 300;
+/// Default longest DPoP proof accepted, bytes.
+pub const DEFAULT_DPOP_MAX_PROOF_BYTES: usize = 8 * 1024;
+/// Default number of (jkt, jti) pairs the DPoP replay cache holds.
+pub const DEFAULT_DPOP_REPLAY_CAPACITY: u64 = 500_000;
 
 /// Identity headers stripped from every client request by default: every
 /// header the proxy itself sets, and the usual names apps trust from proxies.
@@ -52,6 +68,9 @@ pub const DEFAULT_STRIPPED_HEADERS: &[&str] = &[
     "x-portcullis-issuer",
     "x-portcullis-device",
     "x-portcullis-route",
+    "x-portcullis-binding",
+    "x-portcullis-verified-device",
+    "x-portcullis-workload",
     "x-portcullis-decision",
     "x-portcullis-device-compliance",
     "x-portcullis-device-lifecycle",
@@ -83,6 +102,8 @@ pub const DEFAULT_STRIPPED_HEADERS: &[&str] = &[
     "x-ssl-client-cert",
     "x-ssl-client-verify",
     "x-ssl-client-s-dn",
+    "client-cert",
+    "client-cert-chain",
 ];
 
 /// A configuration error, naming the file and the key path.
@@ -144,6 +165,9 @@ pub struct Config {
     /// Posture and identity feeds.
     #[serde(default)]
     pub feeds: FeedsConfig,
+    /// Token binding: device ids from certificates, DPoP.
+    #[serde(default)]
+    pub binding: BindingConfig,
     /// Where this config was read from (not part of the file).
     #[serde(skip)]
     pub source: PathBuf,
@@ -193,10 +217,80 @@ pub struct ProxyConfig {
 pub struct TlsConfig {
     /// Server certificates; the first is the default when SNI matches none.
     pub certificates: Vec<CertificateConfig>,
-    /// CA bundles (PEM) that client certificates are verified against.
-    /// When empty, no client certificate is requested.
+    /// Device CA bundles (PEM) that client certificates other than SPIFFE
+    /// SVIDs are verified against.
     #[serde(default)]
     pub client_ca: Vec<PathBuf>,
+    /// SNI names whose handshakes request a client certificate (exact,
+    /// `*.parent`, or `*` for every name). Every other name never asks.
+    #[serde(default)]
+    pub client_auth_hosts: Vec<String>,
+    /// SPIFFE trust domains whose X.509-SVIDs identify workloads.
+    #[serde(default)]
+    pub spiffe: Vec<SpiffeTrustConfig>,
+}
+
+/// One SPIFFE trust domain and its X.509 bundle.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpiffeTrustConfig {
+    /// The trust domain, such as `prod.example.org`.
+    pub trust_domain: String,
+    /// PEM bundle of the trust domain's X.509 authorities.
+    pub bundle: PathBuf,
+}
+
+/// Token binding: how a device id is read from a client certificate, and
+/// how DPoP proofs are checked.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BindingConfig {
+    /// How the device id is read from a client certificate:
+    /// `san-uri:<template>`, `san-dns:<template>` (templates hold one `{id}`),
+    /// `cn`, or `thumbprint`. None: certificates name no device.
+    #[serde(default)]
+    pub device_id_rule: Option<String>,
+    /// For the `thumbprint` rule: certificate SHA-256 (base64url, the
+    /// `x5t#S256` form) → device id. Feeds register more at run time.
+    #[serde(default)]
+    pub device_thumbprints: std::collections::BTreeMap<String, String>,
+    /// Algorithms accepted for DPoP proofs (asymmetric only); empty turns DPoP off.
+    #[serde(default = "d_dpop_algorithms")]
+    pub dpop_algorithms: Vec<String>,
+    /// How old a proof's `iat` may be, seconds.
+    #[serde(default = "d_dpop_max_age_s")]
+    pub dpop_max_age_s: u64,
+    /// How far in the future a proof's `iat` may be, seconds.
+    #[serde(default = "d_dpop_future_skew_s")]
+    pub dpop_future_skew_s: u64,
+    /// Require server-issued nonces in proofs (`DPoP-Nonce`).
+    #[serde(default)]
+    pub dpop_nonce: bool,
+    /// How long a server nonce stays valid, seconds.
+    #[serde(default = "d_dpop_nonce_lifetime_s")]
+    pub dpop_nonce_lifetime_s: u64,
+    /// Longest proof accepted, bytes.
+    #[serde(default = "d_dpop_max_proof_bytes")]
+    pub dpop_max_proof_bytes: usize,
+    /// Entries in the replay cache; when full, new proofs are refused (fail closed).
+    #[serde(default = "d_dpop_replay_capacity")]
+    pub dpop_replay_capacity: u64,
+}
+
+impl Default for BindingConfig {
+    fn default() -> Self {
+        Self {
+            device_id_rule: None,
+            device_thumbprints: Default::default(),
+            dpop_algorithms: d_dpop_algorithms(),
+            dpop_max_age_s: DEFAULT_DPOP_MAX_AGE_S,
+            dpop_future_skew_s: DEFAULT_DPOP_FUTURE_SKEW_S,
+            dpop_nonce: false,
+            dpop_nonce_lifetime_s: DEFAULT_DPOP_NONCE_LIFETIME_S,
+            dpop_max_proof_bytes: DEFAULT_DPOP_MAX_PROOF_BYTES,
+            dpop_replay_capacity: DEFAULT_DPOP_REPLAY_CAPACITY,
+        }
+    }
 }
 
 /// One server certificate chain and key.
@@ -542,6 +636,13 @@ pub struct RouteConfig {
     /// Issuers accepted on this route (names); empty means all.
     #[serde(default)]
     pub issuers: Vec<String>,
+    /// Whether tokens must be sender-constrained (bearer routes only).
+    #[serde(default)]
+    pub binding: BindingMode,
+    /// Workloads accepted on an `auth = "mtls"` route: SPIFFE ids, exact or
+    /// ending in `/*` (any id under that path).
+    #[serde(default)]
+    pub spiffe_ids: Vec<String>,
     /// Largest request body accepted, in bytes.
     #[serde(default)]
     pub max_body_bytes: Option<u64>,
@@ -585,6 +686,19 @@ pub enum AuthMode {
     Bearer,
     /// No authentication; identity headers are still stripped.
     Public,
+    /// A SPIFFE workload certificate (X.509-SVID) is required; no token.
+    Mtls,
+}
+
+/// Whether a bearer route requires a sender-constrained token.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum BindingMode {
+    /// Bound tokens are checked; unbound tokens pass.
+    #[default]
+    Optional,
+    /// Only tokens bound by DPoP (`cnf.jkt`) or a certificate (`cnf.x5t#S256`) pass.
+    Required,
 }
 
 /// Upstream client settings.
@@ -658,6 +772,27 @@ fn d_any_host() -> String {
 fn d_root_prefix() -> String {
     "/".to_owned()
 }
+fn d_dpop_algorithms() -> Vec<String> {
+    DEFAULT_DPOP_ALGORITHMS
+        .iter()
+        .map(|a| (*a).to_owned())
+        .collect()
+}
+fn d_dpop_max_age_s() -> u64 {
+    DEFAULT_DPOP_MAX_AGE_S
+}
+fn d_dpop_future_skew_s() -> u64 {
+    DEFAULT_DPOP_FUTURE_SKEW_S
+}
+fn d_dpop_nonce_lifetime_s() -> u64 {
+    DEFAULT_DPOP_NONCE_LIFETIME_S
+}
+fn d_dpop_max_proof_bytes() -> usize {
+    DEFAULT_DPOP_MAX_PROOF_BYTES
+}
+fn d_dpop_replay_capacity() -> u64 {
+    DEFAULT_DPOP_REPLAY_CAPACITY
+}
 fn d_upstream_timeout_ms() -> u64 {
     DEFAULT_UPSTREAM_TIMEOUT_MS
 }
@@ -712,6 +847,9 @@ impl Config {
             abs(&mut c.key);
         }
         self.tls.client_ca.iter_mut().for_each(abs);
+        for s in &mut self.tls.spiffe {
+            abs(&mut s.bundle);
+        }
         for i in &mut self.issuers {
             if let Some(p) = i.jwks_file.as_mut() {
                 abs(p);
@@ -771,6 +909,9 @@ impl Config {
         }
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| self.invalid("log.level", format!("`{}`: {e}", self.log.level)))?;
+
+        self.validate_client_auth()?;
+        self.validate_binding()?;
 
         let mut names = HashSet::new();
         for (i, iss) in self.issuers.iter().enumerate() {
@@ -873,6 +1014,150 @@ impl Config {
             if r.timeout_ms == Some(0) {
                 return Err(self.invalid(key("timeout_ms"), "must be at least 1"));
             }
+            self.validate_route_binding(i, r)?;
+        }
+        Ok(())
+    }
+
+    /// `[tls]` client certificates: which names ask, and what they trust.
+    fn validate_client_auth(&self) -> Result<(), ConfigError> {
+        let tls = &self.tls;
+        let has_trust = !tls.client_ca.is_empty() || !tls.spiffe.is_empty();
+        if has_trust && tls.client_auth_hosts.is_empty() {
+            return Err(self.invalid(
+                "tls.client_auth_hosts",
+                "client certificates are requested only on the names listed here; \
+                 list them (`[\"*\"]` for every name)",
+            ));
+        }
+        if !has_trust && !tls.client_auth_hosts.is_empty() {
+            return Err(self.invalid(
+                "tls.client_auth_hosts",
+                "set tls.client_ca or tls.spiffe: there is nothing to verify client certificates against",
+            ));
+        }
+        for (i, h) in tls.client_auth_hosts.iter().enumerate() {
+            crate::tls::HostSet::check_pattern(h)
+                .map_err(|m| self.invalid(format!("tls.client_auth_hosts[{i}]"), m))?;
+        }
+        let mut domains = HashSet::new();
+        for (i, s) in tls.spiffe.iter().enumerate() {
+            crate::tls::SpiffeId::check_trust_domain(&s.trust_domain)
+                .map_err(|m| self.invalid(format!("tls.spiffe[{i}].trust_domain"), m))?;
+            if !domains.insert(s.trust_domain.as_str()) {
+                return Err(self.invalid(
+                    format!("tls.spiffe[{i}].trust_domain"),
+                    format!("duplicate trust domain `{}`", s.trust_domain),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// `[binding]`: the device rule, the thumbprint map, DPoP limits.
+    fn validate_binding(&self) -> Result<(), ConfigError> {
+        let b = &self.binding;
+        if let Some(rule) = &b.device_id_rule {
+            crate::binding::certid::DeviceIdRule::parse(rule)
+                .map_err(|m| self.invalid("binding.device_id_rule", m))?;
+        }
+        for (k, v) in &b.device_thumbprints {
+            let key = format!("binding.device_thumbprints.{k}");
+            if crate::binding::mtls::decode_x5t(k).is_none() {
+                return Err(self.invalid(
+                    key,
+                    "must be a base64url SHA-256 certificate thumbprint (43 characters)",
+                ));
+            }
+            if v.is_empty() || v.len() > crate::binding::certid::MAX_DEVICE_ID_LEN {
+                return Err(self.invalid(key, "device id must be 1 to 256 bytes"));
+            }
+        }
+        for (j, a) in b.dpop_algorithms.iter().enumerate() {
+            if !SUPPORTED_ALGORITHMS.contains(&a.as_str()) {
+                return Err(self.invalid(
+                    format!("binding.dpop_algorithms[{j}]"),
+                    format!(
+                        "`{a}` is not accepted; use asymmetric algorithms from {}",
+                        SUPPORTED_ALGORITHMS.join(", ")
+                    ),
+                ));
+            }
+        }
+        if b.dpop_max_age_s == 0 || b.dpop_max_age_s > MAX_DPOP_MAX_AGE_S {
+            return Err(self.invalid(
+                "binding.dpop_max_age_s",
+                format!("must be 1 to {MAX_DPOP_MAX_AGE_S} s"),
+            ));
+        }
+        if b.dpop_future_skew_s > MAX_DPOP_FUTURE_SKEW_S {
+            return Err(self.invalid(
+                "binding.dpop_future_skew_s",
+                format!("must be at most {MAX_DPOP_FUTURE_SKEW_S} s"),
+            ));
+        }
+        if b.dpop_nonce_lifetime_s == 0 || b.dpop_nonce_lifetime_s > 3600 {
+            return Err(self.invalid("binding.dpop_nonce_lifetime_s", "must be 1 to 3600 s"));
+        }
+        if !(512..=65536).contains(&b.dpop_max_proof_bytes) {
+            return Err(self.invalid("binding.dpop_max_proof_bytes", "must be 512 to 65536 bytes"));
+        }
+        if b.dpop_replay_capacity < 1000 {
+            return Err(self.invalid("binding.dpop_replay_capacity", "must be at least 1000"));
+        }
+        Ok(())
+    }
+
+    /// A route's `binding` and `spiffe_ids` fit its `auth` mode.
+    fn validate_route_binding(&self, i: usize, r: &RouteConfig) -> Result<(), ConfigError> {
+        let key = |k: &str| format!("routes[{i}].{k}");
+        if r.binding == BindingMode::Required && r.auth != AuthMode::Bearer {
+            return Err(self.invalid(key("binding"), "applies to `auth = \"bearer\"` routes only"));
+        }
+        if r.auth != AuthMode::Mtls {
+            if !r.spiffe_ids.is_empty() {
+                return Err(self.invalid(
+                    key("spiffe_ids"),
+                    "applies to `auth = \"mtls\"` routes only",
+                ));
+            }
+            return Ok(());
+        }
+        if r.spiffe_ids.is_empty() {
+            return Err(self.invalid(
+                key("spiffe_ids"),
+                "an `auth = \"mtls\"` route needs at least one SPIFFE id",
+            ));
+        }
+        for (j, id) in r.spiffe_ids.iter().enumerate() {
+            let k = format!("routes[{i}].spiffe_ids[{j}]");
+            let exact = id.strip_suffix("/*").unwrap_or(id);
+            let parsed = crate::tls::SpiffeId::parse(exact)
+                .map_err(|m| self.invalid(k.clone(), format!("`{id}`: {m}")))?;
+            if !self
+                .tls
+                .spiffe
+                .iter()
+                .any(|s| s.trust_domain == parsed.trust_domain)
+            {
+                return Err(self.invalid(
+                    k,
+                    format!(
+                        "trust domain `{}` is not in tls.spiffe",
+                        parsed.trust_domain
+                    ),
+                ));
+            }
+        }
+        let hosts = crate::tls::HostSet::new(&self.tls.client_auth_hosts);
+        if r.host != "*" && !hosts.contains(&r.host) {
+            return Err(self.invalid(
+                key("host"),
+                format!(
+                    "`{}` is not in tls.client_auth_hosts, so no client certificate would be requested",
+                    r.host
+                ),
+            ));
         }
         Ok(())
     }

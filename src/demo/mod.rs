@@ -1,9 +1,13 @@
 //! `portcullis demo`: the embedded default, needing no other service.
 //!
-//! Generates a dev CA and server certificate, starts a built-in demo app
-//! (the upstream) and a local dev token issuer (OIDC discovery + JWKS +
-//! a `/token` endpoint), starts the proxy in front of the app on 127.0.0.1,
-//! writes `demo.env`, and prints `curl` commands that work as printed.
+//! Generates a dev CA and server certificate, a device CA and a device
+//! certificate for the seeded device, and a DPoP client key; starts a
+//! built-in demo app (the upstream) and a local dev token issuer (OIDC
+//! discovery + JWKS + `/token`, which can bind tokens with `cnf`, and a
+//! `/dpop-proof` helper that signs proofs with the demo client's key);
+//! starts the proxy in front of the app on 127.0.0.1, writes `demo.env`, and
+//! prints `curl` commands that work as printed — bearer, DPoP-bound and
+//! mTLS-bound. Nothing here is for production use.
 
 pub mod pki;
 
@@ -30,6 +34,13 @@ pub const DEMO_AUDIENCE: &str = "portcullis-demo";
 pub const DEMO_DEVICE_CLAIM: &str = "device_id";
 /// The demo's signing key id.
 pub const DEMO_KID: &str = "demo-es256-1";
+/// The seeded device.
+pub const DEMO_DEVICE_ID: &str = "laptop-001";
+/// How the demo reads the device id from a client certificate.
+pub const DEMO_DEVICE_ID_RULE: &str = "san-uri:device://{id}";
+/// The one name whose handshakes request a client certificate (`*.localhost`
+/// resolves to loopback, RFC 6761; curl does so itself).
+pub const DEMO_MTLS_HOST: &str = "mtls.localhost";
 
 /// Demo options.
 #[derive(Debug, Clone)]
@@ -123,6 +134,9 @@ fn demo_app(req: Request<Incoming>) -> Response<Full<Bytes>> {
             "subject": h("x-portcullis-subject"),
             "issuer": h("x-portcullis-issuer"),
             "device": h("x-portcullis-device"),
+            "binding": h("x-portcullis-binding"),
+            "verified_device": h("x-portcullis-verified-device"),
+            "workload": h("x-portcullis-workload"),
             "route": h("x-portcullis-route"),
             "request_id": h("x-request-id"),
             "forwarded_for": h("x-forwarded-for"),
@@ -145,10 +159,54 @@ pub fn demo_claims(issuer: &str, sub: &str, device: Option<&str>, ttl_s: u64) ->
     c
 }
 
-/// The dev token issuer: OIDC discovery, JWKS, and `GET /token?sub=…&device_id=…`.
+/// The demo's DPoP client: its key and the token bound to it. The dev
+/// issuer's `/dpop-proof` signs fresh proofs with it so the printed curl
+/// command works every time; a real client signs its own.
+struct DpopWallet {
+    key: SigningKey,
+    token: String,
+}
+
+/// A query parameter, percent-decoded.
+fn query_param(req: &Request<Incoming>, name: &str) -> Option<String> {
+    let q = req.uri().query()?;
+    q.split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| percent_decode(v))
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = b
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (b[i], hex) {
+            (b'%', Some(v)) => {
+                out.push(v);
+                i += 3;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The dev token issuer: OIDC discovery, JWKS,
+/// `GET /token?sub=…&device_id=…&jkt=…&x5t=…` (a token, bound by `cnf` when
+/// `jkt` / `x5t` are given), and `GET /dpop-proof?htm=…&htu=…` (a fresh
+/// proof by the demo client's key for its DPoP-bound token, as text).
 fn dev_issuer(
     key: Arc<SigningKey>,
     issuer: String,
+    wallet: Arc<DpopWallet>,
 ) -> impl Fn(Request<Incoming>) -> Response<Full<Bytes>> {
     move |req| match req.uri().path() {
         "/.well-known/openid-configuration" => json(
@@ -178,11 +236,42 @@ fn dev_issuer(
                     _ => {}
                 }
             }
-            match key.sign(&demo_claims(&issuer, &sub, device.as_deref(), 3600)) {
+            let mut claims = demo_claims(&issuer, &sub, device.as_deref(), 3600);
+            let mut cnf = serde_json::Map::new();
+            if let Some(jkt) = query_param(&req, "jkt").filter(|v| !v.is_empty()) {
+                cnf.insert("jkt".into(), jkt.into());
+            }
+            if let Some(x5t) = query_param(&req, "x5t").filter(|v| !v.is_empty()) {
+                cnf.insert("x5t#S256".into(), x5t.into());
+            }
+            if !cnf.is_empty() {
+                claims["cnf"] = cnf.into();
+            }
+            match key.sign(&claims) {
                 Ok(t) => json(
                     StatusCode::OK,
                     &serde_json::json!({"access_token": t, "token_type": "Bearer", "expires_in": 3600}),
                 ),
+                Err(e) => json(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    &serde_json::json!({"error": e.to_string()}),
+                ),
+            }
+        }
+        "/dpop-proof" => {
+            let htm = query_param(&req, "htm").unwrap_or_else(|| "GET".to_owned());
+            let Some(htu) = query_param(&req, "htu") else {
+                return json(
+                    StatusCode::BAD_REQUEST,
+                    &serde_json::json!({"error": "htu is required"}),
+                );
+            };
+            let nonce = query_param(&req, "nonce");
+            match wallet
+                .key
+                .dpop_proof(&htm, &htu, Some(&wallet.token), nonce.as_deref())
+            {
+                Ok(p) => Response::new(Full::new(Bytes::from(p))),
                 Err(e) => json(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     &serde_json::json!({"error": e.to_string()}),
@@ -266,9 +355,17 @@ engineering = ["git:write", "wiki:read"]
 name = "{DEMO_MDM_SOURCE}"
 secret = "{mdm}"
 
+[tls]
+# Device certificates: requested only on {DEMO_MTLS_HOST}, verified against the demo device CA.
+client_ca = ["device-ca.pem"]
+client_auth_hosts = ["{DEMO_MTLS_HOST}"]
+
 [[tls.certificates]]
 cert = "server.pem"
 key = "server-key.pem"
+
+[binding]
+device_id_rule = "{DEMO_DEVICE_ID_RULE}"
 
 [[issuers]]
 name = "demo"
@@ -304,24 +401,60 @@ fn shell_quote(s: &str) -> String {
 pub async fn start(opts: &DemoOptions) -> Result<RunningDemo, DemoError> {
     let dir = std::path::absolute(&opts.data_dir).unwrap_or_else(|_| opts.data_dir.clone());
     std::fs::create_dir_all(&dir)?;
+    let path = |name: &str| dir.join(name);
+    let shown = |name: &str| dir.join(name).display().to_string();
 
-    // PKI: a dev CA and a server certificate for 127.0.0.1 / localhost.
+    // PKI: a dev CA and a server certificate for 127.0.0.1 / localhost and
+    // the client-certificate name.
     let ca = DevCa::new("portcullis demo CA")?;
-    let server = ca.server_cert(&["localhost", "127.0.0.1", "::1"])?;
-    write_file(&dir.join("ca.pem"), &ca.cert_pem(), false)?;
-    write_file(&dir.join("server.pem"), &server.cert_pem, false)?;
-    write_file(&dir.join("server-key.pem"), &server.key_pem, true)?;
+    let server = ca.server_cert(&["localhost", "127.0.0.1", "::1", DEMO_MTLS_HOST])?;
+    write_file(&path("ca.pem"), &ca.cert_pem(), false)?;
+    write_file(&path("server.pem"), &server.cert_pem, false)?;
+    write_file(&path("server-key.pem"), &server.key_pem, true)?;
 
-    // The dev token issuer.
+    // Devices: a device CA and the seeded device's certificate.
+    let device_ca = DevCa::new("portcullis demo device CA")?;
+    let device_uri = DEMO_DEVICE_ID_RULE
+        .trim_start_matches("san-uri:")
+        .replace("{id}", DEMO_DEVICE_ID);
+    let device = device_ca.client_cert(DEMO_DEVICE_ID, &[&device_uri])?;
+    write_file(&path("device-ca.pem"), &device_ca.cert_pem(), false)?;
+    write_file(&path("device-ca-key.pem"), &device_ca.key_pem(), true)?;
+    write_file(&path("device.pem"), &device.cert_pem, false)?;
+    write_file(&path("device-key.pem"), &device.key_pem, true)?;
+    let device_x5t = crate::binding::mtls::encode_x5t(&crate::util::sha256(&device.cert_der));
+
+    // The dev token issuer, and the tokens it mints for the walkthrough.
     let key = Arc::new(SigningKey::es256(DEMO_KID)?);
-    write_file(&dir.join("issuer-key.pem"), &key.private_pem, true)?;
+    write_file(&path("issuer-key.pem"), &key.private_pem, true)?;
     let jwks = serde_json::json!({ "keys": [key.jwk] }).to_string();
-    write_file(&dir.join("issuer-jwks.json"), &jwks, false)?;
+    write_file(&path("issuer-jwks.json"), &jwks, false)?;
     let issuer_listener = TcpListener::bind("127.0.0.1:0").await?;
     let issuer_url = format!("http://{}", issuer_listener.local_addr()?);
+    let mint = |cnf: Option<serde_json::Value>| {
+        let mut c = demo_claims(
+            &issuer_url,
+            "alice@example.com",
+            Some(DEMO_DEVICE_ID),
+            12 * 3600,
+        );
+        if let Some(cnf) = cnf {
+            c["cnf"] = cnf;
+        }
+        key.sign(&c)
+    };
+    let token = mint(None)?;
+    let dpop_key = SigningKey::es256("demo-client")?;
+    write_file(&path("dpop-key.pem"), &dpop_key.private_pem, true)?;
+    let dpop_token = mint(Some(serde_json::json!({ "jkt": dpop_key.thumbprint()? })))?;
+    let mtls_token = mint(Some(serde_json::json!({ "x5t#S256": device_x5t })))?;
+    let wallet = Arc::new(DpopWallet {
+        key: dpop_key,
+        token: dpop_token.clone(),
+    });
     tokio::spawn(serve_plain(
         issuer_listener,
-        dev_issuer(key.clone(), issuer_url.clone()),
+        dev_issuer(key.clone(), issuer_url.clone(), wallet),
     ));
 
     // The demo app.
@@ -351,7 +484,7 @@ pub async fn start(opts: &DemoOptions) -> Result<RunningDemo, DemoError> {
     // The proxy.
     let proxy_addr: SocketAddr = ([127, 0, 0, 1], opts.proxy_port).into();
     let admin_addr: SocketAddr = ([127, 0, 0, 1], opts.admin_port).into();
-    let cfg_path = dir.join("portcullis.toml");
+    let cfg_path = path("portcullis.toml");
     write_file(
         &cfg_path,
         &demo_config(proxy_addr, admin_addr, &issuer_url, app_addr, &secrets),
@@ -360,32 +493,20 @@ pub async fn start(opts: &DemoOptions) -> Result<RunningDemo, DemoError> {
     let server = crate::server::start(cfg_path.clone()).await?;
     let seeded_ms = seed(&server.shared.posture).await?;
 
-    let token = key.sign(&demo_claims(
-        &issuer_url,
-        "alice@example.com",
-        Some("laptop-001"),
-        12 * 3600,
-    ))?;
     let proxy_url = format!("https://{}", server.proxy_addr);
+    let mtls_url = format!("https://{DEMO_MTLS_HOST}:{}", server.proxy_addr.port());
     let admin_url = format!("http://{}", server.admin_addr);
-    let ca_path = dir.join("ca.pem");
-    let env_file = dir.join("demo.env");
+    let env_file = path("demo.env");
     let env = [
         ("PORTCULLIS_PROXY_URL", proxy_url.clone()),
         ("PORTCULLIS_ADMIN_URL", admin_url.clone()),
-        ("PORTCULLIS_CA_CERT", ca_path.display().to_string()),
+        ("PORTCULLIS_CA_CERT", shown("ca.pem")),
         ("PORTCULLIS_ISSUER", issuer_url.clone()),
         ("PORTCULLIS_AUDIENCE", DEMO_AUDIENCE.to_owned()),
         ("PORTCULLIS_ISSUER_ALG", key.alg.to_owned()),
         ("PORTCULLIS_ISSUER_KID", key.kid.clone()),
-        (
-            "PORTCULLIS_ISSUER_KEY",
-            dir.join("issuer-key.pem").display().to_string(),
-        ),
-        (
-            "PORTCULLIS_ISSUER_JWKS",
-            dir.join("issuer-jwks.json").display().to_string(),
-        ),
+        ("PORTCULLIS_ISSUER_KEY", shown("issuer-key.pem")),
+        ("PORTCULLIS_ISSUER_JWKS", shown("issuer-jwks.json")),
         ("PORTCULLIS_DEVICE_CLAIM", DEMO_DEVICE_CLAIM.to_owned()),
         ("PORTCULLIS_TOKEN", token.clone()),
         ("PORTCULLIS_CONFIG", cfg_path.display().to_string()),
@@ -407,6 +528,16 @@ pub async fn start(opts: &DemoOptions) -> Result<RunningDemo, DemoError> {
             format!("{admin_url}/mdm/v1/{DEMO_MDM_SOURCE}/events"),
         ),
         ("PORTCULLIS_MDM_SECRET", secrets.mdm.clone()),
+        ("PORTCULLIS_MTLS_URL", mtls_url.clone()),
+        ("PORTCULLIS_DEVICE_CA_CERT", shown("device-ca.pem")),
+        ("PORTCULLIS_DEVICE_CA_KEY", shown("device-ca-key.pem")),
+        ("PORTCULLIS_DEVICE_ID_RULE", DEMO_DEVICE_ID_RULE.to_owned()),
+        ("PORTCULLIS_DEVICE_ID", DEMO_DEVICE_ID.to_owned()),
+        ("PORTCULLIS_DEVICE_CERT", shown("device.pem")),
+        ("PORTCULLIS_DEVICE_KEY", shown("device-key.pem")),
+        ("PORTCULLIS_MTLS_TOKEN", mtls_token.clone()),
+        ("PORTCULLIS_DPOP_KEY", shown("dpop-key.pem")),
+        ("PORTCULLIS_DPOP_TOKEN", dpop_token.clone()),
     ];
     let env_text: String = env
         .iter()
@@ -414,14 +545,15 @@ pub async fn start(opts: &DemoOptions) -> Result<RunningDemo, DemoError> {
         .collect();
     write_file(&env_file, &env_text, true)?;
 
-    let ca_arg = shell_quote(&ca_path.display().to_string());
+    let ca_arg = shell_quote(&shown("ca.pem"));
     let walkthrough = format!(
         "portcullis demo is running.\n\
          \n  proxy  {proxy_url}  (TLS, dev CA at {ca})\
+         \n  mtls   {mtls_url}  (the one name that asks for a device certificate)\
          \n  admin  {admin_url}  (/metrics, /healthz, /readyz)\
-         \n  issuer {issuer_url}  (dev token issuer: /token?sub=…&device_id=…)\
+         \n  issuer {issuer_url}  (dev token issuer: /token?sub=…&device_id=…&jkt=…&x5t=…, /dpop-proof?htm=…&htu=…)\
          \n  env    {env}  (source it: . {env})\n\
-         \n# 1. An allowed request: a valid token for alice on laptop-001 reaches the demo app.\n\
+         \n# 1. An allowed request: a valid token for alice on {DEMO_DEVICE_ID} reaches the demo app.\n\
          curl -sS --cacert {ca_arg} -H 'Authorization: Bearer {token}' {proxy_url}/hello\n\
          \n# 2. A rejected request: no token, so the proxy answers 401 and the app never sees it.\n\
          curl -sS -i --cacert {ca_arg} {proxy_url}/hello\n\
@@ -429,21 +561,33 @@ pub async fn start(opts: &DemoOptions) -> Result<RunningDemo, DemoError> {
          curl -sS -i --cacert {ca_arg} -H 'Authorization: Bearer {tampered}' {proxy_url}/hello\n\
          \n# 4. A public route needs no token.\n\
          curl -sS --cacert {ca_arg} {proxy_url}/public/info\n\
-         \n# 5. The seeded state: laptop-001 is alice's managed, compliant laptop.\n\
+         \n# 5. A DPoP-bound request (RFC 9449): the token is bound to the demo client's key (dpop-key.pem) and\n\
+         #    every request carries a fresh proof signed with it. The dev issuer's /dpop-proof signs one for\n\
+         #    this demo; a real client signs its own.\n\
+         curl -sS --cacert {ca_arg} -H 'Authorization: DPoP {dpop_token}' -H \"DPoP: $(curl -sS '{issuer_url}/dpop-proof?htm=GET&htu={proxy_url}/hello')\" {proxy_url}/hello\n\
+         \n# 6. The same DPoP-bound token as a plain bearer token: 401, a stolen DPoP token is useless without its key.\n\
+         curl -sS -i --cacert {ca_arg} -H 'Authorization: Bearer {dpop_token}' {proxy_url}/hello\n\
+         \n# 7. An mTLS-bound request (RFC 8705) with {DEMO_DEVICE_ID}'s device certificate, on {DEMO_MTLS_HOST}.\n\
+         curl -sS --cacert {ca_arg} --cert {device_arg} --key {device_key_arg} -H 'Authorization: Bearer {mtls_token}' {mtls_url}/hello\n\
+         \n# 8. The same certificate-bound token without the certificate: 401.\n\
+         curl -sS -i --cacert {ca_arg} -H 'Authorization: Bearer {mtls_token}' {proxy_url}/hello\n\
+         \n# 9. The seeded state: laptop-001 is alice's managed, compliant laptop.\n\
          curl -sS -H 'Authorization: Bearer {admin_token}' {admin_url}/admin/v1/devices/laptop-001\n\
-         \n# 6. The MDM reports laptop-001 lost (the generic device event).\n\
+         \n# 10. The MDM reports laptop-001 lost (the generic device event).\n\
          curl -sS -X POST -H 'Authorization: Bearer {mdm_secret}' -H 'Content-Type: application/json' -d '{{\"event_id\":\"demo-lost-1\",\"device_id\":\"laptop-001\",\"occurred_at\":{lost_ms},\"lifecycle\":\"lost\"}}' {admin_url}/mdm/v1/{DEMO_MDM_SOURCE}/events\n\
-         \n# 7. The same token is refused on the very next request: the device is lost.\n\
+         \n# 11. The same token is refused on the very next request: the device is lost.\n\
          curl -sS -i --cacert {ca_arg} -H 'Authorization: Bearer {token}' {proxy_url}/hello\n\
-         \n# 8. Metrics: requests, feed events, and the control window (event accepted -> first request decided on it).\n\
+         \n# 12. Metrics: requests, feed events, and the control window (event accepted -> first request decided on it).\n\
          curl -s {admin_url}/metrics | grep -E 'portcullis_(requests|feed_events|control_window_seconds_count)'\n\
          \nPress Ctrl-C to stop.\n",
-        ca = ca_path.display(),
+        ca = shown("ca.pem"),
         env = env_file.display(),
         tampered = tamper(&token),
         admin_token = secrets.admin,
         mdm_secret = secrets.mdm,
         lost_ms = seeded_ms + 1000,
+        device_arg = shell_quote(&shown("device.pem")),
+        device_key_arg = shell_quote(&shown("device-key.pem")),
     );
     Ok(RunningDemo {
         server,

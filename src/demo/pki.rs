@@ -106,17 +106,37 @@ impl DevCa {
     /// Issues a client certificate with a common name and optional URI SANs
     /// (such as `device://…` or `spiffe://…`).
     pub fn client_cert(&self, common_name: &str, uris: &[&str]) -> Result<Leaf, PkiError> {
+        self.client_cert_with(&ClientCertSpec {
+            common_name,
+            uris,
+            ..ClientCertSpec::default()
+        })
+    }
+
+    /// Issues a client certificate as `spec` describes.
+    pub fn client_cert_with(&self, spec: &ClientCertSpec<'_>) -> Result<Leaf, PkiError> {
         let mut params = CertificateParams::new(Vec::<String>::new())?;
-        for u in uris {
+        for u in spec.uris {
             params
                 .subject_alt_names
                 .push(SanType::URI((*u).try_into()?));
         }
+        for d in spec.dns {
+            params
+                .subject_alt_names
+                .push(SanType::DnsName((*d).try_into()?));
+        }
         let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, common_name);
+        if !spec.common_name.is_empty() {
+            dn.push(DnType::CommonName, spec.common_name);
+        }
         params.distinguished_name = dn;
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        if spec.expired {
+            params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+            params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+        }
         self.leaf(params)
     }
 
@@ -129,6 +149,19 @@ impl DevCa {
             cert_der: cert.der().to_vec(),
         })
     }
+}
+
+/// What goes into a client certificate.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ClientCertSpec<'a> {
+    /// Subject CN (empty: none).
+    pub common_name: &'a str,
+    /// URI SANs (`device://…`, `spiffe://…`).
+    pub uris: &'a [&'a str],
+    /// DNS SANs.
+    pub dns: &'a [&'a str],
+    /// Valid only in 2020: expired.
+    pub expired: bool,
 }
 
 /// A JWT signing key with its public JWK.
@@ -222,6 +255,92 @@ impl SigningKey {
             "EdDSA" => jsonwebtoken::Algorithm::EdDSA,
             _ => jsonwebtoken::Algorithm::RS256,
         }
+    }
+
+    /// The public JWK with only its RFC 7638 required members, as a DPoP
+    /// proof's `jwk` header carries it.
+    pub fn public_jwk(&self) -> serde_json::Value {
+        let keep: &[&str] = match self.alg {
+            "ES256" => &["kty", "crv", "x", "y"],
+            "EdDSA" => &["kty", "crv", "x"],
+            _ => &["kty", "n", "e"],
+        };
+        let mut out = serde_json::Map::new();
+        for k in keep {
+            if let Some(v) = self.jwk.get(*k) {
+                out.insert((*k).to_owned(), v.clone());
+            }
+        }
+        serde_json::Value::Object(out)
+    }
+
+    /// RFC 7638 SHA-256 thumbprint of the public key: a token's `cnf.jkt`.
+    pub fn thumbprint(&self) -> Result<String, PkiError> {
+        let jwk: jsonwebtoken::jwk::Jwk =
+            serde_json::from_value(self.public_jwk()).map_err(|e| PkiError::Key(e.to_string()))?;
+        jwk.thumbprint(jsonwebtoken::jwk::ThumbprintHash::SHA256)
+            .map_err(|e| PkiError::Key(e.to_string()))
+    }
+
+    /// Signs any header and claims as a compact JWS with this key (the
+    /// header's `alg` is taken as given, so tests can lie in it).
+    pub fn sign_jws(
+        &self,
+        header: &serde_json::Value,
+        claims: &serde_json::Value,
+    ) -> Result<String, PkiError> {
+        let input = format!(
+            "{}.{}",
+            b64(header.to_string().as_bytes()),
+            b64(claims.to_string().as_bytes())
+        );
+        let sig =
+            jsonwebtoken::crypto::sign(input.as_bytes(), &self.encoding_key()?, self.algorithm())
+                .map_err(|e| PkiError::Key(e.to_string()))?;
+        Ok(format!("{input}.{sig}"))
+    }
+
+    /// The header of a DPoP proof made with this key.
+    pub fn dpop_header(&self) -> serde_json::Value {
+        serde_json::json!({ "typ": "dpop+jwt", "alg": self.alg, "jwk": self.public_jwk() })
+    }
+
+    /// The claims of a fresh DPoP proof (RFC 9449 §4.2): a random `jti`,
+    /// `iat` now, `ath` when a token is given, `nonce` when one is given.
+    pub fn dpop_claims(
+        htm: &str,
+        htu: &str,
+        access_token: Option<&str>,
+        nonce: Option<&str>,
+    ) -> serde_json::Value {
+        let mut jti = [0u8; 16];
+        if aws_lc_rs::rand::fill(&mut jti).is_err() {
+            jti[..8].copy_from_slice(&crate::util::now_unix().to_be_bytes());
+        }
+        let mut c = serde_json::json!({
+            "jti": b64(&jti), "htm": htm, "htu": htu, "iat": crate::util::now_unix(),
+        });
+        if let Some(t) = access_token {
+            c["ath"] = crate::binding::dpop::ath(t).into();
+        }
+        if let Some(n) = nonce {
+            c["nonce"] = n.into();
+        }
+        c
+    }
+
+    /// A fresh DPoP proof for one request.
+    pub fn dpop_proof(
+        &self,
+        htm: &str,
+        htu: &str,
+        access_token: Option<&str>,
+        nonce: Option<&str>,
+    ) -> Result<String, PkiError> {
+        self.sign_jws(
+            &self.dpop_header(),
+            &Self::dpop_claims(htm, htu, access_token, nonce),
+        )
     }
 
     /// Signs claims into a compact JWT with this key's `kid` and `alg`.

@@ -2,9 +2,11 @@
 //!
 //! ```text
 //! 1. route         host + path prefix → Route                      (route/)
-//! 2. authenticate  bearer JWT → VerifiedToken (cache skips only    (authn/)
-//!                  the signature check)
-//! 3. bind          token ↔ client certificate / DPoP               (binding/, later)
+//! 2. authenticate  `Bearer`/`DPoP` JWT → VerifiedToken (cache      (authn/)
+//!                  skips only the signature check); on `auth =
+//!                  "mtls"` routes, the SPIFFE workload certificate  (binding/)
+//! 3. bind          token ↔ DPoP proof / client certificate /       (binding/)
+//!                  device → Binding {kind, verified device}
 //! 4. resolve       principal → identity, device → posture          (posture/, later)
 //! 5. decide        Cedar policies → decision                       (policy/, later)
 //! 6. forward       header hygiene, stream both ways, upgrades
@@ -31,8 +33,10 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
-use crate::authn::{Authenticated, Authenticator};
-use crate::config::{AuthMode, Config};
+use crate::authn::{Authenticated, Authenticator, Scheme};
+use crate::binding::mtls::MtlsError;
+use crate::binding::{BindError, Binder, Binding, RequestView, TokenView, WorkloadError};
+use crate::config::{AuthMode, BindingMode, Config};
 use crate::route::{Route, RouteTable};
 use crate::telemetry::{ActionLabel, Metrics, RouteLabel, RouteStatus};
 use crate::tls::TlsInfo;
@@ -57,6 +61,8 @@ pub struct Runtime {
     pub routes: RouteTable,
     /// Token verification.
     pub auth: Arc<Authenticator>,
+    /// Token binding: DPoP, certificates, devices.
+    pub binder: Binder,
     /// Upstream client (connection pool).
     pub upstream: client::UpstreamClient,
     /// Identity headers stripped from client requests.
@@ -86,6 +92,9 @@ pub struct RequestCtx {
     pub auth: Option<Authenticated>,
     /// Identity and device posture, once phase 4 ran.
     pub resolved: Option<crate::posture::Resolved>,
+    /// The verified binding (kind, device the certificate proves, workload),
+    /// once phase 3 ran (or phase 2 on `auth = "mtls"` routes). Policy reads it.
+    pub binding: Option<Binding>,
 }
 
 /// The shared proxy state.
@@ -111,8 +120,14 @@ pub mod set_headers {
     pub const SUBJECT: &str = "x-portcullis-subject";
     /// Verified issuer name.
     pub const ISSUER: &str = "x-portcullis-issuer";
-    /// Device named by the token.
+    /// Device named by the token (or, when it names none, by the client certificate).
     pub const DEVICE: &str = "x-portcullis-device";
+    /// Token binding: `none`, `mtls` or `dpop`.
+    pub const BINDING: &str = "x-portcullis-binding";
+    /// Device id proven by the client certificate.
+    pub const VERIFIED_DEVICE: &str = "x-portcullis-verified-device";
+    /// SPIFFE id of a workload client certificate.
+    pub const WORKLOAD: &str = "x-portcullis-workload";
     /// Matched route.
     pub const ROUTE: &str = "x-portcullis-route";
     /// Request id.
@@ -154,6 +169,7 @@ impl Proxy {
             route: None,
             auth: None,
             resolved: None,
+            binding: None,
         };
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
@@ -170,7 +186,12 @@ impl Proxy {
                 if d.origin() != rescue::Origin::Downstream {
                     tracing::warn!(request_id = %ctx.id, origin = ?d.origin(), error = %d, "request failed");
                 }
-                rescue::respond(&d, &ctx.id)
+                let algs = if rt.binder.dpop.enabled() {
+                    rt.binder.dpop.algs()
+                } else {
+                    ""
+                };
+                rescue::respond(&d, &ctx.id, algs)
             }
         };
         self.record(&ctx, &method, &path, &conn, resp.status());
@@ -187,14 +208,29 @@ impl Proxy {
         // 1. route
         let route = phase_route(rt, &req)?;
         ctx.route = Some(route.clone());
-        // 2. authenticate
-        if route.auth == AuthMode::Bearer {
-            let auth = self.phase_authenticate(rt, &route, &req).await?;
-            // 3 (bind) arrives with the binding room.
-            // 4. resolve + baseline
-            let resolved = self.phase_resolve(&auth);
-            ctx.auth = Some(auth);
-            ctx.resolved = Some(resolved?);
+        let mut dpop_used = false;
+        match route.auth {
+            AuthMode::Bearer => {
+                // 2. authenticate
+                let (scheme, token, auth) = self.phase_authenticate(rt, &route, &req).await?;
+                // 3. bind (the subject stays in the context, and so in the
+                // access line, even when its binding is refused)
+                let binding = phase_bind(rt, &route, &req, conn, scheme, token, &auth);
+                ctx.auth = Some(auth);
+                let binding = binding?;
+                dpop_used = scheme == Scheme::Dpop;
+                // 4. resolve + baseline, on the device the binding proved
+                // (a certificate) or else the one the token names.
+                let resolved = match &ctx.auth {
+                    Some(a) => self.phase_resolve(a, binding.device.as_deref()),
+                    None => Err(Denial::Internal),
+                };
+                ctx.binding = Some(binding);
+                ctx.resolved = Some(resolved?);
+            }
+            // 2–3. a workload certificate authenticates and binds at once.
+            AuthMode::Mtls => ctx.binding = Some(phase_workload(rt, &route, &req, conn)?),
+            AuthMode::Public => {}
         }
         // 5 (decide) arrives with the policy room.
         self.metrics
@@ -206,45 +242,67 @@ impl Proxy {
             .inc();
         // 6. forward
         prepare_upstream_request(rt, ctx, &route, &mut req, conn)?;
-        self.phase_forward(rt, ctx, &route, req).await
+        let mut resp = self.phase_forward(rt, ctx, &route, req).await?;
+        if dpop_used && rt.binder.dpop.nonce_required() {
+            // RFC 9449 §8.2: a fresh nonce for the client's next proof.
+            let nonce = rt.binder.dpop.fresh_nonce(crate::util::now_unix());
+            if let Ok(v) = HeaderValue::from_str(&nonce) {
+                resp.headers_mut().insert("dpop-nonce", v);
+            }
+        }
+        Ok(resp)
     }
 
-    /// Phase 2: reads `Authorization`, adds the verified token to the context.
-    async fn phase_authenticate(
+    /// Phase 2: reads the one `Authorization` header (`Bearer`, or `DPoP`
+    /// when DPoP is on), adds the verified token to the context.
+    async fn phase_authenticate<'r>(
         &self,
         rt: &Runtime,
         route: &Route,
-        req: &Request<Incoming>,
-    ) -> Result<Authenticated, Denial> {
-        let token = Authenticator::bearer_token(req.headers().get(header::AUTHORIZATION))
+        req: &'r Request<Incoming>,
+    ) -> Result<(Scheme, &'r str, Authenticated), Denial> {
+        let mut all = req.headers().get_all(header::AUTHORIZATION).iter();
+        let first = all.next();
+        if all.next().is_some() {
+            return Err(Denial::BadRequest("more than one Authorization header"));
+        }
+        let (scheme, token) = Authenticator::authorization(first, rt.binder.dpop.enabled())
             .map_err(Denial::Unauthenticated)?;
         let auth = rt
             .auth
             .authenticate(token, &route.issuers)
             .await
-            .map_err(Denial::Unauthenticated)?;
+            .map_err(|e| match scheme {
+                Scheme::Bearer => Denial::Unauthenticated(e),
+                Scheme::Dpop => Denial::DpopTokenInvalid(e),
+            })?;
         if auth.cache_hit {
             self.metrics.token_cache_hits.inc();
         } else {
             self.metrics.token_cache_misses.inc();
         }
-        Ok(auth)
+        Ok((scheme, token, auth))
     }
 
     /// Phase 4: looks up the subject's identity and the token's device in the
     /// snapshot, records the control window if this request is the first on
     /// a changed state, and applies the baseline (disabled subjects, revoked
     /// credentials, lost / wiped / compromised devices are refused).
-    fn phase_resolve(&self, auth: &Authenticated) -> Result<crate::posture::Resolved, Denial> {
+    fn phase_resolve(
+        &self,
+        auth: &Authenticated,
+        verified_device: Option<&str>,
+    ) -> Result<crate::posture::Resolved, Denial> {
         let t = &auth.token;
         let sub = t.claims.sub.as_str();
-        let resolved = self.posture.resolve(sub, t.device.as_deref());
+        let device = verified_device.or(t.device.as_deref());
+        let resolved = self.posture.resolve(sub, device);
         self.posture.observe_control_window(sub, &resolved);
         let canonical = resolved
             .identity
             .as_ref()
             .map_or(sub, |i| i.subject.as_str());
-        let pair = t.device.as_deref().map(|d| format!("{canonical}|{d}"));
+        let pair = device.map(|d| format!("{canonical}|{d}"));
         let mut sessions: Vec<&str> = Vec::with_capacity(3);
         sessions.extend(t.claims.jti.as_deref());
         sessions.extend(t.claims.sid.as_deref());
@@ -373,6 +431,8 @@ impl Proxy {
             })
             .inc();
         let subject = ctx.auth.as_ref().map(|a| a.token.claims.sub.as_str());
+        let binding = ctx.binding.as_ref().map(|b| b.kind.as_str());
+        let device = ctx.binding.as_ref().and_then(|b| b.device.as_deref());
         tracing::info!(
             target: "portcullis::access",
             request_id = %ctx.id,
@@ -382,6 +442,8 @@ impl Proxy {
             path,
             status = status.as_u16(),
             subject,
+            binding,
+            device,
             elapsed_us = ctx.started.elapsed().as_micros() as u64,
             "request"
         );
@@ -435,6 +497,92 @@ fn strip_port(authority: &str) -> &str {
     authority.rsplit_once(':').map_or(authority, |(h, _)| h)
 }
 
+/// The request's authority as received: the URI's (HTTP/2 `:authority`,
+/// absolute-form) or `Host`.
+fn request_authority<B>(req: &Request<B>) -> Option<&str> {
+    req.uri().authority().map(|a| a.as_str()).or_else(|| {
+        req.headers()
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok())
+    })
+}
+
+/// True when the host needs a client certificate but this connection's
+/// handshake (made for another SNI) never asked for one.
+fn misdirected<B>(rt: &Runtime, req: &Request<B>, conn: &ConnInfo) -> bool {
+    let asked = conn.tls.as_ref().is_some_and(|t| t.client_cert_requested);
+    !asked && request_host(req).is_some_and(|h| rt.binder.client_auth_hosts.contains(h))
+}
+
+/// A certificate that expired since the handshake no longer counts.
+fn fresh_peer(conn: &ConnInfo, now: u64) -> Result<Option<&crate::tls::PeerCertificate>, Denial> {
+    match conn.tls.as_ref().and_then(|t| t.peer.as_deref()) {
+        Some(p) if p.expired(now) => Err(Denial::ClientCertExpired),
+        p => Ok(p),
+    }
+}
+
+/// Phase 3: checks the token's binding — the DPoP proof for `cnf.jkt`,
+/// the client certificate for `cnf.x5t#S256`, the certificate's device
+/// against the token's — and the route's `binding = "required"`.
+fn phase_bind<B>(
+    rt: &Runtime,
+    route: &Route,
+    req: &Request<B>,
+    conn: &ConnInfo,
+    scheme: Scheme,
+    token: &str,
+    auth: &Authenticated,
+) -> Result<Binding, Denial> {
+    let now = crate::util::now_unix();
+    let peer = fresh_peer(conn, now)?;
+    let view = RequestView {
+        method: req.method().as_str(),
+        scheme: if conn.tls.is_some() { "https" } else { "http" },
+        authority: request_authority(req),
+        path: req.uri().path(),
+        headers: req.headers(),
+        peer,
+        now,
+    };
+    let tok = TokenView {
+        scheme,
+        token,
+        verified: &auth.token,
+    };
+    let required = route.binding == BindingMode::Required;
+    rt.binder
+        .bind_token(&view, &tok, required)
+        .map_err(|error| match error {
+            BindError::Mtls(MtlsError::NoCertificate) if misdirected(rt, req, conn) => {
+                Denial::Misdirected
+            }
+            BindError::Dpop(error) => Denial::DpopInvalid {
+                error,
+                nonce: error.wants_nonce().then(|| rt.binder.dpop.fresh_nonce(now)),
+            },
+            error => Denial::BindingMismatch { scheme, error },
+        })
+}
+
+/// Phases 2–3 on `auth = "mtls"` routes: the connection's SPIFFE workload
+/// certificate, matched against the route's `spiffe_ids`.
+fn phase_workload<B>(
+    rt: &Runtime,
+    route: &Route,
+    req: &Request<B>,
+    conn: &ConnInfo,
+) -> Result<Binding, Denial> {
+    let peer = fresh_peer(conn, crate::util::now_unix())?;
+    rt.binder
+        .bind_workload(peer, &route.spiffe_ids)
+        .map_err(|e| match e {
+            WorkloadError::NoCertificate if misdirected(rt, req, conn) => Denial::Misdirected,
+            WorkloadError::NoCertificate => Denial::ClientCertRequired(e),
+            e => Denial::WorkloadNotAllowed(e),
+        })
+}
+
 /// Phase 1: finds the route; adds it to the context.
 fn phase_route<B>(rt: &Runtime, req: &Request<B>) -> Result<Arc<Route>, Denial> {
     let host = request_host(req).unwrap_or("");
@@ -480,6 +628,7 @@ fn prepare_upstream_request<B>(
     h.remove(header::HOST);
     if !rt.config.proxy.forward_authorization {
         h.remove(header::AUTHORIZATION);
+        h.remove("dpop");
     }
     let proto = if conn.tls.is_some() { "https" } else { "http" };
     headers::set_forwarded(h, conn.peer.ip(), proto, original_host.as_deref());
@@ -497,6 +646,25 @@ fn prepare_upstream_request<B>(
         }
         if let Some(Ok(v)) = t.device.as_deref().map(HeaderValue::from_str) {
             h.insert(set_headers::DEVICE, v);
+        }
+    }
+    if let Some(b) = &ctx.binding {
+        h.insert(
+            set_headers::BINDING,
+            HeaderValue::from_static(b.kind.as_str()),
+        );
+        if let Some(Ok(v)) = b.device.as_deref().map(HeaderValue::from_str) {
+            if !h.contains_key(set_headers::DEVICE) {
+                h.insert(set_headers::DEVICE, v.clone());
+            }
+            h.insert(set_headers::VERIFIED_DEVICE, v);
+        }
+        if let Some(Ok(v)) = b
+            .workload
+            .as_ref()
+            .map(|w| HeaderValue::from_str(&w.to_string()))
+        {
+            h.insert(set_headers::WORKLOAD, v);
         }
     }
     if let Some(r) = &ctx.resolved {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use http::Uri;
 
-use crate::config::{AuthMode, Config, RouteConfig, Sensitivity};
+use crate::config::{AuthMode, BindingMode, Config, RouteConfig, Sensitivity};
 
 /// A route as the request path sees it.
 #[derive(Debug)]
@@ -27,6 +27,10 @@ pub struct Route {
     pub auth: AuthMode,
     /// Issuer names accepted here; empty means all.
     pub issuers: Vec<String>,
+    /// Whether tokens must be sender-constrained.
+    pub binding: BindingMode,
+    /// SPIFFE ids (exact or `…/*`) accepted on an `auth = "mtls"` route.
+    pub spiffe_ids: Vec<String>,
     /// Largest request body accepted.
     pub max_body_bytes: Option<u64>,
     /// Time to wait for response headers.
@@ -108,6 +112,8 @@ fn build_route(rc: &RouteConfig, cfg: &Config) -> Route {
         sensitivity: rc.sensitivity,
         auth: rc.auth,
         issuers: rc.issuers.clone(),
+        binding: rc.binding,
+        spiffe_ids: rc.spiffe_ids.clone(),
         max_body_bytes: rc.max_body_bytes,
         timeout: std::time::Duration::from_millis(rc.timeout_ms.unwrap_or(cfg.upstream.timeout_ms)),
     }

@@ -245,11 +245,14 @@ pub struct TestPki {
 
 impl TestPki {
     pub fn new() -> Self {
+        Self::with_names(&["localhost", "127.0.0.1", "app.test", "other.test"])
+    }
+
+    /// A CA and a server certificate for these names.
+    pub fn with_names(names: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let ca = DevCa::new("test CA").unwrap();
-        let server = ca
-            .server_cert(&["localhost", "127.0.0.1", "app.test", "other.test"])
-            .unwrap();
+        let server = ca.server_cert(names).unwrap();
         std::fs::write(dir.path().join("ca.pem"), ca.cert_pem()).unwrap();
         std::fs::write(dir.path().join("server.pem"), &server.cert_pem).unwrap();
         std::fs::write(dir.path().join("server-key.pem"), &server.key_pem).unwrap();
@@ -482,5 +485,144 @@ impl Drop for ServeProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A client certificate's chain and key, for [`TlsConn`].
+pub struct ClientIdentity {
+    pub cert_der: Vec<u8>,
+    pub key_pem: String,
+}
+
+impl From<&portcullis::demo::pki::Leaf> for ClientIdentity {
+    fn from(l: &portcullis::demo::pki::Leaf) -> Self {
+        Self {
+            cert_der: l.cert_der.clone(),
+            key_pem: l.key_pem.clone(),
+        }
+    }
+}
+
+/// Records whether the server asked for a client certificate, and answers
+/// with one when the test gave it.
+#[derive(Debug)]
+struct CertRecorder {
+    key: Option<Arc<rustls::sign::CertifiedKey>>,
+    asked: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl rustls::client::ResolvesClientCert for CertRecorder {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        self.asked.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.key.clone()
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// One real TLS connection (HTTP/1.1) to the proxy with a chosen SNI and an
+/// optional client certificate, so tests control exactly what the
+/// handshake presented and can reuse the connection.
+pub struct TlsConn {
+    sender: hyper::client::conn::http1::SendRequest<TestBody>,
+    /// Whether the server's handshake asked for a client certificate.
+    pub asked_for_cert: bool,
+    /// Host header default (the SNI, or the address).
+    pub host: String,
+}
+
+impl TlsConn {
+    /// Connects to `addr` with SNI `sni` (an IP address sends none). Fails
+    /// when the handshake or the first read fails (TLS 1.3 reports a refused
+    /// client certificate only after the client finished).
+    pub async fn connect(
+        addr: SocketAddr,
+        sni: &str,
+        ca_pem: &str,
+        identity: Option<&ClientIdentity>,
+    ) -> Result<Self, BoxError> {
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        for c in rustls_pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+            roots.add(c?)?;
+        }
+        let key = match identity {
+            Some(id) => {
+                let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(id.key_pem.as_bytes())?;
+                let chain = vec![rustls_pki_types::CertificateDer::from(id.cert_der.clone())];
+                Some(Arc::new(rustls::sign::CertifiedKey::from_der(
+                    chain, key, &provider,
+                )?))
+            }
+            None => None,
+        };
+        let asked = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_client_cert_resolver(Arc::new(CertRecorder {
+                key,
+                asked: asked.clone(),
+            }));
+        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let server_name = rustls_pki_types::ServerName::try_from(sni.to_owned())?;
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        let tls = tokio::time::timeout(
+            DEADLINE,
+            tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(server_name, tcp),
+        )
+        .await??;
+        let (sender, conn) =
+            hyper::client::conn::http1::handshake::<_, TestBody>(TokioIo::new(tls)).await?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let host = if sni.parse::<std::net::IpAddr>().is_ok() {
+            addr.to_string()
+        } else {
+            format!("{sni}:{}", addr.port())
+        };
+        Ok(Self {
+            sender,
+            asked_for_cert: asked.load(std::sync::atomic::Ordering::SeqCst),
+            host,
+        })
+    }
+
+    /// Sends one request on this connection; `Host` defaults to the SNI.
+    pub async fn send(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<(StatusCode, http::HeaderMap, Bytes), BoxError> {
+        let mut b = Request::builder().method(method).uri(path);
+        if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+            b = b.header("host", &self.host);
+        }
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        let req = b.body(empty())?;
+        tokio::time::timeout(DEADLINE, self.sender.ready()).await??;
+        let resp = tokio::time::timeout(DEADLINE, self.sender.send_request(req)).await??;
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await?.to_bytes();
+        Ok((parts.status, parts.headers, body))
+    }
+
+    /// Like [`TlsConn::send`] for a GET, panicking on transport errors.
+    pub async fn get(
+        &mut self,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> (StatusCode, http::HeaderMap, Bytes) {
+        self.send("GET", path, headers).await.unwrap()
     }
 }

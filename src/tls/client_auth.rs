@@ -1,0 +1,406 @@
+//! Client certificates: which SNI names ask for one ([`HostSet`]), and how a
+//! presented one is verified ([`ClientAuthVerifier`]).
+//!
+//! Two kinds of client certificate are trusted, never across each other: a
+//! SPIFFE X.509-SVID (one URI SAN `spiffe://trust-domain/path`) must chain to
+//! *its own* trust domain's bundle; any other certificate must chain to the
+//! device CA bundles. So a device CA cannot mint workload identities and a
+//! SPIFFE authority cannot mint devices. Expired or untrusted certificates
+//! fail the handshake. Presenting a certificate stays optional: routes decide
+//! whether they need one.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
+use rustls_pki_types::{CertificateDer, UnixTime};
+
+use super::TlsError;
+
+/// Longest SPIFFE id accepted (the SPIFFE spec's limit).
+pub const MAX_SPIFFE_ID_LEN: usize = 2048;
+
+/// A SPIFFE id, `spiffe://<trust domain><path>`, checked against the SPIFFE
+/// ID spec: lowercase trust domain of `[a-z0-9.-_]`, path segments of
+/// `[A-Za-z0-9.-_]`, no empty, `.` or `..` segment, no trailing slash, no
+/// query, fragment, port or user info.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SpiffeId {
+    /// Trust domain, such as `prod.example.org`.
+    pub trust_domain: String,
+    /// Path, empty or starting with `/`.
+    pub path: String,
+}
+
+impl fmt::Display for SpiffeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "spiffe://{}{}", self.trust_domain, self.path)
+    }
+}
+
+impl SpiffeId {
+    /// Parses a SPIFFE id; the message says what is wrong.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        if s.len() > MAX_SPIFFE_ID_LEN {
+            return Err(format!("longer than {MAX_SPIFFE_ID_LEN} bytes"));
+        }
+        let rest = s
+            .strip_prefix("spiffe://")
+            .ok_or("must start with `spiffe://`")?;
+        let (td, path) = match rest.find('/') {
+            Some(i) => rest.split_at(i),
+            None => (rest, ""),
+        };
+        Self::check_trust_domain(td)?;
+        if !path.is_empty() {
+            for seg in path[1..].split('/') {
+                if seg.is_empty() || seg == "." || seg == ".." {
+                    return Err("path segments must not be empty, `.` or `..`".into());
+                }
+                if !seg
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
+                {
+                    return Err("path may hold only letters, digits, `-`, `.`, `_` and `/`".into());
+                }
+            }
+        }
+        Ok(Self {
+            trust_domain: td.to_owned(),
+            path: path.to_owned(),
+        })
+    }
+
+    /// Checks a trust domain name: lowercase letters, digits, `-`, `.`, `_`.
+    pub fn check_trust_domain(td: &str) -> Result<(), String> {
+        if td.is_empty() {
+            return Err("trust domain is empty".into());
+        }
+        if !td
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._".contains(&b))
+        {
+            return Err(format!(
+                "trust domain `{td}` may hold only lowercase letters, digits, `-`, `.` and `_`"
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// SNI names that request a client certificate: exact names, `*.parent`
+/// (one label), or `*` for every name including none.
+#[derive(Debug, Clone, Default)]
+pub struct HostSet {
+    exact: Vec<String>,
+    parents: Vec<String>,
+    any: bool,
+}
+
+impl HostSet {
+    /// Builds the set from validated patterns.
+    pub fn new(patterns: &[String]) -> Self {
+        let mut set = HostSet::default();
+        for p in patterns {
+            let p = p.trim_end_matches('.').to_ascii_lowercase();
+            if p == "*" {
+                set.any = true;
+            } else if let Some(parent) = p.strip_prefix("*.") {
+                set.parents.push(parent.to_owned());
+            } else {
+                set.exact.push(p);
+            }
+        }
+        set
+    }
+
+    /// Checks one pattern's shape.
+    pub fn check_pattern(p: &str) -> Result<(), String> {
+        if p == "*" {
+            return Ok(());
+        }
+        let name = p.strip_prefix("*.").unwrap_or(p);
+        let ok = !name.is_empty()
+            && name.split('.').all(|l| {
+                !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            });
+        if ok {
+            Ok(())
+        } else {
+            Err(format!(
+                "`{p}` is not a host name, `*.parent` or `*` (no ports, no other wildcards)"
+            ))
+        }
+    }
+
+    /// True when nothing is listed.
+    pub fn is_empty(&self) -> bool {
+        !self.any && self.exact.is_empty() && self.parents.is_empty()
+    }
+
+    /// Whether handshakes for this name (SNI or request host, without port) ask for a certificate.
+    pub fn contains(&self, name: &str) -> bool {
+        if self.any {
+            return true;
+        }
+        let name = name.trim_end_matches('.');
+        if self.exact.iter().any(|e| e.eq_ignore_ascii_case(name)) {
+            return true;
+        }
+        name.split_once('.')
+            .is_some_and(|(_, parent)| self.parents.iter().any(|p| p.eq_ignore_ascii_case(parent)))
+    }
+
+    /// Whether a handshake with this SNI (none for IP-address clients) asks.
+    pub fn contains_sni(&self, sni: Option<&str>) -> bool {
+        match sni {
+            Some(n) => self.contains(n),
+            None => self.any,
+        }
+    }
+}
+
+/// A leaf certificate that cannot be classified: unparsable, or claiming a
+/// SPIFFE id without being a well-formed SVID.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("client certificate is malformed or not a well-formed SPIFFE SVID")]
+pub struct MalformedLeaf;
+
+/// The SPIFFE id of a leaf certificate, if it is an SVID. An SVID has
+/// exactly one URI SAN; a certificate with a `spiffe:` URI among others, or
+/// an unparsable one, is malformed.
+pub fn leaf_spiffe_id(der: &[u8]) -> Result<Option<SpiffeId>, MalformedLeaf> {
+    let (_, x509) = x509_parser::parse_x509_certificate(der).map_err(|_| MalformedLeaf)?;
+    let uris: Vec<&str> = match x509.subject_alternative_name() {
+        Ok(Some(san)) => san
+            .value
+            .general_names
+            .iter()
+            .filter_map(|n| match n {
+                x509_parser::extensions::GeneralName::URI(u) => Some(*u),
+                _ => None,
+            })
+            .collect(),
+        Ok(None) => Vec::new(),
+        Err(_) => return Err(MalformedLeaf),
+    };
+    let spiffe = uris
+        .iter()
+        .filter(|u| {
+            u.get(..9)
+                .is_some_and(|p| p.eq_ignore_ascii_case("spiffe://"))
+        })
+        .count();
+    match (spiffe, uris.len()) {
+        (0, _) => Ok(None),
+        (1, 1) => SpiffeId::parse(uris[0])
+            .map(Some)
+            .map_err(|_| MalformedLeaf),
+        _ => Err(MalformedLeaf),
+    }
+}
+
+/// Verifies client certificates: SVIDs against their trust domain's bundle,
+/// everything else against the device CA bundles. Presenting none is allowed.
+pub struct ClientAuthVerifier {
+    devices: Option<Arc<dyn ClientCertVerifier>>,
+    domains: HashMap<String, Arc<dyn ClientCertVerifier>>,
+    hints: Vec<DistinguishedName>,
+    algs: WebPkiSupportedAlgorithms,
+}
+
+impl fmt::Debug for ClientAuthVerifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientAuthVerifier")
+            .field("devices", &self.devices.is_some())
+            .field("trust_domains", &self.domains.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl ClientAuthVerifier {
+    /// Builds the verifier from device CA bundles and SPIFFE trust bundles
+    /// (trust domain → PEM file), reading every file now.
+    pub fn new(
+        device_cas: &[std::path::PathBuf],
+        spiffe: &[(String, std::path::PathBuf)],
+        provider: &Arc<CryptoProvider>,
+    ) -> Result<Self, TlsError> {
+        let mut hints = Vec::new();
+        let build = |roots: rustls::RootCertStore,
+                     hints: &mut Vec<DistinguishedName>|
+         -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
+            hints.extend(roots.subjects());
+            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                .allow_unauthenticated()
+                .build()
+                .map_err(|e| TlsError::Rustls(format!("client CA bundle: {e}")))
+        };
+        let devices = if device_cas.is_empty() {
+            None
+        } else {
+            Some(build(super::load_roots(device_cas)?, &mut hints)?)
+        };
+        let mut domains = HashMap::new();
+        for (td, bundle) in spiffe {
+            let v = build(super::load_roots(std::slice::from_ref(bundle))?, &mut hints)?;
+            domains.insert(td.clone(), v);
+        }
+        Ok(Self {
+            devices,
+            domains,
+            hints,
+            algs: provider.signature_verification_algorithms,
+        })
+    }
+}
+
+impl ClientCertVerifier for ClientAuthVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &self.hints
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let verifier = match leaf_spiffe_id(end_entity.as_ref()) {
+            Ok(Some(id)) => self.domains.get(&id.trust_domain),
+            Ok(None) => self.devices.as_ref(),
+            Err(MalformedLeaf) => {
+                return Err(rustls::Error::InvalidCertificate(
+                    CertificateError::BadEncoding,
+                ));
+            }
+        };
+        let Some(verifier) = verifier else {
+            return Err(rustls::Error::InvalidCertificate(
+                CertificateError::UnknownIssuer,
+            ));
+        };
+        verifier.verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn spiffe_ids_follow_the_spec() {
+        let id = SpiffeId::parse("spiffe://prod.example.org/ns/billing/sa/api").unwrap();
+        assert_eq!(id.trust_domain, "prod.example.org");
+        assert_eq!(id.path, "/ns/billing/sa/api");
+        assert_eq!(
+            id.to_string(),
+            "spiffe://prod.example.org/ns/billing/sa/api"
+        );
+        assert!(SpiffeId::parse("spiffe://td").is_ok());
+        for bad in [
+            "https://td/x",
+            "spiffe://",
+            "spiffe://TD/x",
+            "spiffe://td/",
+            "spiffe://td//x",
+            "spiffe://td/./x",
+            "spiffe://td/../x",
+            "spiffe://td/x?q",
+            "spiffe://td/x#f",
+            "spiffe://td:443/x",
+            "spiffe://user@td/x",
+            "spiffe://td/x%20y",
+        ] {
+            assert!(SpiffeId::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    /// Certificate and SPIFFE parsers never panic on arbitrary or truncated input.
+    #[test]
+    fn parsers_are_total_on_garbage() {
+        let ca = crate::demo::pki::DevCa::new("t").unwrap();
+        let der = ca
+            .client_cert("", &["spiffe://prod.test/billing"])
+            .unwrap()
+            .cert_der;
+        assert_eq!(
+            leaf_spiffe_id(&der).unwrap().unwrap().to_string(),
+            "spiffe://prod.test/billing"
+        );
+        let mut state = 0x1234_5678_9abc_def1u64;
+        for i in 0..der.len() {
+            assert!(leaf_spiffe_id(&der[..i]).is_err());
+            let mut flipped = der.clone();
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            flipped[i] ^= (state as u8) | 1;
+            let _ = leaf_spiffe_id(&flipped);
+            let _ = super::super::PeerCertificate::new(flipped.into());
+        }
+        for s in [
+            "",
+            "spiffe:",
+            "spiffe:///",
+            "spiffe://a//",
+            "spiffe://a/\u{e9}",
+            "spiffe://-/-",
+        ] {
+            let _ = SpiffeId::parse(s);
+        }
+    }
+
+    #[test]
+    fn host_sets_match_exact_wildcard_and_any() {
+        let s = HostSet::new(&["mtls.example.com".into(), "*.devices.example".into()]);
+        assert!(s.contains("mtls.example.com"));
+        assert!(s.contains("MTLS.Example.com."));
+        assert!(s.contains("a.devices.example"));
+        assert!(!s.contains("devices.example"));
+        assert!(!s.contains("a.b.devices.example"));
+        assert!(!s.contains("www.example.com"));
+        assert!(!s.contains_sni(None));
+        let any = HostSet::new(&["*".into()]);
+        assert!(any.contains("x") && any.contains_sni(None));
+        assert!(HostSet::check_pattern("a.example:443").is_err());
+        assert!(HostSet::check_pattern("a.*.example").is_err());
+        assert!(HostSet::check_pattern("*.example").is_ok());
+    }
+}
