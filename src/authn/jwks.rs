@@ -191,7 +191,9 @@ impl std::fmt::Debug for Issuer {
     }
 }
 
-fn parse_alg(s: &str) -> Option<Algorithm> {
+/// The asymmetric JOSE algorithms portcullis verifies; `none` and HMAC are
+/// never accepted for tokens, proofs or SETs.
+pub fn parse_alg(s: &str) -> Option<Algorithm> {
     Some(match s {
         "RS256" => Algorithm::RS256,
         "RS384" => Algorithm::RS384,

@@ -437,18 +437,7 @@ fn parse_header(h64: &str) -> Result<Header, AuthError> {
     if raw.kid.as_ref().is_some_and(|k| k.len() > MAX_KID_LEN) {
         return Err(AuthError::Malformed);
     }
-    let alg = match raw.alg.as_str() {
-        "RS256" => Algorithm::RS256,
-        "RS384" => Algorithm::RS384,
-        "RS512" => Algorithm::RS512,
-        "PS256" => Algorithm::PS256,
-        "PS384" => Algorithm::PS384,
-        "PS512" => Algorithm::PS512,
-        "ES256" => Algorithm::ES256,
-        "ES384" => Algorithm::ES384,
-        "EdDSA" => Algorithm::EdDSA,
-        _ => return Err(AuthError::AlgorithmNotAccepted),
-    };
+    let alg = jwks::parse_alg(&raw.alg).ok_or(AuthError::AlgorithmNotAccepted)?;
     Ok(Header { alg, kid: raw.kid })
 }
 

@@ -368,18 +368,7 @@ impl std::fmt::Debug for DpopVerifier {
 }
 
 fn parse_alg(s: &str) -> Option<Algorithm> {
-    Some(match s {
-        "RS256" => Algorithm::RS256,
-        "RS384" => Algorithm::RS384,
-        "RS512" => Algorithm::RS512,
-        "PS256" => Algorithm::PS256,
-        "PS384" => Algorithm::PS384,
-        "PS512" => Algorithm::PS512,
-        "ES256" => Algorithm::ES256,
-        "ES384" => Algorithm::ES384,
-        "EdDSA" => Algorithm::EdDSA,
-        _ => return None,
-    })
+    crate::authn::jwks::parse_alg(s)
 }
 
 fn b64(bytes: &[u8]) -> String {

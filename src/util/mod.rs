@@ -68,3 +68,30 @@ impl RequestIds {
         format!("{}-{:016x}", self.prefix, n)
     }
 }
+
+/// Formats ms since epoch as RFC 3339 UTC: `YYYY-MM-DDTHH:MM:SSZ`, or with
+/// `.mmm` when `millis` (that form sorts as text).
+pub fn rfc3339(ms: u64, millis: bool) -> String {
+    let secs = ms / 1000;
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    let (h, mi, se) = (rem / 3600, rem % 3600 / 60, rem % 60);
+    if millis {
+        format!(
+            "{y:04}-{m:02}-{d:02}T{h:02}:{mi:02}:{se:02}.{:03}Z",
+            ms % 1000
+        )
+    } else {
+        format!("{y:04}-{m:02}-{d:02}T{h:02}:{mi:02}:{se:02}Z")
+    }
+}
