@@ -10,6 +10,7 @@ use http_body_util::{BodyExt, Full};
 
 use super::client::ProxyBody;
 use crate::authn::AuthError;
+use crate::policy::PolicyRefusal;
 
 /// Where a refusal came from, in Pingora's sense.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,6 +42,10 @@ pub enum Denial {
     /// device lost / wiped / compromised.
     #[error("{0}")]
     Posture(crate::posture::PostureDenial),
+    /// A policy decision refused: deny, restrict (writes), step-up, a
+    /// session past its cap, or revoke.
+    #[error("{0}")]
+    Policy(crate::policy::PolicyRefusal),
     /// The request is malformed in a way hyper let through.
     #[error("{0}")]
     BadRequest(&'static str),
@@ -64,6 +69,17 @@ impl Denial {
             // A revoked credential is an invalid token: the client must re-authenticate.
             Denial::Posture(crate::posture::PostureDenial::Revoked(_)) => StatusCode::UNAUTHORIZED,
             Denial::Posture(_) => StatusCode::FORBIDDEN,
+            // Step-up, an expired session and revocation: the client must
+            // authenticate again; deny and restrict: it cannot fix this by
+            // re-authenticating (standards.md §4.4).
+            Denial::Policy(
+                PolicyRefusal::StepUp { .. }
+                | PolicyRefusal::SessionCapped { .. }
+                | PolicyRefusal::Revoked { .. },
+            ) => StatusCode::UNAUTHORIZED,
+            Denial::Policy(PolicyRefusal::Denied { .. } | PolicyRefusal::Restricted { .. }) => {
+                StatusCode::FORBIDDEN
+            }
             Denial::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Denial::BadRequest(_) => StatusCode::BAD_REQUEST,
             Denial::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
@@ -79,6 +95,7 @@ impl Denial {
             Denial::Unauthenticated(AuthError::Missing) => "missing_token",
             Denial::Unauthenticated(_) => "invalid_token",
             Denial::Posture(p) => p.code(),
+            Denial::Policy(p) => p.code(),
             Denial::BodyTooLarge { .. } => "body_too_large",
             Denial::BadRequest(_) => "bad_request",
             Denial::UpstreamUnavailable => "upstream_unavailable",
@@ -100,6 +117,7 @@ impl Denial {
     pub fn action(&self) -> &'static str {
         match self {
             Denial::Unauthenticated(_) | Denial::NoRoute | Denial::Posture(_) => "deny",
+            Denial::Policy(p) => p.action(),
             _ => "allow",
         }
     }
@@ -142,6 +160,12 @@ pub fn respond(d: &Denial, request_id: &str) -> Response<ProxyBody> {
         if let Ok(v) = HeaderValue::from_str(&challenge) {
             h.insert(header::WWW_AUTHENTICATE, v);
         }
+    }
+    if let Denial::Policy(p) = d
+        && let Some(challenge) = p.challenge()
+        && let Ok(v) = HeaderValue::from_str(&challenge)
+    {
+        h.insert(header::WWW_AUTHENTICATE, v);
     }
     if let Denial::Unauthenticated(e) = d {
         let challenge = match e {
