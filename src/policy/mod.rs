@@ -476,3 +476,251 @@ impl PolicyRefusal {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn default_set() -> CompiledSet {
+        load_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("config/policies")).unwrap()
+    }
+
+    fn set_of(text: &str) -> Result<CompiledSet, LoadError> {
+        load::load_sources(&[(PathBuf::from("t.cedar"), text.to_owned())])
+    }
+
+    #[test]
+    fn the_context_fits_the_schema_for_both_actions_and_principals() {
+        // INVARIANT check: Inputs::context builds exactly RequestContext.
+        let schema = load::schema().unwrap();
+        let names = facts::CedarNames::new().unwrap();
+        for kind in [facts::PrincipalKind::User, facts::PrincipalKind::Workload] {
+            for action in [MethodClass::Read, MethodClass::Write] {
+                let mut i = Inputs::default();
+                i.principal.kind = kind;
+                i.action = action;
+                i.identity.groups = vec!["eng".into()];
+                let (p, a, r) = i.uids(&names);
+                cedar_policy::Request::new(p, a, r, i.context().unwrap(), Some(&schema)).unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn precedence_is_revoke_deny_step_up_restrict_shorten_allow() {
+        let mut order = vec![
+            Action::Revoke,
+            Action::Allow,
+            Action::StepUp,
+            Action::Shorten,
+            Action::Deny,
+            Action::Restrict,
+        ];
+        order.sort();
+        assert_eq!(
+            order,
+            vec![
+                Action::Allow,
+                Action::Shorten,
+                Action::Restrict,
+                Action::StepUp,
+                Action::Deny,
+                Action::Revoke
+            ]
+        );
+        let set = set_of(
+            r#"
+            @id("a") permit(principal, action, resource);
+            @id("s1") @action("shorten") @session_ttl("600") @reason("s1") permit(principal, action, resource);
+            @id("s2") @action("shorten") @session_ttl("300") @reason("s2") permit(principal, action, resource);
+            @id("r") @action("restrict") permit(principal, action, resource) when { context.route.sensitivity == "high" };
+            "#,
+        )
+        .unwrap();
+        let mut i = Inputs::default();
+        let d = set.evaluate(&i);
+        assert_eq!(d.action, Action::Shorten);
+        assert_eq!(d.policy_ids, vec!["s1", "s2"]);
+        assert_eq!(d.reasons, vec!["s1", "s2"]);
+        assert_eq!(d.session_ttl_s, Some(300), "the smallest cap wins");
+        i.route.sensitivity = "high".into();
+        let d = set.evaluate(&i);
+        assert_eq!(
+            (d.action, d.policy_ids.clone()),
+            (Action::Restrict, vec!["r".into()])
+        );
+        assert_eq!(
+            d.reasons,
+            vec!["policy `r`"],
+            "default reason names the policy"
+        );
+    }
+
+    #[test]
+    fn no_match_denies_and_forbid_beats_every_permit() {
+        let set = set_of(r#"@id("only-high") permit(principal, action, resource) when { context.route.sensitivity == "high" };"#).unwrap();
+        let d = set.evaluate(&Inputs::default());
+        assert_eq!(d.action, Action::Deny);
+        assert_eq!(d.reasons, vec![NO_MATCH]);
+        assert!(d.policy_ids.is_empty());
+        let set = set_of(
+            r#"@id("p") @action("revoke") @revoke("device") permit(principal, action, resource);
+               @id("f") @reason("no") forbid(principal, action, resource);"#,
+        )
+        .unwrap();
+        let d = set.evaluate(&Inputs::default());
+        assert_eq!(
+            (d.action, d.policy_ids, d.reasons),
+            (Action::Deny, vec!["f".into()], vec!["no".into()])
+        );
+    }
+
+    #[test]
+    fn step_up_combines_acr_values_and_the_smallest_max_age_and_is_met_by_the_token() {
+        let set = set_of(
+            r#"@id("x") @action("step_up") @acr("urn:a urn:b") @max_age("600") permit(principal, action, resource);
+               @id("y") @action("step_up") @acr("urn:b urn:c") @max_age("300") permit(principal, action, resource);"#,
+        )
+        .unwrap();
+        let mut i = Inputs::default();
+        let d = set.evaluate(&i);
+        assert_eq!(d.action, Action::StepUp);
+        assert_eq!(d.acr_values, vec!["urn:a", "urn:b", "urn:c"]);
+        assert_eq!(d.max_age_s, Some(300));
+        i.auth.acr = "urn:b".into();
+        i.auth.auth_age_s = 299;
+        assert_eq!(set.evaluate(&i).action, Action::Allow);
+        i.auth.auth_age_s = 301;
+        let d = set.evaluate(&i);
+        assert_eq!(
+            (d.action, d.policy_ids.clone()),
+            (Action::StepUp, vec!["y".into()])
+        );
+        i.auth.auth_age_s = facts::UNKNOWN;
+        assert_eq!(set.evaluate(&i).action, Action::StepUp);
+    }
+
+    #[test]
+    fn the_step_up_challenge_has_the_rfc_9470_syntax() {
+        let r = PolicyRefusal::StepUp {
+            reason: "needs \"mfa\"".into(),
+            acr_values: vec!["urn:a".into(), "urn:b".into()],
+            max_age_s: Some(300),
+        };
+        assert_eq!(
+            r.challenge().unwrap(),
+            r#"Bearer error="insufficient_user_authentication", error_description="needs mfa", acr_values="urn:a urn:b", max_age=300"#
+        );
+        let r = PolicyRefusal::StepUp {
+            reason: "x".into(),
+            acr_values: vec![],
+            max_age_s: Some(60),
+        };
+        assert_eq!(
+            r.challenge().unwrap(),
+            r#"Bearer error="insufficient_user_authentication", error_description="x", max_age=60"#
+        );
+        assert!(
+            PolicyRefusal::Denied { reason: "x".into() }
+                .challenge()
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn annotations_are_checked_at_load() {
+        let bad = [
+            (
+                r#"@action("maybe") permit(principal, action, resource);"#,
+                "is not one of",
+            ),
+            (
+                r#"@action("step_up") permit(principal, action, resource);"#,
+                "needs `@acr",
+            ),
+            (
+                r#"@action("shorten") permit(principal, action, resource);"#,
+                "needs `@session_ttl",
+            ),
+            (
+                r#"@action("shorten") @session_ttl("soon") permit(principal, action, resource);"#,
+                "whole number",
+            ),
+            (
+                r#"@action("revoke") permit(principal, action, resource);"#,
+                "needs `@revoke",
+            ),
+            (
+                r#"@action("revoke") @revoke("laptop") permit(principal, action, resource);"#,
+                "`laptop`",
+            ),
+            (
+                r#"@acr("urn:x") permit(principal, action, resource);"#,
+                "only applies",
+            ),
+            (
+                r#"@action("allow") forbid(principal, action, resource);"#,
+                "always denies",
+            ),
+            (
+                r#"@reasn("x") permit(principal, action, resource);"#,
+                "unknown annotation `@reasn`",
+            ),
+            (
+                r#"@id("d") permit(principal, action, resource); @id("d") permit(principal, action, resource);"#,
+                "duplicate policy id `d`",
+            ),
+            (
+                r#"permit(principal == ?principal, action, resource);"#,
+                "templates",
+            ),
+        ];
+        for (text, want) in bad {
+            let err = set_of(text).unwrap_err().to_string();
+            assert!(err.contains(want), "{text}: {err}");
+            assert!(err.starts_with("t.cedar"), "{err}");
+        }
+        let ok = set_of(r#"permit(principal, action, resource);"#).unwrap();
+        assert_eq!(ok.policies()[0].id, "t.cedar:1");
+    }
+
+    #[test]
+    fn an_evaluation_error_fails_closed() {
+        // Validation rejects most errors; overflow is a run-time one.
+        let set = set_of(
+            r#"@id("allow") permit(principal, action, resource);
+               @id("overflow") @action("restrict") permit(principal, action, resource)
+               when { context.auth.token_age_s + 1 > 0 };"#,
+        )
+        .unwrap();
+        let mut i = Inputs::default();
+        assert_eq!(set.evaluate(&i).action, Action::Restrict);
+        i.auth.token_age_s = facts::UNKNOWN; // i64::MAX + 1 overflows
+        let d = set.evaluate(&i);
+        assert_eq!(d.action, Action::Deny);
+        assert_eq!(d.policy_ids, vec!["overflow"]);
+    }
+
+    #[test]
+    fn the_default_set_loads_with_stable_ids() {
+        let set = default_set();
+        let ids: Vec<String> = set.policies().iter().map(|m| m.id.clone()).collect();
+        for want in [
+            "managed-compliant",
+            "noncompliant-restrict",
+            "noncompliant-step-up",
+            "noncompliant-deny-critical",
+            "device-compromised-revoke",
+            "unmanaged-step-up",
+            "unmanaged-short-session",
+            "unmanaged-deny-sensitive",
+            "leaver-revoke",
+            "contract-ended",
+            "workload-allowed",
+        ] {
+            assert!(ids.iter().any(|i| i == want), "{want} missing: {ids:?}");
+        }
+        assert_eq!(set.version.len(), 12);
+    }
+}
