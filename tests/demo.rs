@@ -88,7 +88,7 @@ fn the_printed_curl_commands_work_as_printed() {
         .iter()
         .filter(|l| l.starts_with("curl "))
         .collect();
-    assert_eq!(curls.len(), 5, "walkthrough:\n{}", demo.lines.join("\n"));
+    assert_eq!(curls.len(), 10, "walkthrough:\n{}", demo.lines.join("\n"));
 
     let (ok, out) = sh(curls[0]);
     assert!(ok, "{out}");
@@ -113,6 +113,33 @@ fn the_printed_curl_commands_work_as_printed() {
         ok && out.contains("portcullis_requests_total{route=\"demo-app\",status=\"200\"} 1"),
         "{out}"
     );
+    // 1 was allowed on the seeded managed, compliant laptop.
+    assert_eq!(v["decision"], "allow");
+
+    // 6. The MDM event is accepted and applied.
+    let (ok, out) = sh(curls[5]);
+    assert!(ok, "{out}");
+    let ev: serde_json::Value =
+        serde_json::from_str(out.trim()).unwrap_or_else(|_| panic!("not JSON: {out}"));
+    assert_eq!(ev["results"][0]["outcome"], "applied", "{out}");
+    // 7. A read still passes, restricted.
+    let (ok, out) = sh(curls[6]);
+    assert!(ok, "{out}");
+    let v: serde_json::Value =
+        serde_json::from_str(out.trim()).unwrap_or_else(|_| panic!("not JSON: {out}"));
+    assert_eq!(v["decision"], "restrict", "{out}");
+    // 8. A write is refused with the reason.
+    let (_, out) = sh(curls[7]);
+    assert!(out.contains(" 403"), "{out}");
+    assert!(out.contains("\"restricted\""), "{out}");
+    assert!(out.contains("not compliant"), "{out}");
+    // 9. Lost.
+    let (ok, out) = sh(curls[8]);
+    assert!(ok && out.contains("\"applied\""), "{out}");
+    // 10. Revoked.
+    let (_, out) = sh(curls[9]);
+    assert!(out.contains(" 401"), "{out}");
+    assert!(out.contains("revoked"), "{out}");
     let _ = &demo.dir;
 }
 
@@ -139,6 +166,9 @@ fn demo_env_is_enough_to_mint_a_token_and_call_the_proxy() {
         "PORTCULLIS_ISSUER_JWKS",
         "PORTCULLIS_DEVICE_CLAIM",
         "PORTCULLIS_TOKEN",
+        "PORTCULLIS_MDM_URL",
+        "PORTCULLIS_MDM_SECRET",
+        "PORTCULLIS_ADMIN_TOKEN",
     ];
     let script = format!(
         ". '{env_path}' && {}",
@@ -164,9 +194,12 @@ fn demo_env_is_enough_to_mint_a_token_and_call_the_proxy() {
     let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
     header.kid = Some(env["PORTCULLIS_ISSUER_KID"].to_owned());
     let now = portcullis::util::now_unix();
+    // An unmanaged device: the default policies want multi-factor
+    // authentication (acr) and give it a short session.
     let mut claims = serde_json::json!({
         "iss": env["PORTCULLIS_ISSUER"], "aud": env["PORTCULLIS_AUDIENCE"],
         "sub": "outside-tool@example.com", "iat": now, "exp": now + 300,
+        "acr": "urn:portcullis:acr:mfa", "auth_time": now,
     });
     claims[env["PORTCULLIS_DEVICE_CLAIM"]] = "tool-device".into();
     let token = jsonwebtoken::encode(&header, &claims, &key).unwrap();
@@ -184,6 +217,7 @@ fn demo_env_is_enough_to_mint_a_token_and_call_the_proxy() {
         serde_json::from_str(out.trim()).unwrap_or_else(|_| panic!("not JSON: {out}"));
     assert_eq!(v["subject"], "outside-tool@example.com");
     assert_eq!(v["device"], "tool-device");
+    assert_eq!(v["decision"], "shorten");
     let (ok, out) = sh(&format!("curl -sS {}/readyz", env["PORTCULLIS_ADMIN_URL"]));
     assert!(ok && out.contains("ready"), "{out}");
 }

@@ -125,6 +125,8 @@ pub struct DeviceFacts {
     pub last_seen_age_s: i64,
     pub source: String,
     pub posture_age_s: i64,
+    /// `posture_age_s > limits.posture_max_age_s` (standards §6.4 `stale`).
+    pub stale: bool,
 }
 
 impl Default for DeviceFacts {
@@ -145,6 +147,7 @@ impl Default for DeviceFacts {
             last_seen_age_s: 60,
             source: "mdm".into(),
             posture_age_s: 60,
+            stale: false,
         }
     }
 }
@@ -470,6 +473,7 @@ impl Inputs {
                     } else {
                         age_s(now_s, Some(heard_ms / 1000))
                     },
+                    stale: false, // set below
                 }
             }
             None => DeviceFacts {
@@ -487,8 +491,11 @@ impl Inputs {
                 last_seen_age_s: UNKNOWN,
                 source: String::new(),
                 posture_age_s: UNKNOWN,
+                stale: true,
             },
         };
+        let mut device = device;
+        device.stale = device.posture_age_s > limits.posture_max_age_s;
         let identity = match &r.identity {
             Some(i) => IdentityFacts {
                 known: true,
@@ -587,8 +594,21 @@ impl Inputs {
         (principal, action, resource)
     }
 
-    /// The Cedar context record.
+    /// The whole Cedar context record.
     pub fn context(&self) -> Result<Context, String> {
+        self.context_for(&Usage::everything())
+    }
+
+    /// The Cedar context, with only the attributes `usage` names.
+    pub fn context_for(&self, usage: &Usage) -> Result<Context, String> {
+        Context::from_pairs(self.context_pairs(usage)?).map_err(|e| e.to_string())
+    }
+
+    /// The context's top-level records, as Cedar expressions.
+    pub fn context_pairs(
+        &self,
+        usage: &Usage,
+    ) -> Result<Vec<(String, RestrictedExpression)>, String> {
         fn s(v: &str) -> RestrictedExpression {
             RestrictedExpression::new_string(v.to_owned())
         }
@@ -601,12 +621,27 @@ impl Inputs {
         fn set(v: &[String]) -> RestrictedExpression {
             RestrictedExpression::new_set(v.iter().map(|x| s(x)))
         }
-        fn rec<const N: usize>(
-            fields: [(&str, RestrictedExpression); N],
-        ) -> Result<RestrictedExpression, String> {
-            RestrictedExpression::new_record(fields.into_iter().map(|(k, v)| (k.to_owned(), v)))
-                .map_err(|e| e.to_string())
-        }
+        // Values are built lazily: only the fields the policies read.
+        // INVARIANT: fields come in FIELDS order (`next` walks its bits).
+        type Field<'a> = (&'a str, &'a dyn Fn() -> RestrictedExpression);
+        let next = std::cell::Cell::new(0usize);
+        let rec = |_name: &str, fields: &[Field<'_>]| -> Result<RestrictedExpression, String> {
+            let first = next.get();
+            next.set(first + fields.len());
+            let bits = (usage.mask >> first) & ((1u64 << fields.len()) - 1);
+            if bits == 0 {
+                return Ok(RestrictedExpression::new_bool(false)); // dropped below
+            }
+            RestrictedExpression::new_record(
+                fields
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| bits & (1 << i) != 0)
+                    .map(|(_, (k, v))| ((*k).to_owned(), v())),
+            )
+            .map_err(|e| e.to_string())
+        };
+        let mut used = [false; 8];
         let d = &self.device;
         let i = &self.identity;
         let a = &self.auth;
@@ -614,88 +649,125 @@ impl Inputs {
         let pairs = [
             (
                 "device",
-                rec([
-                    ("id", s(&d.id)),
-                    ("known", b(d.known)),
-                    ("managed", b(d.managed)),
-                    ("ownership", s(&d.ownership)),
-                    ("state", s(&d.state)),
-                    ("compliant", b(d.compliant)),
-                    ("compliance", s(&d.compliance)),
-                    ("patch_behind", b(d.patch_behind)),
-                    ("compromised", b(d.compromised)),
-                    ("threat", s(&d.threat)),
-                    ("os_version", s(&d.os_version)),
-                    ("last_seen_age_s", l(d.last_seen_age_s)),
-                    ("source", s(&d.source)),
-                    ("posture_age_s", l(d.posture_age_s)),
-                ])?,
+                rec(
+                    "device",
+                    &[
+                        ("id", &|| s(&d.id)),
+                        ("known", &|| b(d.known)),
+                        ("managed", &|| b(d.managed)),
+                        ("ownership", &|| s(&d.ownership)),
+                        ("state", &|| s(&d.state)),
+                        ("compliant", &|| b(d.compliant)),
+                        ("compliance", &|| s(&d.compliance)),
+                        ("patch_behind", &|| b(d.patch_behind)),
+                        ("compromised", &|| b(d.compromised)),
+                        ("threat", &|| s(&d.threat)),
+                        ("os_version", &|| s(&d.os_version)),
+                        ("last_seen_age_s", &|| l(d.last_seen_age_s)),
+                        ("source", &|| s(&d.source)),
+                        ("posture_age_s", &|| l(d.posture_age_s)),
+                        ("stale", &|| b(d.stale)),
+                    ],
+                )?,
             ),
             (
                 "identity",
-                rec([
-                    ("known", b(i.known)),
-                    ("status", s(&i.status)),
-                    ("kind", s(&i.kind)),
-                    ("groups", set(&i.groups)),
-                    ("entitlements", set(&i.entitlements)),
-                    ("contract_days_left", l(i.contract_days_left)),
-                    ("risk", s(&i.risk)),
-                ])?,
+                rec(
+                    "identity",
+                    &[
+                        ("known", &|| b(i.known)),
+                        ("status", &|| s(&i.status)),
+                        ("kind", &|| s(&i.kind)),
+                        ("groups", &|| set(&i.groups)),
+                        ("entitlements", &|| set(&i.entitlements)),
+                        ("contract_days_left", &|| l(i.contract_days_left)),
+                        ("risk", &|| s(&i.risk)),
+                    ],
+                )?,
             ),
             (
                 "auth",
-                rec([
-                    ("issuer", s(&a.issuer)),
-                    ("acr", s(&a.acr)),
-                    ("amr", set(&a.amr)),
-                    ("auth_age_s", l(a.auth_age_s)),
-                    ("token_age_s", l(a.token_age_s)),
-                    ("binding", s(&a.binding)),
-                    ("client_id", s(&a.client_id)),
-                ])?,
+                rec(
+                    "auth",
+                    &[
+                        ("issuer", &|| s(&a.issuer)),
+                        ("acr", &|| s(&a.acr)),
+                        ("amr", &|| set(&a.amr)),
+                        ("auth_age_s", &|| l(a.auth_age_s)),
+                        ("token_age_s", &|| l(a.token_age_s)),
+                        ("binding", &|| s(&a.binding)),
+                        ("client_id", &|| s(&a.client_id)),
+                    ],
+                )?,
             ),
             (
                 "network",
-                rec([("ip", s(&self.network.ip)), ("zone", s(&self.network.zone))])?,
+                rec(
+                    "network",
+                    &[
+                        ("ip", &|| s(&self.network.ip)),
+                        ("zone", &|| s(&self.network.zone)),
+                    ],
+                )?,
             ),
             (
                 "route",
-                rec([
-                    ("name", s(&self.route.name)),
-                    ("sensitivity", s(&self.route.sensitivity)),
-                ])?,
+                rec(
+                    "route",
+                    &[
+                        ("name", &|| s(&self.route.name)),
+                        ("sensitivity", &|| s(&self.route.sensitivity)),
+                    ],
+                )?,
             ),
             (
                 "workload",
-                rec([
-                    ("id", s(&w.id)),
-                    ("allowed", b(w.allowed)),
-                    ("owner", s(&w.owner)),
-                    ("owner_active", b(w.owner_active)),
-                ])?,
+                rec(
+                    "workload",
+                    &[
+                        ("id", &|| s(&w.id)),
+                        ("allowed", &|| b(w.allowed)),
+                        ("owner", &|| s(&w.owner)),
+                        ("owner_active", &|| b(w.owner_active)),
+                    ],
+                )?,
             ),
             (
                 "time",
-                rec([
-                    ("now_s", l(self.time.now_s)),
-                    ("hour_utc", l(self.time.hour_utc)),
-                    ("weekday_utc", l(self.time.weekday_utc)),
-                ])?,
+                rec(
+                    "time",
+                    &[
+                        ("now_s", &|| l(self.time.now_s)),
+                        ("hour_utc", &|| l(self.time.hour_utc)),
+                        ("weekday_utc", &|| l(self.time.weekday_utc)),
+                    ],
+                )?,
             ),
             (
                 "limits",
-                rec([
-                    ("posture_max_age_s", l(self.limits.posture_max_age_s)),
-                    (
-                        "workload_max_credential_age_s",
-                        l(self.limits.workload_max_credential_age_s),
-                    ),
-                ])?,
+                rec(
+                    "limits",
+                    &[
+                        ("posture_max_age_s", &|| l(self.limits.posture_max_age_s)),
+                        ("workload_max_credential_age_s", &|| {
+                            l(self.limits.workload_max_credential_age_s)
+                        }),
+                    ],
+                )?,
             ),
         ];
-        Context::from_pairs(pairs.into_iter().map(|(k, v)| (k.to_owned(), v)))
-            .map_err(|e| e.to_string())
+        let mut first = 0;
+        for (i, (name, _)) in pairs.iter().enumerate() {
+            let n = FIELDS.iter().filter(|(r, _)| r == name).count();
+            used[i] = (usage.mask >> first) & ((1u64 << n) - 1) != 0;
+            first += n;
+        }
+        Ok(pairs
+            .into_iter()
+            .zip(used)
+            .filter(|(_, u)| *u)
+            .map(|((k, v), _)| (k.to_owned(), v))
+            .collect())
     }
 }
 
@@ -704,6 +776,116 @@ fn status_name(s: IdentityStatus) -> &'static str {
         IdentityStatus::Active => "active",
         IdentityStatus::Suspended => "suspended",
         IdentityStatus::Terminated => "terminated",
+    }
+}
+
+/// Every context attribute, in the order [`Inputs::context_pairs`] builds
+/// them (a test checks the two agree).
+pub const FIELDS: &[(&str, &str)] = &[
+    ("device", "id"),
+    ("device", "known"),
+    ("device", "managed"),
+    ("device", "ownership"),
+    ("device", "state"),
+    ("device", "compliant"),
+    ("device", "compliance"),
+    ("device", "patch_behind"),
+    ("device", "compromised"),
+    ("device", "threat"),
+    ("device", "os_version"),
+    ("device", "last_seen_age_s"),
+    ("device", "source"),
+    ("device", "posture_age_s"),
+    ("device", "stale"),
+    ("identity", "known"),
+    ("identity", "status"),
+    ("identity", "kind"),
+    ("identity", "groups"),
+    ("identity", "entitlements"),
+    ("identity", "contract_days_left"),
+    ("identity", "risk"),
+    ("auth", "issuer"),
+    ("auth", "acr"),
+    ("auth", "amr"),
+    ("auth", "auth_age_s"),
+    ("auth", "token_age_s"),
+    ("auth", "binding"),
+    ("auth", "client_id"),
+    ("network", "ip"),
+    ("network", "zone"),
+    ("route", "name"),
+    ("route", "sensitivity"),
+    ("workload", "id"),
+    ("workload", "allowed"),
+    ("workload", "owner"),
+    ("workload", "owner_active"),
+    ("time", "now_s"),
+    ("time", "hour_utc"),
+    ("time", "weekday_utc"),
+    ("limits", "posture_max_age_s"),
+    ("limits", "workload_max_credential_age_s"),
+];
+
+/// Which context attributes a policy set reads, found at load from the
+/// policies' JSON form: only those are built per request (Cedar's cost grows
+/// with every value handed to it).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Bit `i` set: build `FIELDS[i]`.
+    mask: u64,
+    /// What was found, for `explain` and tests.
+    pub paths: std::collections::BTreeSet<String>,
+}
+
+impl Usage {
+    /// Everything (for tests and the schema check).
+    pub fn everything() -> Self {
+        Self {
+            mask: u64::MAX,
+            paths: ["context".to_owned()].into(),
+        }
+    }
+
+    fn add(&mut self, record: Option<&str>, field: Option<&str>) {
+        for (i, (r, f)) in FIELDS.iter().enumerate() {
+            if record.is_none_or(|x| x == *r) && field.is_none_or(|x| x == *f) {
+                self.mask |= 1 << i;
+            }
+        }
+        let mut p = String::from("context");
+        for part in [record, field].into_iter().flatten() {
+            p.push('.');
+            p.push_str(part);
+        }
+        self.paths.insert(p);
+    }
+
+    /// Adds what one policy (in Cedar's JSON form) reads.
+    pub fn add_policy_json(&mut self, v: &serde_json::Value) {
+        fn chain(v: &serde_json::Value) -> Option<Vec<String>> {
+            if v.get("Var").and_then(|x| x.as_str()) == Some("context") {
+                return Some(Vec::new());
+            }
+            let obj = v.as_object()?;
+            if obj.len() != 1 {
+                return None;
+            }
+            let (k, inner) = obj.iter().next()?;
+            if k != "." && k != "has" {
+                return None;
+            }
+            let mut p = chain(inner.get("left")?)?;
+            p.push(inner.get("attr")?.as_str()?.to_owned());
+            Some(p)
+        }
+        match chain(v) {
+            Some(p) => self.add(p.first().map(String::as_str), p.get(1).map(String::as_str)),
+            None => match v {
+                serde_json::Value::Object(m) => m.values().for_each(|x| self.add_policy_json(x)),
+                serde_json::Value::Array(a) => a.iter().for_each(|x| self.add_policy_json(x)),
+                _ => {}
+            },
+        }
     }
 }
 
@@ -780,6 +962,29 @@ mod tests {
             ),
             "all"
         );
+    }
+
+    #[test]
+    fn fields_table_matches_the_built_context() {
+        let pairs = Inputs::default()
+            .context_pairs(&Usage::everything())
+            .unwrap();
+        let names: Vec<&str> = pairs.iter().map(|(k, _)| k.as_str()).collect();
+        let mut want: Vec<&str> = FIELDS.iter().map(|(r, _)| *r).collect();
+        want.dedup();
+        assert_eq!(names, want);
+        // One field only: exactly that record with exactly that field.
+        assert!(FIELDS.len() <= 64);
+        for (r, f) in FIELDS {
+            let mut u = Usage::default();
+            u.add(Some(r), Some(f));
+            let ctx = Inputs::default().context_for(&u).unwrap();
+            let Some(cedar_policy::EvalResult::Record(rec)) = ctx.get(r) else {
+                panic!("{r} missing");
+            };
+            assert_eq!(rec.len(), 1, "{r}.{f}");
+            assert!(rec.get(f).is_some(), "{r}.{f} built as {rec:?}");
+        }
     }
 
     #[test]

@@ -399,7 +399,15 @@ fn meta_of(p: &cedar_policy::Policy, file: &Path, line: usize) -> Result<PolicyM
     };
     only_on("acr", p.annotation("acr").is_some(), Action::StepUp)?;
     only_on("max_age", max_age_s.is_some(), Action::StepUp)?;
-    only_on("session_ttl", session_ttl_s.is_some(), Action::Shorten)?;
+    if session_ttl_s.is_some() && action != Action::Shorten && action != Action::StepUp {
+        return Err(
+            "`@session_ttl` only applies to `@action(\"shorten\")` and `@action(\"step_up\")`"
+                .into(),
+        );
+    }
+    if session_ttl_s == Some(0) {
+        return Err("`@session_ttl` must be at least 1 second".into());
+    }
     only_on("revoke", p.annotation("revoke").is_some(), Action::Revoke)?;
     if action == Action::StepUp && acr.is_empty() && max_age_s.is_none() {
         return Err("`@action(\"step_up\")` needs `@acr(\"…\")`, `@max_age(\"…\")` or both".into());

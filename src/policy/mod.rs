@@ -157,7 +157,12 @@ pub const NO_MATCH: &str = "no policy permits this request";
 
 /// A validated policy set, ready to evaluate.
 pub struct CompiledSet {
-    set: PolicySet,
+    /// The policies that can match a `User` / a `Workload` principal.
+    by_kind: [PolicySet; 2],
+    /// The context attributes those policies read.
+    usage: [facts::Usage; 2],
+    /// Some policy names a `Group` (so the principal's groups become parents).
+    uses_groups: bool,
     meta: HashMap<PolicyId, Arc<PolicyMeta>>,
     schema: Arc<Schema>,
     names: facts::CedarNames,
@@ -185,15 +190,42 @@ impl CompiledSet {
         version: String,
         files: Vec<PathBuf>,
     ) -> Result<Self, String> {
+        let names = facts::CedarNames::new()?;
+        let mut by_kind = [PolicySet::new(), PolicySet::new()];
+        let mut usage = [facts::Usage::default(), facts::Usage::default()];
+        let mut uses_groups = false;
+        for p in set.policies() {
+            let json = p.to_json().map_err(|e| e.to_string())?;
+            uses_groups |= json.to_string().contains("\"Group\"");
+            let only = match p.principal_constraint() {
+                cedar_policy::PrincipalConstraint::Is(t)
+                | cedar_policy::PrincipalConstraint::IsIn(t, _) => Some(t),
+                cedar_policy::PrincipalConstraint::Eq(u) => Some(u.type_name().clone()),
+                _ => None,
+            };
+            for (k, ty) in [(0, &names.user), (1, &names.workload)] {
+                if only.as_ref().is_none_or(|t| t == ty) {
+                    by_kind[k].add(p.clone()).map_err(|e| e.to_string())?;
+                    usage[k].add_policy_json(&json);
+                }
+            }
+        }
         Ok(Self {
-            set,
+            by_kind,
+            usage,
+            uses_groups,
             meta,
             schema,
-            names: facts::CedarNames::new()?,
+            names,
             authorizer: Authorizer::new(),
             version,
             files,
         })
+    }
+
+    /// The schema the set was validated against.
+    pub fn schema(&self) -> &Schema {
+        &self.schema
     }
 
     /// Number of policies.
@@ -221,7 +253,11 @@ impl CompiledSet {
     /// Evaluates and also returns every matching policy (for `explain`).
     pub fn evaluate_detailed(&self, inputs: &Inputs) -> (Decision, Vec<Arc<PolicyMeta>>) {
         let (principal, action, resource) = inputs.uids(&self.names);
-        let context = match inputs.context() {
+        let k = match inputs.principal.kind {
+            facts::PrincipalKind::User => 0,
+            facts::PrincipalKind::Workload => 1,
+        };
+        let context = match inputs.context_for(&self.usage[k]) {
             Ok(c) => c,
             Err(e) => {
                 return (
@@ -230,22 +266,22 @@ impl CompiledSet {
                 );
             }
         };
-        let request = match cedar_policy::Request::new(
-            principal.clone(),
-            action,
-            resource,
-            context,
-            Some(&self.schema),
-        ) {
-            Ok(r) => r,
-            Err(e) => {
-                return (
-                    Decision::deny(format!("policy inputs do not fit the schema: {e}"), vec![]),
-                    vec![],
-                );
-            }
-        };
-        let entities = if inputs.principal.kind == facts::PrincipalKind::User
+        // INVARIANT: `Inputs::context` builds exactly the schema's
+        // `RequestContext` (a unit test checks it against the schema), so the
+        // per-request schema check — a quarter of an uncached decision — is
+        // skipped.
+        let request =
+            match cedar_policy::Request::new(principal.clone(), action, resource, context, None) {
+                Ok(r) => r,
+                Err(e) => {
+                    return (
+                        Decision::deny(format!("policy inputs do not fit the schema: {e}"), vec![]),
+                        vec![],
+                    );
+                }
+            };
+        let entities = if self.uses_groups
+            && inputs.principal.kind == facts::PrincipalKind::User
             && !inputs.identity.groups.is_empty()
         {
             let parents = inputs
@@ -266,7 +302,7 @@ impl CompiledSet {
         };
         let resp = self
             .authorizer
-            .is_authorized(&request, &self.set, &entities);
+            .is_authorized(&request, &self.by_kind[k], &entities);
         let errored: Vec<String> = resp
             .diagnostics()
             .errors()
@@ -312,7 +348,7 @@ impl CompiledSet {
 }
 
 /// The effective action of a matching policy: a step-up the token already
-/// meets counts as allow.
+/// meets counts as allow (as shorten when it carries `@session_ttl`).
 fn effective(m: &PolicyMeta, inputs: &Inputs) -> Action {
     if m.action == Action::StepUp {
         let acr_ok = m.acr.is_empty() || m.acr.iter().any(|a| *a == inputs.auth.acr);
@@ -320,7 +356,12 @@ fn effective(m: &PolicyMeta, inputs: &Inputs) -> Action {
             inputs.auth.auth_age_s >= 0 && (inputs.auth.auth_age_s as u64) <= max
         });
         if acr_ok && age_ok {
-            return Action::Allow;
+            // Met; with `@session_ttl` the session that follows is capped.
+            return if m.session_ttl_s.is_some() {
+                Action::Shorten
+            } else {
+                Action::Allow
+            };
         }
     }
     m.action
@@ -713,7 +754,6 @@ mod tests {
             "noncompliant-deny-critical",
             "device-compromised-revoke",
             "unmanaged-step-up",
-            "unmanaged-short-session",
             "unmanaged-deny-sensitive",
             "leaver-revoke",
             "contract-ended",
@@ -722,5 +762,99 @@ mod tests {
             assert!(ids.iter().any(|i| i == want), "{want} missing: {ids:?}");
         }
         assert_eq!(set.version.len(), 12);
+    }
+}
+
+#[cfg(test)]
+mod probe {
+    use super::*;
+    use std::time::Instant;
+
+    #[test]
+    #[ignore = "timing probe for optimisation work; run with --release --nocapture"]
+    fn probe() {
+        let set =
+            load_dir(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/policies"))
+                .unwrap();
+        let mut i = Inputs::default();
+        i.identity.groups = vec!["eng".into(), "staff".into()];
+        let n = 20_000;
+        let t = |name: &str, f: &mut dyn FnMut()| {
+            for _ in 0..1000 {
+                f();
+            }
+            let s = Instant::now();
+            for _ in 0..n {
+                f();
+            }
+            println!(
+                "{name}: {:.2} µs",
+                s.elapsed().as_secs_f64() * 1e6 / n as f64
+            );
+        };
+        t("context pairs (all)", &mut || {
+            std::hint::black_box(i.context_pairs(&facts::Usage::everything()).unwrap());
+        });
+        t("context (used)", &mut || {
+            std::hint::black_box(i.context_for(&set.usage[0]).unwrap());
+        });
+        println!("usage: {:?}", set.usage[0].paths);
+        t("context", &mut || {
+            std::hint::black_box(i.context().unwrap());
+        });
+        let (p, a, r) = i.uids(&set.names);
+        t("request+schema", &mut || {
+            std::hint::black_box(
+                cedar_policy::Request::new(
+                    p.clone(),
+                    a.clone(),
+                    r.clone(),
+                    i.context().unwrap(),
+                    Some(&set.schema),
+                )
+                .unwrap(),
+            );
+        });
+        t("request no schema", &mut || {
+            std::hint::black_box(
+                cedar_policy::Request::new(
+                    p.clone(),
+                    a.clone(),
+                    r.clone(),
+                    i.context().unwrap(),
+                    None,
+                )
+                .unwrap(),
+            );
+        });
+        let req =
+            cedar_policy::Request::new(p.clone(), a.clone(), r.clone(), i.context().unwrap(), None)
+                .unwrap();
+        let ents = Entities::empty();
+        t("authorize (user set)", &mut || {
+            std::hint::black_box(set.authorizer.is_authorized(&req, &set.by_kind[0], &ents));
+        });
+        t("entities", &mut || {
+            let user = cedar_policy::Entity::new_no_attrs(
+                p.clone(),
+                [cedar_policy::EntityUid::from_type_name_and_id(
+                    set.names.group.clone(),
+                    cedar_policy::EntityId::new("eng"),
+                )]
+                .into_iter()
+                .collect(),
+            );
+            std::hint::black_box(Entities::from_entities([user], None).unwrap());
+        });
+        for pol in set.by_kind[0].policies() {
+            let mut one = PolicySet::new();
+            one.add(pol.clone()).unwrap();
+            t(&format!("  {}", pol.id()), &mut || {
+                std::hint::black_box(set.authorizer.is_authorized(&req, &one, &ents));
+            });
+        }
+        t("full evaluate", &mut || {
+            std::hint::black_box(set.evaluate(&i));
+        });
     }
 }

@@ -104,11 +104,14 @@ impl Case {
             (None, Some(a)) => a,
             (None, None) => MethodClass::Read,
         };
+        let mut device = self.device.clone();
+        // As the proxy does: posture older than the window is stale.
+        device.stale |= device.posture_age_s > self.limits.posture_max_age_s;
         Ok(Inputs {
             principal: self.principal.clone(),
             action,
             route: self.route.clone(),
-            device: self.device.clone(),
+            device,
             identity: self.identity.clone(),
             auth: self.auth.clone(),
             network: self.network.clone(),
