@@ -385,6 +385,7 @@ pub async fn start(opts: &DemoOptions) -> Result<RunningDemo, DemoError> {
     write_file(&env_file, &env_text, true)?;
 
     let ca_arg = shell_quote(&ca_path.display().to_string());
+    let mdm_url = format!("{admin_url}/mdm/v1/demo/events");
     // Event ids unique per run (the store outlives a run); times after the seed.
     let run = crate::util::RequestIds::default().next_id();
     let at = crate::util::now_unix_ms();
@@ -424,7 +425,7 @@ pub async fn start(opts: &DemoOptions) -> Result<RunningDemo, DemoError> {
         ca = ca_path.display(),
         env = env_file.display(),
         tampered = tamper(&token),
-        mdm_url = format!("{admin_url}/mdm/v1/demo/events"),
+        mdm_url = mdm_url,
         audit = dir.join("audit.jsonl").display(),
         cfg = cfg_path.display(),
     );

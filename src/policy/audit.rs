@@ -198,6 +198,7 @@ fn write_loop(rx: Receiver<AuditRecord>, mut out: Box<dyn Write + Send>) {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
 

@@ -350,7 +350,7 @@ fn in_block(ip: IpAddr, (net, len): (IpAddr, u8)) -> bool {
 }
 
 /// The first zone containing `ip`, else [`OTHER_ZONE`].
-pub fn zone_of<'a>(zones: &'a [Zone], ip: IpAddr) -> &'a str {
+pub fn zone_of(zones: &[Zone], ip: IpAddr) -> &str {
     zones
         .iter()
         .find(|z| z.blocks.iter().any(|b| in_block(ip, *b)))
@@ -923,6 +923,7 @@ impl CedarNames {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
 

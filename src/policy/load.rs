@@ -464,6 +464,7 @@ fn meta_of(p: &cedar_policy::Policy, file: &Path, line: usize) -> Result<PolicyM
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
 

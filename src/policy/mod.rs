@@ -351,7 +351,7 @@ impl CompiledSet {
 /// meets counts as allow (as shorten when it carries `@session_ttl`).
 fn effective(m: &PolicyMeta, inputs: &Inputs) -> Action {
     if m.action == Action::StepUp {
-        let acr_ok = m.acr.is_empty() || m.acr.iter().any(|a| *a == inputs.auth.acr);
+        let acr_ok = m.acr.is_empty() || m.acr.contains(&inputs.auth.acr);
         let age_ok = m.max_age_s.is_none_or(|max| {
             inputs.auth.auth_age_s >= 0 && (inputs.auth.auth_age_s as u64) <= max
         });
@@ -519,6 +519,7 @@ impl PolicyRefusal {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
     use std::path::Path;
@@ -766,6 +767,7 @@ mod tests {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod probe {
     use super::*;
     use std::time::Instant;
