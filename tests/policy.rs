@@ -438,7 +438,7 @@ async fn row4_unmanaged_byod_and_partner_step_up_get_a_short_session_and_no_sens
     assert_eq!(
         www(&r),
         "Bearer error=\"insufficient_user_authentication\", \
-         error_description=\"device is not managed by the company: multi-factor authentication required\", \
+         error_description=\"device is not managed by the company: multi-factor authentication and 15-minute sessions\", \
          acr_values=\"urn:portcullis:acr:mfa\", max_age=3600"
     );
     // Stepped up: a 15-minute session on low/medium.
