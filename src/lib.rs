@@ -2,7 +2,8 @@
 //! identity lifecycle count at request time.
 //!
 //! Rooms follow the request path (see `proxy` for the phase chart):
-//! `tls` → `route` → `authn` → `binding` → `proxy` (forward) → `telemetry`; `server`
+//! `tls` → `route` → `authn` → `binding` → `posture` → `policy` → `proxy`
+//! (forward) → `telemetry`; `server`
 //! owns listeners and lifecycle, `admin` the admin listener, `cli` and
 //! `demo` the outside view.
 
@@ -13,6 +14,7 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod feeds;
+pub mod policy;
 pub mod posture;
 pub mod proxy;
 pub mod route;

@@ -40,6 +40,9 @@ pub enum StartError {
     /// The store could not open.
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+    /// The policy set (or shadow set, or audit log) could not load.
+    #[error("policy: {0}")]
+    Policy(#[from] crate::policy::LoadError),
     /// A listener could not bind.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -174,9 +177,21 @@ impl Shared {
             &self.fetcher,
         )
         .await?;
+        let prev = self.proxy.policy.load();
+        let engine = crate::policy::Engine::from_config(
+            &rt.config,
+            prev.as_deref(),
+            Some(&self.proxy.metrics),
+        )
+        .inspect_err(|_| self.policy_reloaded(false))?;
         self.tls.store(tls);
         self.feeds.store(feeds);
         self.proxy.runtime.store(Arc::new(rt));
+        if let Some(e) = &engine {
+            self.policy_reloaded(true);
+            tracing::info!(policy_version = %e.set.version, "policy set loaded");
+        }
+        self.proxy.policy.store(engine.map(Arc::new));
         tracing::info!(version, "config reloaded");
         Ok(version)
     }
@@ -184,6 +199,86 @@ impl Shared {
     /// The config file this server reads.
     pub fn config_path(&self) -> &std::path::Path {
         &self.config_path
+    }
+
+    fn policy_reloaded(&self, ok: bool) {
+        self.proxy
+            .metrics
+            .policy_reloads
+            .get_or_create(&ResultLabel {
+                result: if ok { "ok" } else { "error" },
+            })
+            .inc();
+    }
+
+    /// Reloads the policy set from its directories (a file changed). An
+    /// invalid set keeps the running one; the error is logged and returned.
+    pub async fn reload_policies(&self) -> Result<Option<String>, crate::policy::LoadError> {
+        let _g = self.reload_lock.lock().await;
+        let Some(cur) = self.proxy.policy.load() else {
+            return Ok(None);
+        };
+        match cur.reloaded() {
+            Ok(e) => {
+                let v = e.set.version.clone();
+                self.proxy.policy.store(Some(Arc::new(e)));
+                self.policy_reloaded(true);
+                tracing::info!(policy_version = %v, "policy set reloaded");
+                Ok(Some(v))
+            }
+            Err(e) => {
+                self.policy_reloaded(false);
+                tracing::error!(error = %e, policy_version = %cur.set.version, "policy set rejected; still enforcing the previous one");
+                Err(e)
+            }
+        }
+    }
+}
+
+/// A fingerprint of every `*.cedar` file under the policy directories: names
+/// and contents, so a rewrite within the same second is still seen.
+fn policy_fingerprint(cfg: &Config) -> Option<[u8; 32]> {
+    let p = cfg.policy.as_ref()?;
+    let mut buf = Vec::new();
+    for dir in std::iter::once(&p.dir).chain(p.shadow_dir.as_ref()) {
+        buf.extend_from_slice(dir.as_os_str().as_encoded_bytes());
+        buf.push(0);
+        for f in crate::policy::load::policy_files(dir).unwrap_or_default() {
+            buf.extend_from_slice(f.as_os_str().as_encoded_bytes());
+            buf.push(0);
+            buf.extend_from_slice(&std::fs::read(&f).unwrap_or_default());
+            buf.push(0);
+        }
+    }
+    Some(crate::util::sha256(&buf))
+}
+
+/// Watches the policy directories and reloads the set when a file changes
+/// (every `policy.watch_interval_ms`; SIGHUP also reloads).
+async fn policy_watch_loop(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+    let mut last = policy_fingerprint(&shared.proxy.runtime.load().config);
+    loop {
+        let cfg = shared.proxy.runtime.load().config.clone();
+        let interval = cfg.policy.as_ref().map_or(0, |p| p.watch_interval_ms);
+        let wait = Duration::from_millis(if interval == 0 { 1000 } else { interval });
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.changed() => return,
+        }
+        if interval == 0 {
+            last = None;
+            continue;
+        }
+        let now = tokio::task::spawn_blocking(move || policy_fingerprint(&cfg))
+            .await
+            .ok()
+            .flatten();
+        if now.is_some() && now != last {
+            if last.is_some() {
+                let _ = shared.reload_policies().await;
+            }
+            last = now;
+        }
     }
 }
 
@@ -271,7 +366,12 @@ pub async fn start_with(cfg: Config, metrics: Arc<Metrics>) -> Result<RunningSer
     }
     let cfg = rt.config.clone();
     let feeds = build_feeds(&cfg, None, &posture, &metrics, &fetcher).await?;
+    let engine = crate::policy::Engine::from_config(&cfg, None, Some(&metrics))?;
     let proxy = Arc::new(Proxy::new(rt, metrics, posture.clone()));
+    if let Some(e) = &engine {
+        tracing::info!(policy_version = %e.set.version, policies = e.set.len(), "policy set loaded");
+    }
+    proxy.policy.store(engine.map(Arc::new));
     let shared = Arc::new(Shared {
         posture,
         feeds: ArcSwap::new(feeds.clone()),
@@ -326,6 +426,7 @@ pub async fn start_with(cfg: Config, metrics: Arc<Metrics>) -> Result<RunningSer
     if cfg.feeds.intune.is_some() {
         tasks.spawn(crate::feeds::intune::poll_loop(shared.clone(), rx.clone()));
     }
+    tasks.spawn(policy_watch_loop(shared.clone(), rx.clone()));
     tasks.spawn(crate::admin::serve(shared.clone(), admin_listener, rx));
     tracing::info!(%proxy_addr, ?plain_addr, %admin_addr, "portcullis listening");
     Ok(RunningServer {

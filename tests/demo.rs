@@ -88,7 +88,7 @@ fn the_printed_curl_commands_work_as_printed() {
         .iter()
         .filter(|l| l.starts_with("curl "))
         .collect();
-    assert_eq!(curls.len(), 12, "walkthrough:\n{}", demo.lines.join("\n"));
+    assert_eq!(curls.len(), 15, "walkthrough:\n{}", demo.lines.join("\n"));
     let json = |out: &str| -> serde_json::Value {
         serde_json::from_str(out.trim()).unwrap_or_else(|_| panic!("not JSON: {out}"))
     };
@@ -143,21 +143,33 @@ fn the_printed_curl_commands_work_as_printed() {
     assert_eq!(v["device"]["compliance"], "compliant");
     assert_eq!(v["device"]["lifecycle"], "enrolled");
 
-    // The device-lost event is accepted after the durable write…
+    // 10. The noncompliant MDM event is accepted and applied.
     let (ok, out) = sh(curls[9]);
     assert!(ok, "{out}");
-    assert!(out.contains("\"outcome\":\"applied\""), "{out}");
-    // …and the next request with the same token is refused.
-    let (_, out) = sh(curls[10]);
+    assert_eq!(json(&out)["results"][0]["outcome"], "applied", "{out}");
+    // 11. A read still passes, restricted.
+    let (ok, out) = sh(curls[10]);
+    assert!(ok, "{out}");
+    assert_eq!(json(&out)["decision"], "restrict", "{out}");
+    // 12. A write is refused with the reason.
+    let (_, out) = sh(curls[11]);
+    assert!(out.contains(" 403"), "{out}");
+    assert!(out.contains("\"restricted\""), "{out}");
+    assert!(out.contains("not compliant"), "{out}");
+    // 13. Lost: accepted after the durable write…
+    let (ok, out) = sh(curls[12]);
+    assert!(ok && out.contains("\"outcome\":\"applied\""), "{out}");
+    // 14. …and the next request with the same token is refused.
+    let (_, out) = sh(curls[13]);
     assert!(
         out.starts_with("HTTP/2 401") || out.starts_with("HTTP/2 403"),
         "{out}"
     );
     assert!(out.contains("revoked") || out.contains("lost"), "{out}");
 
-    let (ok, out) = sh(curls[11]);
+    let (ok, out) = sh(curls[14]);
     assert!(
-        ok && out.contains("portcullis_requests_total{route=\"demo-app\",status=\"200\"} 4"),
+        ok && out.contains("portcullis_requests_total{route=\"demo-app\",status=\"200\"} 5"),
         "{out}"
     );
     assert!(
@@ -227,9 +239,12 @@ fn demo_env_is_enough_to_mint_a_token_and_call_the_proxy() {
     let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
     header.kid = Some(env["PORTCULLIS_ISSUER_KID"].to_owned());
     let now = portcullis::util::now_unix();
+    // An unmanaged device: the default policies want multi-factor
+    // authentication (acr) and give it a short session.
     let mut claims = serde_json::json!({
         "iss": env["PORTCULLIS_ISSUER"], "aud": env["PORTCULLIS_AUDIENCE"],
         "sub": "outside-tool@example.com", "iat": now, "exp": now + 300,
+        "acr": "urn:portcullis:acr:mfa", "auth_time": now,
     });
     claims[env["PORTCULLIS_DEVICE_CLAIM"]] = "tool-device".into();
     let token = jsonwebtoken::encode(&header, &claims, &key).unwrap();
@@ -247,6 +262,7 @@ fn demo_env_is_enough_to_mint_a_token_and_call_the_proxy() {
         serde_json::from_str(out.trim()).unwrap_or_else(|_| panic!("not JSON: {out}"));
     assert_eq!(v["subject"], "outside-tool@example.com");
     assert_eq!(v["device"], "tool-device");
+    assert_eq!(v["decision"], "shorten");
     let (ok, out) = sh(&format!("curl -sS {}/readyz", env["PORTCULLIS_ADMIN_URL"]));
     assert!(ok && out.contains("ready"), "{out}");
 
@@ -278,7 +294,8 @@ fn demo_env_is_enough_to_mint_a_token_and_call_the_proxy() {
         shell_quote(env["PORTCULLIS_CA_CERT"]),
         env["PORTCULLIS_PROXY_URL"]
     ));
-    assert!(ok && out.trim() == "403", "{out}");
+    // Suspended by the SET: the default policies revoke (401).
+    assert!(ok && (out.trim() == "401" || out.trim() == "403"), "{out}");
 }
 
 fn read_env(demo: &Demo, keys: &[&str]) -> std::collections::HashMap<String, String> {
@@ -337,6 +354,9 @@ fn mint_token(
     let mut claims = serde_json::json!({
         "iss": env["PORTCULLIS_ISSUER"], "aud": env["PORTCULLIS_AUDIENCE"],
         "sub": sub, "iat": now, "exp": now + 300, "cnf": cnf,
+        // An unknown device steps up under the default policies: this outside
+        // client authenticated with MFA just now.
+        "acr": "urn:portcullis:acr:mfa", "auth_time": now,
     });
     claims[env["PORTCULLIS_DEVICE_CLAIM"].as_str()] = device.into();
     jsonwebtoken::encode(&header, &claims, &key).unwrap()

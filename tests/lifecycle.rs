@@ -473,6 +473,21 @@ fn the_shipped_example_config_passes_check_once_its_certificates_exist() {
     );
     let cfg = dir.path().join("config/portcullis.example.toml");
     std::fs::copy(example, &cfg).unwrap();
+    // Its [policy] dir is the shipped default set, beside it.
+    let policies = concat!(env!("CARGO_MANIFEST_DIR"), "/config/policies");
+    std::fs::create_dir_all(dir.path().join("config/policies")).unwrap();
+    for f in std::fs::read_dir(policies).unwrap() {
+        let f = f.unwrap().path();
+        if f.is_file() {
+            std::fs::copy(
+                &f,
+                dir.path()
+                    .join("config/policies")
+                    .join(f.file_name().unwrap()),
+            )
+            .unwrap();
+        }
+    }
     let ca = portcullis::demo::pki::DevCa::new("example CA").unwrap();
     let leaf = ca
         .server_cert(&["wiki.example.com", "apps.example.com", "mtls.example.com"])
@@ -486,7 +501,7 @@ fn the_shipped_example_config_passes_check_once_its_certificates_exist() {
     let (ok, out) = check(&cfg);
     assert!(ok, "{out}");
     assert!(
-        out.contains("ok (4 routes, 1 issuers, 1 certificates)"),
+        out.contains("ok (5 routes, 1 issuers, 1 certificates, policy set valid)"),
         "{out}"
     );
 }

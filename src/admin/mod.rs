@@ -67,6 +67,46 @@ fn authorized(req: &Request<Incoming>, secret: Option<&str>) -> bool {
     secret.is_none_or(|secret| crate::feeds::bearer_is(req, secret))
 }
 
+/// `GET /admin/v1/explain?subject=…&route=…[&device=…&method=…&acr=…]`:
+/// how the running policy set would decide, and why (admin API token).
+fn explain(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    use crate::feeds::{error, json};
+    let rt = shared.proxy.runtime.load();
+    let Some(token) = rt.config.admin.api_token.as_deref() else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "the admin API is not enabled (admin.api_token)",
+        );
+    };
+    if !authorized(req, Some(token)) {
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "a valid admin bearer token is required",
+        );
+    }
+    if req.method() != http::Method::GET {
+        return error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "GET only",
+        );
+    }
+    let Some(engine) = shared.proxy.policy.load() else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no policy set is configured ([policy])",
+        );
+    };
+    let q = crate::policy::explain::parse_query(req.uri().query().unwrap_or(""));
+    match crate::policy::explain::explain(&engine, &shared.posture, &rt.config, &q) {
+        Ok(v) => json(StatusCode::OK, &v),
+        Err(m) => error(StatusCode::BAD_REQUEST, "invalid_request", m),
+    }
+}
+
 /// Compares secrets in constant time: both sides are hashed first, so
 /// neither a differing byte nor a differing length shows in the timing.
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -76,6 +116,9 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let path = req.uri().path();
+    if path == "/admin/v1/explain" {
+        return explain(shared, &req);
+    }
     if path.starts_with("/admin/v1/")
         || path == "/ssf/push"
         || path.starts_with("/scim/v2")

@@ -1,4 +1,5 @@
-//! The command line: `serve`, `check`, `demo`.
+//! The command line: `serve`, `check`, `demo`, `policy test`, `policy
+//! replay`, `explain`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -46,6 +47,56 @@ pub enum Command {
         #[arg(long, default_value_t = 9090)]
         admin_port: u16,
     },
+    /// Policy tooling: test a policy directory, replay an audit log.
+    Policy {
+        /// What to do.
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+    /// Ask a running proxy (admin API) how it would decide a request now, and why.
+    Explain {
+        /// The running proxy's config file (for the admin address and token).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Subject (token `sub`, or an alias).
+        #[arg(long)]
+        subject: String,
+        /// Route name.
+        #[arg(long)]
+        route: String,
+        /// Device id.
+        #[arg(long)]
+        device: Option<String>,
+        /// HTTP method.
+        #[arg(long, default_value = "GET")]
+        method: String,
+        /// More token facts: `acr=…`, `amr=mfa,hwk`, `auth_age_s=…`, `token_age_s=…`,
+        /// `binding=dpop`, `client_id=…`, `ip=…`.
+        #[arg(long = "fact", value_name = "KEY=VALUE")]
+        facts: Vec<String>,
+    },
+}
+
+/// `portcullis policy …`.
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Validate DIR's policies and run the test cases in DIR/tests/*.toml.
+    Test {
+        /// Policy directory.
+        dir: PathBuf,
+    },
+    /// Re-decide logged requests under a proposed set and report what would change.
+    Replay {
+        /// Audit log (JSON lines).
+        #[arg(long)]
+        audit: PathBuf,
+        /// Proposed policy directory.
+        #[arg(long)]
+        policies: PathBuf,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Entry point used by `main.rs`.
@@ -63,7 +114,146 @@ pub fn main() -> ExitCode {
             proxy_port,
             admin_port,
         })),
+        Command::Policy {
+            command: PolicyCommand::Test { dir },
+        } => policy_test(&dir),
+        Command::Policy {
+            command:
+                PolicyCommand::Replay {
+                    audit,
+                    policies,
+                    json,
+                },
+        } => policy_replay(&audit, &policies, json),
+        Command::Explain {
+            config,
+            subject,
+            route,
+            device,
+            method,
+            facts,
+        } => {
+            let mut q = vec![
+                ("subject".to_owned(), subject),
+                ("route".to_owned(), route),
+                ("method".to_owned(), method),
+            ];
+            q.extend(device.map(|d| ("device".to_owned(), d)));
+            for f in facts {
+                match f.split_once('=') {
+                    Some((k, v)) => q.push((k.to_owned(), v.to_owned())),
+                    None => {
+                        eprintln!("error: --fact `{f}` is not KEY=VALUE");
+                        return ExitCode::FAILURE;
+                    }
+                }
+            }
+            run_async(explain(config, q))
+        }
     }
+}
+
+fn policy_test(dir: &std::path::Path) -> ExitCode {
+    match crate::policy::testing::run_dir(dir) {
+        Ok(r) => {
+            for l in &r.lines {
+                println!("{l}");
+            }
+            println!("{} passed, {} failed", r.passed, r.failed.len());
+            if r.failed.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn policy_replay(audit: &std::path::Path, policies: &std::path::Path, json: bool) -> ExitCode {
+    let set = match crate::policy::load_dir(policies) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match crate::policy::replay::replay(audit, &set) {
+        Ok(r) if json => {
+            println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+            ExitCode::SUCCESS
+        }
+        Ok(r) => {
+            print!("{}", r.text());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {}: {e}", audit.display());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn url_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+async fn explain(config: PathBuf, q: Vec<(String, String)>) -> Result<(), String> {
+    use http_body_util::BodyExt;
+    let cfg = Config::load(&config).map_err(|e| e.to_string())?;
+    let token = cfg
+        .admin
+        .api_token
+        .as_deref()
+        .ok_or("explain needs admin.api_token in the config")?;
+    let mut addr = cfg.admin.listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let query: Vec<String> = q
+        .iter()
+        .map(|(k, v)| format!("{}={}", url_encode(k), url_encode(v)))
+        .collect();
+    let req = http::Request::get(format!(
+        "http://{addr}/admin/v1/explain?{}",
+        query.join("&")
+    ))
+    .header(http::header::AUTHORIZATION, format!("Bearer {token}"))
+    .body(http_body_util::Full::new(bytes::Bytes::new()))
+    .map_err(|e| e.to_string())?;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http();
+    let resp = client
+        .request(req)
+        .await
+        .map_err(|e| format!("admin listener {addr}: {e}"))?;
+    let status = resp.status();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    if !status.is_success() {
+        return Err(format!(
+            "{status}: {}",
+            v["error_description"].as_str().unwrap_or("")
+        ));
+    }
+    println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+    Ok(())
 }
 
 fn run_async(fut: impl std::future::Future<Output = Result<(), String>>) -> ExitCode {
@@ -92,6 +282,14 @@ pub fn check_config(path: &std::path::Path) -> Result<Config, String> {
     crate::tls::build_tls(&cfg.tls).map_err(|e| format!("{}: tls: {e}", path.display()))?;
     crate::proxy::client::upstream_client(&cfg.upstream)
         .map_err(|e| format!("{}: upstream.ca: {e}", path.display()))?;
+    if let Some(p) = &cfg.policy {
+        crate::policy::load_dir(&p.dir)
+            .map_err(|e| format!("{}: policy.dir: {e}", path.display()))?;
+        if let Some(d) = &p.shadow_dir {
+            crate::policy::load_dir(d)
+                .map_err(|e| format!("{}: policy.shadow_dir: {e}", path.display()))?;
+        }
+    }
     let fetcher = crate::authn::jwks::Fetcher::default();
     for (i, ic) in cfg.issuers.iter().enumerate() {
         let issuer = crate::authn::Issuer::new(ic.clone(), &fetcher)
@@ -121,11 +319,16 @@ fn check(path: &std::path::Path) -> ExitCode {
     match check_config(path) {
         Ok(cfg) => {
             println!(
-                "{}: ok ({} routes, {} issuers, {} certificates)",
+                "{}: ok ({} routes, {} issuers, {} certificates{})",
                 path.display(),
                 cfg.routes.len(),
                 cfg.issuers.len(),
-                cfg.tls.certificates.len()
+                cfg.tls.certificates.len(),
+                if cfg.policy.is_some() {
+                    ", policy set valid"
+                } else {
+                    ""
+                }
             );
             ExitCode::SUCCESS
         }

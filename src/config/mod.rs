@@ -60,6 +60,18 @@ pub const DEFAULT_DPOP_NONCE_LIFETIME_S: u64 = 300;
 pub const DEFAULT_DPOP_MAX_PROOF_BYTES: usize = 8 * 1024;
 /// Default number of (jkt, jti) pairs the DPoP replay cache holds.
 pub const DEFAULT_DPOP_REPLAY_CAPACITY: u64 = 500_000;
+/// Default age after which device posture counts as unknown (the MDM went quiet).
+pub const DEFAULT_POSTURE_MAX_AGE_S: u64 = 86_400;
+/// Default oldest workload credential (token `iat`) accepted by the default policies.
+pub const DEFAULT_WORKLOAD_MAX_CREDENTIAL_AGE_S: u64 = 3600;
+/// Default longest a cached policy decision is reused.
+pub const DEFAULT_DECISION_CACHE_TTL_MS: u64 = 1000;
+/// Default number of cached policy decisions.
+pub const DEFAULT_DECISION_CACHE_CAPACITY: u64 = 100_000;
+/// Default interval at which the policy directory is checked for changes.
+pub const DEFAULT_POLICY_WATCH_INTERVAL_MS: u64 = 2000;
+/// Default share of `allow` decisions written to the audit log.
+pub const DEFAULT_AUDIT_SAMPLE_ALLOW: f64 = 0.1;
 
 /// Identity headers stripped from every client request by default: every
 /// header the proxy itself sets, and the usual names apps trust from proxies.
@@ -168,6 +180,12 @@ pub struct Config {
     /// Token binding: device ids from certificates, DPoP.
     #[serde(default)]
     pub binding: BindingConfig,
+    /// Cedar policies; without this table no policy runs (baseline only).
+    #[serde(default)]
+    pub policy: Option<PolicyConfig>,
+    /// Named networks, read by policies as `context.network.zone`.
+    #[serde(default)]
+    pub network: NetworkConfig,
     /// Where this config was read from (not part of the file).
     #[serde(skip)]
     pub source: PathBuf,
@@ -544,6 +562,87 @@ pub struct GenericMdmConfig {
     pub secret: String,
 }
 
+/// The `[policy]` table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// Directory of `*.cedar` files.
+    pub dir: PathBuf,
+    /// Posture older than this counts as unknown (`context.limits.posture_max_age_s`).
+    #[serde(default = "d_posture_max_age_s")]
+    pub posture_max_age_s: u64,
+    /// Oldest workload credential (`context.limits.workload_max_credential_age_s`).
+    #[serde(default = "d_workload_max_credential_age_s")]
+    pub workload_max_credential_age_s: u64,
+    /// Longest a cached decision is reused, in milliseconds (0 disables the cache).
+    #[serde(default = "d_decision_cache_ttl_ms")]
+    pub decision_cache_ttl_ms: u64,
+    /// Most cached decisions.
+    #[serde(default = "d_decision_cache_capacity")]
+    pub decision_cache_capacity: u64,
+    /// How often the directories are checked for changes, in milliseconds (0: only on SIGHUP).
+    #[serde(default = "d_policy_watch_interval_ms")]
+    pub watch_interval_ms: u64,
+    /// The decision log.
+    #[serde(default)]
+    pub audit: Option<AuditConfig>,
+    /// A second set evaluated in shadow mode: divergences are logged, never enforced.
+    #[serde(default)]
+    pub shadow_dir: Option<PathBuf>,
+    /// Routes the shadow set runs on (empty: every route).
+    #[serde(default)]
+    pub shadow_routes: Vec<String>,
+}
+
+/// The audit log settings.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// File (appended to), or `-` for stdout.
+    pub path: PathBuf,
+    /// Share of `allow` decisions logged, 0.0 – 1.0; every other decision is logged.
+    #[serde(default = "d_audit_sample_allow")]
+    pub sample_allow: f64,
+}
+
+/// The `[network]` table.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkConfig {
+    /// Named CIDR sets; the first containing the client address is its zone.
+    #[serde(default)]
+    pub zones: Vec<ZoneConfig>,
+}
+
+/// One `[[network.zones]]` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ZoneConfig {
+    /// Zone name (`context.network.zone`).
+    pub name: String,
+    /// CIDR blocks (`10.0.0.0/8`, `2001:db8::/32`) or single addresses.
+    pub cidrs: Vec<String>,
+}
+
+fn d_posture_max_age_s() -> u64 {
+    DEFAULT_POSTURE_MAX_AGE_S
+}
+fn d_workload_max_credential_age_s() -> u64 {
+    DEFAULT_WORKLOAD_MAX_CREDENTIAL_AGE_S
+}
+fn d_decision_cache_ttl_ms() -> u64 {
+    DEFAULT_DECISION_CACHE_TTL_MS
+}
+fn d_decision_cache_capacity() -> u64 {
+    DEFAULT_DECISION_CACHE_CAPACITY
+}
+fn d_policy_watch_interval_ms() -> u64 {
+    DEFAULT_POLICY_WATCH_INTERVAL_MS
+}
+fn d_audit_sample_allow() -> f64 {
+    DEFAULT_AUDIT_SAMPLE_ALLOW
+}
+
 /// Log format and level.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -649,6 +748,10 @@ pub struct RouteConfig {
     /// Time to wait for the upstream's response headers, in milliseconds.
     #[serde(default)]
     pub timeout_ms: Option<u64>,
+    /// Workloads allowed here (SPIFFE ids or client ids), read by policies
+    /// as `context.workload.allowed`.
+    #[serde(default)]
+    pub workloads: Vec<String>,
 }
 
 /// Route sensitivity, which policies read.
@@ -868,6 +971,17 @@ impl Config {
         if let Some(p) = self.feeds.intune.as_mut().and_then(|s| s.ca.as_mut()) {
             abs(p);
         }
+        if let Some(p) = self.policy.as_mut() {
+            abs(&mut p.dir);
+            if let Some(d) = p.shadow_dir.as_mut() {
+                abs(d);
+            }
+            if let Some(a) = p.audit.as_mut()
+                && a.path.as_os_str() != "-"
+            {
+                abs(&mut a.path);
+            }
+        }
     }
 
     fn invalid(&self, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
@@ -1015,6 +1129,86 @@ impl Config {
                 return Err(self.invalid(key("timeout_ms"), "must be at least 1"));
             }
             self.validate_route_binding(i, r)?;
+            for (j, w) in r.workloads.iter().enumerate() {
+                if w.is_empty() {
+                    return Err(
+                        self.invalid(format!("routes[{i}].workloads[{j}]"), "must not be empty")
+                    );
+                }
+            }
+        }
+        self.validate_policy()
+    }
+
+    fn validate_policy(&self) -> Result<(), ConfigError> {
+        let mut zone_names = HashSet::new();
+        for (i, z) in self.network.zones.iter().enumerate() {
+            if z.name.is_empty() || z.name == crate::policy::facts::OTHER_ZONE {
+                return Err(self.invalid(
+                    format!("network.zones[{i}].name"),
+                    format!(
+                        "must be non-empty and not `{}`",
+                        crate::policy::facts::OTHER_ZONE
+                    ),
+                ));
+            }
+            if !zone_names.insert(z.name.as_str()) {
+                return Err(self.invalid(
+                    format!("network.zones[{i}].name"),
+                    format!("duplicate zone `{}`", z.name),
+                ));
+            }
+            if z.cidrs.is_empty() {
+                return Err(self.invalid(
+                    format!("network.zones[{i}].cidrs"),
+                    "at least one CIDR block",
+                ));
+            }
+            for (j, c) in z.cidrs.iter().enumerate() {
+                if crate::policy::facts::parse_cidr(c).is_none() {
+                    return Err(self.invalid(
+                        format!("network.zones[{i}].cidrs[{j}]"),
+                        format!("`{c}` is not an address or CIDR block"),
+                    ));
+                }
+            }
+        }
+        let Some(p) = &self.policy else {
+            return Ok(());
+        };
+        if p.posture_max_age_s == 0 {
+            return Err(self.invalid("policy.posture_max_age_s", "must be at least 1"));
+        }
+        if p.workload_max_credential_age_s == 0 {
+            return Err(self.invalid("policy.workload_max_credential_age_s", "must be at least 1"));
+        }
+        if p.decision_cache_ttl_ms > 60_000 {
+            return Err(self.invalid(
+                "policy.decision_cache_ttl_ms",
+                "at most 60000: cached decisions must follow the clock",
+            ));
+        }
+        if let Some(a) = &p.audit {
+            if !(0.0..=1.0).contains(&a.sample_allow) {
+                return Err(self.invalid(
+                    "policy.audit.sample_allow",
+                    format!("{} is not between 0.0 and 1.0", a.sample_allow),
+                ));
+            }
+            if a.path.as_os_str().is_empty() {
+                return Err(self.invalid("policy.audit.path", "a file path, or `-` for stdout"));
+            }
+        }
+        for (i, r) in p.shadow_routes.iter().enumerate() {
+            if !self.routes.iter().any(|x| &x.name == r) {
+                return Err(self.invalid(
+                    format!("policy.shadow_routes[{i}]"),
+                    format!("no route named `{r}`"),
+                ));
+            }
+        }
+        if !p.shadow_routes.is_empty() && p.shadow_dir.is_none() {
+            return Err(self.invalid("policy.shadow_routes", "needs policy.shadow_dir"));
         }
         Ok(())
     }

@@ -65,7 +65,26 @@ pub enum DemoError {
     /// The proxy could not start.
     #[error(transparent)]
     Start(#[from] crate::server::StartError),
+    /// The seed device could not be recorded.
+    #[error("seeding the demo device: {0}")]
+    Seed(#[from] crate::posture::IngestError),
 }
+
+/// The default policy set, written into the demo's data directory.
+const DEMO_POLICIES: &[(&str, &str)] = &[
+    (
+        "default.cedar",
+        include_str!("../../config/policies/default.cedar"),
+    ),
+    (
+        "workloads.cedar",
+        include_str!("../../config/policies/workloads.cedar"),
+    ),
+    (
+        "portcullis.cedarschema",
+        include_str!("../../config/policies/portcullis.cedarschema"),
+    ),
+];
 
 /// What a running demo exposes, for tests and the printed walkthrough.
 #[derive(Debug)]
@@ -138,6 +157,7 @@ fn demo_app(req: Request<Incoming>) -> Response<Full<Bytes>> {
             "verified_device": h("x-portcullis-verified-device"),
             "workload": h("x-portcullis-workload"),
             "route": h("x-portcullis-route"),
+            "decision": h("x-portcullis-decision"),
             "request_id": h("x-request-id"),
             "forwarded_for": h("x-forwarded-for"),
         }),
@@ -337,6 +357,10 @@ api_token = "{admin_token}"
 [store]
 path = "portcullis.db"
 
+[policy]
+dir = "policies"
+audit = {{ path = "audit.jsonl", sample_allow = 1.0 }}
+
 [feeds.ssf]
 push_token = "{ssf_push}"
 issuer = "{DEMO_SSF_ISSUER}"
@@ -490,6 +514,9 @@ pub async fn start(opts: &DemoOptions) -> Result<RunningDemo, DemoError> {
         &demo_config(proxy_addr, admin_addr, &issuer_url, app_addr, &secrets),
         false,
     )?;
+    for (name, text) in DEMO_POLICIES {
+        write_file(&dir.join("policies").join(name), text, false)?;
+    }
     let server = crate::server::start(cfg_path.clone()).await?;
     let seeded_ms = seed(&server.shared.posture).await?;
 
@@ -573,19 +600,31 @@ pub async fn start(opts: &DemoOptions) -> Result<RunningDemo, DemoError> {
          curl -sS -i --cacert {ca_arg} -H 'Authorization: Bearer {mtls_token}' {proxy_url}/hello\n\
          \n# 9. The seeded state: laptop-001 is alice's managed, compliant laptop.\n\
          curl -sS -H 'Authorization: Bearer {admin_token}' {admin_url}/admin/v1/devices/laptop-001\n\
-         \n# 10. The MDM reports laptop-001 lost (the generic device event).\n\
+         \n# Policy, live (config/policies, the default set): alice's compliant laptop may read and write.\n\
+         # 10. The MDM reports laptop-001 noncompliant (the generic device event)...\n\
+         curl -sS -X POST -H 'Authorization: Bearer {mdm_secret}' -H 'Content-Type: application/json' -d '{{\"event_id\":\"demo-noncompliant-1\",\"device_id\":\"laptop-001\",\"occurred_at\":{noncompliant_ms},\"compliance\":\"non_compliant\"}}' {admin_url}/mdm/v1/{DEMO_MDM_SOURCE}/events\n\
+         \n# 11. ...reads still pass (restrict: the app sees x-portcullis-decision: restrict)...\n\
+         curl -sS --cacert {ca_arg} -H 'Authorization: Bearer {token}' {proxy_url}/hello\n\
+         \n# 12. ...but writes get 403 with the reason.\n\
+         curl -sS -i --cacert {ca_arg} -X POST -H 'Authorization: Bearer {token}' {proxy_url}/hello\n\
+         \n# 13. Then the MDM reports laptop-001 lost...\n\
          curl -sS -X POST -H 'Authorization: Bearer {mdm_secret}' -H 'Content-Type: application/json' -d '{{\"event_id\":\"demo-lost-1\",\"device_id\":\"laptop-001\",\"occurred_at\":{lost_ms},\"lifecycle\":\"lost\"}}' {admin_url}/mdm/v1/{DEMO_MDM_SOURCE}/events\n\
-         \n# 11. The same token is refused on the very next request: the device is lost.\n\
+         \n# 14. ...and the same token is refused on the very next request, on every route.\n\
          curl -sS -i --cacert {ca_arg} -H 'Authorization: Bearer {token}' {proxy_url}/hello\n\
-         \n# 12. Metrics: requests, feed events, and the control window (event accepted -> first request decided on it).\n\
-         curl -s {admin_url}/metrics | grep -E 'portcullis_(requests|feed_events|control_window_seconds_count)'\n\
+         \n# 15. Metrics: requests, decisions, feed events, and the control window (event accepted -> first request decided on it).\n\
+         curl -s {admin_url}/metrics | grep -E 'portcullis_(requests|decisions|feed_events|control_window_seconds_count)'\n\
+         \n# Why? Every decision is in {audit} (one JSON line each), and\n\
+         # portcullis explain --config {cfg} --subject alice@example.com --device laptop-001 --route demo-app\n\
          \nPress Ctrl-C to stop.\n",
         ca = shown("ca.pem"),
         env = env_file.display(),
         tampered = tamper(&token),
         admin_token = secrets.admin,
         mdm_secret = secrets.mdm,
-        lost_ms = seeded_ms + 1000,
+        noncompliant_ms = seeded_ms + 1000,
+        lost_ms = seeded_ms + 2000,
+        audit = dir.join("audit.jsonl").display(),
+        cfg = cfg_path.display(),
         device_arg = shell_quote(&shown("device.pem")),
         device_key_arg = shell_quote(&shown("device-key.pem")),
     );

@@ -27,6 +27,8 @@ pub enum Feed {
     Mdm,
     /// The operator admin API.
     Admin,
+    /// A policy decision (`@action("revoke")`).
+    Policy,
 }
 
 impl Feed {
@@ -39,6 +41,7 @@ impl Feed {
             Self::Intune => "intune",
             Self::Mdm => "mdm",
             Self::Admin => "admin",
+            Self::Policy => "policy",
         }
     }
 }

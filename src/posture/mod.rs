@@ -274,12 +274,20 @@ impl Posture {
         issued_at_s: Option<u64>,
         session_ids: &[&str],
     ) -> Result<(), PostureDenial> {
-        let revoked = |target: RevocationTarget, key: &str| -> bool {
-            self.snapshot
-                .revocation(target, key)
-                .is_some_and(|rv| issued_at_s.is_none_or(|iat| iat <= rv.not_before_s))
-        };
-        let canonical = r.identity.as_ref().map_or(subject, |i| i.subject.as_str());
+        Self::subject_lifecycle(r)?;
+        self.revocations(subject, r, issued_at_s, session_ids)?;
+        Self::device_lifecycle(r)
+    }
+
+    /// The lifecycle half of the baseline: suspended or terminated subjects,
+    /// lost / wiped / deleted / compromised devices. When a policy set runs,
+    /// it decides these instead (and can revoke).
+    pub fn lifecycle(r: &Resolved) -> Result<(), PostureDenial> {
+        Self::subject_lifecycle(r)?;
+        Self::device_lifecycle(r)
+    }
+
+    fn subject_lifecycle(r: &Resolved) -> Result<(), PostureDenial> {
         if let Some(i) = &r.identity {
             match i.status {
                 IdentityStatus::Active => {}
@@ -291,6 +299,38 @@ impl Posture {
                 }
             }
         }
+        Ok(())
+    }
+
+    fn device_lifecycle(r: &Resolved) -> Result<(), PostureDenial> {
+        if let Some(d) = &r.device {
+            if d.lifecycle.is_dead() {
+                return Err(PostureDenial::DeviceUntrusted(model::lifecycle_name(
+                    d.lifecycle,
+                )));
+            }
+            if d.compromised {
+                return Err(PostureDenial::DeviceCompromised);
+            }
+        }
+        Ok(())
+    }
+
+    /// The revocation half of the baseline, always applied: a credential
+    /// issued at or before a revocation of its subject, session or device.
+    pub fn revocations(
+        &self,
+        subject: &str,
+        r: &Resolved,
+        issued_at_s: Option<u64>,
+        session_ids: &[&str],
+    ) -> Result<(), PostureDenial> {
+        let revoked = |target: RevocationTarget, key: &str| -> bool {
+            self.snapshot
+                .revocation(target, key)
+                .is_some_and(|rv| issued_at_s.is_none_or(|iat| iat <= rv.not_before_s))
+        };
+        let canonical = r.identity.as_ref().map_or(subject, |i| i.subject.as_str());
         if revoked(RevocationTarget::Subject, canonical)
             || (canonical != subject && revoked(RevocationTarget::Subject, subject))
         {
@@ -306,16 +346,6 @@ impl Posture {
             && revoked(RevocationTarget::Device, d)
         {
             return Err(PostureDenial::Revoked("device"));
-        }
-        if let Some(d) = &r.device {
-            if d.lifecycle.is_dead() {
-                return Err(PostureDenial::DeviceUntrusted(model::lifecycle_name(
-                    d.lifecycle,
-                )));
-            }
-            if d.compromised {
-                return Err(PostureDenial::DeviceCompromised);
-            }
         }
         Ok(())
     }

@@ -7,8 +7,11 @@
 //!                  "mtls"` routes, the SPIFFE workload certificate  (binding/)
 //! 3. bind          token ↔ DPoP proof / client certificate /       (binding/)
 //!                  device → Binding {kind, verified device}
-//! 4. resolve       principal → identity, device → posture          (posture/, later)
-//! 5. decide        Cedar policies → decision                       (policy/, later)
+//! 4. resolve       principal → identity, device → posture;         (posture/)
+//!                  revocations always, the lifecycle baseline
+//!                  only when no policy set runs
+//! 5. decide        Cedar policies → allow / shorten / restrict /   (policy/)
+//!                  step_up / deny / revoke, enforced here; audit
 //! 6. forward       header hygiene, stream both ways, upgrades
 //! 7. record        metrics and access line
 //! ```
@@ -95,6 +98,8 @@ pub struct RequestCtx {
     /// The verified binding (kind, device the certificate proves, workload),
     /// once phase 3 ran (or phase 2 on `auth = "mtls"` routes). Policy reads it.
     pub binding: Option<Binding>,
+    /// The policy decision, once phase 5 ran (absent without `[policy]`).
+    pub decision: Option<Arc<crate::policy::Decision>>,
 }
 
 /// The shared proxy state.
@@ -105,6 +110,8 @@ pub struct Proxy {
     pub metrics: Arc<Metrics>,
     /// The device-trust and identity snapshot.
     pub posture: Arc<crate::posture::Posture>,
+    /// The policy engine (empty without `[policy]`), swapped on reload.
+    pub policy: crate::policy::PolicyHandle,
     ids: RequestIds,
 }
 
@@ -138,6 +145,8 @@ pub mod set_headers {
     pub const DEVICE_LIFECYCLE: &str = "x-portcullis-device-lifecycle";
     /// Snapshot version the decision was made on.
     pub const SNAPSHOT: &str = "x-portcullis-snapshot";
+    /// The policy decision that let the request through (`allow`, `shorten`, `restrict`).
+    pub const DECISION: &str = "x-portcullis-decision";
 }
 
 impl Proxy {
@@ -151,6 +160,7 @@ impl Proxy {
             runtime: ArcSwap::from_pointee(runtime),
             metrics,
             posture,
+            policy: crate::policy::PolicyHandle::default(),
             ids: RequestIds::default(),
         }
     }
@@ -170,6 +180,7 @@ impl Proxy {
             auth: None,
             resolved: None,
             binding: None,
+            decision: None,
         };
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
@@ -219,24 +230,31 @@ impl Proxy {
                 ctx.auth = Some(auth);
                 let binding = binding?;
                 dpop_used = scheme == Scheme::Dpop;
-                // 4. resolve + baseline, on the device the binding proved
-                // (a certificate) or else the one the token names.
+                // 4. resolve on the device the binding proved (a certificate)
+                // or else the one the token names; the lifecycle baseline runs
+                // here only when no policy set owns it.
+                let engine = self.policy.load();
                 let resolved = match &ctx.auth {
-                    Some(a) => self.phase_resolve(a, binding.device.as_deref()),
+                    Some(a) => self.phase_resolve(a, binding.device.as_deref(), engine.is_none()),
                     None => Err(Denial::Internal),
                 };
                 ctx.binding = Some(binding);
                 ctx.resolved = Some(resolved?);
+                // 5. decide
+                if let Some(engine) = engine {
+                    self.phase_decide(&engine, ctx, &route, req.method(), conn)
+                        .await?;
+                }
             }
-            // 2–3. a workload certificate authenticates and binds at once.
+            // 2–3. a workload certificate authenticates and binds at once
+            // (allow-listed per route by SPIFFE id).
             AuthMode::Mtls => ctx.binding = Some(phase_workload(rt, &route, &req, conn)?),
             AuthMode::Public => {}
         }
-        // 5 (decide) arrives with the policy room.
         self.metrics
             .decisions
             .get_or_create(&ActionLabel {
-                action: "allow",
+                action: ctx.decision.as_ref().map_or("allow", |d| d.action.as_str()),
                 reason: "ok",
             })
             .inc();
@@ -292,6 +310,7 @@ impl Proxy {
         &self,
         auth: &Authenticated,
         verified_device: Option<&str>,
+        lifecycle_baseline: bool,
     ) -> Result<crate::posture::Resolved, Denial> {
         let t = &auth.token;
         let sub = t.claims.sub.as_str();
@@ -307,10 +326,14 @@ impl Proxy {
         sessions.extend(t.claims.jti.as_deref());
         sessions.extend(t.claims.sid.as_deref());
         sessions.extend(pair.as_deref());
-        match self
-            .posture
-            .baseline(sub, &resolved, t.claims.iat, &sessions)
-        {
+        let verdict = if lifecycle_baseline {
+            self.posture
+                .baseline(sub, &resolved, t.claims.iat, &sessions)
+        } else {
+            self.posture
+                .revocations(sub, &resolved, t.claims.iat, &sessions)
+        };
+        match verdict {
             Ok(()) => Ok(resolved),
             Err(p) => {
                 self.metrics
@@ -319,6 +342,193 @@ impl Proxy {
                     .inc();
                 Err(Denial::Posture(p))
             }
+        }
+    }
+
+    /// Phase 5: builds the decision's inputs from the token, the snapshot
+    /// records (phase 4), the route and the connection; asks the engine
+    /// (decision cache, else Cedar); enforces the decision; writes the
+    /// audit line. Adds the decision to the context.
+    async fn phase_decide(
+        &self,
+        engine: &crate::policy::Engine,
+        ctx: &mut RequestCtx,
+        route: &Route,
+        method: &http::Method,
+        conn: &ConnInfo,
+    ) -> Result<(), Denial> {
+        use crate::policy::{Action, MethodClass, PolicyRefusal, facts::RequestFacts};
+        let (Some(auth), Some(resolved)) = (&ctx.auth, &ctx.resolved) else {
+            return Err(Denial::Internal);
+        };
+        let t = &auth.token;
+        let now = crate::util::now_unix();
+        let owner = resolved
+            .identity
+            .as_ref()
+            .filter(|i| i.kind == crate::posture::model::IdentityKind::Workload)
+            .and_then(|i| i.owner.as_deref())
+            .and_then(|o| self.posture.snapshot().identity(o));
+        let class = MethodClass::of(method);
+        let peer = conn.peer.ip();
+        let spiffe = ctx
+            .binding
+            .as_ref()
+            .and_then(|b| b.workload.as_ref())
+            .map(|w| w.to_string());
+        let facts = RequestFacts {
+            claims: &t.claims,
+            issuer: &t.issuer.cfg.name,
+            resolved,
+            owner,
+            route: &route.name,
+            sensitivity: route.sensitivity,
+            workloads: &route.workloads,
+            method: class,
+            peer,
+            zone: engine.zone(peer),
+            binding: binding_kind(ctx),
+            spiffe_id: spiffe.as_deref(),
+        };
+        let out = engine.decide(&facts, now);
+        if out.cache_hit {
+            self.metrics.policy_cache_hits.inc();
+        } else {
+            self.metrics.policy_cache_misses.inc();
+        }
+        let d = &out.decision;
+        let reason = || d.reasons.join("; ");
+        let verdict: Result<(), PolicyRefusal> = match d.action {
+            Action::Allow => Ok(()),
+            Action::Shorten => {
+                let ttl_s = d.session_ttl_s.unwrap_or(0);
+                let issued = t.claims.iat.or(t.claims.auth_time);
+                if issued.is_some_and(|i| now.saturating_sub(i) <= ttl_s) {
+                    Ok(())
+                } else {
+                    Err(PolicyRefusal::SessionCapped {
+                        ttl_s,
+                        reason: reason(),
+                    })
+                }
+            }
+            Action::Restrict if class == MethodClass::Read => Ok(()),
+            Action::Restrict => Err(PolicyRefusal::Restricted { reason: reason() }),
+            Action::StepUp => Err(PolicyRefusal::StepUp {
+                reason: reason(),
+                acr_values: d.acr_values.clone(),
+                max_age_s: d.max_age_s,
+            }),
+            Action::Deny => Err(PolicyRefusal::Denied { reason: reason() }),
+            Action::Revoke => {
+                self.record_revocation(d, &t.claims, resolved).await;
+                Err(PolicyRefusal::Revoked { reason: reason() })
+            }
+        };
+        let diverged = out.shadow.as_ref().filter(|s| s.action != d.action);
+        if let Some(s) = diverged {
+            self.metrics
+                .policy_shadow_divergences
+                .get_or_create(&crate::telemetry::ShadowLabel {
+                    enforced: d.action.as_str(),
+                    shadow: s.action.as_str(),
+                })
+                .inc();
+        }
+        if let Some(sink) = &engine.audit
+            && sink.wants(d.action, diverged.is_some())
+        {
+            sink.log(crate::policy::audit::AuditRecord {
+                time: crate::policy::audit::rfc3339(crate::util::now_unix_ms()),
+                request_id: ctx.id.clone(),
+                principal: format!(
+                    "{}:{}",
+                    match out.inputs.principal.kind {
+                        crate::policy::facts::PrincipalKind::User => "user",
+                        crate::policy::facts::PrincipalKind::Workload => "workload",
+                    },
+                    out.inputs.principal.id
+                ),
+                device: out.inputs.device.id.clone(),
+                route: route.name.clone(),
+                method: method.to_string(),
+                action: d.action,
+                enforced: if verdict.is_ok() {
+                    "forwarded"
+                } else {
+                    "refused"
+                },
+                policy_ids: d.policy_ids.clone(),
+                reasons: d.reasons.clone(),
+                decision: d.clone(),
+                snapshot_version: resolved.snapshot_version,
+                policy_version: engine.set.version.clone(),
+                cache_hit: out.cache_hit,
+                shadow: diverged.map(|s| crate::policy::audit::ShadowRecord {
+                    policy_version: engine
+                        .shadow
+                        .as_ref()
+                        .map_or_else(String::new, |x| x.version.clone()),
+                    decision: s.clone(),
+                }),
+                inputs: out.inputs.clone(),
+            });
+        }
+        ctx.decision = Some(out.decision.clone());
+        verdict.map_err(Denial::Policy)
+    }
+
+    /// Records a `revoke` decision through the one apply path, so it is
+    /// durable and seen on every route: credentials of the subject and/or
+    /// device issued before now stop working. Retries of the same token
+    /// produce the same event id and apply once.
+    async fn record_revocation(
+        &self,
+        d: &crate::policy::Decision,
+        claims: &crate::authn::Claims,
+        r: &crate::posture::Resolved,
+    ) {
+        use crate::posture::event::{Change, Feed, PostureEvent};
+        use crate::posture::model::RevocationTarget;
+        let subject = r
+            .identity
+            .as_ref()
+            .map_or(claims.sub.as_str(), |i| i.subject.as_str());
+        let mut changes = Vec::new();
+        if d.revoke.iter().any(|x| x == "subject") {
+            changes.push(Change::Revoke {
+                target: RevocationTarget::Subject,
+                key: subject.to_owned(),
+            });
+        }
+        if d.revoke.iter().any(|x| x == "device")
+            && let Some(dev) = &r.device_id
+        {
+            changes.push(Change::Revoke {
+                target: RevocationTarget::Device,
+                key: dev.clone(),
+            });
+        }
+        if changes.is_empty() {
+            return;
+        }
+        let id = format!(
+            "policy:{}:{}:{}:{}",
+            d.policy_ids.join(","),
+            subject,
+            r.device_id.as_deref().unwrap_or(""),
+            claims.iat.unwrap_or(0)
+        );
+        let ev = PostureEvent {
+            id: id.chars().take(crate::posture::event::MAX_ID_LEN).collect(),
+            feed: Feed::Policy,
+            kind: "policy.revoke".into(),
+            origin_ms: crate::util::now_unix_ms(),
+            changes,
+        };
+        if let Err(e) = self.posture.ingest(vec![ev]).await {
+            // The request is refused regardless; the next one decides again.
+            tracing::error!(error = %e, "policy revocation was not recorded");
         }
     }
 
@@ -448,6 +658,11 @@ impl Proxy {
             "request"
         );
     }
+}
+
+/// The token binding phase 3 verified: `none`, `mtls` or `dpop`.
+fn binding_kind(ctx: &RequestCtx) -> &'static str {
+    ctx.binding.as_ref().map_or("none", |b| b.kind.as_str())
 }
 
 fn rt_upstream(rt: &Runtime) -> &client::UpstreamClient {
@@ -685,6 +900,12 @@ fn prepare_upstream_request<B>(
             );
         }
         h.insert(set_headers::SNAPSHOT, HeaderValue::from(r.snapshot_version));
+    }
+    if let Some(d) = &ctx.decision {
+        h.insert(
+            set_headers::DECISION,
+            HeaderValue::from_static(d.action.as_str()),
+        );
     }
     Ok(())
 }

@@ -12,6 +12,7 @@ use super::client::ProxyBody;
 use crate::authn::{AuthError, Scheme};
 use crate::binding::dpop::DpopError;
 use crate::binding::{BindError, WorkloadError};
+use crate::policy::PolicyRefusal;
 
 /// Where a refusal came from, in Pingora's sense.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,6 +77,10 @@ pub enum Denial {
     /// device lost / wiped / compromised.
     #[error("{0}")]
     Posture(crate::posture::PostureDenial),
+    /// A policy decision refused: deny, restrict (writes), step-up, a
+    /// session past its cap, or revoke.
+    #[error("{0}")]
+    Policy(crate::policy::PolicyRefusal),
     /// The request is malformed in a way hyper let through.
     #[error("{0}")]
     BadRequest(&'static str),
@@ -110,6 +115,17 @@ impl Denial {
             | Denial::ClientCertExpired
             | Denial::WorkloadNotAllowed(_) => StatusCode::FORBIDDEN,
             Denial::Misdirected => StatusCode::MISDIRECTED_REQUEST,
+            // Step-up, an expired session and revocation: the client must
+            // authenticate again; deny and restrict: it cannot fix this by
+            // re-authenticating (standards.md §4.4).
+            Denial::Policy(
+                PolicyRefusal::StepUp { .. }
+                | PolicyRefusal::SessionCapped { .. }
+                | PolicyRefusal::Revoked { .. },
+            ) => StatusCode::UNAUTHORIZED,
+            Denial::Policy(PolicyRefusal::Denied { .. } | PolicyRefusal::Restricted { .. }) => {
+                StatusCode::FORBIDDEN
+            }
             Denial::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Denial::BadRequest(_) => StatusCode::BAD_REQUEST,
             Denial::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
@@ -140,6 +156,7 @@ impl Denial {
             Denial::ClientCertExpired => "client_certificate_expired",
             Denial::WorkloadNotAllowed(_) => "workload_not_allowed",
             Denial::Misdirected => "misdirected_request",
+            Denial::Policy(p) => p.code(),
             Denial::BodyTooLarge { .. } => "body_too_large",
             Denial::BadRequest(_) => "bad_request",
             Denial::UpstreamUnavailable => "upstream_unavailable",
@@ -174,6 +191,7 @@ impl Denial {
             | Denial::Misdirected
             | Denial::Posture(_)
             | Denial::NoRoute => "deny",
+            Denial::Policy(p) => p.action(),
             _ => "allow",
         }
     }
@@ -288,6 +306,12 @@ pub fn respond(d: &Denial, request_id: &str, dpop_algs: &str) -> Response<ProxyB
     }
     if matches!(d, Denial::Misdirected) {
         h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    if let Denial::Policy(p) = d
+        && let Some(challenge) = p.challenge()
+        && let Ok(v) = HeaderValue::from_str(&challenge)
+    {
+        h.insert(header::WWW_AUTHENTICATE, v);
     }
     resp
 }

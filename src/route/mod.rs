@@ -35,6 +35,8 @@ pub struct Route {
     pub max_body_bytes: Option<u64>,
     /// Time to wait for response headers.
     pub timeout: std::time::Duration,
+    /// Workload ids (SPIFFE ids, client ids) allowed here, for policies.
+    pub workloads: Vec<String>,
 }
 
 /// All routes, indexed by host.
@@ -116,6 +118,7 @@ fn build_route(rc: &RouteConfig, cfg: &Config) -> Route {
         spiffe_ids: rc.spiffe_ids.clone(),
         max_body_bytes: rc.max_body_bytes,
         timeout: std::time::Duration::from_millis(rc.timeout_ms.unwrap_or(cfg.upstream.timeout_ms)),
+        workloads: rc.workloads.clone(),
     }
 }
 

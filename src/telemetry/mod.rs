@@ -102,6 +102,25 @@ pub struct Metrics {
     pub control_window_seconds: Family<FeedKindLabel, Histogram>,
     /// Requests refused by the posture baseline, by reason.
     pub posture_denials: Family<ResultLabel, Counter>,
+    /// Policy decisions served from the decision cache.
+    pub policy_cache_hits: Counter,
+    /// Policy decisions that needed a Cedar evaluation.
+    pub policy_cache_misses: Counter,
+    /// Policy set reloads by result (`ok`, `error`).
+    pub policy_reloads: Family<ResultLabel, Counter>,
+    /// Requests where the shadow set decided differently, by both actions.
+    pub policy_shadow_divergences: Family<ShadowLabel, Counter>,
+    /// Audit lines dropped because the writer fell behind.
+    pub policy_audit_dropped: Counter,
+}
+
+/// Labels for shadow-mode divergences.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ShadowLabel {
+    /// What the enforced set decided.
+    pub enforced: &'static str,
+    /// What the shadow set decided.
+    pub shadow: &'static str,
 }
 
 fn latency_histogram() -> Histogram {
@@ -191,7 +210,42 @@ impl Metrics {
             "Requests refused by the posture baseline, by reason",
             posture_denials.clone(),
         );
+        let policy_cache_hits = Counter::default();
+        let policy_cache_misses = Counter::default();
+        let policy_reloads = Family::<ResultLabel, Counter>::default();
+        let policy_shadow_divergences = Family::<ShadowLabel, Counter>::default();
+        let policy_audit_dropped = Counter::default();
+        registry.register(
+            "policy_cache_hits",
+            "Policy decisions served from the decision cache",
+            policy_cache_hits.clone(),
+        );
+        registry.register(
+            "policy_cache_misses",
+            "Policy decisions that needed a Cedar evaluation",
+            policy_cache_misses.clone(),
+        );
+        registry.register(
+            "policy_reloads",
+            "Policy set reloads by result",
+            policy_reloads.clone(),
+        );
+        registry.register(
+            "policy_shadow_divergences",
+            "Requests where the shadow policy set decided differently from the enforced one",
+            policy_shadow_divergences.clone(),
+        );
+        registry.register(
+            "policy_audit_dropped",
+            "Audit lines dropped because the audit writer fell behind",
+            policy_audit_dropped.clone(),
+        );
         Self {
+            policy_cache_hits,
+            policy_cache_misses,
+            policy_reloads,
+            policy_shadow_divergences,
+            policy_audit_dropped,
             feed_events,
             apply_seconds,
             control_window_seconds,

@@ -1,0 +1,310 @@
+//! The engine the request path holds: the active policy set, an optional
+//! shadow set, the settings from `[policy]` / `[network]`, the decision
+//! cache and the audit sink. Built whole and swapped atomically (arc-swap)
+//! on reload; a request sees one engine from decision to audit line.
+//!
+//! The decision cache is keyed by a 128-bit keyed hash of: principal,
+//! device, route, method class, the snapshot versions of the identity,
+//! device and owner records, the token's policy-relevant claims (issuer,
+//! iat, auth_time, acr, amr, client_id, jti, exp), binding, SPIFFE id and
+//! client address. The policy version is implicit: a reload builds a new
+//! engine with an empty cache. Any feed event that changes one of those
+//! records changes its version, so the next request misses. Entries live at
+//! most `decision_cache_ttl_ms`, which bounds how stale the time-dependent
+//! facts (ages, time of day) of a cached decision can be.
+
+use std::collections::hash_map::RandomState;
+use std::hash::{BuildHasher, Hash};
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use moka::sync::Cache;
+
+use super::audit::AuditSink;
+use super::facts::{Inputs, Limits, RequestFacts, Zone, parse_cidr, zone_of};
+use super::{CompiledSet, Decision, LoadError, load_dir};
+use crate::config::Config;
+
+/// Settings read from the config, fixed for one engine.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// `context.limits`.
+    pub limits: Limits,
+    /// `[[network.zones]]`.
+    pub zones: Vec<Zone>,
+    /// Longest a cached decision is reused.
+    pub cache_ttl: Duration,
+    /// Most cached decisions.
+    pub cache_capacity: u64,
+    /// Routes the shadow set runs on (empty: all).
+    pub shadow_routes: Vec<String>,
+    /// The policy directory.
+    pub dir: PathBuf,
+    /// The shadow policy directory.
+    pub shadow_dir: Option<PathBuf>,
+}
+
+impl Settings {
+    /// Reads the settings of a config that has a `[policy]` table.
+    pub fn from_config(cfg: &Config) -> Option<Self> {
+        let p = cfg.policy.as_ref()?;
+        Some(Self {
+            limits: Limits {
+                posture_max_age_s: i64::try_from(p.posture_max_age_s).unwrap_or(i64::MAX),
+                workload_max_credential_age_s: i64::try_from(p.workload_max_credential_age_s)
+                    .unwrap_or(i64::MAX),
+            },
+            zones: cfg
+                .network
+                .zones
+                .iter()
+                .map(|z| Zone {
+                    name: z.name.clone(),
+                    // INVARIANT: Config::validate checked every CIDR parses.
+                    blocks: z.cidrs.iter().filter_map(|c| parse_cidr(c)).collect(),
+                })
+                .collect(),
+            cache_ttl: Duration::from_millis(p.decision_cache_ttl_ms),
+            cache_capacity: p.decision_cache_capacity,
+            shadow_routes: p.shadow_routes.clone(),
+            dir: p.dir.clone(),
+            shadow_dir: p.shadow_dir.clone(),
+        })
+    }
+}
+
+struct Cached {
+    decision: Arc<Decision>,
+    shadow: Option<Arc<Decision>>,
+    inputs: Arc<Inputs>,
+}
+
+/// What [`Engine::decide`] returns.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// The enforced decision.
+    pub decision: Arc<Decision>,
+    /// The shadow set's decision, when a shadow set runs on this route.
+    pub shadow: Option<Arc<Decision>>,
+    /// The inputs the decision was made on.
+    pub inputs: Arc<Inputs>,
+    /// True when served from the decision cache.
+    pub cache_hit: bool,
+}
+
+/// The active policy set and everything around it.
+pub struct Engine {
+    /// The enforced set.
+    pub set: Arc<CompiledSet>,
+    /// The shadow set: evaluated and logged, never enforced.
+    pub shadow: Option<Arc<CompiledSet>>,
+    /// Settings.
+    pub settings: Settings,
+    /// Where decisions are logged.
+    pub audit: Option<Arc<AuditSink>>,
+    cache: Cache<u128, Arc<Cached>>,
+    k1: RandomState,
+    k2: RandomState,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("version", &self.set.version)
+            .field("shadow", &self.shadow.as_ref().map(|s| &s.version))
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Hash)]
+struct KeyParts<'a> {
+    sub: &'a str,
+    device: Option<&'a str>,
+    route: &'a str,
+    method: super::MethodClass,
+    identity_v: Option<u64>,
+    device_v: Option<u64>,
+    owner_v: Option<u64>,
+    iss: &'a str,
+    iat: Option<u64>,
+    auth_time: Option<u64>,
+    exp: u64,
+    acr: Option<&'a str>,
+    amr: Option<&'a [String]>,
+    client_id: Option<&'a str>,
+    jti: Option<&'a str>,
+    binding: &'a str,
+    spiffe: Option<&'a str>,
+    peer: IpAddr,
+}
+
+impl Engine {
+    /// An engine over a loaded set.
+    pub fn new(
+        set: Arc<CompiledSet>,
+        shadow: Option<Arc<CompiledSet>>,
+        settings: Settings,
+        audit: Option<Arc<AuditSink>>,
+    ) -> Self {
+        let cache = Cache::builder()
+            .max_capacity(settings.cache_capacity)
+            .time_to_live(settings.cache_ttl)
+            .build();
+        Self {
+            set,
+            shadow,
+            settings,
+            audit,
+            cache,
+            k1: RandomState::new(),
+            k2: RandomState::new(),
+        }
+    }
+
+    /// Loads the policy (and shadow) directories named by a config.
+    /// `prev` lends its audit sink when the audit settings are unchanged.
+    pub fn from_config(
+        cfg: &Config,
+        prev: Option<&Engine>,
+        metrics: Option<&crate::telemetry::Metrics>,
+    ) -> Result<Option<Self>, LoadError> {
+        let Some(settings) = Settings::from_config(cfg) else {
+            return Ok(None);
+        };
+        let set = Arc::new(load_dir(&settings.dir)?);
+        let shadow = match &settings.shadow_dir {
+            Some(d) => Some(Arc::new(load_dir(d)?)),
+            None => None,
+        };
+        let audit = match cfg.policy.as_ref().and_then(|p| p.audit.as_ref()) {
+            None => None,
+            Some(a) => match prev
+                .and_then(|p| p.audit.clone())
+                .filter(|s| s.same_config(a))
+            {
+                Some(s) => Some(s),
+                None => Some(Arc::new(AuditSink::open(a, metrics).map_err(|source| {
+                    LoadError::Read {
+                        path: a.path.clone(),
+                        source,
+                    }
+                })?)),
+            },
+        };
+        Ok(Some(Self::new(set, shadow, settings, audit)))
+    }
+
+    /// The same settings and audit sink over freshly loaded directories
+    /// (a file changed).
+    pub fn reloaded(&self) -> Result<Self, LoadError> {
+        let set = Arc::new(load_dir(&self.settings.dir)?);
+        let shadow = match &self.settings.shadow_dir {
+            Some(d) => Some(Arc::new(load_dir(d)?)),
+            None => None,
+        };
+        Ok(Self::new(
+            set,
+            shadow,
+            self.settings.clone(),
+            self.audit.clone(),
+        ))
+    }
+
+    /// The network zone of an address.
+    pub fn zone(&self, ip: IpAddr) -> &str {
+        zone_of(&self.settings.zones, ip)
+    }
+
+    fn key(&self, f: &RequestFacts<'_>) -> u128 {
+        let c = f.claims;
+        let r = f.resolved;
+        let parts = KeyParts {
+            sub: &c.sub,
+            device: r.device_id.as_deref(),
+            route: f.route,
+            method: f.method,
+            identity_v: r.identity.as_ref().map(|i| i.version),
+            device_v: r.device.as_ref().map(|d| d.version),
+            owner_v: f.owner.as_ref().map(|o| o.version),
+            iss: &c.iss,
+            iat: c.iat,
+            auth_time: c.auth_time,
+            exp: c.exp,
+            acr: c.acr.as_deref(),
+            amr: c.amr.as_deref(),
+            client_id: c.client_id.as_deref(),
+            jti: c.jti.as_deref(),
+            binding: f.binding,
+            spiffe: f.spiffe_id,
+            peer: f.peer,
+        };
+        (u128::from(self.k1.hash_one(&parts)) << 64) | u128::from(self.k2.hash_one(&parts))
+    }
+
+    fn shadow_for(&self, route: &str) -> Option<&Arc<CompiledSet>> {
+        self.shadow.as_ref().filter(|_| {
+            self.settings.shadow_routes.is_empty()
+                || self.settings.shadow_routes.iter().any(|r| r == route)
+        })
+    }
+
+    /// Decides a request: from the cache when the same principal, device,
+    /// route, method class, record versions and token were decided recently,
+    /// else by evaluating the set.
+    pub fn decide(&self, f: &RequestFacts<'_>, now_s: u64) -> Outcome {
+        let key = self.key(f);
+        if let Some(c) = self.cache.get(&key) {
+            return Outcome {
+                decision: c.decision.clone(),
+                shadow: c.shadow.clone(),
+                inputs: c.inputs.clone(),
+                cache_hit: true,
+            };
+        }
+        let inputs = Arc::new(Inputs::from_request(f, &self.settings.limits, now_s));
+        let decision = Arc::new(self.set.evaluate(&inputs));
+        let shadow = self
+            .shadow_for(f.route)
+            .map(|s| Arc::new(s.evaluate(&inputs)));
+        self.cache.insert(
+            key,
+            Arc::new(Cached {
+                decision: decision.clone(),
+                shadow: shadow.clone(),
+                inputs: inputs.clone(),
+            }),
+        );
+        Outcome {
+            decision,
+            shadow,
+            inputs,
+            cache_hit: false,
+        }
+    }
+
+    /// Evaluates inputs directly, without the cache (explain, tests).
+    pub fn evaluate(&self, inputs: &Inputs) -> Decision {
+        self.set.evaluate(inputs)
+    }
+}
+
+/// The engine slot the proxy reads: empty when no `[policy]` is configured.
+#[derive(Debug, Default)]
+pub struct PolicyHandle {
+    engine: ArcSwapOption<Engine>,
+}
+
+impl PolicyHandle {
+    /// The current engine.
+    pub fn load(&self) -> Option<Arc<Engine>> {
+        self.engine.load_full()
+    }
+
+    /// Swaps in a new engine (or none).
+    pub fn store(&self, e: Option<Arc<Engine>>) {
+        self.engine.store(e);
+    }
+}
