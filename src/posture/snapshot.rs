@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::model::{Device, Group, Identity, Revocation, RevocationTarget};
 
-type Map<V> = papaya::HashMap<String, V>;
+type Map<V> = papaya::HashMap<String, V, foldhash::fast::RandomState>;
 
 /// Current state of every record, plus the snapshot version.
 pub struct Snapshot {
@@ -51,15 +51,15 @@ impl Snapshot {
     /// An empty snapshot.
     pub fn new() -> Self {
         Self {
-            devices: Map::new(),
-            identities: Map::new(),
-            aliases: Map::new(),
-            thumbprints: Map::new(),
-            external_ids: Map::new(),
-            revoked_subjects: Map::new(),
-            revoked_devices: Map::new(),
-            revoked_sessions: Map::new(),
-            groups: Map::new(),
+            devices: Map::default(),
+            identities: Map::default(),
+            aliases: Map::default(),
+            thumbprints: Map::default(),
+            external_ids: Map::default(),
+            revoked_subjects: Map::default(),
+            revoked_devices: Map::default(),
+            revoked_sessions: Map::default(),
+            groups: Map::default(),
             version: AtomicU64::new(0),
         }
     }
