@@ -970,3 +970,40 @@ fn binding_config_mistakes_name_the_key() {
         assert!(err.contains(key), "expected `{key}` in: {err}");
     }
 }
+
+#[tokio::test]
+async fn thumbprint_rule_maps_registered_certificates_to_devices() {
+    let e = env("").await;
+    // Certificates that name no device at all: only their thumbprint counts.
+    let enrolled = e.device_ca.client_cert("anything", &[]).unwrap();
+    let stranger = e.device_ca.client_cert("anything", &[]).unwrap();
+    let x5t = encode_x5t(&portcullis::util::sha256(&enrolled.cert_der));
+    let cfg = config(
+        &e.upstream.url(),
+        &format!("device_thumbprints = {{ \"{x5t}\" = \"enrolled-7\" }}"),
+    )
+    .replace("san-uri:device://{id}", "thumbprint");
+    std::fs::write(e.pki.path().join("p.toml"), cfg).unwrap();
+    e.server.shared.reload().await.unwrap();
+
+    let for_7 = format!("Bearer {}", e.token(Some("enrolled-7"), None));
+    let mut c = e.conn(MTLS, Some(&enrolled)).await;
+    let (status, _, body) = c.get("/hello", &[("authorization", &for_7)]).await;
+    assert_eq!(status, StatusCode::OK, "{body:?}");
+    assert_eq!(
+        e.upstream.last().headers["x-portcullis-verified-device"],
+        "enrolled-7"
+    );
+    let for_8 = format!("Bearer {}", e.token(Some("enrolled-8"), None));
+    let (status, _, body) = c.get("/hello", &[("authorization", &for_8)]).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(error_code(&body), "binding_mismatch");
+
+    // An unregistered certificate proves no device: the claim stays a claim.
+    let mut s = e.conn(MTLS, Some(&stranger)).await;
+    let (status, _, _) = s.get("/hello", &[("authorization", &for_8)]).await;
+    assert_eq!(status, StatusCode::OK);
+    let seen = e.upstream.last();
+    assert!(seen.headers.get("x-portcullis-verified-device").is_none());
+    assert_eq!(seen.headers["x-portcullis-device"], "enrolled-8");
+}
