@@ -121,6 +121,11 @@ impl Snapshot {
         m.pin().get(key).cloned()
     }
 
+    /// True when any session (or subject-on-device) revocation exists.
+    pub fn has_session_revocations(&self) -> bool {
+        !self.revoked_sessions.is_empty()
+    }
+
     /// Number of devices and identities.
     pub fn counts(&self) -> (u64, u64) {
         (self.devices.len() as u64, self.identities.len() as u64)

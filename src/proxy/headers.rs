@@ -17,6 +17,17 @@ const HOP_BY_HOP: &[HeaderName] = &[
 /// Removes hop-by-hop headers, including every header the `Connection`
 /// header names, and `Keep-Alive` / `Proxy-Connection`.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    if headers.contains_key(header::CONNECTION) {
+        remove_connection_named(headers);
+    }
+    for h in HOP_BY_HOP {
+        headers.remove(h);
+    }
+    headers.remove("keep-alive");
+    headers.remove("proxy-connection");
+}
+
+fn remove_connection_named(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -27,11 +38,6 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     for n in named {
         headers.remove(n);
     }
-    for h in HOP_BY_HOP {
-        headers.remove(h);
-    }
-    headers.remove("keep-alive");
-    headers.remove("proxy-connection");
 }
 
 /// Removes the configured identity headers the client must not set.

@@ -321,7 +321,10 @@ impl Proxy {
             .identity
             .as_ref()
             .map_or(sub, |i| i.subject.as_str());
-        let pair = device.map(|d| format!("{canonical}|{d}"));
+        // The subject-on-device key is only needed when session revocations exist.
+        let pair = device
+            .filter(|_| self.posture.snapshot().has_session_revocations())
+            .map(|d| format!("{canonical}|{d}"));
         let mut sessions: Vec<&str> = Vec::with_capacity(3);
         sessions.extend(t.claims.jti.as_deref());
         sessions.extend(t.claims.sid.as_deref());
@@ -567,10 +570,15 @@ impl Proxy {
         let up_req = Request::from_parts(parts, body);
         let started = Instant::now();
         let result = tokio::time::timeout(route.timeout, rt_upstream(_rt).request(up_req)).await;
-        self.metrics
-            .upstream_seconds
-            .get_or_create(&RouteLabel {
-                route: route.name.clone(),
+        route
+            .metric_handles
+            .upstream
+            .get_or_init(|| {
+                self.metrics
+                    .upstream_seconds
+                    .get_or_create_owned(&RouteLabel {
+                        route: route.name.clone(),
+                    })
             })
             .observe(started.elapsed().as_secs_f64());
         let mut resp = match result {
@@ -633,13 +641,25 @@ impl Proxy {
         status: StatusCode,
     ) {
         let route = ctx.route.as_ref().map_or("none", |r| r.name.as_str());
-        self.metrics
-            .requests
-            .get_or_create(&RouteStatus {
-                route: route.to_owned(),
-                status: status.as_u16(),
-            })
-            .inc();
+        let code = status.as_u16();
+        let label = || RouteStatus {
+            route: route.to_owned(),
+            status: code,
+        };
+        match ctx.route.as_ref().zip(
+            crate::route::COMMON_STATUSES
+                .iter()
+                .position(|s| *s == code),
+        ) {
+            Some((r, i)) => {
+                r.metric_handles.by_status[i]
+                    .get_or_init(|| self.metrics.requests.get_or_create_owned(&label()))
+                    .inc();
+            }
+            None => {
+                self.metrics.requests.get_or_create(&label()).inc();
+            }
+        }
         let subject = ctx.auth.as_ref().map(|a| a.token.claims.sub.as_str());
         let binding = ctx.binding.as_ref().map(|b| b.kind.as_str());
         let device = ctx.binding.as_ref().and_then(|b| b.device.as_deref());

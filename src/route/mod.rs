@@ -15,6 +15,9 @@ use crate::config::{AuthMode, BindingMode, Config, RouteConfig, Sensitivity};
 pub struct Route {
     /// Name for metrics and logs.
     pub name: String,
+    /// This route's metric handles, resolved on first use so the request
+    /// path skips the label-set lookups (allocation + lock) every time.
+    pub metric_handles: RouteMetricHandles,
     /// Matched path prefix.
     pub path_prefix: String,
     /// Upstream scheme + authority + base path.
@@ -108,6 +111,7 @@ fn build_route(rc: &RouteConfig, cfg: &Config) -> Route {
     let base = upstream.path().trim_end_matches('/').to_owned();
     Route {
         name: rc.name.clone(),
+        metric_handles: RouteMetricHandles::default(),
         path_prefix: rc.path_prefix.clone(),
         upstream,
         upstream_base_path: base,
@@ -135,3 +139,17 @@ mod tests {
         assert!(path_matches("/api/x", "/api/"));
     }
 }
+
+/// Per-route metric handles (prometheus-client metrics are shared `Arc`s, so a
+/// handle counts into the same series as the family lookup would).
+#[derive(Debug, Default)]
+pub struct RouteMetricHandles {
+    /// Upstream latency histogram.
+    pub upstream: std::sync::OnceLock<prometheus_client::metrics::histogram::Histogram>,
+    /// Request counters for the statuses a route answers most.
+    pub by_status:
+        [std::sync::OnceLock<prometheus_client::metrics::counter::Counter>; COMMON_STATUSES.len()],
+}
+
+/// Statuses with a cached counter per route; others go through the family.
+pub const COMMON_STATUSES: [u16; 8] = [200, 204, 304, 401, 403, 404, 502, 504];
