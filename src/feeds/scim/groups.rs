@@ -31,20 +31,8 @@ fn stored(g: &Group) -> Map<String, Value> {
 pub(super) fn list(call: &Call<'_>, q: &Query) -> super::AdminResponse {
     let mut groups: Vec<Map<String, Value>> =
         call.snap.groups().iter().map(|g| stored(g)).collect();
-    groups.sort_by_key(sort_key);
+    groups.sort_by_key(resource::created_then_id);
     q.list(groups)
-}
-
-fn sort_key(g: &Map<String, Value>) -> (String, String) {
-    let created = g
-        .get("meta")
-        .and_then(|m| m.get("created"))
-        .and_then(Value::as_str)
-        .unwrap_or_default();
-    (
-        created.to_owned(),
-        str_attr(g, "id").unwrap_or_default().to_owned(),
-    )
 }
 
 /// `GET /Groups/{id}`.

@@ -495,3 +495,16 @@ mod tests {
         assert_ne!(a, new_id().unwrap());
     }
 }
+
+/// Stable listing order for SCIM resources: `meta.created`, then `id`.
+pub(super) fn created_then_id(r: &Map<String, Value>) -> (String, String) {
+    let created = r
+        .get("meta")
+        .and_then(|m| m.get("created"))
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    (
+        created.to_owned(),
+        str_attr(r, "id").unwrap_or_default().to_owned(),
+    )
+}

@@ -49,7 +49,7 @@ pub(super) fn list(call: &Call<'_>, q: &Query) -> super::AdminResponse {
             _ => None,
         })
         .collect();
-    users.sort_by_key(sort_key);
+    users.sort_by_key(resource::created_then_id);
     let none = Vec::new();
     let rendered = users
         .iter()
@@ -59,18 +59,6 @@ pub(super) fn list(call: &Call<'_>, q: &Query) -> super::AdminResponse {
         })
         .collect();
     q.list(rendered)
-}
-
-fn sort_key(u: &Map<String, Value>) -> (String, String) {
-    let created = u
-        .get("meta")
-        .and_then(|m| m.get("created"))
-        .and_then(Value::as_str)
-        .unwrap_or_default();
-    (
-        created.to_owned(),
-        str_attr(u, "id").unwrap_or_default().to_owned(),
-    )
 }
 
 /// `GET /Users/{id}`.
