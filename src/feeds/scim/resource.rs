@@ -437,6 +437,19 @@ pub fn rfc3339(ms: u64) -> String {
     crate::util::rfc3339(ms, true)
 }
 
+/// Stable listing order for SCIM resources: `meta.created`, then `id`.
+pub(super) fn created_then_id(r: &Map<String, Value>) -> (String, String) {
+    let created = r
+        .get("meta")
+        .and_then(|m| m.get("created"))
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    (
+        created.to_owned(),
+        str_attr(r, "id").unwrap_or_default().to_owned(),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -494,17 +507,4 @@ mod tests {
         assert_eq!(&a[14..15], "4");
         assert_ne!(a, new_id().unwrap());
     }
-}
-
-/// Stable listing order for SCIM resources: `meta.created`, then `id`.
-pub(super) fn created_then_id(r: &Map<String, Value>) -> (String, String) {
-    let created = r
-        .get("meta")
-        .and_then(|m| m.get("created"))
-        .and_then(Value::as_str)
-        .unwrap_or_default();
-    (
-        created.to_owned(),
-        str_attr(r, "id").unwrap_or_default().to_owned(),
-    )
 }
