@@ -1042,39 +1042,12 @@ impl Config {
             if iss.algorithms.is_empty() {
                 return Err(self.invalid(key("algorithms"), "at least one algorithm"));
             }
-            for (j, a) in iss.algorithms.iter().enumerate() {
-                if !SUPPORTED_ALGORITHMS.contains(&a.as_str()) {
-                    return Err(self.invalid(
-                        format!("issuers[{i}].algorithms[{j}]"),
-                        format!(
-                            "`{a}` is not accepted; use one of {}",
-                            SUPPORTED_ALGORITHMS.join(", ")
-                        ),
-                    ));
-                }
-            }
-            let sources = [
-                iss.jwks_url.is_some(),
-                iss.discovery_url.is_some(),
+            self.check_key_source(
+                &format!("issuers[{i}]"),
+                &iss.algorithms,
+                [&iss.jwks_url, &iss.discovery_url],
                 iss.jwks_file.is_some(),
-            ]
-            .iter()
-            .filter(|b| **b)
-            .count();
-            if sources != 1 {
-                return Err(self.invalid(
-                    key("jwks_url"),
-                    "set exactly one of jwks_url, discovery_url, jwks_file",
-                ));
-            }
-            for (k, url) in [
-                ("jwks_url", &iss.jwks_url),
-                ("discovery_url", &iss.discovery_url),
-            ] {
-                if let Some(u) = url {
-                    check_http_url(u).map_err(|m| self.invalid(key(k), m))?;
-                }
-            }
+            )?;
             if iss.leeway_s > MAX_LEEWAY_S {
                 return Err(self.invalid(
                     key("leeway_s"),
@@ -1356,6 +1329,46 @@ impl Config {
         Ok(())
     }
 
+    /// Where a signer's keys come from (token issuers and the SSF
+    /// transmitter alike): accepted algorithms, and exactly one of
+    /// `jwks_url` / `discovery_url` / `jwks_file`, URLs well-formed.
+    fn check_key_source(
+        &self,
+        prefix: &str,
+        algorithms: &[String],
+        [jwks_url, discovery_url]: [&Option<String>; 2],
+        has_file: bool,
+    ) -> Result<(), ConfigError> {
+        for (j, a) in algorithms.iter().enumerate() {
+            if !SUPPORTED_ALGORITHMS.contains(&a.as_str()) {
+                return Err(self.invalid(
+                    format!("{prefix}.algorithms[{j}]"),
+                    format!(
+                        "`{a}` is not accepted; use one of {}",
+                        SUPPORTED_ALGORITHMS.join(", ")
+                    ),
+                ));
+            }
+        }
+        if [jwks_url.is_some(), discovery_url.is_some(), has_file]
+            .iter()
+            .filter(|b| **b)
+            .count()
+            != 1
+        {
+            return Err(self.invalid(
+                format!("{prefix}.jwks_url"),
+                "set exactly one of jwks_url, discovery_url, jwks_file",
+            ));
+        }
+        for (k, url) in [("jwks_url", jwks_url), ("discovery_url", discovery_url)] {
+            if let Some(u) = url {
+                check_http_url(u).map_err(|m| self.invalid(format!("{prefix}.{k}"), m))?;
+            }
+        }
+        Ok(())
+    }
+
     fn validate_feeds(&self) -> Result<(), ConfigError> {
         let secret = |key: &str, v: &str| -> Result<(), ConfigError> {
             if v.len() < 16 {
@@ -1379,36 +1392,14 @@ impl Config {
             if ssf.audiences.is_empty() {
                 return Err(self.invalid("feeds.ssf.audiences", "at least one audience"));
             }
-            for (j, a) in ssf.algorithms.iter().enumerate() {
-                if !SUPPORTED_ALGORITHMS.contains(&a.as_str()) {
-                    return Err(self.invalid(
-                        format!("feeds.ssf.algorithms[{j}]"),
-                        format!("`{a}` is not accepted"),
-                    ));
-                }
-            }
-            let n = [
-                ssf.jwks_url.is_some(),
-                ssf.discovery_url.is_some(),
+            self.check_key_source(
+                "feeds.ssf",
+                &ssf.algorithms,
+                [&ssf.jwks_url, &ssf.discovery_url],
                 ssf.jwks_file.is_some(),
-            ]
-            .iter()
-            .filter(|b| **b)
-            .count();
-            if n != 1 {
-                return Err(self.invalid(
-                    "feeds.ssf.jwks_url",
-                    "set exactly one of jwks_url, discovery_url, jwks_file",
-                ));
-            }
-            for (k, u) in [
-                ("jwks_url", &ssf.jwks_url),
-                ("discovery_url", &ssf.discovery_url),
-                ("poll_url", &ssf.poll_url),
-            ] {
-                if let Some(u) = u {
-                    check_http_url(u).map_err(|m| self.invalid(format!("feeds.ssf.{k}"), m))?;
-                }
+            )?;
+            if let Some(u) = &ssf.poll_url {
+                check_http_url(u).map_err(|m| self.invalid("feeds.ssf.poll_url", m))?;
             }
             if ssf.push_token.is_none() && ssf.poll_url.is_none() {
                 return Err(self.invalid(

@@ -67,12 +67,7 @@ fn check(call: &Call<'_>, new: &Map<String, Value>, except: Option<&str>) -> Res
 }
 
 fn meta(id: &str, created: &str, now: &str) -> Value {
-    serde_json::json!({
-        "resourceType": "Group",
-        "created": created,
-        "lastModified": now,
-        "location": location("Groups", id),
-    })
+    resource::meta("Group", "Groups", id, created, now)
 }
 
 /// `POST /Groups`.

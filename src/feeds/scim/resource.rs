@@ -450,6 +450,22 @@ pub(super) fn created_then_id(r: &Map<String, Value>) -> (String, String) {
     )
 }
 
+/// The `meta` object of a User or Group resource.
+pub(super) fn meta(
+    resource_type: &str,
+    endpoint: &str,
+    id: &str,
+    created: &str,
+    now: &str,
+) -> Value {
+    serde_json::json!({
+        "resourceType": resource_type,
+        "created": created,
+        "lastModified": now,
+        "location": super::location(endpoint, id),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

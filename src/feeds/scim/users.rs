@@ -91,12 +91,7 @@ fn check_unique(call: &Call<'_>, user_name: &str, except: Option<&str>) -> Resul
 }
 
 fn meta(id: &str, created: &str, now: &str) -> Value {
-    serde_json::json!({
-        "resourceType": "User",
-        "created": created,
-        "lastModified": now,
-        "location": location("Users", id),
-    })
+    resource::meta("User", "Users", id, created, now)
 }
 
 /// `POST /Users` (joiner).
