@@ -72,19 +72,10 @@ fn authorized(req: &Request<Incoming>, secret: Option<&str>) -> bool {
 fn explain(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     use crate::feeds::{error, json};
     let rt = shared.proxy.runtime.load();
-    let Some(token) = rt.config.admin.api_token.as_deref() else {
-        return error(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            "the admin API is not enabled (admin.api_token)",
-        );
-    };
-    if !authorized(req, Some(token)) {
-        return error(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "a valid admin bearer token is required",
-        );
+    if let Some(refusal) =
+        crate::feeds::admin::api_token_refusal(&rt.config, &shared.proxy.metrics, req)
+    {
+        return refusal;
     }
     if req.method() != http::Method::GET {
         return error(

@@ -56,17 +56,23 @@ fn event_id(req: &Request<Incoming>) -> String {
     }
 }
 
-/// Handles `/admin/v1/…`.
-pub async fn handle(ctx: &FeedContext, req: Request<Incoming>) -> AdminResponse {
-    let Some(token) = ctx.config.admin.api_token.as_deref() else {
-        return error(
+/// The operator API's authentication, shared by every `/admin/v1/…`
+/// endpoint: off (404) without `admin.api_token`, 401 without the token.
+/// Returns the refusal, or `None` when the caller may go on.
+pub fn api_token_refusal(
+    config: &crate::config::Config,
+    metrics: &crate::telemetry::Metrics,
+    req: &Request<Incoming>,
+) -> Option<AdminResponse> {
+    let Some(token) = config.admin.api_token.as_deref() else {
+        return Some(error(
             StatusCode::NOT_FOUND,
             "not_found",
             "the admin API is not enabled (admin.api_token)",
-        );
+        ));
     };
-    if !super::bearer_is(&req, token) {
-        super::count(&ctx.metrics, "admin", "admin.unauthenticated", "rejected");
+    if !super::bearer_is(req, token) {
+        super::count(metrics, "admin", "admin.unauthenticated", "rejected");
         let mut r = error(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
@@ -76,7 +82,15 @@ pub async fn handle(ctx: &FeedContext, req: Request<Incoming>) -> AdminResponse 
             http::header::WWW_AUTHENTICATE,
             http::HeaderValue::from_static("Bearer realm=\"portcullis-admin\""),
         );
-        return r;
+        return Some(r);
+    }
+    None
+}
+
+/// Handles `/admin/v1/…`.
+pub async fn handle(ctx: &FeedContext, req: Request<Incoming>) -> AdminResponse {
+    if let Some(refusal) = api_token_refusal(&ctx.config, &ctx.metrics, &req) {
+        return refusal;
     }
     let path = req.uri().path().trim_start_matches("/admin/v1/").to_owned();
     let segs: Vec<&str> = path.split('/').collect();
