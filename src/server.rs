@@ -116,8 +116,9 @@ pub struct Shared {
     pub proxy: Arc<Proxy>,
     /// The posture service (snapshot + ingest).
     pub posture: Arc<crate::posture::Posture>,
-    /// Feed receivers built from the running config.
-    pub feeds: ArcSwap<crate::feeds::FeedContext>,
+    /// Feed receivers built from the running config (shared with the admin
+    /// listener and the pollers).
+    pub feeds: Arc<ArcSwap<crate::feeds::FeedContext>>,
     /// Current TLS configs (public, and client-certificate names).
     pub tls: ArcSwap<TlsConfigs>,
     fetcher: Fetcher,
@@ -374,7 +375,7 @@ pub async fn start_with(cfg: Config, metrics: Arc<Metrics>) -> Result<RunningSer
     proxy.policy.store(engine.map(Arc::new));
     let shared = Arc::new(Shared {
         posture,
-        feeds: ArcSwap::new(feeds.clone()),
+        feeds: Arc::new(ArcSwap::new(feeds.clone())),
         proxy,
         tls: ArcSwap::new(tls),
         fetcher,
@@ -424,10 +425,18 @@ pub async fn start_with(cfg: Config, metrics: Arc<Metrics>) -> Result<RunningSer
         ));
     }
     if cfg.feeds.intune.is_some() {
-        tasks.spawn(crate::feeds::intune::poll_loop(shared.clone(), rx.clone()));
+        tasks.spawn(crate::feeds::intune::poll_loop(
+            shared.feeds.clone(),
+            rx.clone(),
+        ));
     }
     tasks.spawn(policy_watch_loop(shared.clone(), rx.clone()));
-    tasks.spawn(crate::admin::serve(shared.clone(), admin_listener, rx));
+    let admin = Arc::new(crate::admin::AdminState {
+        proxy: shared.proxy.clone(),
+        posture: shared.posture.clone(),
+        feeds: shared.feeds.clone(),
+    });
+    tasks.spawn(crate::admin::serve(admin, admin_listener, rx));
     tracing::info!(%proxy_addr, ?plain_addr, %admin_addr, "portcullis listening");
     Ok(RunningServer {
         proxy_addr,

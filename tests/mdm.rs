@@ -1028,7 +1028,7 @@ fn managed_device(intune_id: &str, aad: &str, sync: &str, extra: Value) -> Value
 }
 
 fn rfc3339(ms: u64) -> String {
-    portcullis::feeds::intune::fmt_rfc3339(ms)
+    portcullis::util::rfc3339(ms, false)
 }
 
 #[tokio::test]

@@ -15,15 +15,31 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::server::Shared;
 use crate::telemetry::ConnectionGuard;
+
+/// What the admin listener reads: the proxy (runtime, metrics, policy), the
+/// posture service and the feed receivers of the running config.
+pub struct AdminState {
+    /// The proxy.
+    pub proxy: Arc<crate::proxy::Proxy>,
+    /// The posture service.
+    pub posture: Arc<crate::posture::Posture>,
+    /// Feed receivers, swapped on reload.
+    pub feeds: Arc<arc_swap::ArcSwap<crate::feeds::FeedContext>>,
+}
+
+impl std::fmt::Debug for AdminState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminState").finish_non_exhaustive()
+    }
+}
 
 /// Longest time an admin client may take to send its headers.
 const ADMIN_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Serves the admin listener until shutdown.
 pub async fn serve(
-    shared: Arc<Shared>,
+    shared: Arc<AdminState>,
     listener: TcpListener,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -69,7 +85,7 @@ fn authorized(req: &Request<Incoming>, secret: Option<&str>) -> bool {
 
 /// `GET /admin/v1/explain?subject=…&route=…[&device=…&method=…&acr=…]`:
 /// how the running policy set would decide, and why (admin API token).
-fn explain(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+fn explain(shared: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     use crate::feeds::{error, json};
     let rt = shared.proxy.runtime.load();
     if let Some(refusal) =
@@ -98,14 +114,7 @@ fn explain(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     }
 }
 
-/// Compares secrets in constant time: both sides are hashed first, so
-/// neither a differing byte nor a differing length shows in the timing.
-pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    let (ha, hb) = (crate::util::sha256(a), crate::util::sha256(b));
-    aws_lc_rs::constant_time::verify_slices_are_equal(&ha, &hb).is_ok()
-}
-
-async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn handle(shared: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let path = req.uri().path();
     if path == "/admin/v1/explain" {
         return explain(shared, &req);

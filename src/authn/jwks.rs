@@ -82,7 +82,7 @@ fn webpki_store() -> rustls::RootCertStore {
 fn client_with_roots(
     roots: rustls::RootCertStore,
 ) -> Client<hyper_rustls::HttpsConnector<HttpConnector>, Empty<Bytes>> {
-    let conn = crate::proxy::client::https_connector(roots, Duration::from_secs(5));
+    let conn = crate::tls::outbound::https_connector(roots, Duration::from_secs(5));
     Client::builder(TokioExecutor::new()).build(conn)
 }
 

@@ -7,34 +7,8 @@
 use std::collections::HashMap;
 use std::fmt;
 
+pub use crate::config::parsed::{DeviceIdRule, MAX_DEVICE_ID_LEN};
 use crate::tls::PeerCertificate;
-
-/// Longest device id accepted from a certificate or a thumbprint map.
-pub const MAX_DEVICE_ID_LEN: usize = 256;
-
-/// How the device id is read from a client certificate.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum DeviceIdRule {
-    /// A URI SAN matching `prefix{id}suffix`, e.g. `san-uri:device://{id}`.
-    SanUri {
-        /// Text before `{id}`.
-        prefix: String,
-        /// Text after `{id}`.
-        suffix: String,
-    },
-    /// A DNS SAN matching `prefix{id}suffix` (case-insensitive; the id is one
-    /// label), e.g. `san-dns:{id}.devices.example`.
-    SanDns {
-        /// Text before `{id}`, lowercase.
-        prefix: String,
-        /// Text after `{id}`, lowercase.
-        suffix: String,
-    },
-    /// The subject common name.
-    CommonName,
-    /// The certificate's SHA-256 thumbprint, looked up in a [`DeviceDirectory`].
-    Thumbprint,
-}
 
 /// The certificate names more than one device under the rule.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -42,37 +16,6 @@ pub enum DeviceIdRule {
 pub struct AmbiguousDevice;
 
 impl DeviceIdRule {
-    /// Parses `san-uri:<template>`, `san-dns:<template>`, `cn` or `thumbprint`.
-    pub fn parse(s: &str) -> Result<Self, String> {
-        let template = |t: &str| -> Result<(String, String), String> {
-            let (prefix, suffix) = t
-                .split_once("{id}")
-                .ok_or_else(|| format!("`{t}` must contain `{{id}}` once"))?;
-            if suffix.contains("{id}") {
-                return Err(format!("`{t}` must contain `{{id}}` once"));
-            }
-            if prefix.is_empty() && suffix.is_empty() {
-                return Err("a template of only `{id}` would take any name as a device".into());
-            }
-            Ok((prefix.to_owned(), suffix.to_owned()))
-        };
-        if let Some(t) = s.strip_prefix("san-uri:") {
-            let (prefix, suffix) = template(t)?;
-            return Ok(Self::SanUri { prefix, suffix });
-        }
-        if let Some(t) = s.strip_prefix("san-dns:") {
-            let (prefix, suffix) = template(&t.to_ascii_lowercase())?;
-            return Ok(Self::SanDns { prefix, suffix });
-        }
-        match s {
-            "cn" => Ok(Self::CommonName),
-            "thumbprint" => Ok(Self::Thumbprint),
-            _ => Err(format!(
-                "`{s}` is not a rule; use `san-uri:<template>`, `san-dns:<template>`, `cn` or `thumbprint`"
-            )),
-        }
-    }
-
     /// The device the certificate names, if any.
     pub fn device_id(
         &self,
@@ -93,17 +36,6 @@ impl DeviceIdRule {
                 .filter(|cn| valid_id(cn, false))
                 .map(str::to_owned)),
             Self::Thumbprint => Ok(directory.device_for_thumbprint(&cert.sha256)),
-        }
-    }
-}
-
-impl fmt::Display for DeviceIdRule {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::SanUri { prefix, suffix } => write!(f, "san-uri:{prefix}{{id}}{suffix}"),
-            Self::SanDns { prefix, suffix } => write!(f, "san-dns:{prefix}{{id}}{suffix}"),
-            Self::CommonName => f.write_str("cn"),
-            Self::Thumbprint => f.write_str("thumbprint"),
         }
     }
 }

@@ -7,6 +7,7 @@
 
 use base64::Engine as _;
 
+pub use crate::config::parsed::decode_x5t;
 use crate::tls::PeerCertificate;
 
 /// Why a certificate binding does not hold.
@@ -21,18 +22,6 @@ pub enum MtlsError {
     /// The presented certificate has another thumbprint.
     #[error("token is bound to another client certificate")]
     Mismatch,
-}
-
-/// Decodes an `x5t#S256` value: base64url without padding of 32 bytes.
-pub fn decode_x5t(s: &str) -> Option<[u8; 32]> {
-    if s.len() != 43 {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    match base64::engine::general_purpose::URL_SAFE_NO_PAD.decode_slice(s, &mut out) {
-        Ok(32) => Some(out),
-        _ => None,
-    }
 }
 
 /// Encodes a SHA-256 as `x5t#S256`.

@@ -5,6 +5,8 @@
 //! path. Relative paths in the file are resolved against the file's directory.
 //! This room never opens a socket; it only reads files.
 
+pub mod parsed;
+
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -1116,13 +1118,10 @@ impl Config {
     fn validate_policy(&self) -> Result<(), ConfigError> {
         let mut zone_names = HashSet::new();
         for (i, z) in self.network.zones.iter().enumerate() {
-            if z.name.is_empty() || z.name == crate::policy::facts::OTHER_ZONE {
+            if z.name.is_empty() || z.name == parsed::OTHER_ZONE {
                 return Err(self.invalid(
                     format!("network.zones[{i}].name"),
-                    format!(
-                        "must be non-empty and not `{}`",
-                        crate::policy::facts::OTHER_ZONE
-                    ),
+                    format!("must be non-empty and not `{}`", parsed::OTHER_ZONE),
                 ));
             }
             if !zone_names.insert(z.name.as_str()) {
@@ -1138,7 +1137,7 @@ impl Config {
                 ));
             }
             for (j, c) in z.cidrs.iter().enumerate() {
-                if crate::policy::facts::parse_cidr(c).is_none() {
+                if parsed::parse_cidr(c).is_none() {
                     return Err(self.invalid(
                         format!("network.zones[{i}].cidrs[{j}]"),
                         format!("`{c}` is not an address or CIDR block"),
@@ -1204,12 +1203,12 @@ impl Config {
             ));
         }
         for (i, h) in tls.client_auth_hosts.iter().enumerate() {
-            crate::tls::HostSet::check_pattern(h)
+            parsed::HostSet::check_pattern(h)
                 .map_err(|m| self.invalid(format!("tls.client_auth_hosts[{i}]"), m))?;
         }
         let mut domains = HashSet::new();
         for (i, s) in tls.spiffe.iter().enumerate() {
-            crate::tls::SpiffeId::check_trust_domain(&s.trust_domain)
+            parsed::SpiffeId::check_trust_domain(&s.trust_domain)
                 .map_err(|m| self.invalid(format!("tls.spiffe[{i}].trust_domain"), m))?;
             if !domains.insert(s.trust_domain.as_str()) {
                 return Err(self.invalid(
@@ -1225,18 +1224,18 @@ impl Config {
     fn validate_binding(&self) -> Result<(), ConfigError> {
         let b = &self.binding;
         if let Some(rule) = &b.device_id_rule {
-            crate::binding::certid::DeviceIdRule::parse(rule)
+            parsed::DeviceIdRule::parse(rule)
                 .map_err(|m| self.invalid("binding.device_id_rule", m))?;
         }
         for (k, v) in &b.device_thumbprints {
             let key = format!("binding.device_thumbprints.{k}");
-            if crate::binding::mtls::decode_x5t(k).is_none() {
+            if parsed::decode_x5t(k).is_none() {
                 return Err(self.invalid(
                     key,
                     "must be a base64url SHA-256 certificate thumbprint (43 characters)",
                 ));
             }
-            if v.is_empty() || v.len() > crate::binding::certid::MAX_DEVICE_ID_LEN {
+            if v.is_empty() || v.len() > parsed::MAX_DEVICE_ID_LEN {
                 return Err(self.invalid(key, "device id must be 1 to 256 bytes"));
             }
         }
@@ -1299,7 +1298,7 @@ impl Config {
         for (j, id) in r.spiffe_ids.iter().enumerate() {
             let k = format!("routes[{i}].spiffe_ids[{j}]");
             let exact = id.strip_suffix("/*").unwrap_or(id);
-            let parsed = crate::tls::SpiffeId::parse(exact)
+            let parsed = parsed::SpiffeId::parse(exact)
                 .map_err(|m| self.invalid(k.clone(), format!("`{id}`: {m}")))?;
             if !self
                 .tls
@@ -1316,7 +1315,7 @@ impl Config {
                 ));
             }
         }
-        let hosts = crate::tls::HostSet::new(&self.tls.client_auth_hosts);
+        let hosts = parsed::HostSet::new(&self.tls.client_auth_hosts);
         if r.host != "*" && !hosts.contains(&r.host) {
             return Err(self.invalid(
                 key("host"),

@@ -193,30 +193,11 @@ fn query_param(req: &Request<Incoming>, name: &str) -> Option<String> {
     q.split('&')
         .filter_map(|kv| kv.split_once('='))
         .find(|(k, _)| *k == name)
-        .map(|(_, v)| percent_decode(v))
-}
-
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let hex = b
-            .get(i + 1..i + 3)
-            .and_then(|h| std::str::from_utf8(h).ok())
-            .and_then(|h| u8::from_str_radix(h, 16).ok());
-        match (b[i], hex) {
-            (b'%', Some(v)) => {
-                out.push(v);
-                i += 3;
-            }
-            (c, _) => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+        .map(|(_, v)| {
+            percent_encoding::percent_decode_str(v)
+                .decode_utf8_lossy()
+                .into_owned()
+        })
 }
 
 /// The dev token issuer: OIDC discovery, JWKS,
@@ -320,7 +301,7 @@ fn random_secret() -> String {
         // clock-derived value still keeps the demo working if it somehow does.
         b[..8].copy_from_slice(&crate::util::now_unix_ms().to_be_bytes());
     }
-    crate::util::hex(&b)
+    hex::encode(&b)
 }
 
 /// The demo transmitter's `iss` and the receiver audience.

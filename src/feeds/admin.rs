@@ -26,24 +26,6 @@ struct RevokeBody {
     reason: Option<String>,
 }
 
-/// Decodes `%XX` escapes in one path segment; `None` on bad escapes or non-UTF-8.
-pub fn percent_decode(s: &str) -> Option<String> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' {
-            let h = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(h, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
-}
-
 fn event_id(req: &Request<Incoming>) -> String {
     match req
         .headers()
@@ -96,15 +78,15 @@ pub async fn handle(ctx: &FeedContext, req: Request<Incoming>) -> AdminResponse 
     let segs: Vec<&str> = path.split('/').collect();
     match (req.method().clone(), segs.as_slice()) {
         (Method::POST, ["revoke"]) => revoke(ctx, req).await,
-        (Method::POST, ["devices", id, "lost"]) => match percent_decode(id) {
+        (Method::POST, ["devices", id, "lost"]) => match crate::util::percent_decode(id) {
             Some(id) => device_lost(ctx, &req, id).await,
             None => error(StatusCode::BAD_REQUEST, "invalid_request", "bad device id"),
         },
-        (Method::GET, ["devices", id]) => match percent_decode(id) {
+        (Method::GET, ["devices", id]) => match crate::util::percent_decode(id) {
             Some(id) => read_record(ctx, "device", &id).await,
             None => error(StatusCode::BAD_REQUEST, "invalid_request", "bad device id"),
         },
-        (Method::GET, ["subjects", sub]) => match percent_decode(sub) {
+        (Method::GET, ["subjects", sub]) => match crate::util::percent_decode(sub) {
             Some(sub) => read_record(ctx, "subject", &sub).await,
             None => error(StatusCode::BAD_REQUEST, "invalid_request", "bad subject"),
         },

@@ -205,11 +205,6 @@ fn form_value(s: &str) -> String {
     out
 }
 
-/// Formats ms since epoch as `YYYY-MM-DDTHH:MM:SSZ` (seconds, floored).
-pub fn fmt_rfc3339(ms: u64) -> String {
-    crate::util::rfc3339(ms, false)
-}
-
 fn short_code(bytes: &[u8], pick: impl Fn(&Value) -> Option<&str>) -> String {
     serde_json::from_slice::<Value>(bytes)
         .ok()
@@ -255,7 +250,7 @@ impl Poller {
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
-            .build(crate::proxy::client::https_connector(
+            .build(crate::tls::outbound::https_connector(
                 roots,
                 CONNECT_TIMEOUT,
             ));
@@ -268,7 +263,7 @@ impl Poller {
             select.push("managementState");
         }
         Ok(Self {
-            meta_prefix: format!("intune:{}:", crate::util::hex(&tag[..8])),
+            meta_prefix: format!("intune:{}:", hex::encode(&tag[..8])),
             select: select.join(","),
             origin,
             client,
@@ -291,7 +286,7 @@ impl Poller {
         );
         if let Some(ms) = since_ms {
             u.push_str("&$filter=lastSyncDateTime%20ge%20");
-            u.push_str(&fmt_rfc3339(ms));
+            u.push_str(&crate::util::rfc3339(ms, false));
         }
         u
     }
@@ -469,7 +464,7 @@ impl ActionResult {
         self.last_updated_date_time
             .as_deref()
             .or(self.start_date_time.as_deref())
-            .and_then(super::rfc3339_ms)
+            .and_then(crate::util::parse_rfc3339_ms)
             .unwrap_or(0)
     }
 }
@@ -648,7 +643,7 @@ fn map_device(
     .to_owned();
     let sync_raw = nonempty(&d.last_sync_date_time).ok_or(Skip::NoSync)?;
     // Never-synced devices report 0001-01-01, which does not parse: skipped.
-    let sync_ms = super::rfc3339_ms(sync_raw)
+    let sync_ms = crate::util::parse_rfc3339_ms(sync_raw)
         .filter(|ms| *ms > 0)
         .ok_or(Skip::NoSync)?;
 
@@ -777,7 +772,7 @@ fn digest(d: &ManagedDevice) -> String {
         d.serial_number,
         actions,
     ]);
-    crate::util::hex(&crate::util::sha256(v.to_string().as_bytes())[..8])
+    hex::encode(&crate::util::sha256(v.to_string().as_bytes())[..8])
 }
 
 /// One round: every page since the watermark (or everything, on a full
@@ -878,12 +873,12 @@ pub async fn poll_once(ctx: &FeedContext, poller: &Poller) -> Result<PollReport,
 /// round (a reload that changes `feeds.intune` rebuilds the poller; one
 /// that removes it pauses polling).
 pub async fn poll_loop(
-    shared: Arc<crate::server::Shared>,
+    feeds: Arc<arc_swap::ArcSwap<super::FeedContext>>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut poller: Option<Poller> = None;
     loop {
-        let ctx = shared.feeds.load_full();
+        let ctx = feeds.load_full();
         let wait = match ctx.config.feeds.intune.clone() {
             None => Duration::from_secs(60),
             Some(cfg) => {
@@ -950,19 +945,6 @@ mod tests {
             Change::Device { patch, .. } => patch,
             _ => unreachable!(),
         }
-    }
-
-    #[test]
-    fn rfc3339_round_trips() {
-        for s in [
-            "1970-01-01T00:00:00Z",
-            "2026-01-01T08:41:12Z",
-            "2024-02-29T23:59:59Z",
-            "2100-03-01T00:00:00Z",
-        ] {
-            assert_eq!(fmt_rfc3339(super::super::rfc3339_ms(s).unwrap()), s);
-        }
-        assert_eq!(fmt_rfc3339(1_767_256_872_999), "2026-01-01T08:41:12Z");
     }
 
     #[test]
@@ -1087,7 +1069,7 @@ mod tests {
         assert_eq!(ev.changes.len(), 2);
         assert_eq!(
             ev.origin_ms,
-            super::super::rfc3339_ms("2026-01-01T09:00:00Z").unwrap()
+            crate::util::parse_rfc3339_ms("2026-01-01T09:00:00Z").unwrap()
         );
         let (ev, _) = map_device(
             &d(serde_json::json!([

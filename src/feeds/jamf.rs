@@ -621,7 +621,7 @@ fn authorized(req: &Request<Incoming>, expected: &str) -> bool {
     let Some(got) = req.headers().get(header::AUTHORIZATION) else {
         return false;
     };
-    crate::admin::constant_time_eq(
+    crate::util::constant_time_eq(
         &crate::util::sha256(got.as_bytes()),
         &crate::util::sha256(expected.as_bytes()),
     )

@@ -38,7 +38,7 @@ enum Stamp {
 impl Stamp {
     fn ms(&self) -> Option<u64> {
         match self {
-            Stamp::Text(s) => super::rfc3339_ms(s),
+            Stamp::Text(s) => crate::util::parse_rfc3339_ms(s),
             Stamp::Epoch(n) => super::epoch_ms(*n),
         }
     }

@@ -83,7 +83,7 @@ pub fn bearer_is(req: &Request<Incoming>, secret: &str) -> bool {
             let (scheme, rest) = v.split_once(' ')?;
             scheme.eq_ignore_ascii_case("bearer").then_some(rest.trim())
         })
-        .is_some_and(|got| crate::admin::constant_time_eq(got.as_bytes(), secret.as_bytes()))
+        .is_some_and(|got| crate::util::constant_time_eq(got.as_bytes(), secret.as_bytes()))
 }
 
 /// A JSON response with `Cache-Control: no-store`.
@@ -136,83 +136,12 @@ pub fn epoch_ms(v: u64) -> Option<u64> {
         .then_some(ms)
 }
 
-/// Parses an RFC 3339 timestamp (`2026-01-01T08:41:12Z`, offsets and
-/// fractions allowed) to ms since epoch.
-pub fn rfc3339_ms(s: &str) -> Option<u64> {
-    let b = s.as_bytes();
-    if b.len() < 20
-        || b[4] != b'-'
-        || b[7] != b'-'
-        || !matches!(b[10], b'T' | b't' | b' ')
-        || b[13] != b':'
-        || b[16] != b':'
-    {
-        return None;
-    }
-    let num = |r: std::ops::Range<usize>| -> Option<i64> { s.get(r)?.parse().ok() };
-    let (y, mo, d, h, mi, se) = (
-        num(0..4)?,
-        num(5..7)?,
-        num(8..10)?,
-        num(11..13)?,
-        num(14..16)?,
-        num(17..19)?,
-    );
-    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || se > 60 {
-        return None;
-    }
-    let mut rest = &s[19..];
-    let mut frac_ms = 0i64;
-    if let Some(r) = rest.strip_prefix('.') {
-        let digits: String = r.chars().take_while(char::is_ascii_digit).collect();
-        if digits.is_empty() {
-            return None;
-        }
-        let mut ms = digits.chars().take(3).collect::<String>();
-        while ms.len() < 3 {
-            ms.push('0');
-        }
-        frac_ms = ms.parse().ok()?;
-        rest = &r[digits.len()..];
-    }
-    let offset_s = match rest {
-        "Z" | "z" => 0,
-        o if o.len() == 6
-            && (o.starts_with('+') || o.starts_with('-'))
-            && o.as_bytes()[3] == b':' =>
-        {
-            let sign = if o.starts_with('-') { -1 } else { 1 };
-            sign * (o.get(1..3)?.parse::<i64>().ok()? * 3600
-                + o.get(4..6)?.parse::<i64>().ok()? * 60)
-        }
-        _ => return None,
-    };
-    // Days from civil (Howard Hinnant's algorithm).
-    let y2 = if mo <= 2 { y - 1 } else { y };
-    let era = if y2 >= 0 { y2 } else { y2 - 399 } / 400;
-    let yoe = y2 - era * 400;
-    let mp = (mo + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    let secs = days * 86_400 + h * 3600 + mi * 60 + se - offset_s;
-    u64::try_from(secs * 1000 + frac_ms).ok()
-}
-
 #[cfg(test)]
 mod tests {
-    use super::{epoch_ms, rfc3339_ms};
+    use super::epoch_ms;
 
     #[test]
     fn timestamps() {
-        assert_eq!(rfc3339_ms("1970-01-01T00:00:00Z"), Some(0));
-        assert_eq!(rfc3339_ms("2026-01-01T08:41:12Z"), Some(1_767_256_872_000));
-        assert_eq!(
-            rfc3339_ms("2026-01-01T09:41:12.5+01:00"),
-            Some(1_767_256_872_500)
-        );
-        assert_eq!(rfc3339_ms("2026-13-01T08:41:12Z"), None);
-        assert_eq!(rfc3339_ms("yesterday"), None);
         assert_eq!(epoch_ms(1_767_225_600), Some(1_767_225_600_000));
         assert_eq!(epoch_ms(1_767_225_600_123), Some(1_767_225_600_123));
         assert_eq!(epoch_ms(5), None);

@@ -804,7 +804,7 @@ pub async fn poll_loop(
     };
     let client =
         hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(
-            crate::proxy::client::https_connector(roots, Duration::from_secs(5)),
+            crate::tls::outbound::https_connector(roots, Duration::from_secs(5)),
         );
     let interval = Duration::from_millis(rx.cfg.poll_interval_ms.max(100));
     let (mut ack, mut errs) = (Vec::new(), Map::new());

@@ -17,7 +17,7 @@ pub fn parse_query(q: &str) -> HashMap<String, String> {
         .filter_map(|kv| kv.split_once('='))
         .filter_map(|(k, v)| {
             let v = v.replace('+', " ");
-            Some((k.to_owned(), crate::feeds::admin::percent_decode(&v)?))
+            Some((k.to_owned(), crate::util::percent_decode(&v)?))
         })
         .collect()
 }

@@ -20,12 +20,11 @@ use crate::posture::model::{
     Identity, IdentityKind, IdentityStatus, Ownership, Threat, compliance_name, lifecycle_name,
 };
 
+pub use crate::config::parsed::{OTHER_ZONE, parse_cidr};
+
 /// Ages and day counts that are unknown: larger than any limit, so a policy
 /// comparing them with a maximum fails closed.
 pub const UNKNOWN: i64 = i64::MAX;
-
-/// The zone of an address that no `[[network.zones]]` entry contains.
-pub const OTHER_ZONE: &str = "other";
 
 /// The HTTP method class, which is the Cedar action.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -314,21 +313,6 @@ pub struct Zone {
     pub name: String,
     /// Blocks: network address and prefix length.
     pub blocks: Vec<(IpAddr, u8)>,
-}
-
-/// Parses `10.0.0.0/8`, `2001:db8::/32` or a bare address.
-pub fn parse_cidr(s: &str) -> Option<(IpAddr, u8)> {
-    let (addr, len) = match s.split_once('/') {
-        Some((a, l)) => (a, Some(l)),
-        None => (s, None),
-    };
-    let ip: IpAddr = addr.trim().parse().ok()?;
-    let max = if ip.is_ipv4() { 32 } else { 128 };
-    let len = match len {
-        Some(l) => l.trim().parse::<u8>().ok().filter(|l| *l <= max)?,
-        None => max,
-    };
-    Some((ip, len))
 }
 
 fn in_block(ip: IpAddr, (net, len): (IpAddr, u8)) -> bool {

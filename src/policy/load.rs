@@ -319,7 +319,7 @@ pub fn load_sources(sources: &[(PathBuf, String)]) -> Result<CompiledSet, LoadEr
             h.extend_from_slice(t.as_bytes());
             h.push(0);
         }
-        crate::util::hex(&crate::util::sha256(&h)[..6])
+        hex::encode(&crate::util::sha256(&h)[..6])
     };
     CompiledSet::new(
         set,

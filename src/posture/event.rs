@@ -6,45 +6,11 @@
 
 use serde::{Deserialize, Serialize};
 
+pub use super::model::Feed;
 use super::model::{
     Compliance, Device, Group, Identity, IdentityKind, IdentityStatus, Lifecycle, Ownership,
     RevocationTarget, Threat,
 };
-
-/// Which feed produced an event.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Feed {
-    /// OpenID Shared Signals (CAEP / RISC).
-    Ssf,
-    /// SCIM 2.0 (identity governance: joiner / mover / leaver).
-    Scim,
-    /// Jamf Pro webhooks.
-    Jamf,
-    /// Microsoft Intune (Graph managedDevices poller).
-    Intune,
-    /// The generic JSON device event.
-    Mdm,
-    /// The operator admin API.
-    Admin,
-    /// A policy decision (`@action("revoke")`).
-    Policy,
-}
-
-impl Feed {
-    /// Lowercase name, used in event ids and metric labels.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Ssf => "ssf",
-            Self::Scim => "scim",
-            Self::Jamf => "jamf",
-            Self::Intune => "intune",
-            Self::Mdm => "mdm",
-            Self::Admin => "admin",
-            Self::Policy => "policy",
-        }
-    }
-}
 
 /// Changes to a device; `None` leaves a field as it is.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -7,6 +7,7 @@
 //! reads the snapshot: lock-free map lookups, no I/O.
 
 pub mod event;
+pub mod journal;
 pub mod model;
 pub mod snapshot;
 
@@ -17,9 +18,9 @@ use std::time::{Duration, Instant};
 use moka::sync::Cache;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::store::{CommitBatch, EventStore, LoggedEvent, Outcome, StoreError};
 use crate::telemetry::{FeedKindLabel, FeedOutcomeLabel, Metrics};
 use event::{Change, EventError, PostureEvent, merge_device, merge_identity};
+use journal::{CommitBatch, EventStore, LoggedEvent, Outcome, StoreError};
 use model::{Device, Group, Identity, IdentityStatus, Revocation, RevocationTarget};
 pub use snapshot::Snapshot;
 
@@ -143,14 +144,14 @@ impl Posture {
     ) -> Result<Arc<Self>, StoreError> {
         let snapshot = Arc::new(Snapshot::new());
         let last_seq = store.load(&|rec| match rec {
-            crate::store::Loaded::SizeHint {
+            journal::Loaded::SizeHint {
                 devices,
                 identities,
             } => snapshot.reserve(devices, identities),
-            crate::store::Loaded::Device(d) => snapshot.put_device(Arc::new(d)),
-            crate::store::Loaded::Identity(i) => snapshot.put_identity(Arc::new(i)),
-            crate::store::Loaded::Revocation(r) => snapshot.put_revocation(Arc::new(r)),
-            crate::store::Loaded::Group(g) => {
+            journal::Loaded::Device(d) => snapshot.put_device(Arc::new(d)),
+            journal::Loaded::Identity(i) => snapshot.put_identity(Arc::new(i)),
+            journal::Loaded::Revocation(r) => snapshot.put_revocation(Arc::new(r)),
+            journal::Loaded::Group(g) => {
                 let id = g.id.clone();
                 snapshot.put_group(&id, Some(Arc::new(g)));
             }

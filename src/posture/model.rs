@@ -4,6 +4,41 @@
 
 use serde::{Deserialize, Serialize};
 
+/// Which feed produced an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Feed {
+    /// OpenID Shared Signals (CAEP / RISC).
+    Ssf,
+    /// SCIM 2.0 (identity governance: joiner / mover / leaver).
+    Scim,
+    /// Jamf Pro webhooks.
+    Jamf,
+    /// Microsoft Intune (Graph managedDevices poller).
+    Intune,
+    /// The generic JSON device event.
+    Mdm,
+    /// The operator admin API.
+    Admin,
+    /// A policy decision (`@action("revoke")`).
+    Policy,
+}
+
+impl Feed {
+    /// Lowercase name, used in event ids and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ssf => "ssf",
+            Self::Scim => "scim",
+            Self::Jamf => "jamf",
+            Self::Intune => "intune",
+            Self::Mdm => "mdm",
+            Self::Admin => "admin",
+            Self::Policy => "policy",
+        }
+    }
+}
+
 /// How a device is owned.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -134,7 +169,7 @@ pub struct Device {
     pub updated_ms: u64,
     /// Feed that last changed it.
     #[serde(default)]
-    pub source: Option<super::event::Feed>,
+    pub source: Option<Feed>,
     /// Snapshot version at which it last changed.
     #[serde(default)]
     pub version: u64,
@@ -214,7 +249,7 @@ pub struct Identity {
     pub updated_ms: u64,
     /// Feed that last changed it.
     #[serde(default)]
-    pub source: Option<super::event::Feed>,
+    pub source: Option<Feed>,
     /// Snapshot version at which it last changed.
     #[serde(default)]
     pub version: u64,
@@ -253,7 +288,7 @@ pub struct Revocation {
     /// Seconds since epoch; credentials issued at or before it are revoked.
     pub not_before_s: u64,
     /// Feed that recorded it.
-    pub source: Option<super::event::Feed>,
+    pub source: Option<Feed>,
     /// Snapshot version at which it was recorded.
     pub version: u64,
 }
@@ -277,7 +312,7 @@ pub struct Group {
     pub updated_ms: u64,
     /// Feed that last changed it.
     #[serde(default)]
-    pub source: Option<super::event::Feed>,
+    pub source: Option<Feed>,
     /// Snapshot version at which it last changed.
     #[serde(default)]
     pub version: u64,

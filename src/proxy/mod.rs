@@ -442,7 +442,7 @@ impl Proxy {
             && sink.wants(d.action, diverged.is_some())
         {
             sink.log(crate::policy::audit::AuditRecord {
-                time: crate::policy::audit::rfc3339(crate::util::now_unix_ms()),
+                time: crate::util::rfc3339(crate::util::now_unix_ms(), true),
                 request_id: ctx.id.clone(),
                 principal: format!(
                     "{}:{}",

@@ -21,149 +21,7 @@ use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, Signatu
 use rustls_pki_types::{CertificateDer, UnixTime};
 
 use super::TlsError;
-
-/// Longest SPIFFE id accepted (the SPIFFE spec's limit).
-pub const MAX_SPIFFE_ID_LEN: usize = 2048;
-
-/// A SPIFFE id, `spiffe://<trust domain><path>`, checked against the SPIFFE
-/// ID spec: lowercase trust domain of `[a-z0-9.-_]`, path segments of
-/// `[A-Za-z0-9.-_]`, no empty, `.` or `..` segment, no trailing slash, no
-/// query, fragment, port or user info.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct SpiffeId {
-    /// Trust domain, such as `prod.example.org`.
-    pub trust_domain: String,
-    /// Path, empty or starting with `/`.
-    pub path: String,
-}
-
-impl fmt::Display for SpiffeId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "spiffe://{}{}", self.trust_domain, self.path)
-    }
-}
-
-impl SpiffeId {
-    /// Parses a SPIFFE id; the message says what is wrong.
-    pub fn parse(s: &str) -> Result<Self, String> {
-        if s.len() > MAX_SPIFFE_ID_LEN {
-            return Err(format!("longer than {MAX_SPIFFE_ID_LEN} bytes"));
-        }
-        let rest = s
-            .strip_prefix("spiffe://")
-            .ok_or("must start with `spiffe://`")?;
-        let (td, path) = match rest.find('/') {
-            Some(i) => rest.split_at(i),
-            None => (rest, ""),
-        };
-        Self::check_trust_domain(td)?;
-        if !path.is_empty() {
-            for seg in path[1..].split('/') {
-                if seg.is_empty() || seg == "." || seg == ".." {
-                    return Err("path segments must not be empty, `.` or `..`".into());
-                }
-                if !seg
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
-                {
-                    return Err("path may hold only letters, digits, `-`, `.`, `_` and `/`".into());
-                }
-            }
-        }
-        Ok(Self {
-            trust_domain: td.to_owned(),
-            path: path.to_owned(),
-        })
-    }
-
-    /// Checks a trust domain name: lowercase letters, digits, `-`, `.`, `_`.
-    pub fn check_trust_domain(td: &str) -> Result<(), String> {
-        if td.is_empty() {
-            return Err("trust domain is empty".into());
-        }
-        if !td
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._".contains(&b))
-        {
-            return Err(format!(
-                "trust domain `{td}` may hold only lowercase letters, digits, `-`, `.` and `_`"
-            ));
-        }
-        Ok(())
-    }
-}
-
-/// SNI names that request a client certificate: exact names, `*.parent`
-/// (one label), or `*` for every name including none.
-#[derive(Debug, Clone, Default)]
-pub struct HostSet {
-    exact: Vec<String>,
-    parents: Vec<String>,
-    any: bool,
-}
-
-impl HostSet {
-    /// Builds the set from validated patterns.
-    pub fn new(patterns: &[String]) -> Self {
-        let mut set = HostSet::default();
-        for p in patterns {
-            let p = p.trim_end_matches('.').to_ascii_lowercase();
-            if p == "*" {
-                set.any = true;
-            } else if let Some(parent) = p.strip_prefix("*.") {
-                set.parents.push(parent.to_owned());
-            } else {
-                set.exact.push(p);
-            }
-        }
-        set
-    }
-
-    /// Checks one pattern's shape.
-    pub fn check_pattern(p: &str) -> Result<(), String> {
-        if p == "*" {
-            return Ok(());
-        }
-        let name = p.strip_prefix("*.").unwrap_or(p);
-        let ok = !name.is_empty()
-            && name.split('.').all(|l| {
-                !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-            });
-        if ok {
-            Ok(())
-        } else {
-            Err(format!(
-                "`{p}` is not a host name, `*.parent` or `*` (no ports, no other wildcards)"
-            ))
-        }
-    }
-
-    /// True when nothing is listed.
-    pub fn is_empty(&self) -> bool {
-        !self.any && self.exact.is_empty() && self.parents.is_empty()
-    }
-
-    /// Whether handshakes for this name (SNI or request host, without port) ask for a certificate.
-    pub fn contains(&self, name: &str) -> bool {
-        if self.any {
-            return true;
-        }
-        let name = name.trim_end_matches('.');
-        if self.exact.iter().any(|e| e.eq_ignore_ascii_case(name)) {
-            return true;
-        }
-        name.split_once('.')
-            .is_some_and(|(_, parent)| self.parents.iter().any(|p| p.eq_ignore_ascii_case(parent)))
-    }
-
-    /// Whether a handshake with this SNI (none for IP-address clients) asks.
-    pub fn contains_sni(&self, sni: Option<&str>) -> bool {
-        match sni {
-            Some(n) => self.contains(n),
-            None => self.any,
-        }
-    }
-}
+pub use crate::config::parsed::{HostSet, MAX_SPIFFE_ID_LEN, SpiffeId};
 
 /// A leaf certificate that cannot be classified: unparsable, or claiming a
 /// SPIFFE id without being a well-formed SVID.
@@ -355,11 +213,12 @@ mod tests {
     /// Certificate and SPIFFE parsers never panic on arbitrary or truncated input.
     #[test]
     fn parsers_are_total_on_garbage() {
-        let ca = crate::demo::pki::DevCa::new("t").unwrap();
-        let der = ca
-            .client_cert("", &["spiffe://prod.test/billing"])
-            .unwrap()
-            .cert_der;
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.subject_alt_names = vec![rcgen::SanType::URI(
+            "spiffe://prod.test/billing".try_into().unwrap(),
+        )];
+        let key = rcgen::KeyPair::generate().unwrap();
+        let der = params.self_signed(&key).unwrap().der().to_vec();
         assert_eq!(
             leaf_spiffe_id(&der).unwrap().unwrap().to_string(),
             "spiffe://prod.test/billing"

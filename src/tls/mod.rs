@@ -9,6 +9,7 @@
 //! one fails the handshake (see [`client_auth`]).
 
 pub mod client_auth;
+pub mod outbound;
 
 use std::collections::HashMap;
 use std::path::Path;

@@ -27,15 +27,11 @@ pub fn now_unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Lowercase hex of `bytes`.
-pub fn hex(bytes: &[u8]) -> String {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        s.push(HEX[(b >> 4) as usize] as char);
-        s.push(HEX[(b & 0xf) as usize] as char);
-    }
-    s
+/// Compares secrets in constant time: both sides are hashed first, so
+/// neither a differing byte nor a differing length shows in the timing.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let (ha, hb) = (sha256(a), sha256(b));
+    aws_lc_rs::constant_time::verify_slices_are_equal(&ha, &hb).is_ok()
 }
 
 /// Issues request ids: a random per-process prefix and a counter, so ids are
@@ -55,7 +51,7 @@ impl Default for RequestIds {
             seed.copy_from_slice(&now_unix().to_be_bytes()[2..]);
         }
         Self {
-            prefix: hex(&seed),
+            prefix: hex::encode(seed),
             next: AtomicU64::new(1),
         }
     }
@@ -70,28 +66,84 @@ impl RequestIds {
 }
 
 /// Formats ms since epoch as RFC 3339 UTC: `YYYY-MM-DDTHH:MM:SSZ`, or with
-/// `.mmm` when `millis` (that form sorts as text).
+/// `.mmm` when `millis` (that form sorts as text). Times past the year 9999
+/// are shown as its last second.
 pub fn rfc3339(ms: u64, millis: bool) -> String {
-    let secs = ms / 1000;
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    // Civil from days (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    let (h, mi, se) = (rem / 3600, rem % 3600 / 60, rem % 60);
-    if millis {
-        format!(
-            "{y:04}-{m:02}-{d:02}T{h:02}:{mi:02}:{se:02}.{:03}Z",
-            ms % 1000
-        )
+    use time::macros::format_description;
+    let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .unwrap_or(time::PrimitiveDateTime::MAX.assume_utc());
+    let f = if millis {
+        t.format(format_description!(
+            "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+        ))
     } else {
-        format!("{y:04}-{m:02}-{d:02}T{h:02}:{mi:02}:{se:02}Z")
+        t.format(format_description!(
+            "[year]-[month]-[day]T[hour]:[minute]:[second]Z"
+        ))
+    };
+    f.unwrap_or_default()
+}
+
+/// Parses an RFC 3339 timestamp (`2026-01-01T08:41:12Z`, offsets and
+/// fractions allowed) to ms since epoch; `None` for anything else or a time
+/// before 1970.
+pub fn parse_rfc3339_ms(s: &str) -> Option<u64> {
+    let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()?;
+    u64::try_from(t.unix_timestamp_nanos() / 1_000_000).ok()
+}
+
+/// Decodes `%XX` escapes; `None` when an escape is malformed or the result is
+/// not UTF-8 (strict: a lone `%` is an error, not a literal).
+pub fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let well_formed = b.iter().enumerate().all(|(i, c)| {
+        *c != b'%'
+            || b.get(i + 1..i + 3)
+                .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit))
+    });
+    if !well_formed {
+        return None;
+    }
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8()
+        .ok()
+        .map(|c| c.into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_formats_and_parses() {
+        assert_eq!(rfc3339(0, true), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339(1_767_225_600_123, true), "2026-01-01T00:00:00.123Z");
+        assert_eq!(rfc3339(951_782_400_000, true), "2000-02-29T00:00:00.000Z");
+        assert_eq!(rfc3339(1_767_256_872_999, false), "2026-01-01T08:41:12Z");
+        assert_eq!(parse_rfc3339_ms("1970-01-01T00:00:00Z"), Some(0));
+        assert_eq!(
+            parse_rfc3339_ms("2026-01-01T08:41:12Z"),
+            Some(1_767_256_872_000)
+        );
+        assert_eq!(
+            parse_rfc3339_ms("2026-01-01T09:41:12.5+01:00"),
+            Some(1_767_256_872_500)
+        );
+        assert_eq!(parse_rfc3339_ms("2026-13-01T08:41:12Z"), None);
+        assert_eq!(parse_rfc3339_ms("yesterday"), None);
+        assert_eq!(parse_rfc3339_ms("2026-01-01T08:41:12"), None);
+        for ms in [0, 1, 999, 1_767_256_872_123, 4_102_444_800_000] {
+            assert_eq!(parse_rfc3339_ms(&rfc3339(ms, true)), Some(ms), "{ms}");
+        }
+    }
+
+    #[test]
+    fn percent_decoding_is_strict() {
+        assert_eq!(percent_decode("a%20b").as_deref(), Some("a b"));
+        assert_eq!(percent_decode("caf%C3%A9").as_deref(), Some("café"));
+        assert_eq!(percent_decode("100%"), None);
+        assert_eq!(percent_decode("%zz"), None);
+        assert_eq!(percent_decode("%ff"), None);
+        assert_eq!(percent_decode("plain").as_deref(), Some("plain"));
     }
 }

@@ -79,7 +79,7 @@ pub(super) async fn create(
     let _w = WRITES.lock().await;
     check(call, &new, None)?;
     let id = resource::new_id()?;
-    let now = resource::rfc3339(crate::util::now_unix_ms());
+    let now = crate::util::rfc3339(crate::util::now_unix_ms(), true);
     new.insert("id".into(), id.clone().into());
     new.insert("meta".into(), meta(&id, &now, &now));
     write(call, &id, Some(&new)).await?;
@@ -140,7 +140,7 @@ fn finish(
         .and_then(Value::as_str)
         .unwrap_or_default()
         .to_owned();
-    let now = resource::rfc3339(crate::util::now_unix_ms());
+    let now = crate::util::rfc3339(crate::util::now_unix_ms(), true);
     new.insert("id".into(), id.into());
     new.insert("meta".into(), meta(id, &created_at, &now));
     Ok(new)

@@ -91,7 +91,7 @@ async fn route(ctx: &FeedContext, req: Request<Incoming>) -> Result<AdminRespons
     };
     let segs: Vec<String> = rest
         .split('/')
-        .map(super::admin::percent_decode)
+        .map(crate::util::percent_decode)
         .collect::<Option<_>>()
         .ok_or_else(|| ScimError::not_found("bad escape in the path"))?;
     let segs: Vec<&str> = segs.iter().map(String::as_str).collect();
@@ -218,7 +218,7 @@ struct Query {
 }
 
 fn form_decode(s: &str) -> Option<String> {
-    super::admin::percent_decode(&s.replace('+', " "))
+    crate::util::percent_decode(&s.replace('+', " "))
 }
 
 impl Query {

@@ -421,7 +421,7 @@ pub fn new_id() -> Result<String, ScimError> {
     aws_lc_rs::rand::fill(&mut b).map_err(|_| ScimError::internal("no randomness for a new id"))?;
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
-    let h = crate::util::hex(&b);
+    let h = hex::encode(&b);
     Ok(format!(
         "{}-{}-{}-{}-{}",
         &h[0..8],
@@ -430,11 +430,6 @@ pub fn new_id() -> Result<String, ScimError> {
         &h[16..20],
         &h[20..32]
     ))
-}
-
-/// Formats ms since epoch as `YYYY-MM-DDTHH:MM:SS.mmmZ` (sorts as text).
-pub fn rfc3339(ms: u64) -> String {
-    crate::util::rfc3339(ms, true)
 }
 
 /// Stable listing order for SCIM resources: `meta.created`, then `id`.
@@ -471,14 +466,6 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use serde_json::json;
-
-    #[test]
-    fn time_round_trips() {
-        for ms in [0, 1_767_256_872_123, 951_782_400_000, 4_102_444_799_999] {
-            assert_eq!(crate::feeds::rfc3339_ms(&rfc3339(ms)), Some(ms), "{ms}");
-        }
-        assert_eq!(rfc3339(1_767_256_872_000), "2026-01-01T08:41:12.000Z");
-    }
 
     #[test]
     fn users_are_normalised() {

@@ -124,7 +124,7 @@ pub(super) async fn create(
             "subject `{subject}` is already provisioned"
         )));
     }
-    let now = resource::rfc3339(crate::util::now_unix_ms());
+    let now = crate::util::rfc3339(crate::util::now_unix_ms(), true);
     new.insert("id".into(), id.clone().into());
     new.insert("meta".into(), meta(&id, &now, &now));
     let view = GroupsView::load(call.snap);
@@ -187,7 +187,7 @@ async fn write_update(
         .and_then(Value::as_str)
         .unwrap_or_default()
         .to_owned();
-    let now = resource::rfc3339(crate::util::now_unix_ms());
+    let now = crate::util::rfc3339(crate::util::now_unix_ms(), true);
     new.insert("id".into(), id.into());
     new.insert("meta".into(), meta(id, &created_at, &now));
     let view = GroupsView::load(call.snap);
@@ -288,7 +288,7 @@ fn user_changes(
 pub(super) async fn delete(call: &Call<'_>, id: &str) -> Result<super::AdminResponse, ScimError> {
     let _w = WRITES.lock().await;
     let (ident, _) = find_user(call.snap, id).ok_or_else(|| not_found(id))?;
-    let now = resource::rfc3339(crate::util::now_unix_ms());
+    let now = crate::util::rfc3339(crate::util::now_unix_ms(), true);
     let mut floor = ident.updated_ms;
     let mut changes = vec![
         Change::Identity {
