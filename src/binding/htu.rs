@@ -281,21 +281,18 @@ mod tests {
             "\u{e9}",
             "//",
         ];
-        let mut state = 0x2545_f491_4f6c_dd1du64;
-        let mut next = |n: usize| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state % n as u64) as usize
-        };
-        for _ in 0..50_000 {
-            let len = next(8) + 1;
-            let s: String = (0..len).map(|_| pieces[next(pieces.len())]).collect();
-            if let Ok(n) = normalize(&s) {
-                assert_eq!(normalize(&n).as_deref(), Ok(n.as_str()), "from {s:?}");
-                assert!(!n.contains(['?', '#']));
+        let strategy = proptest::collection::vec(proptest::sample::select(pieces.to_vec()), 1..=8);
+        proptest::proptest!(
+            proptest::test_runner::Config::with_cases(20_000),
+            |(parts in strategy)| {
+                let s: String = parts.concat();
+                if let Ok(n) = normalize(&s) {
+                    let again = normalize(&n);
+                    proptest::prop_assert_eq!(again.as_deref(), Ok(n.as_str()), "from {:?}", s);
+                    proptest::prop_assert!(!n.contains(['?', '#']));
+                }
             }
-        }
+        );
     }
 
     #[test]

@@ -301,7 +301,7 @@ fn random_secret() -> String {
         // clock-derived value still keeps the demo working if it somehow does.
         b[..8].copy_from_slice(&crate::util::now_unix_ms().to_be_bytes());
     }
-    hex::encode(&b)
+    hex::encode(b)
 }
 
 /// The demo transmitter's `iss` and the receiver audience.

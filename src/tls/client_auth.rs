@@ -223,17 +223,18 @@ mod tests {
             leaf_spiffe_id(&der).unwrap().unwrap().to_string(),
             "spiffe://prod.test/billing"
         );
-        let mut state = 0x1234_5678_9abc_def1u64;
         for i in 0..der.len() {
             assert!(leaf_spiffe_id(&der[..i]).is_err());
-            let mut flipped = der.clone();
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            flipped[i] ^= (state as u8) | 1;
-            let _ = leaf_spiffe_id(&flipped);
-            let _ = super::super::PeerCertificate::new(flipped.into());
         }
+        proptest::proptest!(
+            proptest::test_runner::Config::with_cases(4_000),
+            |(at in proptest::arbitrary::any::<proptest::sample::Index>(), mask in 1u8..=255)| {
+                let mut flipped = der.clone();
+                flipped[at.index(der.len())] ^= mask;
+                let _ = leaf_spiffe_id(&flipped);
+                let _ = super::super::PeerCertificate::new(flipped.into());
+            }
+        );
         for s in [
             "",
             "spiffe:",

@@ -684,22 +684,18 @@ mod tests {
             "(",
             ")",
         ];
-        let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
-        for _ in 0..20_000 {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            let mut p = String::new();
-            for k in 0..(seed % 8) {
-                let r = seed.rotate_left(k as u32 * 7);
-                p.push_str(atoms[(r % atoms.len() as u64) as usize]);
+        let strategy = proptest::collection::vec(proptest::sample::select(atoms.to_vec()), 0..8);
+        proptest::proptest!(
+            proptest::test_runner::Config::with_cases(5_000),
+            |(parts in strategy)| {
+                let p = parts.concat();
+                for op in ["add", "replace", "remove"] {
+                    let _ = run(
+                        json!({"userName": "a", "members": [{"value": "a"}], "emails": [{"type": "work"}]}),
+                        msg(json!([{"op": op, "path": p, "value": {"value": "b"}}])),
+                    );
+                }
             }
-            for op in ["add", "replace", "remove"] {
-                let _ = run(
-                    json!({"userName": "a", "members": [{"value": "a"}], "emails": [{"type": "work"}]}),
-                    msg(json!([{"op": op, "path": p, "value": {"value": "b"}}])),
-                );
-            }
-        }
+        );
     }
 }

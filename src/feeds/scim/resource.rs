@@ -421,7 +421,7 @@ pub fn new_id() -> Result<String, ScimError> {
     aws_lc_rs::rand::fill(&mut b).map_err(|_| ScimError::internal("no randomness for a new id"))?;
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
-    let h = hex::encode(&b);
+    let h = hex::encode(b);
     Ok(format!(
         "{}-{}-{}-{}-{}",
         &h[0..8],
