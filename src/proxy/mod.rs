@@ -1,9 +1,9 @@
 //! The request path. [`Proxy::handle`] runs the phases in order:
 //!
 //! ```text
-//! 0. admit         strict HTTP framing: one `Host` (HTTP/1.1), `Host`  (admit)
-//!                  = `:authority` (h2), `Transfer-Encoding` only
-//!                  `chunked`; names with `_` dropped once the route
+//! 0. admit         strict framing: one `Host` (HTTP/1.1), `Host` =    (proxy/admit)
+//!                  `:authority` (h2), `Transfer-Encoding` only one
+//!                  `chunked`; names with `_` dropped once the route  (proxy/headers)
 //!                  is known (per-route opt-in, never identity look-alikes)
 //! 1. route         host + path prefix → Route                      (route/)
 //! 2. authenticate  `Bearer`/`DPoP` JWT → VerifiedToken (cache      (authn/)
