@@ -10,10 +10,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
@@ -452,20 +453,58 @@ fn local_addr(l: &TcpListener, fallback: SocketAddr) -> SocketAddr {
     l.local_addr().unwrap_or(fallback)
 }
 
-fn http_builder(cfg: &Config) -> auto::Builder<TokioExecutor> {
-    let mut b = auto::Builder::new(TokioExecutor::new());
-    b.http1()
-        .timer(TokioTimer::new())
+/// The HTTP engines one listener serves with, all with the same limits:
+/// `auto` sniffs the preface (plain HTTP: h2c prior knowledge or HTTP/1.1);
+/// `h1` and `h2` serve exactly the protocol TLS ALPN agreed on.
+struct Engines {
+    auto: auto::Builder<TokioExecutor>,
+    h1: http1::Builder,
+    h2: http2::Builder<TokioExecutor>,
+    /// Time to send the h2 connection preface (the header-read timeout).
+    preface_timeout: Duration,
+}
+
+fn http_builder(cfg: &Config) -> Engines {
+    let mut auto = auto::Builder::new(TokioExecutor::new());
+    h1_limits(cfg, &mut auto.http1());
+    h2_limits(cfg, &mut auto.http2());
+    let mut h1 = http1::Builder::new();
+    h1.timer(TokioTimer::new())
         .header_read_timeout(cfg.header_read_timeout())
         .max_buf_size(cfg.proxy.max_header_bytes.max(8192))
         .max_headers(cfg.proxy.max_headers)
         .keep_alive(true);
-    b.http2()
-        .timer(TokioTimer::new())
+    let mut h2 = http2::Builder::new(TokioExecutor::new());
+    h2.timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(cfg.proxy.max_header_bytes).unwrap_or(u32::MAX))
-        .max_concurrent_streams(256)
-        .keep_alive_interval(Some(Duration::from_secs(30)));
-    b
+        .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
+        .keep_alive_interval(Some(H2_KEEP_ALIVE_INTERVAL));
+    Engines {
+        auto,
+        h1,
+        h2,
+        preface_timeout: cfg.header_read_timeout(),
+    }
+}
+
+/// Streams one h2 connection may open at once.
+const H2_MAX_CONCURRENT_STREAMS: u32 = 256;
+/// How often an idle h2 connection is pinged.
+const H2_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
+
+fn h1_limits(cfg: &Config, b: &mut auto::Http1Builder<'_, TokioExecutor>) {
+    b.timer(TokioTimer::new())
+        .header_read_timeout(cfg.header_read_timeout())
+        .max_buf_size(cfg.proxy.max_header_bytes.max(8192))
+        .max_headers(cfg.proxy.max_headers)
+        .keep_alive(true);
+}
+
+fn h2_limits(cfg: &Config, b: &mut auto::Http2Builder<'_, TokioExecutor>) {
+    b.timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(cfg.proxy.max_header_bytes).unwrap_or(u32::MAX))
+        .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
+        .keep_alive_interval(Some(H2_KEEP_ALIVE_INTERVAL));
 }
 
 async fn accept_loop(
@@ -476,7 +515,10 @@ async fn accept_loop(
     mut shutdown: watch::Receiver<bool>,
     cfg: Arc<Config>,
 ) {
-    let graceful = GracefulShutdown::new();
+    // Drain signal: every connection holds a receiver until it has ended,
+    // so `closed()` is the moment the last one finished. (hyper-util's
+    // GracefulShutdown cannot watch an HTTP/1.1-only connection with upgrades.)
+    let (drain_tx, _) = watch::channel(());
     let builder = Arc::new(http_builder(&cfg));
     let handshake_timeout = Duration::from_millis(cfg.proxy.tls_handshake_timeout_ms);
     let listener_name: &'static str = if tls { "https" } else { "http" };
@@ -498,7 +540,7 @@ async fn accept_loop(
         let _ = tcp.set_nodelay(true);
         let shared = shared.clone();
         let builder = builder.clone();
-        let watcher = graceful.watcher();
+        let watcher = drain_tx.subscribe();
         tokio::spawn(async move {
             let _permit = permit;
             let _guard = ConnectionGuard::new(&shared.proxy.metrics, listener_name);
@@ -506,13 +548,22 @@ async fn accept_loop(
                 serve_tls(shared, builder, watcher, tcp, peer, handshake_timeout).await;
             } else {
                 let info = Arc::new(ConnInfo { peer, tls: None });
-                serve_http(shared, &builder, watcher, TokioIo::new(tcp), info).await;
+                serve_http(
+                    shared,
+                    &builder,
+                    Wire::Sniff,
+                    watcher,
+                    TokioIo::new(tcp),
+                    info,
+                )
+                .await;
             }
         });
     }
     drop(listener);
     let drain = Duration::from_millis(cfg.proxy.drain_timeout_ms);
-    if tokio::time::timeout(drain, graceful.shutdown())
+    drain_tx.send_replace(());
+    if tokio::time::timeout(drain, drain_tx.closed())
         .await
         .is_err()
     {
@@ -522,8 +573,8 @@ async fn accept_loop(
 
 async fn serve_tls(
     shared: Arc<Shared>,
-    builder: Arc<auto::Builder<TokioExecutor>>,
-    watcher: hyper_util::server::graceful::Watcher,
+    builder: Arc<Engines>,
+    watcher: watch::Receiver<()>,
     tcp: TcpStream,
     peer: SocketAddr,
     handshake_timeout: Duration,
@@ -568,17 +619,164 @@ async fn serve_tls(
             .and_then(|c| c.first())
             .map(|c| Arc::new(PeerCertificate::new(c.clone().into_owned()))),
     };
+    // ALPN decides the protocol, never the first bytes: after `h2` was agreed
+    // a bad preface is a connection error (GOAWAY), not an HTTP/1.1 request.
+    let h2 = info.alpn.as_deref() == Some(b"h2");
     let info = Arc::new(ConnInfo {
         peer,
         tls: Some(info),
     });
-    serve_http(shared, &builder, watcher, TokioIo::new(stream), info).await;
+    if !h2 {
+        serve_http(
+            shared,
+            &builder,
+            Wire::H1,
+            watcher,
+            TokioIo::new(stream),
+            info,
+        )
+        .await;
+        return;
+    }
+    let mut stream = stream;
+    match tokio::time::timeout(builder.preface_timeout, read_preface(&mut stream)).await {
+        Ok(Ok(Some(preface))) => {
+            let io = TokioIo::new(Prefixed::new(preface, stream));
+            serve_http(shared, &builder, Wire::H2, watcher, io, info).await;
+        }
+        Ok(Ok(None)) => {
+            // RFC 9113 §3.4: an invalid preface is a connection error of
+            // type PROTOCOL_ERROR; say so before closing (h2 itself just closes).
+            refused("h2_preface");
+            let _ = stream.write_all(&GOAWAY_PROTOCOL_ERROR).await;
+            let _ = stream.shutdown().await;
+        }
+        Ok(Err(_)) | Err(_) => refused("h2_preface"),
+    }
+}
+
+/// The client connection preface of HTTP/2 (RFC 9113 §3.4).
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// An empty SETTINGS frame (the server preface) followed by
+/// GOAWAY(last stream 0, PROTOCOL_ERROR), RFC 9113 §6.5 and §6.8.
+const GOAWAY_PROTOCOL_ERROR: [u8; 26] = [
+    0, 0, 0, 0x4, 0, 0, 0, 0, 0, // SETTINGS, length 0, stream 0
+    0, 0, 8, 0x7, 0, 0, 0, 0, 0, // GOAWAY, length 8, stream 0
+    0, 0, 0, 0, // last stream id 0
+    0, 0, 0, 0x1, // PROTOCOL_ERROR
+];
+
+/// Reads the h2 client preface; `None` as soon as a byte differs from it.
+async fn read_preface<S: tokio::io::AsyncRead + Unpin>(
+    s: &mut S,
+) -> std::io::Result<Option<Vec<u8>>> {
+    let mut buf = vec![0u8; H2_PREFACE.len()];
+    let mut filled = 0;
+    while filled < buf.len() {
+        let n = s.read(&mut buf[filled..]).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        if buf[filled..filled + n] != H2_PREFACE[filled..filled + n] {
+            return Ok(None);
+        }
+        filled += n;
+    }
+    Ok(Some(buf))
+}
+
+pin_project_lite::pin_project! {
+    /// A stream with bytes already read from it put back in front
+    /// (the h2 preface, checked before hyper sees the connection).
+    struct Prefixed<S> {
+        prefix: Vec<u8>,
+        at: usize,
+        #[pin]
+        inner: S,
+    }
+}
+
+impl<S> Prefixed<S> {
+    fn new(prefix: Vec<u8>, inner: S) -> Self {
+        Self {
+            prefix,
+            at: 0,
+            inner,
+        }
+    }
+}
+
+impl<S: tokio::io::AsyncRead> tokio::io::AsyncRead for Prefixed<S> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.project();
+        let rest = this.prefix.get(*this.at..).unwrap_or_default();
+        if rest.is_empty() {
+            return this.inner.poll_read(cx, buf);
+        }
+        let n = rest.len().min(buf.remaining());
+        buf.put_slice(&rest[..n]);
+        *this.at += n;
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: tokio::io::AsyncWrite> tokio::io::AsyncWrite for Prefixed<S> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.project().inner.poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.project().inner.poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
+    }
+}
+
+/// Which HTTP a connection speaks.
+#[derive(Debug, Clone, Copy)]
+enum Wire {
+    /// Read the preface (plain HTTP: h2c prior knowledge or HTTP/1.1).
+    Sniff,
+    /// HTTP/1.1 only (ALPN `http/1.1`, or no ALPN).
+    H1,
+    /// HTTP/2 only (ALPN `h2`).
+    H2,
 }
 
 async fn serve_http<I>(
     shared: Arc<Shared>,
-    builder: &auto::Builder<TokioExecutor>,
-    watcher: hyper_util::server::graceful::Watcher,
+    engines: &Engines,
+    wire: Wire,
+    watcher: watch::Receiver<()>,
     io: I,
     info: Arc<ConnInfo>,
 ) where
@@ -590,8 +788,45 @@ async fn serve_http<I>(
         let info = info.clone();
         async move { Ok::<_, Infallible>(proxy.handle(req, info).await) }
     });
-    let conn = builder.serve_connection_with_upgrades(io, svc);
-    if let Err(e) = watcher.watch(conn.into_owned()).await {
+    let ended = match wire {
+        Wire::Sniff => {
+            let conn = engines.auto.serve_connection_with_upgrades(io, svc);
+            drain(conn, watcher, |c| c.graceful_shutdown()).await
+        }
+        Wire::H1 => {
+            let conn = engines.h1.serve_connection(io, svc).with_upgrades();
+            drain(conn, watcher, |c| c.graceful_shutdown())
+                .await
+                .map_err(Into::into)
+        }
+        Wire::H2 => {
+            let conn = engines.h2.serve_connection(io, svc);
+            drain(conn, watcher, |c| c.graceful_shutdown())
+                .await
+                .map_err(Into::into)
+        }
+    };
+    if let Err(e) = ended {
         tracing::debug!(error = %e, "connection ended with error");
     }
+}
+
+/// Runs a connection to its end; on the drain signal asks it to finish
+/// gracefully (no new requests, in-flight ones complete). Holding `drain`
+/// until the end is what lets the accept loop wait for the last connection.
+async fn drain<C, E>(
+    conn: C,
+    mut drain: watch::Receiver<()>,
+    graceful: impl FnOnce(std::pin::Pin<&mut C>),
+) -> Result<(), E>
+where
+    C: std::future::Future<Output = Result<(), E>>,
+{
+    let mut conn = std::pin::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => return r,
+        _ = drain.changed() => {}
+    }
+    graceful(conn.as_mut());
+    conn.await
 }

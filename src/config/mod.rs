@@ -754,6 +754,10 @@ pub struct RouteConfig {
     /// as `context.workload.allowed`.
     #[serde(default)]
     pub workloads: Vec<String>,
+    /// Pass header names containing `_` to this app (dropped by default;
+    /// look-alikes of identity headers are dropped regardless).
+    #[serde(default)]
+    pub allow_underscore_headers: bool,
 }
 
 /// Route sensitivity, which policies read.

@@ -83,3 +83,104 @@ pub fn set_forwarded(
         }
     }
 }
+
+/// Headers the proxy sets for the upstream whatever the strip list says;
+/// an underscored look-alike of these never passes either.
+const PROXY_SET: &[&str] = &[
+    super::set_headers::SUBJECT,
+    super::set_headers::ISSUER,
+    super::set_headers::DEVICE,
+    super::set_headers::BINDING,
+    super::set_headers::VERIFIED_DEVICE,
+    super::set_headers::WORKLOAD,
+    super::set_headers::ROUTE,
+    super::set_headers::REQUEST_ID,
+    super::set_headers::DEVICE_COMPLIANCE,
+    super::set_headers::DEVICE_LIFECYCLE,
+    super::set_headers::SNAPSHOT,
+    super::set_headers::DECISION,
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+];
+
+/// True when `name` (lowercase, as `HeaderMap` keeps it) becomes `target`
+/// once every `_` is read as `-`, the way CGI, WSGI and PHP-FPM fold names.
+fn folds_to(name: &[u8], target: &[u8]) -> bool {
+    name.len() == target.len()
+        && name
+            .iter()
+            .zip(target)
+            .all(|(n, t)| n == t || (*n == b'_' && *t == b'-'))
+}
+
+/// Drops header names that contain `_`: all of them by default; on a route
+/// with `allow_underscore_headers`, only those that fold onto a stripped
+/// identity header or one the proxy sets. Returns how many lines went.
+/// Names only are logged (debug), never values.
+pub fn drop_underscored(
+    headers: &mut HeaderMap,
+    allow: bool,
+    stripped: &[HeaderName],
+    request_id: &str,
+) -> usize {
+    let doomed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| {
+            let b = n.as_str().as_bytes();
+            b.contains(&b'_')
+                && (!allow
+                    || stripped.iter().any(|s| folds_to(b, s.as_str().as_bytes()))
+                    || PROXY_SET.iter().any(|s| folds_to(b, s.as_bytes())))
+        })
+        .cloned()
+        .collect();
+    let mut lines = 0;
+    for n in &doomed {
+        lines += headers.get_all(n).iter().count();
+        headers.remove(n);
+    }
+    if lines > 0 {
+        tracing::debug!(request_id, dropped = lines, names = ?doomed, "dropped header names with `_`");
+    }
+    lines
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(names: &[&str]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for n in names {
+            if let Ok(n) = HeaderName::from_bytes(n.as_bytes()) {
+                h.append(n, HeaderValue::from_static("v"));
+            }
+        }
+        h
+    }
+
+    #[test]
+    fn underscored_names_go_by_default() {
+        let mut h = map(&["x_portcullis_subject", "X_Custom", "x-ok"]);
+        assert_eq!(drop_underscored(&mut h, false, &[], "id"), 2);
+        assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-ok"]);
+    }
+
+    #[test]
+    fn allowed_routes_keep_all_but_identity_look_alikes() {
+        let stripped = [HeaderName::from_static("x-forwarded-user")];
+        let mut h = map(&[
+            "X_Forwarded_User",
+            "x_portcullis_decision",
+            "x_forwarded_for",
+            "x_app_tenant",
+            "x_forwarded-user",
+        ]);
+        assert_eq!(drop_underscored(&mut h, true, &stripped, "id"), 4);
+        assert_eq!(
+            h.keys().map(|k| k.as_str()).collect::<Vec<_>>(),
+            ["x_app_tenant"]
+        );
+    }
+}

@@ -1,6 +1,10 @@
 //! The request path. [`Proxy::handle`] runs the phases in order:
 //!
 //! ```text
+//! 0. admit         strict framing: one `Host` (HTTP/1.1), `Host` =    (proxy/admit)
+//!                  `:authority` (h2), `Transfer-Encoding` only one
+//!                  `chunked`; names with `_` dropped once the route  (proxy/headers)
+//!                  is known (per-route opt-in, never identity look-alikes)
 //! 1. route         host + path prefix → Route                      (route/)
 //! 2. authenticate  `Bearer`/`DPoP` JWT → VerifiedToken (cache      (authn/)
 //!                  skips only the signature check); on `auth =
@@ -21,6 +25,7 @@
 //! once per request, so a reload mid-request never mixes two configs. This
 //! room must never buffer a body whole or log a token.
 
+pub mod admit;
 pub mod client;
 pub mod headers;
 pub mod rescue;
@@ -216,9 +221,19 @@ impl Proxy {
         mut req: Request<Incoming>,
         conn: &ConnInfo,
     ) -> Result<Response<ProxyBody>, Denial> {
+        // 0. admit
+        let admitted = admit::admit(&req)?;
         // 1. route
         let route = phase_route(rt, &req)?;
         ctx.route = Some(route.clone());
+        if admitted.underscored {
+            headers::drop_underscored(
+                req.headers_mut(),
+                route.allow_underscore_headers,
+                &rt.stripped,
+                &ctx.id,
+            );
+        }
         let mut dpop_used = false;
         match route.auth {
             AuthMode::Bearer => {
@@ -561,6 +576,8 @@ impl Proxy {
                 .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             parts.headers.insert(header::UPGRADE, proto.clone());
         }
+        // Body errors are tagged: a malformed chunk is the client's fault (400).
+        let body = body.map_err(admit::ClientBodyError);
         let body: ProxyBody = match limit {
             Some(l) => Limited::new(body, l as usize).boxed_unsync(),
             None => body
@@ -588,6 +605,9 @@ impl Proxy {
                     return Err(Denial::BodyTooLarge {
                         limit: limit.unwrap_or(0),
                     });
+                }
+                if admit::is_client_body(&e) {
+                    return Err(Denial::Framing(admit::FramingError::Body));
                 }
                 tracing::debug!(request_id = %ctx.id, error = %e, "upstream request failed");
                 return Err(Denial::UpstreamUnavailable);

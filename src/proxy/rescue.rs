@@ -8,6 +8,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full};
 
+use super::admit::FramingError;
 use super::client::ProxyBody;
 use crate::authn::{AuthError, Scheme};
 use crate::binding::dpop::DpopError;
@@ -28,6 +29,11 @@ pub enum Origin {
 /// Why the proxy answered instead of the upstream.
 #[derive(Debug, thiserror::Error)]
 pub enum Denial {
+    /// The request's framing is ambiguous or unsupported (phase 0): `Host`
+    /// missing or repeated, `Host` ≠ `:authority`, a transfer coding other
+    /// than `chunked`, a malformed body.
+    #[error("{0}")]
+    Framing(FramingError),
     /// No route for this host and path.
     #[error("no route for this host and path")]
     NoRoute,
@@ -99,6 +105,9 @@ impl Denial {
     /// Status code.
     pub fn status(&self) -> StatusCode {
         match self {
+            // RFC 9112 §6.1: a transfer coding the server does not implement.
+            Denial::Framing(FramingError::TransferCoding) => StatusCode::NOT_IMPLEMENTED,
+            Denial::Framing(_) => StatusCode::BAD_REQUEST,
             Denial::NoRoute => StatusCode::NOT_FOUND,
             Denial::Unauthenticated(_)
             | Denial::DpopTokenInvalid(_)
@@ -137,6 +146,7 @@ impl Denial {
     /// Stable machine-readable code (also the metrics `reason` label).
     pub fn code(&self) -> &'static str {
         match self {
+            Denial::Framing(f) => f.code(),
             Denial::NoRoute => "no_route",
             Denial::Unauthenticated(AuthError::Missing) => "missing_token",
             Denial::Unauthenticated(_) | Denial::DpopTokenInvalid(_) => "invalid_token",
@@ -190,6 +200,7 @@ impl Denial {
             | Denial::WorkloadNotAllowed(_)
             | Denial::Misdirected
             | Denial::Posture(_)
+            | Denial::Framing(_)
             | Denial::NoRoute => "deny",
             Denial::Policy(p) => p.action(),
             _ => "allow",
@@ -304,7 +315,7 @@ pub fn respond(d: &Denial, request_id: &str, dpop_algs: &str) -> Response<ProxyB
     {
         h.insert("dpop-nonce", v);
     }
-    if matches!(d, Denial::Misdirected) {
+    if matches!(d, Denial::Misdirected) || matches!(d, Denial::Framing(f) if f.closes()) {
         h.insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     if let Denial::Policy(p) = d

@@ -40,6 +40,8 @@ pub struct Route {
     pub timeout: std::time::Duration,
     /// Workload ids (SPIFFE ids, client ids) allowed here, for policies.
     pub workloads: Vec<String>,
+    /// Header names with `_` pass (identity look-alikes never do).
+    pub allow_underscore_headers: bool,
 }
 
 /// All routes, indexed by host.
@@ -123,6 +125,7 @@ fn build_route(rc: &RouteConfig, cfg: &Config) -> Route {
         max_body_bytes: rc.max_body_bytes,
         timeout: std::time::Duration::from_millis(rc.timeout_ms.unwrap_or(cfg.upstream.timeout_ms)),
         workloads: rc.workloads.clone(),
+        allow_underscore_headers: rc.allow_underscore_headers,
     }
 }
 

@@ -34,6 +34,8 @@ pub struct Seen {
     pub path: String,
     pub headers: http::HeaderMap,
     pub body_len: u64,
+    /// No error while reading the body (`/slow` and `/delay` do not read it).
+    pub body_ok: bool,
 }
 
 /// A real upstream app on loopback that records every request.
@@ -104,11 +106,13 @@ async fn upstream_handle(
             path,
             headers,
             body_len,
+            body_ok: true,
         });
         tokio::time::sleep(Duration::from_millis(wait)).await;
         return Response::new(Full::new(Bytes::from_static(b"late")));
     }
     let mut body = req.into_body();
+    let mut body_ok = true;
     while let Some(frame) = body.frame().await {
         match frame {
             Ok(f) => {
@@ -116,7 +120,10 @@ async fn upstream_handle(
                     body_len += d.len() as u64;
                 }
             }
-            Err(_) => break,
+            Err(_) => {
+                body_ok = false;
+                break;
+            }
         }
     }
     let echo = serde_json::json!({
@@ -130,6 +137,7 @@ async fn upstream_handle(
         path,
         headers,
         body_len,
+        body_ok,
     });
     let mut r = Response::new(Full::new(Bytes::from(echo.to_string())));
     r.headers_mut().insert(
