@@ -626,3 +626,4 @@ impl TlsConn {
         self.send("GET", path, headers).await.unwrap()
     }
 }
+pub mod idp;
