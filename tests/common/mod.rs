@@ -634,3 +634,4 @@ impl TlsConn {
         self.send("GET", path, headers).await.unwrap()
     }
 }
+pub mod idp;
