@@ -573,3 +573,111 @@ pub fn merge_identity(
     }
     (i, f.report)
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn patch(f: impl FnOnce(&mut DevicePatch)) -> DevicePatch {
+        let mut p = DevicePatch::default();
+        f(&mut p);
+        p
+    }
+
+    #[test]
+    fn ordering_is_per_field() {
+        let (d, _) = merge_device(
+            None,
+            "d",
+            &patch(|p| p.compliance = Some(Compliance::NonCompliant)),
+            200,
+        );
+        let (d, r) = merge_device(
+            Some(&d),
+            "d",
+            &patch(|p| {
+                p.compliance = Some(Compliance::Compliant);
+                p.last_check_in_ms = Some(150);
+            }),
+            100,
+        );
+        assert_eq!(d.compliance, Compliance::NonCompliant);
+        assert_eq!(d.last_check_in_ms, Some(100), "never later than its event");
+        assert_eq!(r.stale, vec!["compliance"]);
+        assert!(r.applied);
+        assert_eq!(d.updated_ms, 200);
+        assert_eq!(d.field_ms.get("last_check_in_ms"), Some(&100));
+    }
+
+    #[test]
+    fn a_record_without_field_times_is_as_old_as_itself() {
+        let legacy = Device {
+            id: "d".into(),
+            compliance: Compliance::NonCompliant,
+            updated_ms: 500,
+            ..Device::default()
+        };
+        let (d, r) = merge_device(
+            Some(&legacy),
+            "d",
+            &patch(|p| p.compliance = Some(Compliance::Compliant)),
+            400,
+        );
+        assert_eq!(d.compliance, Compliance::NonCompliant);
+        assert!(!r.applied);
+    }
+
+    #[test]
+    fn sticky_states_need_a_reenrolment_not_older_than_them() {
+        let (lost, _) = merge_device(
+            None,
+            "d",
+            &patch(|p| {
+                p.lifecycle = Some(Lifecycle::Lost);
+                p.compromised = Some(true);
+            }),
+            100,
+        );
+        let routine = patch(|p| {
+            p.lifecycle = Some(Lifecycle::Enrolled);
+            p.compromised = Some(false);
+            p.compliance = Some(Compliance::Compliant);
+        });
+        let (d, r) = merge_device(Some(&lost), "d", &routine, 200);
+        assert_eq!((d.lifecycle, d.compromised), (Lifecycle::Lost, true));
+        assert_eq!(r.held, vec!["lifecycle", "compromised"]);
+        assert_eq!(d.compliance, Compliance::Compliant);
+        // Dead to dead is no clearing.
+        let (d, r) = merge_device(
+            Some(&lost),
+            "d",
+            &patch(|p| p.lifecycle = Some(Lifecycle::WipePending)),
+            200,
+        );
+        assert_eq!((d.lifecycle, r.held.len()), (Lifecycle::WipePending, 0));
+        // An old enrolment time clears nothing; a newer one clears both.
+        let mut old = routine.clone();
+        old.reenrolled_ms = Some(50);
+        assert_eq!(
+            merge_device(Some(&lost), "d", &old, 200).0.lifecycle,
+            Lifecycle::Lost
+        );
+        let mut fresh = routine;
+        fresh.reenrolled_ms = Some(150);
+        let (d, r) = merge_device(Some(&lost), "d", &fresh, 200);
+        assert_eq!((d.lifecycle, d.compromised), (Lifecycle::Enrolled, false));
+        assert!(r.held.is_empty());
+        // A re-enrolment time past its own event counts only up to it.
+        let mut ahead = fresh_patch();
+        ahead.reenrolled_ms = Some(10_000);
+        assert_eq!(
+            merge_device(Some(&lost), "d", &ahead, 90).0.lifecycle,
+            Lifecycle::Lost
+        );
+    }
+
+    fn fresh_patch() -> DevicePatch {
+        patch(|p| p.lifecycle = Some(Lifecycle::Enrolled))
+    }
+}
