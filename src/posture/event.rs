@@ -506,6 +506,8 @@ pub fn merge_device(
     if added {
         f.mark("external_ids");
     }
+    // A new record comes into being even when the patch sets nothing.
+    f.report.applied |= current.is_none();
     d.field_ms = f.times;
     if f.report.applied {
         d.updated_ms = d.updated_ms.max(origin_ms);
@@ -567,6 +569,8 @@ pub fn merge_identity(
         }
         f.mark("aliases");
     }
+    // A new record comes into being even when the patch sets nothing.
+    f.report.applied |= current.is_none();
     i.field_ms = f.times;
     if f.report.applied {
         i.updated_ms = i.updated_ms.max(origin_ms);
