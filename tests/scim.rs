@@ -1222,4 +1222,21 @@ async fn meta_location_is_an_absolute_uri() {
         spc["meta"]["location"],
         json!(format!("{base}/ServiceProviderConfig"))
     );
+
+    // With `feeds.scim.base_url` (behind a TLS terminator), that base wins.
+    let mut env = env;
+    let public = "https://portcullis.example.com/scim/v2";
+    let cfg = std::fs::read_to_string(&env.cfg).unwrap().replacen(
+        "[feeds.scim]\n",
+        &format!("[feeds.scim]\nbase_url = \"{public}/\"\n"),
+        1,
+    );
+    assert!(cfg.contains(public));
+    std::fs::write(&env.cfg, cfg).unwrap();
+    env.restart().await;
+    let (_, got) = env.scim(Method::GET, &format!("/Users/{id}"), None).await;
+    assert_eq!(
+        got["meta"]["location"],
+        json!(format!("{public}/Users/{id}"))
+    );
 }
