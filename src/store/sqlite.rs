@@ -369,3 +369,67 @@ impl EventStore for SqliteStore {
             .map_err(db)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::posture::event::{Change, DevicePatch, Feed, PostureEvent};
+
+    /// A store written before per-field outcomes (no `events.skipped`)
+    /// opens, keeps its history, and records skipped fields from then on.
+    #[test]
+    fn an_older_store_gains_the_skipped_column() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        {
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(
+                "CREATE TABLE events (seq INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE,
+                    feed TEXT NOT NULL, kind TEXT NOT NULL, origin_ms INTEGER NOT NULL,
+                    accepted_ms INTEGER NOT NULL, outcome TEXT NOT NULL, body TEXT NOT NULL);
+                 CREATE TABLE event_keys (record_key TEXT NOT NULL, seq INTEGER NOT NULL,
+                    PRIMARY KEY (record_key, seq)) WITHOUT ROWID;
+                 INSERT INTO events VALUES (1, 'old-1', 'mdm', 'mdm.device-update', 5, 6,
+                    'applied', '[]');
+                 INSERT INTO event_keys VALUES ('device:d', 1);",
+            )
+            .unwrap();
+        }
+        let mut s = SqliteStore::open(&path, false).unwrap();
+        let event = |id: &str| PostureEvent {
+            id: id.into(),
+            feed: Feed::Mdm,
+            kind: "mdm.device-update".into(),
+            origin_ms: 7,
+            changes: vec![Change::Device {
+                id: "d".into(),
+                patch: DevicePatch::default(),
+            }],
+        };
+        let skipped = Skipped {
+            stale_fields: vec!["compliance".into()],
+            held_fields: vec!["lifecycle".into()],
+        };
+        s.commit(&CommitBatch {
+            events: vec![LoggedEvent {
+                seq: 2,
+                event: event("new-1"),
+                accepted_ms: 8,
+                outcome: Outcome::Partial,
+                skipped: skipped.clone(),
+            }],
+            ..CommitBatch::default()
+        })
+        .unwrap();
+        drop(s);
+        let mut s = SqliteStore::open(&path, false).unwrap();
+        let h = s.history("device:d", 10).unwrap();
+        assert_eq!(h.len(), 2);
+        assert_eq!(
+            (h[0].outcome, h[0].skipped.is_empty()),
+            (Outcome::Applied, true)
+        );
+        assert_eq!((h[1].outcome, &h[1].skipped), (Outcome::Partial, &skipped));
+    }
+}
