@@ -344,11 +344,23 @@ async fn build_feeds(
             None => Some(crate::feeds::ssf::Receiver::new(sc.clone(), fetcher).await?),
         },
     };
+    let jamf_api = match cfg.feeds.jamf.as_ref().and_then(|j| j.api.as_ref()) {
+        None => None,
+        Some(ac) => match prev
+            .and_then(|p| p.jamf_api.clone())
+            .filter(|a| a.cfg == *ac)
+        {
+            Some(a) => Some(a),
+            None => Some(Arc::new(crate::feeds::jamf_api::JamfApi::new(ac.clone())?)),
+        },
+    };
+    posture.set_max_future_skew(std::time::Duration::from_secs(cfg.feeds.max_future_skew_s));
     Ok(Arc::new(crate::feeds::FeedContext {
         posture: posture.clone(),
         metrics: metrics.clone(),
         config: cfg.clone(),
         ssf,
+        jamf_api,
     }))
 }
 

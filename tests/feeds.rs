@@ -829,3 +829,36 @@ async fn an_acknowledged_event_survives_sigkill() {
     );
     assert!(String::from_utf8_lossy(&body).contains("terminated"));
 }
+
+/// Feed time is untrusted: a SET whose event is dated beyond the clock skew
+/// (here 2099) is refused with RFC 8935's 400 `invalid_request`, counted as
+/// `outcome="future"`, and changes nothing.
+#[tokio::test]
+async fn a_far_future_set_is_refused_and_changes_nothing() {
+    let e = env().await;
+    let v0 = e.version();
+    let set = sign_set(
+        &e,
+        &set_claims(
+            &format!("{CAEP}device-compliance-change"),
+            serde_json::json!({"format": "complex", "device": device("ipad-2099")}),
+            serde_json::json!({"previous_status": "not-compliant", "current_status": "compliant",
+                               "event_timestamp": 4_102_444_800u64}),
+        ),
+    );
+    let (st, body) = e.push(&set).await;
+    assert_eq!(st, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["err"], "invalid_request", "{body}");
+    assert!(
+        body["description"].as_str().unwrap().contains("future"),
+        "{body}"
+    );
+    assert_eq!(e.version(), v0);
+    let (st, _) = e.admin("GET", "/admin/v1/devices/ipad-2099", "").await;
+    assert_eq!(st, StatusCode::NOT_FOUND);
+    let m = e.metrics().await;
+    assert!(
+        m.contains("feed=\"ssf\",kind=\"caep.device-compliance-change\",outcome=\"future\"} 1"),
+        "{m}"
+    );
+}

@@ -218,7 +218,8 @@ fn outcomes(v: &Value) -> Vec<String> {
 #[tokio::test]
 async fn jamf_lost_mode_smart_group_refuses_the_next_request() {
     let s = setup(&feeds_toml("")).await;
-    let t0 = now_ms();
+    // In the past: events dated ahead of their acceptance are clamped to it.
+    let t0 = now_ms() - 60_000;
     let (st, v) = s
         .jamf(&envelope("MobileDeviceEnrolled", t0, 3, phone()))
         .await;
@@ -275,8 +276,8 @@ async fn jamf_lost_mode_smart_group_refuses_the_next_request() {
     assert!(ext.contains(&"jamf:serial:F2LXK0ABCD12"), "{ext:?}");
     assert_eq!(rec["history"].as_array().unwrap().len(), 2);
 
-    // Leaving the group makes the device enrolled again; the token issued
-    // before the revocation stays dead, a new one works.
+    // Leaving the group is a routine report: lost is sticky, so the
+    // lifecycle is held (the rest applies) and the device stays refused.
     let found = envelope(
         "SmartGroupMobileDeviceMembershipChange",
         t0 + 2000,
@@ -285,12 +286,23 @@ async fn jamf_lost_mode_smart_group_refuses_the_next_request() {
     );
     let (st, v) = s.jamf(&found).await;
     assert_eq!(st, StatusCode::ACCEPTED, "{v}");
+    assert_eq!(outcomes(&v), ["partial"]);
+    assert_eq!(v["results"][0]["held_fields"], json!(["lifecycle"]), "{v}");
+    let (_, rec) = s.device(PHONE_UDID).await;
+    assert_eq!(rec["device"]["lifecycle"], "lost");
+    let (st, _) = s.request(&token).await;
+    assert_eq!(st, StatusCode::UNAUTHORIZED);
+    // A re-enrolment clears it; the token issued before the revocation
+    // stays dead, one issued after the revocation second is honoured again.
+    let (st, v) = s
+        .jamf(&envelope("MobileDeviceEnrolled", t0 + 2500, 15, phone()))
+        .await;
+    assert_eq!(st, StatusCode::ACCEPTED, "{v}");
     assert_eq!(outcomes(&v), ["applied"]);
     let (_, rec) = s.device(PHONE_UDID).await;
     assert_eq!(rec["device"]["lifecycle"], "enrolled");
     let (st, _) = s.request(&token).await;
     assert_eq!(st, StatusCode::UNAUTHORIZED);
-    // A token issued after the revocation second is honoured again.
     let issued = portcullis::util::now_unix();
     wait_until("the next second", || portcullis::util::now_unix() > issued).await;
     let fresh = s.token("m.ito@acme.example", PHONE_UDID);
@@ -301,7 +313,8 @@ async fn jamf_lost_mode_smart_group_refuses_the_next_request() {
 #[tokio::test]
 async fn jamf_enable_lost_mode_and_erase_commands_revoke() {
     let s = setup(&feeds_toml("")).await;
-    let t0 = now_ms();
+    // In the past: events dated ahead of their acceptance are clamped to it.
+    let t0 = now_ms() - 60_000;
     let token = s.token("m.ito@acme.example", PHONE_UDID);
     let (st, _) = s.request(&token).await;
     assert_eq!(st, StatusCode::OK);
@@ -350,19 +363,22 @@ async fn jamf_enable_lost_mode_and_erase_commands_revoke() {
     assert_eq!(st, StatusCode::ACCEPTED);
     assert_eq!(v["outcome"], "ignored");
 
-    // Unenrolment (Jamf's own capitalisation) → unenrolled.
+    // Unenrolment (Jamf's own capitalisation) after an erase: wipe pending
+    // is sticky, so the lifecycle is held.
     let (st, v) = s
         .jamf(&envelope("MobileDeviceUnEnrolled", t0 + 700, 22, phone()))
         .await;
     assert_eq!(st, StatusCode::ACCEPTED, "{v}");
+    assert_eq!(v["results"][0]["held_fields"], json!(["lifecycle"]), "{v}");
     let (_, rec) = s.device(PHONE_UDID).await;
-    assert_eq!(rec["device"]["lifecycle"], "unenrolled");
+    assert_eq!(rec["device"]["lifecycle"], "wipe_pending");
 }
 
 #[tokio::test]
 async fn jamf_noncompliant_group_by_jss_id_updates_the_device_record() {
     let s = setup(&feeds_toml("")).await;
-    let t0 = now_ms();
+    // In the past: events dated ahead of their acceptance are clamped to it.
+    let t0 = now_ms() - 60_000;
     // Inventory first: os, platform, subjects, external ids.
     let (st, v) = s
         .jamf(&envelope("ComputerInventoryCompleted", t0, 12, mac()))
@@ -527,7 +543,8 @@ async fn raw_post(addr: SocketAddr, path: &str, headers: &[(&str, &str)], body: 
 #[tokio::test]
 async fn jamf_bad_input_is_refused_and_changes_nothing() {
     let s = setup(&feeds_toml("")).await;
-    let t0 = now_ms();
+    // In the past: events dated ahead of their acceptance are clamped to it.
+    let t0 = now_ms() - 60_000;
     let (st, _) = s
         .jamf(&envelope("MobileDeviceEnrolled", t0, 3, phone()))
         .await;
@@ -686,7 +703,8 @@ async fn jamf_bad_input_is_refused_and_changes_nothing() {
 #[tokio::test]
 async fn jamf_duplicates_apply_once_and_older_events_do_not_overwrite() {
     let s = setup(&feeds_toml("")).await;
-    let t0 = now_ms();
+    // In the past: events dated ahead of their acceptance are clamped to it.
+    let t0 = now_ms() - 60_000;
     let (st, _) = s
         .jamf(&envelope("ComputerInventoryCompleted", t0, 12, mac()))
         .await;

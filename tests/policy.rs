@@ -375,10 +375,14 @@ async fn row3_jailbroken_device_is_revoked_and_an_earlier_token_dies_on_another_
     let (_, rec) = e.admin("GET", "/admin/v1/devices/phone-3").await;
     assert_eq!(rec["revocation"]["source"], "policy", "{rec}");
 
-    // The MDM clears the flag; the revocation stands for every earlier
-    // credential of the device, on every route.
-    e.mdm("phone-3", serde_json::json!({"compromised": false}))
-        .await;
+    // The MDM re-enrols the device (compromised is sticky: a routine
+    // `compromised: false` would be held); the revocation stands for every
+    // earlier credential of the device, on every route.
+    e.mdm(
+        "phone-3",
+        serde_json::json!({"compromised": false, "reenrolled": true}),
+    )
+    .await;
     let r = e.get("/crit/x", &second).await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.body);
     assert_eq!(r.body["error"], "revoked");

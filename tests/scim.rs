@@ -1072,13 +1072,22 @@ async fn restart_restores_scim_state() {
         )
         .await;
     assert_eq!(st, StatusCode::OK);
+    // Locations are absolute, built from the listener's address, which a
+    // restart changes: compare them relative to it.
+    let relative = |v: Value, env: &Env| -> Value {
+        let origin = format!("http://{}", env.server().admin_addr);
+        serde_json::from_str(&v.to_string().replace(&origin, "")).unwrap()
+    };
     let (_, users_before) = env.scim(Method::GET, "/Users", None).await;
     let (_, groups_before) = env.scim(Method::GET, "/Groups", None).await;
+    let (users_before, groups_before) =
+        (relative(users_before, &env), relative(groups_before, &env));
 
     env.restart().await;
 
     let (_, users_after) = env.scim(Method::GET, "/Users", None).await;
     let (_, groups_after) = env.scim(Method::GET, "/Groups", None).await;
+    let (users_after, groups_after) = (relative(users_after, &env), relative(groups_after, &env));
     assert_eq!(users_after, users_before);
     assert_eq!(groups_after, groups_before);
     assert_eq!(groups_after["totalResults"], 1);
@@ -1176,4 +1185,58 @@ async fn subject_attribute_external_id_names_the_token_subject() {
         .await;
     assert_eq!(st, StatusCode::OK);
     env.refused(&token, "externalId leaver").await;
+}
+
+/// RFC 7643 §3.1: `meta.location` is an absolute URI. Without
+/// `feeds.scim.base_url` it is built from the request's scheme and `Host`
+/// (the admin listener is plain HTTP); the `Location` of a 201, group
+/// member `$ref`s and the discovery resources follow the same base.
+#[tokio::test]
+async fn meta_location_is_an_absolute_uri() {
+    let env = Env::start().await;
+    let base = format!("http://{}/scim/v2", env.server().admin_addr);
+    let body = Bytes::from(okta_user("abs@acme.example", "00uabs").to_string());
+    let (st, h, v) = env
+        .send(Method::POST, "/scim/v2/Users", body, Some(SCIM_TOKEN))
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    let id = v["id"].as_str().unwrap();
+    let loc = format!("{base}/Users/{id}");
+    assert_eq!(v["meta"]["location"], json!(loc), "{v}");
+    assert_eq!(h.get("location").unwrap().to_str().unwrap(), loc);
+    let (_, got) = env.scim(Method::GET, &format!("/Users/{id}"), None).await;
+    assert_eq!(got["meta"]["location"], json!(loc));
+    let gid = create_group(&env, "Sales", &[id]).await;
+    let gloc = format!("{base}/Groups/{gid}");
+    let (_, g) = env.scim(Method::GET, &format!("/Groups/{gid}"), None).await;
+    assert_eq!(g["meta"]["location"], json!(gloc));
+    let (_, u) = env.scim(Method::GET, &format!("/Users/{id}"), None).await;
+    assert_eq!(u["groups"][0]["$ref"], json!(gloc), "{u}");
+    let (_, list) = env.scim(Method::GET, "/Users", None).await;
+    for r in list["Resources"].as_array().unwrap() {
+        let l = r["meta"]["location"].as_str().unwrap();
+        assert!(l.starts_with(&format!("{base}/Users/")), "{l}");
+    }
+    let (_, spc) = env.scim(Method::GET, "/ServiceProviderConfig", None).await;
+    assert_eq!(
+        spc["meta"]["location"],
+        json!(format!("{base}/ServiceProviderConfig"))
+    );
+
+    // With `feeds.scim.base_url` (behind a TLS terminator), that base wins.
+    let mut env = env;
+    let public = "https://portcullis.example.com/scim/v2";
+    let cfg = std::fs::read_to_string(&env.cfg).unwrap().replacen(
+        "[feeds.scim]\n",
+        &format!("[feeds.scim]\nbase_url = \"{public}/\"\n"),
+        1,
+    );
+    assert!(cfg.contains(public));
+    std::fs::write(&env.cfg, cfg).unwrap();
+    env.restart().await;
+    let (_, got) = env.scim(Method::GET, &format!("/Users/{id}"), None).await;
+    assert_eq!(
+        got["meta"]["location"],
+        json!(format!("{public}/Users/{id}"))
+    );
 }

@@ -383,6 +383,9 @@ pub const DEFAULT_FEED_MAX_BODY_BYTES: usize = 1024 * 1024;
 /// Default seconds between full Intune sweeps.
 pub const DEFAULT_INTUNE_FULL_SYNC_S: u64 = 24 * 3600;
 
+/// Default seconds an event's origin time may be ahead of its acceptance.
+pub const DEFAULT_MAX_FUTURE_SKEW_S: u64 = 300;
+
 /// All feeds.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -390,6 +393,10 @@ pub struct FeedsConfig {
     /// Largest request body any feed endpoint accepts.
     #[serde(default = "d_feed_max_body")]
     pub max_body_bytes: usize,
+    /// How far (seconds) an event's origin time may be ahead of its
+    /// acceptance; events dated further ahead are refused.
+    #[serde(default = "d_max_future_skew")]
+    pub max_future_skew_s: u64,
     /// OpenID Shared Signals receiver.
     #[serde(default)]
     pub ssf: Option<SsfConfig>,
@@ -411,6 +418,7 @@ impl Default for FeedsConfig {
     fn default() -> Self {
         Self {
             max_body_bytes: DEFAULT_FEED_MAX_BODY_BYTES,
+            max_future_skew_s: DEFAULT_MAX_FUTURE_SKEW_S,
             ssf: None,
             scim: None,
             jamf: None,
@@ -422,6 +430,10 @@ impl Default for FeedsConfig {
 
 fn d_feed_max_body() -> usize {
     DEFAULT_FEED_MAX_BODY_BYTES
+}
+
+fn d_max_future_skew() -> u64 {
+    DEFAULT_MAX_FUTURE_SKEW_S
 }
 
 /// The Shared Signals receiver: one transmitter.
@@ -478,6 +490,10 @@ pub struct ScimConfig {
     /// Group display name → entitlements granted to its members.
     #[serde(default)]
     pub group_entitlements: std::collections::BTreeMap<String, Vec<String>>,
+    /// The public absolute URL of the SCIM base (`…/scim/v2`), for
+    /// `meta.location`; unset = the request's scheme and `Host`.
+    #[serde(default)]
+    pub base_url: Option<String>,
 }
 
 fn d_subject_attribute() -> String {
@@ -505,6 +521,34 @@ pub struct JamfConfig {
     /// Which device field is the canonical device id: `udid`, `serialNumber` or `jssID`.
     #[serde(default = "d_jamf_id")]
     pub device_id_field: String,
+    /// The Jamf Pro API, read to confirm a webhook that raises trust.
+    #[serde(default)]
+    pub api: Option<JamfApiConfig>,
+}
+
+/// Default seconds one Jamf Pro API confirmation may take.
+pub const DEFAULT_JAMF_API_TIMEOUT_S: u64 = 10;
+
+/// The Jamf Pro API (OAuth client credentials), for read-back.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct JamfApiConfig {
+    /// Jamf Pro base URL, e.g. `https://example.jamfcloud.com`.
+    pub url: String,
+    /// API client id.
+    pub client_id: String,
+    /// API client secret.
+    pub client_secret: String,
+    /// Extra CA bundle for the Jamf Pro server.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    /// Seconds one confirmation (token + device read) may take.
+    #[serde(default = "d_jamf_api_timeout")]
+    pub timeout_s: u64,
+}
+
+fn d_jamf_api_timeout() -> u64 {
+    DEFAULT_JAMF_API_TIMEOUT_S
 }
 
 fn d_jamf_id() -> String {
@@ -977,6 +1021,15 @@ impl Config {
         if let Some(p) = self.feeds.intune.as_mut().and_then(|s| s.ca.as_mut()) {
             abs(p);
         }
+        if let Some(p) = self
+            .feeds
+            .jamf
+            .as_mut()
+            .and_then(|j| j.api.as_mut())
+            .and_then(|a| a.ca.as_mut())
+        {
+            abs(p);
+        }
         if let Some(p) = self.policy.as_mut() {
             abs(&mut p.dir);
             if let Some(d) = p.shadow_dir.as_mut() {
@@ -1388,6 +1441,9 @@ impl Config {
         if self.feeds.max_body_bytes == 0 {
             return Err(self.invalid("feeds.max_body_bytes", "must be at least 1"));
         }
+        if self.feeds.max_future_skew_s > 24 * 3600 {
+            return Err(self.invalid("feeds.max_future_skew_s", "must be at most 86400 (one day)"));
+        }
         if let Some(ssf) = &self.feeds.ssf {
             if let Some(t) = &ssf.push_token {
                 secret("feeds.ssf.push_token", t)?;
@@ -1419,6 +1475,9 @@ impl Config {
                     "one of userName, externalId, id",
                 ));
             }
+            if let Some(u) = &scim.base_url {
+                check_http_url(u).map_err(|m| self.invalid("feeds.scim.base_url", m))?;
+            }
         }
         if let Some(j) = &self.feeds.jamf {
             secret("feeds.jamf.authorization", &j.authorization)?;
@@ -1448,6 +1507,22 @@ impl Config {
                             format!("`{id}` is zero or listed twice"),
                         ));
                     }
+                }
+            }
+            if let Some(a) = &j.api {
+                check_http_url(&a.url).map_err(|m| self.invalid("feeds.jamf.api.url", m))?;
+                for (k, v) in [
+                    ("client_id", &a.client_id),
+                    ("client_secret", &a.client_secret),
+                ] {
+                    if v.trim().is_empty() {
+                        return Err(
+                            self.invalid(format!("feeds.jamf.api.{k}"), "must not be empty")
+                        );
+                    }
+                }
+                if a.timeout_s == 0 {
+                    return Err(self.invalid("feeds.jamf.api.timeout_s", "must be at least 1"));
                 }
             }
         }

@@ -1,6 +1,8 @@
 //! The operator API (`/admin/v1/…`, bearer `admin.api_token`): revoke a
-//! subject or device, mark a device lost, and read the current record of a
-//! subject or device with the event history that produced it.
+//! subject or device, mark a device lost, restore a device (the operator's
+//! way out of lost / wiped / compromised, which no routine report clears),
+//! and read the current record of a subject or device with the event history
+//! that produced it.
 
 use http::{Method, Request, StatusCode};
 use hyper::body::Incoming;
@@ -82,6 +84,10 @@ pub async fn handle(ctx: &FeedContext, req: Request<Incoming>) -> AdminResponse 
             Some(id) => device_lost(ctx, &req, id).await,
             None => error(StatusCode::BAD_REQUEST, "invalid_request", "bad device id"),
         },
+        (Method::POST, ["devices", id, "restore"]) => match crate::util::percent_decode(id) {
+            Some(id) => device_restore(ctx, &req, id).await,
+            None => error(StatusCode::BAD_REQUEST, "invalid_request", "bad device id"),
+        },
         (Method::GET, ["devices", id]) => match crate::util::percent_decode(id) {
             Some(id) => read_record(ctx, "device", &id).await,
             None => error(StatusCode::BAD_REQUEST, "invalid_request", "bad device id"),
@@ -96,15 +102,19 @@ pub async fn handle(ctx: &FeedContext, req: Request<Incoming>) -> AdminResponse 
 
 async fn ingest(ctx: &FeedContext, ev: PostureEvent) -> AdminResponse {
     let id = ev.id.clone();
-    match ctx.posture.ingest(vec![ev]).await {
-        Ok(outcomes) => json(
-            StatusCode::ACCEPTED,
-            &serde_json::json!({
-                "event_id": id,
-                "outcome": outcomes.first().map(|o| o.as_str()),
-                "snapshot_version": ctx.posture.snapshot().version(),
-            }),
-        ),
+    match ctx.posture.ingest_reports(vec![ev]).await {
+        Ok(reports) => {
+            let mut m = serde_json::Map::new();
+            m.insert("event_id".into(), id.into());
+            if let Some(r) = reports.first() {
+                r.json_fields(&mut m);
+            }
+            m.insert(
+                "snapshot_version".into(),
+                ctx.posture.snapshot().version().into(),
+            );
+            json(StatusCode::ACCEPTED, &serde_json::Value::Object(m))
+        }
         Err(crate::posture::IngestError::Invalid(e)) => {
             error(StatusCode::BAD_REQUEST, "invalid_request", e.to_string())
         }
@@ -195,6 +205,44 @@ async fn device_lost(ctx: &FeedContext, req: &Request<Incoming>, device: String)
                     key: device,
                 },
             ],
+        },
+    )
+    .await
+}
+
+/// `POST /admin/v1/devices/{id}/restore`: the operator vouches for the
+/// device again: enrolled, not compromised, whatever lost / wipe / compromise
+/// any feed reported before now. Credentials revoked before stay revoked.
+async fn device_restore(
+    ctx: &FeedContext,
+    req: &Request<Incoming>,
+    device: String,
+) -> AdminResponse {
+    if ctx.posture.snapshot().device(&device).is_none() {
+        return error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no device `{device}`"),
+        );
+    }
+    let now = crate::util::now_unix_ms();
+    tracing::info!(device = %device, "operator restore of a device");
+    ingest(
+        ctx,
+        PostureEvent {
+            id: event_id(req),
+            feed: Feed::Admin,
+            kind: "admin.device-restore".into(),
+            origin_ms: now,
+            changes: vec![Change::Device {
+                id: device,
+                patch: DevicePatch {
+                    lifecycle: Some(Lifecycle::Enrolled),
+                    compromised: Some(false),
+                    reenrolled_ms: Some(now),
+                    ..DevicePatch::default()
+                },
+            }],
         },
     )
     .await

@@ -73,6 +73,7 @@ const SELECT: &[&str] = &[
     "lastSyncDateTime",
     "deviceActionResults",
     "serialNumber",
+    "enrolledDateTime",
 ];
 
 /// Why a poll failed. Nothing after the failure point was acknowledged, and
@@ -146,6 +147,10 @@ pub struct PollReport {
     pub applied: usize,
     /// Events older than the record they target.
     pub stale: usize,
+    /// Events applied in part (some fields stale or held by a sticky state).
+    pub partial: usize,
+    /// Events whose only changes a sticky state kept.
+    pub held: usize,
     /// Events seen before.
     pub duplicate: usize,
     /// Devices skipped (no usable id or sync time, malformed).
@@ -191,7 +196,7 @@ fn origin_of(url: &str) -> Option<(String, String)> {
 }
 
 /// `application/x-www-form-urlencoded` encoding of one value.
-fn form_value(s: &str) -> String {
+pub(super) fn form_value(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         match b {
@@ -423,7 +428,7 @@ impl Poller {
     }
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(super) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut src = e.source();
     while let Some(c) = src {
@@ -499,6 +504,8 @@ struct ManagedDevice {
     device_action_results: Option<Vec<ActionResult>>,
     #[serde(default)]
     serial_number: Option<String>,
+    #[serde(default)]
+    enrolled_date_time: Option<String>,
 }
 
 fn nonempty(s: &Option<String>) -> Option<&str> {
@@ -713,6 +720,9 @@ fn map_device(
         subjects: nonempty(&d.user_principal_name).map(|u| vec![u.to_owned()]),
         cert_thumbprints: None,
         add_external_ids: external,
+        // A re-enrolment shows as an `enrolledDateTime` newer than the
+        // lost / wipe / compromise it follows; an old one clears nothing.
+        reenrolled_ms: nonempty(&d.enrolled_date_time).and_then(crate::util::parse_rfc3339_ms),
     };
     let kind = match lifecycle {
         Some(Lifecycle::WipePending | Lifecycle::Wiped) => "intune.device-wipe",
@@ -770,6 +780,7 @@ fn digest(d: &ManagedDevice) -> String {
         d.managed_device_owner_type,
         d.partner_reported_threat_state,
         d.serial_number,
+        d.enrolled_date_time,
         actions,
     ]);
     hex::encode(&crate::util::sha256(v.to_string().as_bytes())[..8])
@@ -823,7 +834,16 @@ pub async fn poll_once(ctx: &FeedContext, poller: &Poller) -> Result<PollReport,
                 .and_then(|(ev, sync)| match ev.validate() {
                     Ok(()) => Ok((ev, sync)),
                     Err(_) => Err("intune.invalid-device"),
-                });
+                })
+                // A device dated beyond the clock skew is skipped (and
+                // counted `future`), not the round: one bad clock must not
+                // stall every other device.
+                .and_then(
+                    |(ev, sync)| match posture.check_times(std::slice::from_ref(&ev)) {
+                        Ok(()) => Ok((ev, sync)),
+                        Err(_) => Err(""),
+                    },
+                );
             match mapped {
                 Ok((ev, sync)) => {
                     newest = newest.max(sync);
@@ -831,7 +851,9 @@ pub async fn poll_once(ctx: &FeedContext, poller: &Poller) -> Result<PollReport,
                 }
                 Err(label) => {
                     report.skipped += 1;
-                    super::count(&ctx.metrics, "intune", label, "ignored");
+                    if !label.is_empty() {
+                        super::count(&ctx.metrics, "intune", label, "ignored");
+                    }
                 }
             }
         }
@@ -839,6 +861,8 @@ pub async fn poll_once(ctx: &FeedContext, poller: &Poller) -> Result<PollReport,
             for o in posture.ingest(events).await? {
                 match o {
                     Outcome::Applied => report.applied += 1,
+                    Outcome::Partial => report.partial += 1,
+                    Outcome::Held => report.held += 1,
                     Outcome::Stale => report.stale += 1,
                     Outcome::Duplicate => report.duplicate += 1,
                 }

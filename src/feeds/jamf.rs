@@ -12,6 +12,15 @@
 //! device) comes only after the durable write. The mapping to the canonical
 //! model is documented in `docs/mdm.md`.
 //!
+//! A webhook dated beyond `feeds.max_future_skew_s` is refused whole. With
+//! `[feeds.jamf.api]` set, a webhook that raises trust (back to compliant, no
+//! longer compromised, out of lost mode, enrolled) is confirmed by reading
+//! the device from the Jamf Pro API first (`jamf_api`); when the API
+//! disagrees or cannot be reached the trust-raising fields are dropped (fail
+//! closed) and the rest still applies. `ComputerAdded` and
+//! `MobileDeviceEnrolled` are re-enrolments, and so is a `DisableLostMode`
+//! the API confirms: the only Jamf events that clear a sticky lost or wiped.
+//!
 //! This room never changes state on bad input: authentication, size, JSON
 //! shape and every event's bounds are checked before the first write.
 
@@ -23,13 +32,16 @@ use serde_json::Value;
 use super::{AdminResponse, BodyError, FeedContext, error, json, read_body};
 use crate::config::JamfConfig;
 use crate::posture::event::{Change, DevicePatch, Feed, PostureEvent};
-use crate::posture::model::{Compliance, Lifecycle, RevocationTarget};
+use crate::posture::model::{Compliance, Device, Lifecycle, RevocationTarget};
 
 /// Most devices one webhook may name (a smart-group change lists every
 /// member that moved); a larger one is refused whole.
 pub const MAX_DEVICES_PER_WEBHOOK: usize = 10_000;
 /// Events handed to one `Posture::ingest` call.
 const INGEST_CHUNK: usize = 1000;
+/// Most devices one webhook gets confirmed through the Jamf Pro API; trust
+/// raised for more is not applied (fail closed).
+pub const MAX_CONFIRMATIONS: usize = 100;
 
 /// The 22 documented event names (lowercase), for bounded metric labels.
 const KNOWN_EVENTS: &[&str] = &[
@@ -537,6 +549,8 @@ fn map(
             };
             device_effect(w, event, kind, |d, mut p| {
                 p.lifecycle = Some(Lifecycle::Enrolled);
+                // A (re-)enrolment: clears lost / wiped set before it.
+                p.reenrolled_ms = Some(origin);
                 p.os_version = nonempty(&d.os_version).map(str::to_owned);
                 p.subjects = d.subjects();
                 if kind == Kind::Mobile {
@@ -671,7 +685,8 @@ pub async fn webhook(ctx: &FeedContext, req: Request<Incoming>) -> AdminResponse
     match handle_body(ctx, cfg, &body).await {
         Ok(r) => r,
         Err(r) => {
-            if r.status != StatusCode::SERVICE_UNAVAILABLE {
+            // An empty kind: already counted (future-dated, by the apply path).
+            if r.status != StatusCode::SERVICE_UNAVAILABLE && !r.kind.is_empty() {
                 super::count(&ctx.metrics, "jamf", r.kind, "rejected");
             }
             error(r.status, r.code, r.message)
@@ -746,18 +761,30 @@ async fn handle_body(
             "jamf: group members not known to portcullis by jssID; send their inventory first"
         );
     }
-    let events: Vec<PostureEvent> = effects.into_iter().map(|e| w.to_event(e)).collect();
-    // INVARIANT: every event is valid before the first chunk is written, so
-    // bad input changes nothing even when it spans several transactions.
+    let mut events: Vec<PostureEvent> = effects.into_iter().map(|e| w.to_event(e)).collect();
+    // INVARIANT: every event is valid and none is dated beyond the clock
+    // skew before the first chunk is written, so bad input changes nothing
+    // even when it spans several transactions.
     for e in &events {
         e.validate()
             .map_err(|err| bad("jamf.invalid", err.to_string()))?;
     }
+    ctx.posture.check_times(&events).map_err(|err| Refusal {
+        status: StatusCode::BAD_REQUEST,
+        code: "invalid_request",
+        kind: "",
+        message: err.to_string(),
+    })?;
+    let unconfirmed = match ctx.jamf_api.as_deref() {
+        Some(api) => confirm(ctx, cfg, api, &mut events, origin_ms).await,
+        None => vec![None; events.len()],
+    };
     let mut results = Vec::with_capacity(events.len());
+    let mut notes = unconfirmed.into_iter();
     for chunk in events.chunks(INGEST_CHUNK) {
         let got = ctx
             .posture
-            .ingest(chunk.to_vec())
+            .ingest_reports(chunk.to_vec())
             .await
             .map_err(|e| match e {
                 crate::posture::IngestError::Invalid(e) => bad("jamf.invalid", e.to_string()),
@@ -768,16 +795,20 @@ async fn handle_body(
                     message: e.to_string(),
                 },
             })?;
-        for (ev, o) in chunk.iter().zip(&got) {
+        for (ev, r) in chunk.iter().zip(&got) {
             let device = ev.changes.first().map(|c| match c {
                 Change::Device { id, .. } => id.as_str(),
                 _ => "",
             });
-            results.push(serde_json::json!({
-                "event_id": ev.id,
-                "device": device,
-                "outcome": o.as_str(),
-            }));
+            let mut m = serde_json::Map::new();
+            m.insert("event_id".into(), ev.id.clone().into());
+            m.insert("device".into(), device.into());
+            r.json_fields(&mut m);
+            if let Some(Some(u)) = notes.next() {
+                m.insert("unconfirmed_fields".into(), u.fields.into());
+                m.insert("confirmation".into(), u.reason.into());
+            }
+            results.push(serde_json::Value::Object(m));
         }
     }
     Ok(json(
@@ -789,6 +820,132 @@ async fn handle_body(
             "snapshot_version": ctx.posture.snapshot().version(),
         }),
     ))
+}
+
+/// Trust a webhook would raise and the Jamf Pro API did not confirm.
+#[derive(Debug, Clone)]
+struct Unconfirmed {
+    fields: Vec<&'static str>,
+    reason: String,
+}
+
+/// The fields of `p` that would make the device more trusted than `cur`.
+fn raises(p: &DevicePatch, cur: Option<&Device>) -> Vec<&'static str> {
+    let mut out = Vec::new();
+    if p.compliance == Some(Compliance::Compliant)
+        && cur.is_none_or(|d| d.compliance != Compliance::Compliant)
+    {
+        out.push("compliance");
+    }
+    if p.compromised == Some(false) && cur.is_some_and(|d| d.compromised) {
+        out.push("compromised");
+    }
+    if p.lifecycle == Some(Lifecycle::Enrolled)
+        && cur.is_none_or(|d| d.lifecycle != Lifecycle::Enrolled)
+    {
+        out.push("lifecycle");
+    }
+    out
+}
+
+/// The device's Jamf id and whether it is a mobile device, from the
+/// external ids the webhook carries.
+fn jss_of(p: &DevicePatch) -> Option<(bool, String)> {
+    p.add_external_ids.iter().find_map(|x| {
+        if let Some(j) = x.strip_prefix("jamf:jss:mobile:") {
+            Some((true, j.to_owned()))
+        } else {
+            x.strip_prefix("jamf:jss:computer:")
+                .map(|j| (false, j.to_owned()))
+        }
+    })
+}
+
+/// Confirms every trust-raising event through the Jamf Pro API and drops
+/// the fields it does not confirm (fail closed). A `DisableLostMode` the API
+/// confirms becomes a restore (clears the sticky lost). Returns, per event,
+/// what was dropped.
+async fn confirm(
+    ctx: &FeedContext,
+    cfg: &JamfConfig,
+    api: &super::jamf_api::JamfApi,
+    events: &mut [PostureEvent],
+    origin_ms: u64,
+) -> Vec<Option<Unconfirmed>> {
+    let snap = ctx.posture.snapshot();
+    let mut out = Vec::with_capacity(events.len());
+    let mut asked = 0usize;
+    for ev in events.iter_mut() {
+        let lost_mode_off = ev.kind == "jamf.lost-mode-disabled";
+        let Some(Change::Device { id, patch }) = ev.changes.first_mut() else {
+            out.push(None);
+            continue;
+        };
+        let raised = raises(patch, snap.device(id).as_deref());
+        if raised.is_empty() {
+            out.push(None);
+            continue;
+        }
+        let verdict: Result<Vec<&'static str>, String> = match jss_of(patch) {
+            None => Err("the webhook names no Jamf id to read back".into()),
+            Some(_) if asked >= MAX_CONFIRMATIONS => Err(format!(
+                "more than {MAX_CONFIRMATIONS} devices to confirm in one webhook"
+            )),
+            Some((mobile, jss)) => {
+                asked += 1;
+                match api.device(mobile, &jss).await {
+                    Err(e) => Err(format!("the Jamf Pro API did not answer: {e}")),
+                    Ok(state) => {
+                        let member =
+                            |groups: &[u64]| state.groups.iter().any(|g| groups.contains(g));
+                        Ok(raised
+                            .iter()
+                            .copied()
+                            .filter(|f| match *f {
+                                "compliance" => member(&cfg.noncompliant_groups),
+                                "compromised" => member(&cfg.compromised_groups),
+                                _ => member(&cfg.lost_groups) || state.lost_mode == Some(true),
+                            })
+                            .collect())
+                    }
+                }
+            }
+        };
+        let (dropped, reason) = match verdict {
+            Ok(d) if d.is_empty() => {
+                if lost_mode_off {
+                    // An operator's command in Jamf, confirmed: a restore.
+                    patch.reenrolled_ms = Some(origin_ms);
+                }
+                out.push(None);
+                continue;
+            }
+            Ok(d) => (d, "the Jamf Pro API disagrees".to_owned()),
+            Err(why) => (raised, why),
+        };
+        for f in &dropped {
+            match *f {
+                "compliance" => patch.compliance = None,
+                "compromised" => patch.compromised = None,
+                _ => {
+                    patch.lifecycle = None;
+                    patch.reenrolled_ms = None;
+                }
+            }
+        }
+        super::count(&ctx.metrics, "jamf", "jamf.read-back", "unconfirmed");
+        tracing::warn!(
+            event_id = %ev.id,
+            fields = ?dropped,
+            reason = %reason,
+            "jamf: trust not raised without the Jamf Pro API's confirmation"
+        );
+        out.push(Some(Unconfirmed {
+            fields: dropped,
+            reason,
+        }));
+    }
+    out
 }
 
 #[cfg(test)]
@@ -804,6 +961,7 @@ mod tests {
             compromised_groups: vec![12],
             lost_groups: vec![57, 10],
             device_id_field: field.into(),
+            api: None,
         }
     }
 

@@ -14,7 +14,12 @@
 //! Only `event_id`, `device_id` and `occurred_at` (RFC 3339, or epoch seconds
 //! or milliseconds) are required; unknown fields are refused. `lost`,
 //! `wipe_pending`, `wiped` and `deleted` also revoke the device's credentials.
-//! Answers 202 with one outcome per event, after the durable write.
+//! `"reenrolled": true` (or `enrolled_at`, a time) marks a re-enrolment: the
+//! only report that clears lost, wipe pending, wiped or compromised set
+//! before it. An `occurred_at` beyond `feeds.max_future_skew_s` refuses the
+//! whole request. Answers 202 with one outcome per event (`applied`,
+//! `partial` with `stale_fields` / `held_fields`, `held`, `stale`,
+//! `duplicate`), after the durable write.
 
 use http::{Request, StatusCode};
 use hyper::body::Incoming;
@@ -73,6 +78,10 @@ pub struct GenericDeviceEvent {
     subjects: Option<Vec<String>>,
     #[serde(default)]
     cert_thumbprints: Option<Vec<String>>,
+    #[serde(default)]
+    reenrolled: Option<bool>,
+    #[serde(default)]
+    enrolled_at: Option<Stamp>,
 }
 
 #[derive(Deserialize)]
@@ -92,6 +101,11 @@ impl GenericDeviceEvent {
         let last_check_in_ms = match &self.last_check_in {
             Some(s) => Some(s.ms().ok_or("last_check_in is not a valid time")?),
             None => None,
+        };
+        let reenrolled_ms = match (&self.enrolled_at, self.reenrolled) {
+            (Some(s), _) => Some(s.ms().ok_or("enrolled_at is not a valid time")?),
+            (None, Some(true)) => Some(origin_ms),
+            (None, _) => None,
         };
         let dead = self.lifecycle.is_some_and(Lifecycle::is_dead);
         let kind = match self.lifecycle {
@@ -121,6 +135,7 @@ impl GenericDeviceEvent {
                 subjects: self.subjects,
                 cert_thumbprints: thumbprints,
                 add_external_ids: Vec::new(),
+                reenrolled_ms,
             },
         }];
         if dead {
@@ -218,16 +233,31 @@ pub async fn handle(ctx: &FeedContext, req: Request<Incoming>) -> AdminResponse 
         }
     }
     let ids: Vec<String> = events.iter().map(|e| e.id.clone()).collect();
-    match ctx.posture.ingest(events).await {
-        Ok(outcomes) => json(
-            StatusCode::ACCEPTED,
-            &serde_json::json!({
-                "results": ids.iter().zip(&outcomes).map(|(id, o)| serde_json::json!({"event_id": id, "outcome": o.as_str()})).collect::<Vec<_>>(),
-                "snapshot_version": ctx.posture.snapshot().version(),
-            }),
-        ),
+    match ctx.posture.ingest_reports(events).await {
+        Ok(reports) => {
+            let results: Vec<serde_json::Value> = ids
+                .iter()
+                .zip(&reports)
+                .map(|(id, r)| {
+                    let mut m = serde_json::Map::new();
+                    m.insert("event_id".into(), id.clone().into());
+                    r.json_fields(&mut m);
+                    serde_json::Value::Object(m)
+                })
+                .collect();
+            json(
+                StatusCode::ACCEPTED,
+                &serde_json::json!({
+                    "results": results,
+                    "snapshot_version": ctx.posture.snapshot().version(),
+                }),
+            )
+        }
         Err(crate::posture::IngestError::Invalid(e)) => {
-            super::count(&ctx.metrics, "mdm", "mdm.invalid", "rejected");
+            // Future-dated events are counted by the apply path (`future`).
+            if !e.is_future() {
+                super::count(&ctx.metrics, "mdm", "mdm.invalid", "rejected");
+            }
             error(StatusCode::BAD_REQUEST, "invalid_request", e.to_string())
         }
         Err(e) => error(

@@ -9,6 +9,7 @@
 pub mod admin;
 pub mod intune;
 pub mod jamf;
+pub mod jamf_api;
 pub mod mdm;
 pub mod scim;
 pub mod ssf;
@@ -38,6 +39,8 @@ pub struct FeedContext {
     pub config: Arc<Config>,
     /// The SSF receiver, when configured.
     pub ssf: Option<Arc<ssf::Receiver>>,
+    /// The Jamf Pro API client (`[feeds.jamf.api]`), when configured.
+    pub jamf_api: Option<Arc<jamf_api::JamfApi>>,
 }
 
 impl std::fmt::Debug for FeedContext {

@@ -625,7 +625,10 @@ pub async fn receive(
     match ctx.posture.ingest(vec![event]).await {
         Ok(o) => Ok((kind, o.first().copied())),
         Err(crate::posture::IngestError::Invalid(e)) => {
-            super::count(&ctx.metrics, "ssf", &kind, "rejected");
+            // Future-dated events are counted by the apply path (`future`).
+            if !e.is_future() {
+                super::count(&ctx.metrics, "ssf", &kind, "rejected");
+            }
             Err(set_err("invalid_request", e.to_string()))
         }
         Err(e) => Err(set_err("temporarily_unavailable", e.to_string())),

@@ -8,8 +8,8 @@ use serde::{Deserialize, Serialize};
 
 pub use super::model::Feed;
 use super::model::{
-    Compliance, Device, Group, Identity, IdentityKind, IdentityStatus, Lifecycle, Ownership,
-    RevocationTarget, Threat,
+    Compliance, Device, FieldTimes, Group, Identity, IdentityKind, IdentityStatus, Lifecycle,
+    Ownership, RevocationTarget, Threat,
 };
 
 /// Changes to a device; `None` leaves a field as it is.
@@ -55,6 +55,12 @@ pub struct DevicePatch {
     /// Add external ids (`source:value`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub add_external_ids: Vec<String>,
+    /// When the device was (re-)enrolled or restored by an operator (ms).
+    /// Only this lets a sticky state (lost, wipe pending, wiped,
+    /// compromised) set before it be cleared; it counts up to the event's
+    /// own origin time, never later.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reenrolled_ms: Option<u64>,
 }
 
 /// Changes to an identity; `None` leaves a field as it is.
@@ -185,6 +191,25 @@ pub enum EventError {
     /// A field is out of bounds or empty.
     #[error("invalid event: {0}")]
     Invalid(String),
+    /// The event is dated further ahead than the allowed clock skew.
+    #[error(
+        "event `{id}` is dated {ahead_ms} ms in the future; at most {skew_ms} ms of clock skew is accepted (feeds.max_future_skew_s)"
+    )]
+    Future {
+        /// The event id.
+        id: String,
+        /// How far ahead of the acceptance time its origin time is.
+        ahead_ms: u64,
+        /// The allowed skew.
+        skew_ms: u64,
+    },
+}
+
+impl EventError {
+    /// True for an event refused because it is dated in the future.
+    pub fn is_future(&self) -> bool {
+        matches!(self, Self::Future { .. })
+    }
 }
 
 fn check_key(what: &str, k: &str) -> Result<(), EventError> {
@@ -269,53 +294,218 @@ impl PostureEvent {
     }
 }
 
-/// Applies a device patch to (a copy of) the current record.
-pub fn merge_device(current: Option<&Device>, id: &str, p: &DevicePatch) -> Device {
+/// What merging one change did, field by field.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MergeReport {
+    /// At least one field was set.
+    pub applied: bool,
+    /// Fields a newer event had already set; left as they are.
+    pub stale: Vec<&'static str>,
+    /// Fields a sticky state kept: lost, wipe pending, wiped and compromised
+    /// are cleared only by a re-enrolment or an operator restore.
+    pub held: Vec<&'static str>,
+}
+
+/// Device fields with their own origin time (names as in the record).
+pub const DEVICE_FIELDS: &[&str] = &[
+    "platform",
+    "os_version",
+    "ownership",
+    "management_source",
+    "lifecycle",
+    "compliance",
+    "compromised",
+    "patch_behind",
+    "threat",
+    "last_check_in_ms",
+    "subjects",
+    "cert_thumbprints",
+    "external_ids",
+];
+
+/// Identity fields with their own origin time.
+pub const IDENTITY_FIELDS: &[&str] = &[
+    "kind",
+    "status",
+    "department",
+    "role",
+    "groups",
+    "entitlements",
+    "contract_end_ms",
+    "owner",
+    "devices",
+    "risk",
+    "assurance",
+    "aliases",
+    "scim",
+];
+
+/// Per-field ordering over a record's field times.
+struct Fields {
+    times: FieldTimes,
+    origin: u64,
+    report: MergeReport,
+}
+
+impl Fields {
+    /// A record written before per-field times: every field is as old as
+    /// the record, so nothing older than it overwrites it.
+    fn new(mut times: FieldTimes, updated_ms: u64, names: &[&str], origin: u64) -> Self {
+        if times.is_empty() && updated_ms > 0 {
+            for n in names {
+                times.insert((*n).to_owned(), updated_ms);
+            }
+        }
+        Self {
+            times,
+            origin,
+            report: MergeReport::default(),
+        }
+    }
+
+    /// When `name` was last set (0 = never).
+    fn since(&self, name: &str) -> u64 {
+        self.times.get(name).copied().unwrap_or(0)
+    }
+
+    /// True when no newer event has set `name`; otherwise notes it stale.
+    fn fresh(&mut self, name: &'static str) -> bool {
+        if self.since(name) > self.origin {
+            self.report.stale.push(name);
+            return false;
+        }
+        true
+    }
+
+    /// Records that this event set `name`.
+    fn mark(&mut self, name: &'static str) {
+        let t = self.since(name).max(self.origin);
+        self.times.insert(name.to_owned(), t);
+        self.report.applied = true;
+    }
+}
+
+/// Applies a device patch dated `origin_ms` to (a copy of) the current
+/// record, field by field: a field a newer event has set stays; a sticky
+/// state stays unless the patch re-enrols the device after it was set.
+pub fn merge_device(
+    current: Option<&Device>,
+    id: &str,
+    p: &DevicePatch,
+    origin_ms: u64,
+) -> (Device, MergeReport) {
     let mut d = current.cloned().unwrap_or_else(|| Device {
         id: id.to_owned(),
         ..Device::default()
     });
+    let mut f = Fields::new(
+        std::mem::take(&mut d.field_ms),
+        d.updated_ms,
+        DEVICE_FIELDS,
+        origin_ms,
+    );
+    // A re-enrolment counts from its own time, never after the event.
+    let restored_after = |since: u64| p.reenrolled_ms.is_some_and(|e| e.min(origin_ms) >= since);
     macro_rules! set {
-        ($($f:ident),*) => { $( if let Some(v) = &p.$f { d.$f = v.clone(); } )* };
+        ($($f:ident),*) => { $(
+            if let Some(v) = &p.$f && f.fresh(stringify!($f)) {
+                d.$f = v.clone();
+                f.mark(stringify!($f));
+            }
+        )* };
+    }
+    macro_rules! set_some {
+        ($($f:ident),*) => { $(
+            if let Some(v) = &p.$f && f.fresh(stringify!($f)) {
+                d.$f = Some(v.clone());
+                f.mark(stringify!($f));
+            }
+        )* };
     }
     set!(
         ownership,
-        lifecycle,
         compliance,
-        compromised,
         patch_behind,
         threat,
         subjects,
         cert_thumbprints
     );
-    if let Some(v) = &p.platform {
-        d.platform = Some(v.clone());
+    set_some!(platform, os_version, management_source);
+    if let Some(v) = p.lifecycle
+        && f.fresh("lifecycle")
+    {
+        // INVARIANT: a sticky lifecycle moves only to another dead one,
+        // unless a re-enrolment or restore newer than it says otherwise.
+        if d.lifecycle.is_sticky() && !v.is_dead() && !restored_after(f.since("lifecycle")) {
+            f.report.held.push("lifecycle");
+        } else {
+            d.lifecycle = v;
+            f.mark("lifecycle");
+        }
     }
-    if let Some(v) = &p.os_version {
-        d.os_version = Some(v.clone());
+    if let Some(v) = p.compromised
+        && f.fresh("compromised")
+    {
+        if d.compromised && !v && !restored_after(f.since("compromised")) {
+            f.report.held.push("compromised");
+        } else {
+            d.compromised = v;
+            f.mark("compromised");
+        }
     }
-    if let Some(v) = &p.management_source {
-        d.management_source = Some(v.clone());
-    }
-    if let Some(v) = p.last_check_in_ms {
+    if let Some(v) = p.last_check_in_ms
+        && f.fresh("last_check_in_ms")
+    {
+        // A check-in cannot be later than the event reporting it.
+        let v = v.min(origin_ms);
         d.last_check_in_ms = Some(d.last_check_in_ms.map_or(v, |old| old.max(v)));
+        f.mark("last_check_in_ms");
     }
+    // External ids only accumulate (order-free), so a late event adds too.
+    let mut added = false;
     for x in &p.add_external_ids {
         if !d.external_ids.contains(x) {
             d.external_ids.push(x.clone());
+            added = true;
         }
     }
-    d
+    if added {
+        f.mark("external_ids");
+    }
+    // A new record comes into being even when the patch sets nothing.
+    f.report.applied |= current.is_none();
+    d.field_ms = f.times;
+    if f.report.applied {
+        d.updated_ms = d.updated_ms.max(origin_ms);
+    }
+    (d, f.report)
 }
 
-/// Applies an identity patch to (a copy of) the current record.
-pub fn merge_identity(current: Option<&Identity>, subject: &str, p: &IdentityPatch) -> Identity {
+/// Applies an identity patch dated `origin_ms` to (a copy of) the current
+/// record, field by field (a field a newer event has set stays).
+pub fn merge_identity(
+    current: Option<&Identity>,
+    subject: &str,
+    p: &IdentityPatch,
+    origin_ms: u64,
+) -> (Identity, MergeReport) {
     let mut i = current.cloned().unwrap_or_else(|| Identity {
         subject: subject.to_owned(),
         ..Identity::default()
     });
+    let mut f = Fields::new(
+        std::mem::take(&mut i.field_ms),
+        i.updated_ms,
+        IDENTITY_FIELDS,
+        origin_ms,
+    );
     macro_rules! set {
-        ($($f:ident),*) => { $( if let Some(v) = &p.$f { i.$f = v.clone(); } )* };
+        ($($f:ident),*) => { $(
+            if let Some(v) = &p.$f && f.fresh(stringify!($f)) {
+                i.$f = v.clone();
+                f.mark(stringify!($f));
+            }
+        )* };
     }
     set!(
         kind,
@@ -327,19 +517,137 @@ pub fn merge_identity(current: Option<&Identity>, subject: &str, p: &IdentityPat
         contract_end_ms,
         owner,
         devices,
-        risk
+        risk,
+        scim
     );
-    if let Some(a) = &p.assurance {
+    if let Some(a) = &p.assurance
+        && f.fresh("assurance")
+    {
         i.assurance = Some(a.clone());
+        f.mark("assurance");
     }
-    if let Some(s) = &p.scim {
-        i.scim = s.clone();
-    }
-    i.aliases.retain(|a| !p.remove_aliases.contains(a));
-    for a in &p.add_aliases {
-        if !i.aliases.contains(a) && a != subject {
-            i.aliases.push(a.clone());
+    if (!p.add_aliases.is_empty() || !p.remove_aliases.is_empty()) && f.fresh("aliases") {
+        i.aliases.retain(|a| !p.remove_aliases.contains(a));
+        for a in &p.add_aliases {
+            if !i.aliases.contains(a) && a != subject {
+                i.aliases.push(a.clone());
+            }
         }
+        f.mark("aliases");
     }
-    i
+    // A new record comes into being even when the patch sets nothing.
+    f.report.applied |= current.is_none();
+    i.field_ms = f.times;
+    if f.report.applied {
+        i.updated_ms = i.updated_ms.max(origin_ms);
+    }
+    (i, f.report)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn patch(f: impl FnOnce(&mut DevicePatch)) -> DevicePatch {
+        let mut p = DevicePatch::default();
+        f(&mut p);
+        p
+    }
+
+    #[test]
+    fn ordering_is_per_field() {
+        let (d, _) = merge_device(
+            None,
+            "d",
+            &patch(|p| p.compliance = Some(Compliance::NonCompliant)),
+            200,
+        );
+        let (d, r) = merge_device(
+            Some(&d),
+            "d",
+            &patch(|p| {
+                p.compliance = Some(Compliance::Compliant);
+                p.last_check_in_ms = Some(150);
+            }),
+            100,
+        );
+        assert_eq!(d.compliance, Compliance::NonCompliant);
+        assert_eq!(d.last_check_in_ms, Some(100), "never later than its event");
+        assert_eq!(r.stale, vec!["compliance"]);
+        assert!(r.applied);
+        assert_eq!(d.updated_ms, 200);
+        assert_eq!(d.field_ms.get("last_check_in_ms"), Some(&100));
+    }
+
+    #[test]
+    fn a_record_without_field_times_is_as_old_as_itself() {
+        let legacy = Device {
+            id: "d".into(),
+            compliance: Compliance::NonCompliant,
+            updated_ms: 500,
+            ..Device::default()
+        };
+        let (d, r) = merge_device(
+            Some(&legacy),
+            "d",
+            &patch(|p| p.compliance = Some(Compliance::Compliant)),
+            400,
+        );
+        assert_eq!(d.compliance, Compliance::NonCompliant);
+        assert!(!r.applied);
+    }
+
+    #[test]
+    fn sticky_states_need_a_reenrolment_not_older_than_them() {
+        let (lost, _) = merge_device(
+            None,
+            "d",
+            &patch(|p| {
+                p.lifecycle = Some(Lifecycle::Lost);
+                p.compromised = Some(true);
+            }),
+            100,
+        );
+        let routine = patch(|p| {
+            p.lifecycle = Some(Lifecycle::Enrolled);
+            p.compromised = Some(false);
+            p.compliance = Some(Compliance::Compliant);
+        });
+        let (d, r) = merge_device(Some(&lost), "d", &routine, 200);
+        assert_eq!((d.lifecycle, d.compromised), (Lifecycle::Lost, true));
+        assert_eq!(r.held, vec!["lifecycle", "compromised"]);
+        assert_eq!(d.compliance, Compliance::Compliant);
+        // Dead to dead is no clearing.
+        let (d, r) = merge_device(
+            Some(&lost),
+            "d",
+            &patch(|p| p.lifecycle = Some(Lifecycle::WipePending)),
+            200,
+        );
+        assert_eq!((d.lifecycle, r.held.len()), (Lifecycle::WipePending, 0));
+        // An old enrolment time clears nothing; a newer one clears both.
+        let mut old = routine.clone();
+        old.reenrolled_ms = Some(50);
+        assert_eq!(
+            merge_device(Some(&lost), "d", &old, 200).0.lifecycle,
+            Lifecycle::Lost
+        );
+        let mut fresh = routine;
+        fresh.reenrolled_ms = Some(150);
+        let (d, r) = merge_device(Some(&lost), "d", &fresh, 200);
+        assert_eq!((d.lifecycle, d.compromised), (Lifecycle::Enrolled, false));
+        assert!(r.held.is_empty());
+        // A re-enrolment time past its own event counts only up to it.
+        let mut ahead = fresh_patch();
+        ahead.reenrolled_ms = Some(10_000);
+        assert_eq!(
+            merge_device(Some(&lost), "d", &ahead, 90).0.lifecycle,
+            Lifecycle::Lost
+        );
+    }
+
+    fn fresh_patch() -> DevicePatch {
+        patch(|p| p.lifecycle = Some(Lifecycle::Enrolled))
+    }
 }

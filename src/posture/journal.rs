@@ -27,8 +27,14 @@ pub enum StoreError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Outcome {
-    /// Applied; at least one record changed.
+    /// Applied; every change it carried was set.
     Applied,
+    /// Applied in part: some fields were set, others were older than what a
+    /// newer event had set (stale) or kept by a sticky state (held).
+    Partial,
+    /// Nothing set: every field it would clear is kept by a sticky state
+    /// (lost, wiped, compromised need a re-enrolment or an operator restore).
+    Held,
     /// Every change was older than the record it targets; logged, not applied.
     Stale,
     /// The same event id was seen before; nothing written.
@@ -40,6 +46,8 @@ impl Outcome {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Applied => "applied",
+            Self::Partial => "partial",
+            Self::Held => "held",
             Self::Stale => "stale",
             Self::Duplicate => "duplicate",
         }
@@ -57,6 +65,55 @@ pub struct LoggedEvent {
     pub accepted_ms: u64,
     /// What happened.
     pub outcome: Outcome,
+    /// The fields it did not set, when `partial`, `held` or `stale`.
+    #[serde(flatten)]
+    pub skipped: Skipped,
+}
+
+/// The fields an event did not set, and why (deduplicated, in order).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Skipped {
+    /// Fields a newer event had already set.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stale_fields: Vec<String>,
+    /// Fields a sticky state kept.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub held_fields: Vec<String>,
+}
+
+impl Skipped {
+    /// True when every field was set.
+    pub fn is_empty(&self) -> bool {
+        self.stale_fields.is_empty() && self.held_fields.is_empty()
+    }
+}
+
+/// What one ingested event did: its outcome and the fields it did not set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventReport {
+    /// The outcome.
+    pub outcome: Outcome,
+    /// The fields it did not set.
+    pub skipped: Skipped,
+}
+
+impl EventReport {
+    /// The outcome and skipped fields as a feed's JSON result fields.
+    pub fn json_fields(&self, into: &mut serde_json::Map<String, serde_json::Value>) {
+        into.insert("outcome".into(), self.outcome.as_str().into());
+        if !self.skipped.stale_fields.is_empty() {
+            into.insert(
+                "stale_fields".into(),
+                self.skipped.stale_fields.clone().into(),
+            );
+        }
+        if !self.skipped.held_fields.is_empty() {
+            into.insert(
+                "held_fields".into(),
+                self.skipped.held_fields.clone().into(),
+            );
+        }
+    }
 }
 
 /// Everything one transaction writes.

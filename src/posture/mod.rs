@@ -1,10 +1,16 @@
 //! Posture: the device-trust and identity snapshot, the one apply path every
 //! feed goes through, and the request-path lookups over it.
 //!
-//! Apply = validate → append to the event log and write the records in one
-//! transaction (group commit on a dedicated writer thread) → publish the new
-//! records to the in-memory snapshot → acknowledge. The request path only
-//! reads the snapshot: lock-free map lookups, no I/O.
+//! Apply = validate (bounds, and no origin time beyond the allowed clock
+//! skew) → append to the event log and write the records in one transaction
+//! (group commit on a dedicated writer thread) → publish the new records to
+//! the in-memory snapshot → acknowledge. The request path only reads the
+//! snapshot: lock-free map lookups, no I/O.
+//!
+//! Feed time is untrusted input: an origin time is clamped to the acceptance
+//! time, ordering is per field (a late event still sets the fields no newer
+//! event has set), and lost / wiped / compromised are sticky (see
+//! `event::merge_device`).
 
 pub mod event;
 pub mod journal;
@@ -20,7 +26,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::telemetry::{FeedKindLabel, FeedOutcomeLabel, Metrics};
 use event::{Change, EventError, PostureEvent, merge_device, merge_identity};
-use journal::{CommitBatch, EventStore, LoggedEvent, Outcome, StoreError};
+use journal::{CommitBatch, EventReport, EventStore, LoggedEvent, Outcome, Skipped, StoreError};
 use model::{Device, Group, Identity, IdentityStatus, Revocation, RevocationTarget};
 pub use snapshot::Snapshot;
 
@@ -47,7 +53,7 @@ enum Job {
     Apply {
         events: Vec<PostureEvent>,
         accepted: Instant,
-        reply: oneshot::Sender<Result<Vec<Outcome>, IngestError>>,
+        reply: oneshot::Sender<Result<Vec<EventReport>, IngestError>>,
     },
     History {
         key: String,
@@ -83,6 +89,8 @@ pub struct Posture {
     /// skip the lookups when nothing is pending.
     pending_upper_bound: Arc<std::sync::atomic::AtomicI64>,
     metrics: Arc<Metrics>,
+    /// How far ahead of the acceptance time an origin time may be (ms).
+    max_future_skew_ms: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Posture {
@@ -172,6 +180,9 @@ impl Posture {
                 .build(),
             pending_upper_bound,
             metrics,
+            max_future_skew_ms: std::sync::atomic::AtomicU64::new(
+                crate::config::DEFAULT_MAX_FUTURE_SKEW_S.saturating_mul(1000),
+            ),
         });
         let writer = Writer {
             store,
@@ -191,12 +202,70 @@ impl Posture {
         &self.snapshot
     }
 
+    /// Sets how far ahead of the acceptance time an event may be dated
+    /// (`feeds.max_future_skew_s`); takes effect for the next ingest.
+    pub fn set_max_future_skew(&self, skew: Duration) {
+        let ms = u64::try_from(skew.as_millis()).unwrap_or(u64::MAX);
+        self.max_future_skew_ms
+            .store(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Refuses events dated further ahead of now than the allowed skew
+    /// (counted as outcome `future`); nothing of the request is written.
+    pub fn check_times(&self, events: &[PostureEvent]) -> Result<(), EventError> {
+        let skew_ms = self
+            .max_future_skew_ms
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let now = crate::util::now_unix_ms();
+        let limit = now.saturating_add(skew_ms);
+        let Some(e) = events.iter().find(|e| e.origin_ms > limit) else {
+            return Ok(());
+        };
+        for e in events.iter().filter(|e| e.origin_ms > limit) {
+            self.metrics
+                .feed_events
+                .get_or_create(&FeedOutcomeLabel {
+                    feed: e.feed.as_str(),
+                    kind: e.kind.clone(),
+                    outcome: "future",
+                })
+                .inc();
+        }
+        let ahead_ms = e.origin_ms - now;
+        tracing::warn!(
+            event_id = %e.id,
+            feed = e.feed.as_str(),
+            ahead_ms,
+            skew_ms,
+            "event dated in the future refused; nothing of its request was applied"
+        );
+        Err(EventError::Future {
+            id: e.id.clone(),
+            ahead_ms,
+            skew_ms,
+        })
+    }
+
     /// Validates, makes durable and applies events; returns once they are
     /// committed (so a caller may acknowledge), with one outcome per event.
     pub async fn ingest(&self, events: Vec<PostureEvent>) -> Result<Vec<Outcome>, IngestError> {
+        Ok(self
+            .ingest_reports(events)
+            .await?
+            .into_iter()
+            .map(|r| r.outcome)
+            .collect())
+    }
+
+    /// Like [`Posture::ingest`], with the fields each event did not set.
+    pub async fn ingest_reports(
+        &self,
+        events: Vec<PostureEvent>,
+    ) -> Result<Vec<EventReport>, IngestError> {
         for e in &events {
             e.validate()?;
         }
+        self.check_times(&events)?;
         let (reply, rx) = oneshot::channel();
         self.jobs
             .send(Job::Apply {
@@ -393,7 +462,7 @@ struct Writer {
 struct Applying {
     events: Vec<PostureEvent>,
     accepted: Instant,
-    reply: oneshot::Sender<Result<Vec<Outcome>, IngestError>>,
+    reply: oneshot::Sender<Result<Vec<EventReport>, IngestError>>,
 }
 
 impl Writer {
@@ -445,7 +514,7 @@ impl Writer {
         let mut revocations: HashMap<(RevocationTarget, String), Revocation> = HashMap::new();
         let mut groups: HashMap<String, Option<Group>> = HashMap::new();
         let mut seen: HashSet<String> = HashSet::new();
-        let mut outcomes: Vec<Vec<Outcome>> = Vec::with_capacity(jobs.len());
+        let mut outcomes: Vec<Vec<EventReport>> = Vec::with_capacity(jobs.len());
         let mut pendings: Vec<(String, Pending)> = Vec::new();
         let first_seq = self.next_seq;
         let mut failed: Option<StoreError> = None;
@@ -462,13 +531,29 @@ impl Writer {
                         }
                     };
                 if dup {
-                    outs.push(Outcome::Duplicate);
+                    outs.push(EventReport {
+                        outcome: Outcome::Duplicate,
+                        skipped: Skipped::default(),
+                    });
                     continue;
                 }
                 seen.insert(ev.id.clone());
                 let seq = self.next_seq;
                 self.next_seq += 1;
+                // INVARIANT: no origin time is later than its acceptance
+                // (`Posture::check_times` refused anything beyond the skew;
+                // within it, the event counts as happening now), so no feed
+                // clock can date a field past the next honest event.
+                let origin_ms = ev.origin_ms.min(accepted_ms);
                 let mut applied = false;
+                let mut skipped = Skipped::default();
+                let note = |list: &mut Vec<String>, names: &[&'static str]| {
+                    for n in names {
+                        if !list.iter().any(|x| x == n) {
+                            list.push((*n).to_owned());
+                        }
+                    }
+                };
                 for change in &ev.changes {
                     match change {
                         Change::Device { id, patch } => {
@@ -476,11 +561,12 @@ impl Writer {
                                 .get(id)
                                 .cloned()
                                 .or_else(|| self.snapshot.device(id).map(|d| (*d).clone()));
-                            if cur.as_ref().is_some_and(|c| c.updated_ms > ev.origin_ms) {
+                            let (mut d, r) = merge_device(cur.as_ref(), id, patch, origin_ms);
+                            note(&mut skipped.stale_fields, &r.stale);
+                            note(&mut skipped.held_fields, &r.held);
+                            if !r.applied {
                                 continue;
                             }
-                            let mut d = merge_device(cur.as_ref(), id, patch);
-                            d.updated_ms = ev.origin_ms;
                             d.source = Some(ev.feed);
                             d.version = seq;
                             devices.insert(id.clone(), d);
@@ -492,11 +578,13 @@ impl Writer {
                                 .cloned()
                                 .or_else(|| self.snapshot.identity(subject).map(|i| (*i).clone()))
                                 .filter(|i| i.subject == *subject);
-                            if cur.as_ref().is_some_and(|c| c.updated_ms > ev.origin_ms) {
+                            let (mut i, r) =
+                                merge_identity(cur.as_ref(), subject, patch, origin_ms);
+                            note(&mut skipped.stale_fields, &r.stale);
+                            note(&mut skipped.held_fields, &r.held);
+                            if !r.applied {
                                 continue;
                             }
-                            let mut i = merge_identity(cur.as_ref(), subject, patch);
-                            i.updated_ms = ev.origin_ms;
                             i.source = Some(ev.feed);
                             i.version = seq;
                             identities.insert(subject.clone(), i);
@@ -507,12 +595,13 @@ impl Writer {
                                 Some(g) => g.as_ref().map(|g| g.updated_ms),
                                 None => self.snapshot.group(id).map(|g| g.updated_ms),
                             };
-                            if cur_ms.is_some_and(|u| u > ev.origin_ms) {
+                            if cur_ms.is_some_and(|u| u > origin_ms) {
+                                note(&mut skipped.stale_fields, &["group"]);
                                 continue;
                             }
                             let rec = record.clone().map(|mut g| {
                                 g.id = id.clone();
-                                g.updated_ms = ev.origin_ms;
+                                g.updated_ms = origin_ms;
                                 g.source = Some(ev.feed);
                                 g.version = seq;
                                 g
@@ -536,9 +625,9 @@ impl Writer {
                                     .or_else(|| self.snapshot.device(key).map(|d| d.updated_ms)),
                                 RevocationTarget::Session => None,
                             }
-                            .is_some_and(|u| u > ev.origin_ms);
+                            .is_some_and(|u| u > origin_ms);
                             let nb = if newer_state {
-                                ev.origin_ms / 1000
+                                origin_ms / 1000
                             } else {
                                 accepted_ms / 1000
                             };
@@ -569,11 +658,23 @@ impl Writer {
                         }
                     }
                 }
-                let outcome = if applied {
-                    Outcome::Applied
-                } else {
-                    Outcome::Stale
+                let outcome = match (applied, skipped.is_empty()) {
+                    (true, true) => Outcome::Applied,
+                    (true, false) => Outcome::Partial,
+                    (false, _) if !skipped.held_fields.is_empty() => Outcome::Held,
+                    (false, _) => Outcome::Stale,
                 };
+                if matches!(outcome, Outcome::Partial | Outcome::Held | Outcome::Stale) {
+                    tracing::info!(
+                        event_id = %ev.id,
+                        feed = ev.feed.as_str(),
+                        kind = %ev.kind,
+                        outcome = outcome.as_str(),
+                        stale_fields = ?skipped.stale_fields,
+                        held_fields = ?skipped.held_fields,
+                        "event not applied in full"
+                    );
+                }
                 if applied {
                     for k in ev.touched() {
                         pendings.push((
@@ -587,13 +688,16 @@ impl Writer {
                         ));
                     }
                 }
+                let mut logged = ev.clone();
+                logged.origin_ms = origin_ms;
                 batch.events.push(LoggedEvent {
                     seq,
-                    event: ev.clone(),
+                    event: logged,
                     accepted_ms,
                     outcome,
+                    skipped: skipped.clone(),
                 });
-                outs.push(outcome);
+                outs.push(EventReport { outcome, skipped });
             }
             outcomes.push(outs);
         }
@@ -650,7 +754,7 @@ impl Writer {
             for (job, outs) in jobs.iter().zip(&outcomes) {
                 for (ev, o) in job.events.iter().zip(outs) {
                     *counts
-                        .entry((ev.feed.as_str(), ev.kind.as_str(), o.as_str()))
+                        .entry((ev.feed.as_str(), ev.kind.as_str(), o.outcome.as_str()))
                         .or_default() += 1;
                 }
             }

@@ -1,6 +1,10 @@
 //! The canonical model: devices (lifecycle kept apart from posture flags),
 //! identities, revocations. Every record keeps the origin time and source of
-//! the event that last changed it, and the snapshot version it was written at.
+//! the event that last changed it, the snapshot version it was written at,
+//! and per field the origin time of the event that last set that field (so
+//! a late event still sets the fields no newer event has set).
+
+use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
@@ -38,6 +42,9 @@ impl Feed {
         }
     }
 }
+
+/// Field name → origin time (ms) of the event that last set it.
+pub type FieldTimes = BTreeMap<String, u64>;
 
 /// How a device is owned.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -78,6 +85,12 @@ pub enum Lifecycle {
 }
 
 impl Lifecycle {
+    /// Lifecycles only an explicit re-enrolment or an operator restore
+    /// may leave for a live one (a routine report never does).
+    pub fn is_sticky(self) -> bool {
+        matches!(self, Self::Lost | Self::WipePending | Self::Wiped)
+    }
+
     /// Lifecycles in which a device must never get access.
     pub fn is_dead(self) -> bool {
         matches!(
@@ -164,9 +177,12 @@ pub struct Device {
     /// Per-source identifiers (Jamf `jssID`, Intune id, serial…), `source:value`.
     #[serde(default)]
     pub external_ids: Vec<String>,
-    /// Origin time (ms) of the event that last changed this record.
+    /// Origin time (ms) of the newest event that changed this record.
     #[serde(default)]
     pub updated_ms: u64,
+    /// Per field, the origin time (ms) of the event that last set it.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub field_ms: FieldTimes,
     /// Feed that last changed it.
     #[serde(default)]
     pub source: Option<Feed>,
@@ -244,9 +260,12 @@ pub struct Identity {
     /// The SCIM User resource as last provisioned (served back to SCIM clients).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scim: Option<serde_json::Value>,
-    /// Origin time (ms) of the event that last changed this record.
+    /// Origin time (ms) of the newest event that changed this record.
     #[serde(default)]
     pub updated_ms: u64,
+    /// Per field, the origin time (ms) of the event that last set it.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub field_ms: FieldTimes,
     /// Feed that last changed it.
     #[serde(default)]
     pub source: Option<Feed>,

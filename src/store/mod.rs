@@ -8,5 +8,5 @@
 pub mod sqlite;
 
 pub use crate::posture::journal::{
-    CommitBatch, EventStore, Loaded, LoggedEvent, Outcome, StoreError,
+    CommitBatch, EventReport, EventStore, Loaded, LoggedEvent, Outcome, Skipped, StoreError,
 };

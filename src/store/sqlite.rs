@@ -6,7 +6,7 @@ use std::path::Path;
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::{CommitBatch, EventStore, Loaded, LoggedEvent, Outcome, StoreError};
+use super::{CommitBatch, EventStore, Loaded, LoggedEvent, Outcome, Skipped, StoreError};
 
 fn db(e: rusqlite::Error) -> StoreError {
     StoreError::Db(e.to_string())
@@ -25,7 +25,8 @@ CREATE TABLE IF NOT EXISTS events (
     origin_ms    INTEGER NOT NULL,
     accepted_ms  INTEGER NOT NULL,
     outcome      TEXT NOT NULL,
-    body         TEXT NOT NULL
+    body         TEXT NOT NULL,
+    skipped      TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS event_keys (
     record_key   TEXT NOT NULL,
@@ -101,6 +102,16 @@ impl SqliteStore {
         conn.execute_batch("PRAGMA foreign_keys=ON; PRAGMA busy_timeout=5000;")
             .map_err(db)?;
         conn.execute_batch(SCHEMA).map_err(db)?;
+        // Stores created before per-field outcomes lack the column.
+        let has_skipped = conn
+            .prepare("SELECT 1 FROM pragma_table_info('events') WHERE name = 'skipped'")
+            .map_err(db)?
+            .exists([])
+            .map_err(db)?;
+        if !has_skipped {
+            conn.execute_batch("ALTER TABLE events ADD COLUMN skipped TEXT NOT NULL DEFAULT ''")
+                .map_err(db)?;
+        }
         Ok(Self {
             conn,
             path: path.to_owned(),
@@ -122,8 +133,8 @@ impl EventStore for SqliteStore {
         {
             let mut ins_event = tx
                 .prepare_cached(
-                    "INSERT INTO events (seq, id, feed, kind, origin_ms, accepted_ms, outcome, body)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                    "INSERT INTO events (seq, id, feed, kind, origin_ms, accepted_ms, outcome, body, skipped)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
                 )
                 .map_err(db)?;
             let mut ins_key = tx
@@ -134,6 +145,11 @@ impl EventStore for SqliteStore {
             for le in &batch.events {
                 let e = &le.event;
                 let body = serde_json::to_string(&e.changes).map_err(corrupt)?;
+                let skipped = if le.skipped.is_empty() {
+                    String::new()
+                } else {
+                    serde_json::to_string(&le.skipped).map_err(corrupt)?
+                };
                 ins_event
                     .execute(params![
                         le.seq as i64,
@@ -143,7 +159,8 @@ impl EventStore for SqliteStore {
                         e.origin_ms as i64,
                         le.accepted_ms as i64,
                         le.outcome.as_str(),
-                        body
+                        body,
+                        skipped
                     ])
                     .map_err(db)?;
                 for k in e.touched() {
@@ -283,7 +300,7 @@ impl EventStore for SqliteStore {
         let mut stmt = self
             .conn
             .prepare_cached(
-                "SELECT e.seq, e.id, e.feed, e.kind, e.origin_ms, e.accepted_ms, e.outcome, e.body
+                "SELECT e.seq, e.id, e.feed, e.kind, e.origin_ms, e.accepted_ms, e.outcome, e.body, e.skipped
                  FROM event_keys k JOIN events e ON e.seq = k.seq
                  WHERE k.record_key = ?1 ORDER BY k.seq DESC LIMIT ?2",
             )
@@ -299,12 +316,19 @@ impl EventStore for SqliteStore {
                     r.get::<_, i64>(5)?,
                     r.get::<_, String>(6)?,
                     r.get::<_, String>(7)?,
+                    r.get::<_, String>(8)?,
                 ))
             })
             .map_err(db)?;
         let mut out = Vec::new();
         for row in rows {
-            let (seq, id, feed, kind, origin_ms, accepted_ms, outcome, body) = row.map_err(db)?;
+            let (seq, id, feed, kind, origin_ms, accepted_ms, outcome, body, skipped) =
+                row.map_err(db)?;
+            let skipped: Skipped = if skipped.is_empty() {
+                Skipped::default()
+            } else {
+                serde_json::from_str(&skipped).map_err(corrupt)?
+            };
             let feed = serde_json::from_value(serde_json::Value::String(feed)).map_err(corrupt)?;
             let outcome: Outcome =
                 serde_json::from_value(serde_json::Value::String(outcome)).map_err(corrupt)?;
@@ -312,6 +336,7 @@ impl EventStore for SqliteStore {
                 seq: seq as u64,
                 accepted_ms: accepted_ms as u64,
                 outcome,
+                skipped,
                 event: crate::posture::event::PostureEvent {
                     id,
                     feed,
@@ -342,5 +367,69 @@ impl EventStore for SqliteStore {
             )
             .map(|_| ())
             .map_err(db)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::posture::event::{Change, DevicePatch, Feed, PostureEvent};
+
+    /// A store written before per-field outcomes (no `events.skipped`)
+    /// opens, keeps its history, and records skipped fields from then on.
+    #[test]
+    fn an_older_store_gains_the_skipped_column() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        {
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(
+                "CREATE TABLE events (seq INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE,
+                    feed TEXT NOT NULL, kind TEXT NOT NULL, origin_ms INTEGER NOT NULL,
+                    accepted_ms INTEGER NOT NULL, outcome TEXT NOT NULL, body TEXT NOT NULL);
+                 CREATE TABLE event_keys (record_key TEXT NOT NULL, seq INTEGER NOT NULL,
+                    PRIMARY KEY (record_key, seq)) WITHOUT ROWID;
+                 INSERT INTO events VALUES (1, 'old-1', 'mdm', 'mdm.device-update', 5, 6,
+                    'applied', '[]');
+                 INSERT INTO event_keys VALUES ('device:d', 1);",
+            )
+            .unwrap();
+        }
+        let mut s = SqliteStore::open(&path, false).unwrap();
+        let event = |id: &str| PostureEvent {
+            id: id.into(),
+            feed: Feed::Mdm,
+            kind: "mdm.device-update".into(),
+            origin_ms: 7,
+            changes: vec![Change::Device {
+                id: "d".into(),
+                patch: DevicePatch::default(),
+            }],
+        };
+        let skipped = Skipped {
+            stale_fields: vec!["compliance".into()],
+            held_fields: vec!["lifecycle".into()],
+        };
+        s.commit(&CommitBatch {
+            events: vec![LoggedEvent {
+                seq: 2,
+                event: event("new-1"),
+                accepted_ms: 8,
+                outcome: Outcome::Partial,
+                skipped: skipped.clone(),
+            }],
+            ..CommitBatch::default()
+        })
+        .unwrap();
+        drop(s);
+        let mut s = SqliteStore::open(&path, false).unwrap();
+        let h = s.history("device:d", 10).unwrap();
+        assert_eq!(h.len(), 2);
+        assert_eq!(
+            (h[0].outcome, h[0].skipped.is_empty()),
+            (Outcome::Applied, true)
+        );
+        assert_eq!((h[1].outcome, &h[1].skipped), (Outcome::Partial, &skipped));
     }
 }

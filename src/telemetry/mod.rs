@@ -192,7 +192,7 @@ impl Metrics {
         let posture_denials = Family::<ResultLabel, Counter>::default();
         registry.register(
             "feed_events",
-            "Feed events by feed, type and outcome (applied, stale, duplicate, rejected, ignored)",
+            "Feed events by feed, type and outcome (applied, partial, held, stale, duplicate, future, unconfirmed, rejected, ignored)",
             feed_events.clone(),
         );
         registry.register(

@@ -53,8 +53,12 @@ static WRITES: LazyLock<tokio::sync::Mutex<()>> = LazyLock::new(|| tokio::sync::
 
 /// Handles `/scim/v2/…`.
 pub async fn handle(ctx: &FeedContext, req: Request<Incoming>) -> AdminResponse {
+    let base = public_base(ctx.config.feeds.scim.as_ref(), &req);
     match route(ctx, req).await {
-        Ok(r) => r,
+        Ok(r) => match base {
+            Some(b) => absolutize(r, &b).await,
+            None => r,
+        },
         Err(e) => {
             super::count(
                 &ctx.metrics,
@@ -201,9 +205,83 @@ fn no_content() -> AdminResponse {
     r
 }
 
-/// `meta.location` of a resource (relative to the admin listener).
+/// `meta.location` of a resource as stored: relative to the admin listener,
+/// made absolute for each response ([`absolutize`]), so a stored resource
+/// does not depend on the name a client used.
 fn location(endpoint: &str, id: &str) -> String {
     format!("{BASE}/{endpoint}/{id}")
+}
+
+/// The absolute URL of the SCIM base for this request (RFC 7643 §3.1 wants
+/// `meta.location` absolute): `feeds.scim.base_url`, else the request's
+/// scheme (`http` on the plain admin listener) and `Host`. `None` when
+/// neither is usable.
+pub fn public_base(cfg: Option<&ScimConfig>, req: &Request<Incoming>) -> Option<String> {
+    if let Some(b) = cfg.and_then(|c| c.base_url.as_deref()) {
+        return Some(b.trim_end_matches('/').to_owned());
+    }
+    let authority = match req.uri().authority() {
+        Some(a) => a.clone(),
+        None => req
+            .headers()
+            .get(header::HOST)?
+            .to_str()
+            .ok()?
+            .parse::<http::uri::Authority>()
+            .ok()?,
+    };
+    // A Host with userinfo is not a host name; refuse to echo it.
+    if authority.as_str().contains('@') || authority.host().is_empty() {
+        return None;
+    }
+    let scheme = req.uri().scheme_str().unwrap_or("http");
+    Some(format!("{scheme}://{authority}{BASE}"))
+}
+
+/// Rewrites every `meta.location`, `$ref` and `Location` that names this
+/// service to the absolute `base`.
+async fn absolutize(r: AdminResponse, base: &str) -> AdminResponse {
+    fn walk(v: &mut Value, base: &str) {
+        match v {
+            Value::Object(m) => {
+                for (k, x) in m.iter_mut() {
+                    if (k == "location" || k == "$ref")
+                        && let Value::String(s) = x
+                        && let Some(rest) = s.strip_prefix(BASE)
+                    {
+                        *s = format!("{base}{rest}");
+                    } else {
+                        walk(x, base);
+                    }
+                }
+            }
+            Value::Array(a) => a.iter_mut().for_each(|x| walk(x, base)),
+            _ => {}
+        }
+    }
+    let (mut parts, body) = r.into_parts();
+    if let Some(rest) = parts
+        .headers
+        .get(header::LOCATION)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.strip_prefix(BASE))
+        && let Ok(h) = HeaderValue::from_str(&format!("{base}{rest}"))
+    {
+        parts.headers.insert(header::LOCATION, h);
+    }
+    let bytes = match http_body_util::BodyExt::collect(body).await {
+        Ok(c) => c.to_bytes(),
+        Err(never) => match never {},
+    };
+    let body = match serde_json::from_slice::<Value>(&bytes) {
+        Ok(mut v) if !bytes.is_empty() => {
+            walk(&mut v, base);
+            Bytes::from(v.to_string())
+        }
+        _ => bytes,
+    };
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, Full::new(body))
 }
 
 /// List parameters: `filter`, `startIndex`, `count`, `attributes`,
