@@ -8,6 +8,7 @@
 
 pub mod event;
 pub mod model;
+pub mod notify;
 pub mod snapshot;
 
 use std::collections::{HashMap, HashSet};
@@ -82,6 +83,8 @@ pub struct Posture {
     /// skip the lookups when nothing is pending.
     pending_upper_bound: Arc<std::sync::atomic::AtomicI64>,
     metrics: Arc<Metrics>,
+    /// Change notices after each committed batch (live connections listen).
+    notify: notify::Notifier,
 }
 
 impl std::fmt::Debug for Posture {
@@ -171,6 +174,7 @@ impl Posture {
                 .build(),
             pending_upper_bound,
             metrics,
+            notify: notify::Notifier::default(),
         });
         let writer = Writer {
             store,
@@ -188,6 +192,11 @@ impl Posture {
     /// The snapshot.
     pub fn snapshot(&self) -> &Arc<Snapshot> {
         &self.snapshot
+    }
+
+    /// Listens for what each committed batch changed (sent after publish).
+    pub fn changes(&self) -> tokio::sync::broadcast::Receiver<Arc<notify::Changed>> {
+        self.notify.subscribe()
     }
 
     /// Validates, makes durable and applies events; returns once they are
@@ -626,6 +635,10 @@ impl Writer {
                 p.pending.insert(k, pend);
             }
         }
+        let changed = posture.as_ref().and_then(|p| {
+            p.notify
+                .collect(devices.keys(), identities.keys(), revocations.keys())
+        });
         for (_, d) in devices {
             self.snapshot.put_device(Arc::new(d));
         }
@@ -639,6 +652,9 @@ impl Writer {
             self.snapshot.put_group(&id, g.map(Arc::new));
         }
         self.snapshot.set_version(self.next_seq - 1);
+        if let (Some(p), Some(c)) = (&posture, changed) {
+            p.notify.publish(c, self.next_seq - 1);
+        }
         if let Some(p) = &posture {
             p.metrics
                 .apply_seconds
