@@ -228,9 +228,12 @@ impl Live {
     }
 }
 
+/// One shard: live connections by registration id.
+type Shard = Mutex<HashMap<u64, Arc<Live>>>;
+
 /// Every live connection, by registration id, in [`SHARDS`] maps.
 pub struct Registry {
-    shards: Box<[Mutex<HashMap<u64, Arc<Live>>>]>,
+    shards: Box<[Shard]>,
     next_id: AtomicU64,
     /// The smallest deadline of any entry (`u64::MAX`: none).
     earliest_s: AtomicU64,
@@ -272,7 +275,7 @@ impl Registry {
         }
     }
 
-    fn shard(&self, id: u64) -> &Mutex<HashMap<u64, Arc<Live>>> {
+    fn shard(&self, id: u64) -> &Shard {
         &self.shards[(id as usize) % self.shards.len()]
     }
 

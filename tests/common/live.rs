@@ -23,18 +23,21 @@ use tokio_tungstenite::tungstenite::handshake::server::{
 
 use super::DEADLINE;
 
+/// `(path, close code)` per close frame received.
+pub type Closes = Arc<Mutex<Vec<(String, Option<u16>)>>>;
+
 /// A WebSocket echo server; `closes` holds `(path, close code)` for every
 /// close frame a connection received (`None`: a close without a code).
 pub struct RecordingWs {
     pub addr: SocketAddr,
-    pub closes: Arc<Mutex<Vec<(String, Option<u16>)>>>,
+    pub closes: Closes,
 }
 
 impl RecordingWs {
     pub async fn start() -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let closes: Arc<Mutex<Vec<(String, Option<u16>)>>> = Arc::default();
+        let closes: Closes = Arc::default();
         let c2 = closes.clone();
         tokio::spawn(async move {
             loop {
@@ -45,6 +48,7 @@ impl RecordingWs {
                 tokio::spawn(async move {
                     let path = Arc::new(Mutex::new(String::new()));
                     let p2 = path.clone();
+                    #[allow(clippy::result_large_err)] // tungstenite's callback signature
                     let cb = move |req: &WsRequest, resp: WsResponse| {
                         *p2.lock().unwrap() = req.uri().path().to_owned();
                         Ok(resp)
@@ -53,21 +57,16 @@ impl RecordingWs {
                         return;
                     };
                     while let Some(Ok(msg)) = ws.next().await {
-                        match msg {
-                            Message::Text(_) | Message::Binary(_) => {
-                                if ws.send(msg).await.is_err() {
-                                    break;
-                                }
-                            }
-                            Message::Close(frame) => {
-                                let path = path.lock().unwrap().clone();
-                                closes
-                                    .lock()
-                                    .unwrap()
-                                    .push((path, frame.map(|f| u16::from(f.code))));
-                                // Keep reading: tungstenite sends the close reply.
-                            }
-                            _ => {}
+                        if let Message::Close(frame) = &msg {
+                            let path = path.lock().unwrap().clone();
+                            closes
+                                .lock()
+                                .unwrap()
+                                .push((path, frame.as_ref().map(|f| u16::from(f.code))));
+                            // Keep reading: tungstenite sends the close reply.
+                        } else if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err()
+                        {
+                            break;
                         }
                     }
                 });
