@@ -37,8 +37,21 @@ struct Env {
     http: Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
 }
 
+/// What a test adds to the standard setup.
+#[derive(Default)]
+struct Opts {
+    /// Run the shipped default policy set (`config/policies`).
+    policy: bool,
+    /// Token `exp` with no leeway.
+    no_leeway: bool,
+}
+
 impl Env {
     async fn start() -> Self {
+        Self::start_with(Opts::default()).await
+    }
+
+    async fn start_with(opts: Opts) -> Self {
         let pki = TestPki::new();
         let ws = RecordingWs::start().await;
         let streams = EventStreams::start().await;
@@ -80,6 +93,24 @@ secret = "{MDM_SECRET}"
 "#
         );
         assert!(body.contains(ADMIN_TOKEN), "base_config's [admin] changed");
+        let mut body = body;
+        if opts.policy {
+            let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/policies");
+            body = body.replace(
+                "[log]",
+                &format!(
+                    "[policy]\ndir = \"{}\"\n\n[[network.zones]]\nname = \"loopback\"\ncidrs = [\"127.0.0.0/8\", \"::1\"]\n\n[log]",
+                    dir.display()
+                ),
+            );
+        }
+        if opts.no_leeway {
+            assert!(
+                body.contains("leeway_s = 5"),
+                "base_config's leeway changed"
+            );
+            body = body.replace("leeway_s = 5", "leeway_s = 0");
+        }
         let cfg = pki.write_config("live.toml", &body);
         let server = portcullis::server::start(cfg).await.unwrap();
         Self {
@@ -117,8 +148,17 @@ secret = "{MDM_SECRET}"
 
     /// A lost report from the generic MDM feed (it also revokes the device).
     async fn mdm_lost(&self, device: &str) {
-        let ev = json!({ "event_id": format!("lost-{device}"), "device_id": device,
-            "occurred_at": portcullis::util::now_unix_ms(), "lifecycle": "lost" });
+        self.mdm(device, json!({ "lifecycle": "lost" })).await;
+    }
+
+    /// A generic MDM event for `device` with these fields.
+    async fn mdm(&self, device: &str, fields: Value) {
+        let now = portcullis::util::now_unix_ms();
+        let mut ev = json!({ "event_id": format!("{device}-{}", portcullis::util::RequestIds::default().next_id()),
+            "device_id": device, "occurred_at": now, "last_check_in": now });
+        for (k, v) in fields.as_object().unwrap() {
+            ev[k] = v.clone();
+        }
         let st = self
             .admin(Method::POST, "/mdm/v1/acme/events", MDM_SECRET, ev)
             .await;
@@ -196,11 +236,18 @@ secret = "{MDM_SECRET}"
 
     /// Waits until the cut counter for `reason` reaches `n`.
     async fn wait_cut_metric(&self, reason: &str, n: u64) {
-        let line = format!("portcullis_live_connections_cut_total{{reason=\"{reason}\"}} {n}");
+        self.wait_metric(&format!(
+            "portcullis_live_connections_cut_total{{reason=\"{reason}\"}} {n}"
+        ))
+        .await;
+    }
+
+    /// Waits until `/metrics` has this exact line.
+    async fn wait_metric(&self, line: &str) {
         let start = Instant::now();
         loop {
             let m = self.metrics().await;
-            if m.contains(&line) {
+            if m.lines().any(|l| l == line) {
                 return;
             }
             assert!(
@@ -289,11 +336,9 @@ async fn ws_cut(trigger: &str) {
         "subject_disabled"
     };
     env.wait_cut_metric(reason, 1).await;
-    assert!(
-        env.metrics()
-            .await
-            .contains("portcullis_live_connections{kind=\"upgrade\"} 1")
-    );
+    // Alice's tunnel leaves the registry once closed; Bob's remains.
+    env.wait_metric("portcullis_live_connections{kind=\"upgrade\"} 1")
+        .await;
 }
 
 #[tokio::test]
@@ -434,4 +479,68 @@ async fn h2_stream_is_reset_after_an_operator_lost_report_and_its_neighbour_goes
 #[tokio::test]
 async fn h2_stream_is_reset_after_a_scim_leaver() {
     stream_cut("scim", true).await;
+}
+
+#[tokio::test]
+async fn restrict_cuts_a_websocket_but_lets_a_read_stream_go_on() {
+    let env = Env::start_with(Opts {
+        policy: true,
+        ..Opts::default()
+    })
+    .await;
+    env.mdm(
+        "mac-1",
+        json!({"lifecycle": "enrolled", "compliance": "compliant", "ownership": "corporate",
+            "patch_behind": false, "compromised": false}),
+    )
+    .await;
+    let t = env.token(ALICE, "mac-1");
+    let mut ws = ws_connect(env.server.proxy_addr, &env.pki.ca_pem, "/ws/alice", &t).await;
+    echo(&mut ws, "before").await;
+    let c = client(&env.pki.ca_pem, false);
+    let mut stream = open_stream(&c, &env.proxy_url("/stream/alice"), &t).await;
+
+    // Non-compliant on a medium route: the default set says restrict.
+    let sent = Instant::now();
+    env.mdm("mac-1", json!({"compliance": "non_compliant"}))
+        .await;
+    let (code, at) = close_code(&mut ws).await;
+    eprintln!("websocket cut after restrict: {:?}", at - sent);
+    assert_eq!(code, Some(CloseCode::Policy));
+    wait_until("the upstream to receive close 1008", || {
+        env.ws.close_for("/ws/alice") == Some(Some(1008))
+    })
+    .await;
+    env.wait_cut_metric("restrict_upgrade", 1).await;
+
+    // The GET stream is a read: restrict lets it go on.
+    env.streams.tick();
+    assert!(
+        next_data(&mut stream)
+            .await
+            .unwrap()
+            .starts_with(b"data: tick 1")
+    );
+    assert!(!env.streams.was_dropped("alice"));
+}
+
+#[tokio::test]
+async fn a_token_that_expires_ends_its_websocket() {
+    let env = Env::start_with(Opts {
+        no_leeway: true,
+        ..Opts::default()
+    })
+    .await;
+    let mut c = claims(ISS, ALICE);
+    let exp = portcullis::util::now_unix() + 3;
+    c["exp"] = json!(exp);
+    let t = env.key.sign(&c).unwrap();
+    let mut ws = ws_connect(env.server.proxy_addr, &env.pki.ca_pem, "/ws/alice", &t).await;
+    echo(&mut ws, "before").await;
+    let (code, _) = close_code(&mut ws).await;
+    let now = portcullis::util::now_unix();
+    eprintln!("websocket cut at exp + {} s", now.saturating_sub(exp));
+    assert!(now > exp, "cut before the token expired");
+    assert_eq!(code, Some(CloseCode::Policy));
+    env.wait_cut_metric("expired", 1).await;
 }

@@ -607,19 +607,30 @@ pub async fn tunnel(
     let live = reg.live();
     let (cr, cw) = tokio::io::split(c);
     let (ur, uw) = tokio::io::split(u);
+    // Like `copy_bidirectional`: an EOF one way lets the other way go on
+    // (half-close); an error either way ends both.
     let both = async {
-        tokio::join!(
-            pump(cr, uw, websocket, Toward::Upstream, live),
-            pump(ur, cw, websocket, Toward::Client, live),
-        )
+        let up = pump(cr, uw, websocket, Toward::Upstream, live);
+        let down = pump(ur, cw, websocket, Toward::Client, live);
+        tokio::pin!(up, down);
+        tokio::select! {
+            r = &mut up => match r {
+                Ok(()) => down.await,
+                Err(e) => Err(e),
+            },
+            r = &mut down => match r {
+                Ok(()) => up.await,
+                Err(e) => Err(e),
+            },
+        }
     };
     let hard_stop = async {
         live.cut_wait().await;
         tokio::time::sleep(CLOSE_GRACE).await;
     };
     tokio::select! {
-        (up, down) = both => {
-            if let Err(e) = up.and(down) {
+        r = both => {
+            if let Err(e) = r {
                 tracing::debug!(request_id = %request_id, error = %e, "upgraded connection closed");
             }
         }
@@ -757,11 +768,20 @@ pub async fn redecide_loop(proxy: Arc<Proxy>, mut shutdown: watch::Receiver<bool
                     proxy.redecide(registry.select(|_| true)).await;
                 } else {
                     let now = crate::util::now_unix();
+                    // Recompute the earliest deadline over the entries not
+                    // due now (and not already cut); those due get a new
+                    // one from their re-decision.
                     registry.earliest_s.store(u64::MAX, Ordering::Release);
                     let due = registry.select(|l| {
+                        if l.reason().is_some() {
+                            return false;
+                        }
                         let d = l.deadline_s.load(Ordering::Acquire);
+                        if d <= now {
+                            return true;
+                        }
                         registry.earliest_s.fetch_min(d, Ordering::AcqRel);
-                        d <= now
+                        false
                     });
                     proxy.redecide(due).await;
                 }
@@ -828,6 +848,9 @@ impl Proxy {
             return Some("expired");
         }
         live.deadline_s.store(s.expires_s, Ordering::Release);
+        self.live
+            .earliest_s
+            .fetch_min(s.expires_s, Ordering::AcqRel);
         let engine = self.policy.load();
         let resolved: Resolved = self.posture.resolve(&s.token.claims.sub, s.device());
         if let Err(p) = self.posture_verdict(&s.token, &resolved, engine.is_none()) {
