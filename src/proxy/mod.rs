@@ -12,7 +12,9 @@
 //!                  only when no policy set runs
 //! 5. decide        Cedar policies → allow / shorten / restrict /   (policy/)
 //!                  step_up / deny / revoke, enforced here; audit
-//! 6. forward       header hygiene, stream both ways, upgrades
+//! 6. forward       header hygiene, stream both ways, upgrades;
+//!                  tunnels and still-streaming bodies are live      (live.rs)
+//!                  connections: re-decided on change, cut if refused
 //! 7. record        metrics and access line
 //! ```
 //!
