@@ -194,6 +194,8 @@ impl Shared {
             tracing::info!(policy_version = %e.set.version, "policy set loaded");
         }
         self.proxy.policy.store(engine.map(Arc::new));
+        // Live connections follow the new config and policy set.
+        self.proxy.live.redecide_all_soon();
         tracing::info!(version, "config reloaded");
         Ok(version)
     }
@@ -224,6 +226,7 @@ impl Shared {
             Ok(e) => {
                 let v = e.set.version.clone();
                 self.proxy.policy.store(Some(Arc::new(e)));
+                self.proxy.live.redecide_all_soon();
                 self.policy_reloaded(true);
                 tracing::info!(policy_version = %v, "policy set reloaded");
                 Ok(Some(v))
@@ -444,6 +447,10 @@ pub async fn start_with(cfg: Config, metrics: Arc<Metrics>) -> Result<RunningSer
         ));
     }
     tasks.spawn(policy_watch_loop(shared.clone(), rx.clone()));
+    tasks.spawn(crate::proxy::live::redecide_loop(
+        shared.proxy.clone(),
+        rx.clone(),
+    ));
     let admin = Arc::new(crate::admin::AdminState {
         proxy: shared.proxy.clone(),
         posture: shared.posture.clone(),

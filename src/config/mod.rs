@@ -34,6 +34,9 @@ pub const DEFAULT_UPSTREAM_POOL_IDLE_PER_HOST: usize = 64;
 pub const DEFAULT_DRAIN_TIMEOUT_MS: u64 = 30_000;
 /// Default clock-skew leeway for `exp`, `nbf` and `iat`.
 pub const DEFAULT_LEEWAY_S: u64 = 30;
+/// Default interval at which live connections (upgrades, streamed
+/// responses) are re-decided even when nothing about them changed.
+pub const DEFAULT_LIVE_REDECIDE_INTERVAL_S: u64 = 60;
 /// Hard ceiling on the configurable leeway.
 pub const MAX_LEEWAY_S: u64 = 60;
 /// Default scheduled JWKS refresh period.
@@ -229,6 +232,10 @@ pub struct ProxyConfig {
     /// Forward the client's `Authorization` header to the upstream.
     #[serde(default = "d_true")]
     pub forward_authorization: bool,
+    /// Seconds between re-decisions of every live connection (besides the
+    /// re-decision on each state change of its subject or device).
+    #[serde(default = "d_live_redecide_interval_s")]
+    pub live_redecide_interval_s: u64,
 }
 
 /// Server certificates (chosen by SNI) and client-certificate trust.
@@ -904,6 +911,9 @@ fn d_tls_handshake_timeout_ms() -> u64 {
 fn d_drain_timeout_ms() -> u64 {
     DEFAULT_DRAIN_TIMEOUT_MS
 }
+fn d_live_redecide_interval_s() -> u64 {
+    DEFAULT_LIVE_REDECIDE_INTERVAL_S
+}
 fn d_log_level() -> String {
     "info".to_owned()
 }
@@ -1065,6 +1075,9 @@ impl Config {
         }
         if self.proxy.max_headers == 0 {
             return Err(self.invalid("proxy.max_headers", "must be at least 1"));
+        }
+        if self.proxy.live_redecide_interval_s == 0 {
+            return Err(self.invalid("proxy.live_redecide_interval_s", "must be at least 1"));
         }
         for (i, h) in self.proxy.strip_headers.iter().enumerate() {
             if http::HeaderName::from_bytes(h.as_bytes()).is_err() {

@@ -15,6 +15,7 @@
 pub mod event;
 pub mod journal;
 pub mod model;
+pub mod notify;
 pub mod snapshot;
 
 use std::collections::{HashMap, HashSet};
@@ -91,6 +92,8 @@ pub struct Posture {
     metrics: Arc<Metrics>,
     /// How far ahead of the acceptance time an origin time may be (ms).
     max_future_skew_ms: std::sync::atomic::AtomicU64,
+    /// Change notices after each committed batch (live connections listen).
+    notify: notify::Notifier,
 }
 
 impl std::fmt::Debug for Posture {
@@ -183,6 +186,7 @@ impl Posture {
             max_future_skew_ms: std::sync::atomic::AtomicU64::new(
                 crate::config::DEFAULT_MAX_FUTURE_SKEW_S.saturating_mul(1000),
             ),
+            notify: notify::Notifier::default(),
         });
         let writer = Writer {
             store,
@@ -244,6 +248,9 @@ impl Posture {
             ahead_ms,
             skew_ms,
         })
+    /// Listens for what each committed batch changed (sent after publish).
+    pub fn changes(&self) -> tokio::sync::broadcast::Receiver<Arc<notify::Changed>> {
+        self.notify.subscribe()
     }
 
     /// Validates, makes durable and applies events; returns once they are
@@ -731,6 +738,10 @@ impl Writer {
                 p.pending.insert(k, pend);
             }
         }
+        let changed = posture.as_ref().and_then(|p| {
+            p.notify
+                .collect(devices.keys(), identities.keys(), revocations.keys())
+        });
         for (_, d) in devices {
             self.snapshot.put_device(Arc::new(d));
         }
@@ -744,6 +755,9 @@ impl Writer {
             self.snapshot.put_group(&id, g.map(Arc::new));
         }
         self.snapshot.set_version(self.next_seq - 1);
+        if let (Some(p), Some(c)) = (&posture, changed) {
+            p.notify.publish(c, self.next_seq - 1);
+        }
         if let Some(p) = &posture {
             p.metrics
                 .apply_seconds

@@ -16,7 +16,9 @@
 //!                  only when no policy set runs
 //! 5. decide        Cedar policies → allow / shorten / restrict /   (policy/)
 //!                  step_up / deny / revoke, enforced here; audit
-//! 6. forward       header hygiene, stream both ways, upgrades
+//! 6. forward       header hygiene, stream both ways, upgrades;
+//!                  tunnels and still-streaming bodies are live      (live.rs)
+//!                  connections: re-decided on change, cut if refused
 //! 7. record        metrics and access line
 //! ```
 //!
@@ -28,6 +30,7 @@
 pub mod admit;
 pub mod client;
 pub mod headers;
+pub mod live;
 pub mod rescue;
 
 use std::net::SocketAddr;
@@ -39,7 +42,6 @@ use http::header::{self, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 
 use crate::authn::{Authenticated, Authenticator, Scheme};
 use crate::binding::mtls::MtlsError;
@@ -117,6 +119,8 @@ pub struct Proxy {
     pub posture: Arc<crate::posture::Posture>,
     /// The policy engine (empty without `[policy]`), swapped on reload.
     pub policy: crate::policy::PolicyHandle,
+    /// Live connections (upgrades, streaming responses), re-decided on change.
+    pub live: Arc<live::Registry>,
     ids: RequestIds,
 }
 
@@ -163,6 +167,7 @@ impl Proxy {
     ) -> Self {
         Self {
             runtime: ArcSwap::from_pointee(runtime),
+            live: Arc::new(live::Registry::new(posture.snapshot().clone(), &metrics)),
             metrics,
             posture,
             policy: crate::policy::PolicyHandle::default(),
@@ -275,7 +280,7 @@ impl Proxy {
             .inc();
         // 6. forward
         prepare_upstream_request(rt, ctx, &route, &mut req, conn)?;
-        let mut resp = self.phase_forward(rt, ctx, &route, req).await?;
+        let mut resp = self.phase_forward(rt, ctx, &route, req, conn).await?;
         if dpop_used && rt.binder.dpop.nonce_required() {
             // RFC 9449 §8.2: a fresh nonce for the client's next proof.
             let nonce = rt.binder.dpop.fresh_nonce(crate::util::now_unix());
@@ -332,26 +337,7 @@ impl Proxy {
         let device = verified_device.or(t.device.as_deref());
         let resolved = self.posture.resolve(sub, device);
         self.posture.observe_control_window(sub, &resolved);
-        let canonical = resolved
-            .identity
-            .as_ref()
-            .map_or(sub, |i| i.subject.as_str());
-        // The subject-on-device key is only needed when session revocations exist.
-        let pair = device
-            .filter(|_| self.posture.snapshot().has_session_revocations())
-            .map(|d| format!("{canonical}|{d}"));
-        let mut sessions: Vec<&str> = Vec::with_capacity(3);
-        sessions.extend(t.claims.jti.as_deref());
-        sessions.extend(t.claims.sid.as_deref());
-        sessions.extend(pair.as_deref());
-        let verdict = if lifecycle_baseline {
-            self.posture
-                .baseline(sub, &resolved, t.claims.iat, &sessions)
-        } else {
-            self.posture
-                .revocations(sub, &resolved, t.claims.iat, &sessions)
-        };
-        match verdict {
+        match self.posture_verdict(t, &resolved, lifecycle_baseline) {
             Ok(()) => Ok(resolved),
             Err(p) => {
                 self.metrics
@@ -360,6 +346,40 @@ impl Proxy {
                     .inc();
                 Err(Denial::Posture(p))
             }
+        }
+    }
+
+    /// Phase 4's checks on the records it resolved: revocations of the
+    /// token's subject, device or session (`jti`, `sid`, subject-on-device)
+    /// always; disabled subjects and dead devices with `lifecycle_baseline`.
+    /// Live connections are re-checked with the same function.
+    fn posture_verdict(
+        &self,
+        t: &crate::authn::VerifiedToken,
+        resolved: &crate::posture::Resolved,
+        lifecycle_baseline: bool,
+    ) -> Result<(), crate::posture::PostureDenial> {
+        let sub = t.claims.sub.as_str();
+        let canonical = resolved
+            .identity
+            .as_ref()
+            .map_or(sub, |i| i.subject.as_str());
+        // The subject-on-device key is only needed when session revocations exist.
+        let pair = resolved
+            .device_id
+            .as_deref()
+            .filter(|_| self.posture.snapshot().has_session_revocations())
+            .map(|d| format!("{canonical}|{d}"));
+        let mut sessions: Vec<&str> = Vec::with_capacity(3);
+        sessions.extend(t.claims.jti.as_deref());
+        sessions.extend(t.claims.sid.as_deref());
+        sessions.extend(pair.as_deref());
+        if lifecycle_baseline {
+            self.posture
+                .baseline(sub, resolved, t.claims.iat, &sessions)
+        } else {
+            self.posture
+                .revocations(sub, resolved, t.claims.iat, &sessions)
         }
     }
 
@@ -375,45 +395,23 @@ impl Proxy {
         method: &http::Method,
         conn: &ConnInfo,
     ) -> Result<(), Denial> {
-        use crate::policy::{Action, MethodClass, PolicyRefusal, facts::RequestFacts};
+        use crate::policy::{Action, MethodClass, PolicyRefusal};
         let (Some(auth), Some(resolved)) = (&ctx.auth, &ctx.resolved) else {
             return Err(Denial::Internal);
         };
         let t = &auth.token;
         let now = crate::util::now_unix();
-        let owner = resolved
-            .identity
-            .as_ref()
-            .filter(|i| i.kind == crate::posture::model::IdentityKind::Workload)
-            .and_then(|i| i.owner.as_deref())
-            .and_then(|o| self.posture.snapshot().identity(o));
         let class = MethodClass::of(method);
-        let peer = conn.peer.ip();
-        let spiffe = ctx
-            .binding
-            .as_ref()
-            .and_then(|b| b.workload.as_ref())
-            .map(|w| w.to_string());
-        let facts = RequestFacts {
-            claims: &t.claims,
-            issuer: &t.issuer.cfg.name,
+        let out = self.evaluate(
+            engine,
+            t,
             resolved,
-            owner,
-            route: &route.name,
-            sensitivity: route.sensitivity,
-            workloads: &route.workloads,
-            method: class,
-            peer,
-            zone: engine.zone(peer),
-            binding: binding_kind(ctx),
-            spiffe_id: spiffe.as_deref(),
-        };
-        let out = engine.decide(&facts, now);
-        if out.cache_hit {
-            self.metrics.policy_cache_hits.inc();
-        } else {
-            self.metrics.policy_cache_misses.inc();
-        }
+            route,
+            class,
+            conn.peer.ip(),
+            ctx.binding.as_ref(),
+            now,
+        );
         let d = &out.decision;
         let reason = || d.reasons.join("; ");
         let verdict: Result<(), PolicyRefusal> = match d.action {
@@ -453,47 +451,125 @@ impl Proxy {
                 })
                 .inc();
         }
-        if let Some(sink) = &engine.audit
-            && sink.wants(d.action, diverged.is_some())
-        {
-            sink.log(crate::policy::audit::AuditRecord {
-                time: crate::util::rfc3339(crate::util::now_unix_ms(), true),
-                request_id: ctx.id.clone(),
-                principal: format!(
-                    "{}:{}",
-                    match out.inputs.principal.kind {
-                        crate::policy::facts::PrincipalKind::User => "user",
-                        crate::policy::facts::PrincipalKind::Workload => "workload",
-                    },
-                    out.inputs.principal.id
-                ),
-                device: out.inputs.device.id.clone(),
-                route: route.name.clone(),
-                method: method.to_string(),
-                action: d.action,
-                enforced: if verdict.is_ok() {
-                    "forwarded"
-                } else {
-                    "refused"
-                },
-                policy_ids: d.policy_ids.clone(),
-                reasons: d.reasons.clone(),
-                decision: d.clone(),
-                snapshot_version: resolved.snapshot_version,
-                policy_version: engine.set.version.clone(),
-                cache_hit: out.cache_hit,
-                shadow: diverged.map(|s| crate::policy::audit::ShadowRecord {
-                    policy_version: engine
-                        .shadow
-                        .as_ref()
-                        .map_or_else(String::new, |x| x.version.clone()),
-                    decision: s.clone(),
-                }),
-                inputs: out.inputs.clone(),
-            });
-        }
+        let enforced = if verdict.is_ok() {
+            "forwarded"
+        } else {
+            "refused"
+        };
+        self.audit(
+            engine,
+            &out,
+            diverged,
+            &ctx.id,
+            route,
+            method,
+            enforced,
+            resolved.snapshot_version,
+        );
         ctx.decision = Some(out.decision.clone());
         verdict.map_err(Denial::Policy)
+    }
+
+    /// Phase 5's question to the engine: the decision's inputs built from the
+    /// token, the records phase 4 resolved, the route and the connection,
+    /// answered from the decision cache or by Cedar. Live connections are
+    /// re-decided with the same function and the facts of their request.
+    #[allow(clippy::too_many_arguments)]
+    fn evaluate(
+        &self,
+        engine: &crate::policy::Engine,
+        t: &crate::authn::VerifiedToken,
+        resolved: &crate::posture::Resolved,
+        route: &Route,
+        class: crate::policy::MethodClass,
+        peer: std::net::IpAddr,
+        binding: Option<&Binding>,
+        now: u64,
+    ) -> crate::policy::Outcome {
+        let owner = resolved
+            .identity
+            .as_ref()
+            .filter(|i| i.kind == crate::posture::model::IdentityKind::Workload)
+            .and_then(|i| i.owner.as_deref())
+            .and_then(|o| self.posture.snapshot().identity(o));
+        let spiffe = binding
+            .and_then(|b| b.workload.as_ref())
+            .map(|w| w.to_string());
+        let facts = crate::policy::facts::RequestFacts {
+            claims: &t.claims,
+            issuer: &t.issuer.cfg.name,
+            resolved,
+            owner,
+            route: &route.name,
+            sensitivity: route.sensitivity,
+            workloads: &route.workloads,
+            method: class,
+            peer,
+            zone: engine.zone(peer),
+            binding: binding.map_or("none", |b| b.kind.as_str()),
+            spiffe_id: spiffe.as_deref(),
+        };
+        let out = engine.decide(&facts, now);
+        if out.cache_hit {
+            self.metrics.policy_cache_hits.inc();
+        } else {
+            self.metrics.policy_cache_misses.inc();
+        }
+        out
+    }
+
+    /// Writes the audit line of a decision, when the audit sink wants it.
+    #[allow(clippy::too_many_arguments)]
+    fn audit(
+        &self,
+        engine: &crate::policy::Engine,
+        out: &crate::policy::Outcome,
+        diverged: Option<&Arc<crate::policy::Decision>>,
+        request_id: &str,
+        route: &Route,
+        method: &http::Method,
+        enforced: &'static str,
+        snapshot_version: u64,
+    ) {
+        let d = &out.decision;
+        let Some(sink) = engine
+            .audit
+            .as_ref()
+            .filter(|s| s.wants(d.action, diverged.is_some()))
+        else {
+            return;
+        };
+        sink.log(crate::policy::audit::AuditRecord {
+            time: crate::util::rfc3339(crate::util::now_unix_ms(), true),
+            request_id: request_id.to_owned(),
+            principal: format!(
+                "{}:{}",
+                match out.inputs.principal.kind {
+                    crate::policy::facts::PrincipalKind::User => "user",
+                    crate::policy::facts::PrincipalKind::Workload => "workload",
+                },
+                out.inputs.principal.id
+            ),
+            device: out.inputs.device.id.clone(),
+            route: route.name.clone(),
+            method: method.to_string(),
+            action: d.action,
+            enforced,
+            policy_ids: d.policy_ids.clone(),
+            reasons: d.reasons.clone(),
+            decision: d.clone(),
+            snapshot_version,
+            policy_version: engine.set.version.clone(),
+            cache_hit: out.cache_hit,
+            shadow: diverged.map(|s| crate::policy::audit::ShadowRecord {
+                policy_version: engine
+                    .shadow
+                    .as_ref()
+                    .map_or_else(String::new, |x| x.version.clone()),
+                decision: s.clone(),
+            }),
+            inputs: out.inputs.clone(),
+        });
     }
 
     /// Records a `revoke` decision through the one apply path, so it is
@@ -551,13 +627,17 @@ impl Proxy {
     }
 
     /// Phase 6: sends the request upstream and streams the answer back;
-    /// hands `Upgrade` connections (WebSocket) over to a byte pump.
+    /// hands `Upgrade` connections (WebSocket) over to a tunnel. Tunnels and
+    /// responses that keep streaming are live connections: registered with
+    /// the facts of this request, re-decided on change, cut when refused
+    /// ([`live`]).
     async fn phase_forward(
         &self,
         _rt: &Runtime,
         ctx: &RequestCtx,
         route: &Route,
         mut req: Request<Incoming>,
+        conn: &ConnInfo,
     ) -> Result<Response<ProxyBody>, Denial> {
         let upgrade =
             headers::upgrade_protocol(req.headers()).filter(|_| req.version() == Version::HTTP_11);
@@ -569,6 +649,7 @@ impl Proxy {
             return Err(Denial::BodyTooLarge { limit });
         }
         let (mut parts, body) = req.into_parts();
+        let method = parts.method.clone();
         headers::remove_hop_by_hop(&mut parts.headers);
         if let Some(proto) = &upgrade {
             parts
@@ -619,19 +700,18 @@ impl Proxy {
                 return Err(Denial::UpstreamUnavailable);
             };
             let upstream_upgrade = hyper::upgrade::on(&mut resp);
-            let id = ctx.id.clone();
-            tokio::spawn(async move {
-                match tokio::try_join!(client_upgrade, upstream_upgrade) {
-                    Ok((c, u)) => {
-                        let mut c = TokioIo::new(c);
-                        let mut u = TokioIo::new(u);
-                        if let Err(e) = tokio::io::copy_bidirectional(&mut c, &mut u).await {
-                            tracing::debug!(request_id = %id, error = %e, "upgraded connection closed");
-                        }
-                    }
-                    Err(e) => tracing::debug!(request_id = %id, error = %e, "upgrade failed"),
-                }
-            });
+            let websocket = upgrade
+                .as_ref()
+                .is_some_and(|p| p.as_bytes().eq_ignore_ascii_case(b"websocket"));
+            let registration = live::Seed::new(ctx, &method, conn)
+                .map(|seed| self.live.register(seed, live::Kind::Upgrade));
+            tokio::spawn(live::tunnel(
+                client_upgrade,
+                upstream_upgrade,
+                websocket,
+                registration,
+                ctx.id.clone(),
+            ));
             let (parts, _) = resp.into_parts();
             let mut out = Response::from_parts(
                 parts,
@@ -645,9 +725,16 @@ impl Proxy {
         let (mut parts, body) = resp.into_parts();
         headers::remove_hop_by_hop(&mut parts.headers);
         set_request_id(&mut parts.headers, &ctx.id);
-        let body = body
-            .map_err(|e| Box::new(e) as client::BoxError)
-            .boxed_unsync();
+        let body = body.map_err(|e| Box::new(e) as client::BoxError);
+        // A body already complete never streams; the others register only
+        // once they have nothing ready (see `live::LiveBody`).
+        let seed = (!hyper::body::Body::is_end_stream(&body))
+            .then(|| live::Seed::new(ctx, &method, conn))
+            .flatten();
+        let body = match seed {
+            Some(seed) => live::LiveBody::new(body, seed, self.live.clone()).boxed_unsync(),
+            None => body.boxed_unsync(),
+        };
         Ok(Response::from_parts(parts, body))
     }
 
@@ -698,11 +785,6 @@ impl Proxy {
             "request"
         );
     }
-}
-
-/// The token binding phase 3 verified: `none`, `mtls` or `dpop`.
-fn binding_kind(ctx: &RequestCtx) -> &'static str {
-    ctx.binding.as_ref().map_or("none", |b| b.kind.as_str())
 }
 
 fn rt_upstream(rt: &Runtime) -> &client::UpstreamClient {

@@ -74,6 +74,21 @@ pub struct FeedKindLabel {
     pub kind: String,
 }
 
+/// Labels for live connections cut by a re-decision.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CutLabel {
+    /// Why (`device_untrusted`, `revoked`, `subject_disabled`, `policy_deny`,
+    /// `restrict_upgrade`, `expired`, …).
+    pub reason: &'static str,
+}
+
+/// Labels naming a kind of live connection.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LiveKindLabel {
+    /// `upgrade` (WebSocket and other upgrades) or `stream` (a response still streaming).
+    pub kind: &'static str,
+}
+
 /// Every metric the proxy exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -112,6 +127,10 @@ pub struct Metrics {
     pub policy_shadow_divergences: Family<ShadowLabel, Counter>,
     /// Audit lines dropped because the writer fell behind.
     pub policy_audit_dropped: Counter,
+    /// Live connections (upgrades, streaming responses) open now, by kind.
+    pub live_connections: Family<LiveKindLabel, Gauge>,
+    /// Live connections cut by a re-decision, by reason.
+    pub live_connections_cut: Family<CutLabel, Counter>,
 }
 
 /// Labels for shadow-mode divergences.
@@ -240,7 +259,21 @@ impl Metrics {
             "Audit lines dropped because the audit writer fell behind",
             policy_audit_dropped.clone(),
         );
+        let live_connections = Family::<LiveKindLabel, Gauge>::default();
+        let live_connections_cut = Family::<CutLabel, Counter>::default();
+        registry.register(
+            "live_connections",
+            "Live connections (upgrades, responses still streaming) registered for re-decision, by kind",
+            live_connections.clone(),
+        );
+        registry.register(
+            "live_connections_cut",
+            "Live connections ended because a re-decision refused them, by reason",
+            live_connections_cut.clone(),
+        );
         Self {
+            live_connections,
+            live_connections_cut,
             policy_cache_hits,
             policy_cache_misses,
             policy_reloads,
