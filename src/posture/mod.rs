@@ -248,6 +248,8 @@ impl Posture {
             ahead_ms,
             skew_ms,
         })
+    }
+
     /// Listens for what each committed batch changed (sent after publish).
     pub fn changes(&self) -> tokio::sync::broadcast::Receiver<Arc<notify::Changed>> {
         self.notify.subscribe()
