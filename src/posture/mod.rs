@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use moka::sync::Cache;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::session::record::SessionRecord;
 use crate::store::{CommitBatch, EventStore, LoggedEvent, Outcome, StoreError};
 use crate::telemetry::{FeedKindLabel, FeedOutcomeLabel, Metrics};
 use event::{Change, EventError, PostureEvent, merge_device, merge_identity};
@@ -153,6 +154,10 @@ impl Posture {
             crate::store::Loaded::Group(g) => {
                 let id = g.id.clone();
                 snapshot.put_group(&id, Some(Arc::new(g)));
+            }
+            crate::store::Loaded::Session(s) => {
+                let id = s.id_hash.clone();
+                snapshot.put_session(&id, Some(Arc::new(s)));
             }
         })?;
         snapshot.set_version(last_seq);
@@ -443,6 +448,7 @@ impl Writer {
         let mut identities: HashMap<String, Identity> = HashMap::new();
         let mut revocations: HashMap<(RevocationTarget, String), Revocation> = HashMap::new();
         let mut groups: HashMap<String, Option<Group>> = HashMap::new();
+        let mut sessions: HashMap<String, Option<SessionRecord>> = HashMap::new();
         let mut seen: HashSet<String> = HashSet::new();
         let mut outcomes: Vec<Vec<Outcome>> = Vec::with_capacity(jobs.len());
         let mut pendings: Vec<(String, Pending)> = Vec::new();
@@ -517,6 +523,13 @@ impl Writer {
                                 g
                             });
                             groups.insert(id.clone(), rec);
+                            applied = true;
+                        }
+                        Change::Session { id_hash, record } => {
+                            // Sessions have one writer (the proxy that owns
+                            // the cookie exchange): last write wins, and a
+                            // delete is final within the batch.
+                            sessions.insert(id_hash.clone(), record.as_deref().cloned());
                             applied = true;
                         }
                         Change::Revoke { target, key } => {
@@ -602,6 +615,10 @@ impl Writer {
             batch.identities = identities.values().cloned().collect();
             batch.revocations = revocations.values().cloned().collect();
             batch.groups = groups.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            batch.sessions = sessions
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
             if let Err(e) = self.store.commit(&batch) {
                 failed = Some(e);
             }
@@ -637,6 +654,9 @@ impl Writer {
         }
         for (id, g) in groups {
             self.snapshot.put_group(&id, g.map(Arc::new));
+        }
+        for (id, s) in sessions {
+            self.snapshot.put_session(&id, s.map(Arc::new));
         }
         self.snapshot.set_version(self.next_seq - 1);
         if let Some(p) = &posture {

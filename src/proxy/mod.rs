@@ -5,6 +5,8 @@
 //! 2. authenticate  `Bearer`/`DPoP` JWT → VerifiedToken (cache      (authn/)
 //!                  skips only the signature check); on `auth =
 //!                  "mtls"` routes, the SPIFFE workload certificate  (binding/)
+//!                  on `auth = "browser"` routes, the session cookie (session/)
+//!                  → the session's principal, or a redirect to log in
 //! 3. bind          token ↔ DPoP proof / client certificate /       (binding/)
 //!                  device → Binding {kind, verified device}
 //! 4. resolve       principal → identity, device → posture;         (posture/)
@@ -21,6 +23,7 @@
 //! once per request, so a reload mid-request never mixes two configs. This
 //! room must never buffer a body whole or log a token.
 
+mod browser;
 pub mod client;
 pub mod headers;
 pub mod rescue;
@@ -72,6 +75,8 @@ pub struct Runtime {
     pub stripped: Vec<HeaderName>,
     /// Monotonic version of this runtime, for logs.
     pub version: u64,
+    /// Browser login and sessions (`[browser]`), for `auth = "browser"` routes.
+    pub browser: Option<Arc<crate::session::Browser>>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -100,6 +105,8 @@ pub struct RequestCtx {
     pub binding: Option<Binding>,
     /// The policy decision, once phase 5 ran (absent without `[policy]`).
     pub decision: Option<Arc<crate::policy::Decision>>,
+    /// Who reads a refusal: API clients get JSON, browsers a page or a redirect.
+    pub audience: rescue::Audience,
 }
 
 /// The shared proxy state.
@@ -181,6 +188,7 @@ impl Proxy {
             resolved: None,
             binding: None,
             decision: None,
+            audience: rescue::Audience::Api,
         };
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
@@ -202,7 +210,7 @@ impl Proxy {
                 } else {
                     ""
                 };
-                rescue::respond(&d, &ctx.id, algs)
+                rescue::respond_to(&d, &ctx.id, algs, ctx.audience)
             }
         };
         self.record(&ctx, &method, &path, &conn, resp.status());
@@ -216,6 +224,12 @@ impl Proxy {
         mut req: Request<Incoming>,
         conn: &ConnInfo,
     ) -> Result<Response<ProxyBody>, Denial> {
+        // Proxy-owned paths of browser login (callback, logout, back-channel logout).
+        if let Some(b) = &rt.browser
+            && req.uri().path().starts_with(crate::session::paths::PREFIX)
+        {
+            return self.browser_endpoint(rt, ctx, b, req, conn).await;
+        }
         // 1. route
         let route = phase_route(rt, &req)?;
         ctx.route = Some(route.clone());
@@ -249,6 +263,9 @@ impl Proxy {
             // 2–3. a workload certificate authenticates and binds at once
             // (allow-listed per route by SPIFFE id).
             AuthMode::Mtls => ctx.binding = Some(phase_workload(rt, &route, &req, conn)?),
+            // 2–5. a browser session (OIDC login), then resolve and decide
+            // exactly as for a bearer token.
+            AuthMode::Browser => self.browser_phases(rt, ctx, &route, &req, conn).await?,
             AuthMode::Public => {}
         }
         self.metrics

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::posture::event::PostureEvent;
 use crate::posture::model::{Device, Group, Identity, Revocation};
+use crate::session::record::SessionRecord;
 
 /// A storage failure.
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +73,8 @@ pub struct CommitBatch {
     pub revocations: Vec<Revocation>,
     /// Groups in their new state (`None` = deleted), by id.
     pub groups: Vec<(String, Option<Group>)>,
+    /// Browser sessions in their new state (`None` = deleted), by id hash.
+    pub sessions: Vec<(String, Option<SessionRecord>)>,
 }
 
 /// One record read back on a cold start.
@@ -92,6 +95,8 @@ pub enum Loaded {
     Revocation(Revocation),
     /// A SCIM group.
     Group(Group),
+    /// A browser session.
+    Session(SessionRecord),
 }
 
 /// The storage contract. Implementations must make `commit` atomic and
