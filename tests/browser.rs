@@ -673,9 +673,13 @@ async fn back_channel_logout_ends_the_sid_and_refuses_bad_tokens() {
             None,
         ),
         e.idp.logout_token(claims(&|_| {}), Some("JWT+wrong")),
+        // Forged: the IdP's kid, another key.
         SigningKey::es256("idp-1")
             .unwrap()
-            .sign(&claims(&|_| {}))
+            .sign_jws(
+                &serde_json::json!({"alg": "ES256", "kid": "idp-1", "typ": "logout+jwt"}),
+                &claims(&|_| {}),
+            )
             .unwrap(),
     ];
     for t in bad {

@@ -1046,6 +1046,18 @@ impl Config {
             abs(p);
         }
         abs(&mut self.store.path);
+        if let Some(b) = self.browser.as_mut() {
+            for p in [
+                &mut b.client_secret_file,
+                &mut b.client_key_file,
+                &mut b.cookie_key_file,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                abs(p);
+            }
+        }
         if let Some(p) = self.feeds.ssf.as_mut().and_then(|s| s.jwks_file.as_mut()) {
             abs(p);
         }

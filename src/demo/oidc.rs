@@ -317,7 +317,8 @@ impl DemoProvider {
         if let (Some(d), Some(o)) = (device, claims.as_object_mut()) {
             o.insert(super::DEMO_DEVICE_CLAIM.into(), d.into());
         }
-        match self.key.sign(&claims) {
+        let header = serde_json::json!({ "alg": self.key.alg, "kid": self.key.kid, "typ": "JWT" });
+        match self.key.sign_jws(&header, &claims) {
             Ok(t) => text(
                 StatusCode::OK,
                 "application/json",
