@@ -737,6 +737,9 @@ async fn unmanaged_browsers_step_up_then_carry_the_higher_acr() {
     let sessions = server.shared.posture.snapshot().sessions_where(|_| true);
     assert_eq!(sessions.len(), 1, "the weaker session was replaced");
     assert_eq!(sessions[0].acr.as_deref(), Some(ACR_MFA));
+    // `shorten` (the default policies' 15 minutes for unmanaged devices)
+    // capped the session's absolute expiry, durably.
+    assert_eq!(sessions[0].expires_s, sessions[0].created_s + 900);
     assert_eq!(
         header(&e.app.last().headers, "x-portcullis-decision"),
         "shorten"

@@ -45,6 +45,7 @@ impl Proxy {
             return Err(login_or_401(b, req, None, api, now).await);
         };
         ctx.auth = Some(session::authenticated(&live));
+        ctx.session = Some(live.clone());
         // 3. bind: a certificate-bound session only on its certificate.
         // (DBSC, session::dbsc: a session with a registered key needs its
         // fresh bound cookie here.)
@@ -75,7 +76,20 @@ impl Proxy {
             .phase_decide(&engine, ctx, route, req.method(), conn)
             .await
         {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                // `shorten` caps the session's absolute expiry, durably (once).
+                let cap = ctx
+                    .decision
+                    .as_ref()
+                    .filter(|d| d.action == crate::policy::Action::Shorten)
+                    .and_then(|d| d.session_ttl_s);
+                if let Some(ttl) = cap
+                    && let Err(e) = b.cap_expiry(&self.posture, &live.record, ttl).await
+                {
+                    tracing::warn!(request_id = %ctx.id, error = %e, "session cap was not recorded");
+                }
+                Ok(())
+            }
             Err(Denial::Policy(PolicyRefusal::StepUp {
                 acr_values,
                 max_age_s,
@@ -169,6 +183,7 @@ impl Proxy {
                 );
                 Ok(resp)
             }
+            // `/.portcullis/dbsc/…` (registration, refresh) is session::dbsc's.
             _ => Err(Denial::NoRoute),
         }
     }

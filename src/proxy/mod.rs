@@ -107,6 +107,8 @@ pub struct RequestCtx {
     pub decision: Option<Arc<crate::policy::Decision>>,
     /// Who reads a refusal: API clients get JSON, browsers a page or a redirect.
     pub audience: rescue::Audience,
+    /// The browser session, once phase 2 found one (`auth = "browser"` routes).
+    pub session: Option<Arc<crate::session::LiveSession>>,
 }
 
 /// The shared proxy state.
@@ -189,6 +191,7 @@ impl Proxy {
             binding: None,
             decision: None,
             audience: rescue::Audience::Api,
+            session: None,
         };
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
@@ -409,6 +412,7 @@ impl Proxy {
             zone: engine.zone(peer),
             binding: binding_kind(ctx),
             spiffe_id: spiffe.as_deref(),
+            session_binding: ctx.session.as_ref().map(|s| s.record.binding.as_str()),
         };
         let out = engine.decide(&facts, now);
         if out.cache_hit {

@@ -394,12 +394,12 @@ Quote the request id when you ask for help.</small></p></main></body></html>\n"
     if let Ok(v) = HeaderValue::from_str(request_id) {
         h.insert("x-request-id", v);
     }
-    if clear_session || matches!(d, Denial::SessionCookie(_)) {
-        if let Ok(v) = HeaderValue::from_str(&crate::session::cookie::clear(
+    if (clear_session || matches!(d, Denial::SessionCookie(_)))
+        && let Ok(v) = HeaderValue::from_str(&crate::session::cookie::clear(
             crate::session::cookie::SESSION_COOKIE,
-        )) {
-            h.append(header::SET_COOKIE, v);
-        }
+        ))
+    {
+        h.append(header::SET_COOKIE, v);
     }
     resp
 }
@@ -460,6 +460,43 @@ mod tests {
             .iter()
             .map(|v| v.to_str().unwrap_or("").to_owned())
             .collect()
+    }
+
+    #[test]
+    fn browser_pages_escape_and_clear_ended_sessions() {
+        let d = Denial::Policy(PolicyRefusal::Denied {
+            reason: "<script>alert(1)</script> & \"x\"".into(),
+        });
+        let r = respond_to(
+            &d,
+            "id<1>",
+            "",
+            Audience::Browser {
+                clear_session: true,
+            },
+        );
+        assert_eq!(r.status(), StatusCode::FORBIDDEN);
+        assert!(
+            r.headers()[header::CONTENT_TYPE]
+                .to_str()
+                .unwrap_or("")
+                .starts_with("text/html")
+        );
+        assert!(
+            r.headers()[header::SET_COOKIE]
+                .to_str()
+                .unwrap_or("")
+                .contains("Max-Age=0")
+        );
+        let api = respond_to(&d, "id", "", Audience::Api);
+        assert_eq!(
+            api.headers()[header::CONTENT_TYPE],
+            HeaderValue::from_static("application/json")
+        );
+        assert_eq!(
+            html_escape("<a href=\"x\">'&"),
+            "&lt;a href=&quot;x&quot;&gt;&#39;&amp;"
+        );
     }
 
     #[test]

@@ -306,12 +306,14 @@ impl Browser {
         let live = self.live.pin();
         let session = match live.get(&hash) {
             Some(s) if Arc::ptr_eq(&s.record, &record) => s.clone(),
-            _ => {
+            previous => {
                 let Some(token) = principal(&record, auth) else {
                     return Ok(None);
                 };
+                // A replaced record (step-up, cap) keeps the live idle clock.
+                let seen = previous.map_or(0, |p| p.last_seen.load(Ordering::Relaxed));
                 let s = Arc::new(LiveSession {
-                    last_seen: AtomicU64::new(record.last_seen_s.max(self.started_s)),
+                    last_seen: AtomicU64::new(record.last_seen_s.max(self.started_s).max(seen)),
                     record,
                     token,
                 });
@@ -556,6 +558,50 @@ impl Browser {
             live.remove(h);
         }
         Ok(())
+    }
+
+    /// Lowers a session's absolute expiry to `created + ttl_s` (a `shorten`
+    /// decision); a no-op when it is already that short.
+    pub async fn cap_expiry(
+        &self,
+        posture: &Posture,
+        record: &SessionRecord,
+        ttl_s: u64,
+    ) -> Result<(), LoginError> {
+        let cap = record.created_s.saturating_add(ttl_s);
+        if record.expires_s <= cap {
+            return Ok(());
+        }
+        let mut r = record.clone();
+        r.expires_s = cap;
+        self.update_session(posture, r, "session.shorten").await
+    }
+
+    /// Replaces a session record through the store (for DBSC state and
+    /// caps); the live copy is rebuilt from it on the next request.
+    pub async fn update_session(
+        &self,
+        posture: &Posture,
+        record: SessionRecord,
+        kind: &str,
+    ) -> Result<(), LoginError> {
+        let hash = record.id_hash.clone();
+        session_event(
+            posture,
+            kind,
+            &hash,
+            vec![Change::Session {
+                id_hash: hash.clone(),
+                record: Some(Box::new(record)),
+            }],
+        )
+        .await
+        .map_err(|_| LoginError::Store)
+    }
+
+    /// The live session for an id hash, if a request used it since start.
+    pub fn live(&self, id_hash: &str) -> Option<Arc<LiveSession>> {
+        self.live.pin().get(id_hash).cloned()
     }
 
     /// RP-initiated logout: a same-origin POST deletes the session, clears
