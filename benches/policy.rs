@@ -78,6 +78,7 @@ fn bench(c: &mut Criterion) {
         zone: "other",
         binding: "none",
         spiffe_id: None,
+        session_binding: None,
     };
     let read = facts(MethodClass::Read);
     assert_eq!(

@@ -83,7 +83,17 @@ pub fn build_runtime(
     let upstream = crate::proxy::client::upstream_client(&cfg.upstream)?;
     // The DPoP replay cache and nonce key outlive the config.
     let binder = crate::binding::Binder::new(&cfg, prev.map(|p| &p.binder));
+    let browser = crate::session::Browser::new(&cfg, prev.and_then(|p| p.browser.as_deref()))
+        .map_err(|e| {
+            StartError::Config(ConfigError::Invalid {
+                file: cfg.source.clone(),
+                key: "browser".into(),
+                message: e.to_string(),
+            })
+        })?
+        .map(Arc::new);
     let rt = Runtime {
+        browser,
         routes: RouteTable::new(&cfg),
         binder,
         stripped: cfg.stripped_headers(),

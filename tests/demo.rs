@@ -487,3 +487,100 @@ fn demo_env_is_enough_to_mint_a_device_certificate_and_a_dpop_proof() {
 fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
 }
+
+#[test]
+fn a_browser_logs_in_at_the_demo_idp_and_a_lost_report_ends_its_session() {
+    let demo = start_demo();
+    assert!(
+        demo.lines
+            .iter()
+            .any(|l| l.contains("Browser access: open https://localhost:")),
+        "walkthrough:\n{}",
+        demo.lines.join("\n")
+    );
+    let env = read_env(
+        &demo,
+        &[
+            "PORTCULLIS_BROWSER_URL",
+            "PORTCULLIS_CA_CERT",
+            "PORTCULLIS_ISSUER",
+            "PORTCULLIS_MDM_URL",
+            "PORTCULLIS_MDM_SECRET",
+        ],
+    );
+    let url = &env["PORTCULLIS_BROWSER_URL"];
+    let ca = shell_quote(&env["PORTCULLIS_CA_CERT"]);
+    let jar = demo.dir.path().join("cookies.txt");
+    let jar = shell_quote(&jar.display().to_string());
+    let curl = format!("curl -sS --cacert {ca} -c {jar} -b {jar} -H 'Accept: text/html'");
+    // No session: off to the demo IdP.
+    let (ok, authorize) = sh(&format!(
+        "{curl} -o /dev/null -w '%{{redirect_url}}' {}",
+        shell_quote(url)
+    ));
+    assert!(
+        ok && authorize.starts_with(&env["PORTCULLIS_ISSUER"]),
+        "{authorize}"
+    );
+    // The one-click login page; alice with a password, on her laptop.
+    let (ok, page) = sh(&format!("curl -sS {}", shell_quote(&authorize)));
+    assert!(ok && page.contains("alice@example.com"), "{page}");
+    let login = page
+        .split("href=\"")
+        .skip(1)
+        .filter_map(|s| s.split('"').next())
+        .map(|h| h.replace("&amp;", "&"))
+        .find(|h| h.contains("alice%40example.com") && h.contains("mfa=0"))
+        .expect("a password login link for alice");
+    let (ok, callback) = sh(&format!(
+        "curl -sS -o /dev/null -w '%{{redirect_url}}' {}",
+        shell_quote(&format!("{}{login}", env["PORTCULLIS_ISSUER"]))
+    ));
+    assert!(
+        ok && callback.contains("/.portcullis/callback?"),
+        "{callback}"
+    );
+    let (ok, back) = sh(&format!(
+        "{curl} -o /dev/null -w '%{{http_code}} %{{redirect_url}}' {}",
+        shell_quote(&callback)
+    ));
+    assert!(
+        ok && back.starts_with("303 ") && back.ends_with("/app/"),
+        "{back}"
+    );
+    let (ok, out) = sh(&format!("{curl} {}", shell_quote(url)));
+    assert!(ok, "{out}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("the app's JSON");
+    assert_eq!(v["subject"], "alice@example.com", "{out}");
+    assert_eq!(v["device"], "laptop-001", "{out}");
+    assert_eq!(v["route"], "demo-browser", "{out}");
+
+    // laptop-001 is reported lost: the next page load is refused, the
+    // session ended and its cookie cleared.
+    let lost_ms = portcullis::util::now_unix_ms();
+    let (ok, out) = sh(&format!(
+        "curl -sS -X POST -H 'Authorization: Bearer {}' -H 'Content-Type: application/json' -d '{{\"event_id\":\"browser-lost-1\",\"device_id\":\"laptop-001\",\"occurred_at\":{lost_ms},\"lifecycle\":\"lost\"}}' {}",
+        env["PORTCULLIS_MDM_SECRET"],
+        shell_quote(&env["PORTCULLIS_MDM_URL"])
+    ));
+    assert!(ok && out.contains("applied"), "{out}");
+    let (_, out) = sh(&format!("{curl} -i {}", shell_quote(url)));
+    assert!(
+        out.starts_with("HTTP/2 401") || out.starts_with("HTTP/2 403"),
+        "{out}"
+    );
+    assert!(
+        out.contains("<html lang=\"en\"") && (out.contains("lost") || out.contains("revoked")),
+        "{out}"
+    );
+    assert!(
+        out.to_ascii_lowercase()
+            .contains("set-cookie: __host-portcullis-session=;"),
+        "{out}"
+    );
+    let (_, out) = sh(&format!(
+        "{curl} -o /dev/null -w '%{{http_code}}' {}",
+        shell_quote(url)
+    ));
+    assert_eq!(out, "302", "a fresh login is needed");
+}

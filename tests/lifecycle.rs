@@ -498,10 +498,15 @@ fn the_shipped_example_config_passes_check_once_its_certificates_exist() {
     std::fs::write(dir.path().join("certs/device-ca.pem"), device_ca.cert_pem()).unwrap();
     let spire = portcullis::demo::pki::DevCa::new("example SPIRE CA").unwrap();
     std::fs::write(dir.path().join("certs/spire-bundle.pem"), spire.cert_pem()).unwrap();
+    std::fs::write(
+        dir.path().join("certs/oidc-client-secret"),
+        "example-secret",
+    )
+    .unwrap();
     let (ok, out) = check(&cfg);
     assert!(ok, "{out}");
     assert!(
-        out.contains("ok (5 routes, 1 issuers, 1 certificates, policy set valid)"),
+        out.contains("ok (6 routes, 1 issuers, 1 certificates, policy set valid)"),
         "{out}"
     );
 }

@@ -146,6 +146,25 @@ pub struct VerifyKey {
     fingerprint: String,
 }
 
+impl VerifyKey {
+    /// The stand-in key of a browser session's principal: the session was
+    /// authenticated at login (its ID token verified then), so no signature
+    /// is checked per request.
+    // INVARIANT: never handed to a signature check nor put in the token
+    // cache; its algorithm list is empty, so any check would fail.
+    pub fn session_marker() -> Arc<Self> {
+        let mut validation = Validation::new(Algorithm::ES256);
+        validation.algorithms = Vec::new();
+        Arc::new(Self {
+            kid: None,
+            alg: Algorithm::ES256,
+            key: DecodingKey::from_secret(&[]),
+            validation,
+            fingerprint: String::new(),
+        })
+    }
+}
+
 impl std::fmt::Debug for VerifyKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VerifyKey")

@@ -388,6 +388,94 @@ impl Authenticator {
     }
 }
 
+/// Which OIDC token [`Authenticator::verify_oidc`] expects; each has its own
+/// `typ` (standards.md §8: explicit types keep JWT kinds apart).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OidcToken {
+    /// An ID token (`typ` absent or `JWT`).
+    Id,
+    /// A back-channel logout token (`typ` absent or `logout+jwt`).
+    Logout,
+}
+
+impl Authenticator {
+    /// Verifies an OIDC ID token or logout token from issuer `issuer_name`
+    /// with the access-token rules (pinned algorithms, keys only from the
+    /// issuer's JWKS, exact `iss`, `exp`/`nbf`/`iat` with the issuer's
+    /// leeway, no `crit`) except that `aud` must be `client_id`. Never
+    /// cached. Returns the claims and the raw payload (for `nonce`,
+    /// `events`, the device claim).
+    pub async fn verify_oidc(
+        &self,
+        token: &str,
+        issuer_name: &str,
+        client_id: &str,
+        kind: OidcToken,
+        now: u64,
+    ) -> Result<(Claims, serde_json::Map<String, serde_json::Value>), AuthError> {
+        if token.len() > self.max_token_bytes {
+            return Err(AuthError::TooLarge(self.max_token_bytes));
+        }
+        let mut parts = token.split('.');
+        let (Some(h64), Some(_p64), Some(_s64), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(AuthError::Malformed);
+        };
+        let typs: &[&str] = match kind {
+            OidcToken::Id => &["jwt"],
+            OidcToken::Logout => &["logout+jwt"],
+        };
+        let header = parse_header_typed(h64, typs)?;
+        let issuer = self
+            .issuers
+            .values()
+            .find(|i| i.cfg.name == issuer_name)
+            .ok_or(AuthError::UnknownIssuer)?
+            .clone();
+        if !issuer.algorithms().contains(&header.alg) {
+            return Err(AuthError::AlgorithmNotAccepted);
+        }
+        let key = issuer.key_for(header.kid.as_deref(), header.alg).await?;
+        let mut validation = key.validation.clone();
+        validation.set_audience(&[client_id]);
+        validation.set_required_spec_claims(&["exp", "iss", "aud"]);
+        let data = jsonwebtoken::decode::<serde_json::Map<String, serde_json::Value>>(
+            token,
+            &key.key,
+            &validation,
+        )
+        .map_err(map_jwt_error)?;
+        let raw = data.claims;
+        let iat = raw
+            .get("iat")
+            .and_then(serde_json::Value::as_u64)
+            .ok_or_else(|| AuthError::BadClaim("iat".into()))?;
+        if iat > now + issuer.cfg.leeway_s {
+            return Err(AuthError::IssuedInFuture);
+        }
+        let mut for_claims = raw.clone();
+        if kind == OidcToken::Logout {
+            // A logout token may carry only `sid`; `Claims` wants a subject.
+            for_claims
+                .entry("sub")
+                .or_insert_with(|| serde_json::Value::String(String::new()));
+        }
+        let claims: Claims = serde_json::from_value(serde_json::Value::Object(for_claims))
+            .map_err(|e| {
+                let msg = e.to_string();
+                match msg
+                    .strip_prefix("missing field `")
+                    .and_then(|rest| rest.split_once('`'))
+                {
+                    Some((field, _)) => AuthError::BadClaim(field.chars().take(32).collect()),
+                    None => AuthError::Malformed,
+                }
+            })?;
+        Ok((claims, raw))
+    }
+}
+
 fn check_times(t: &VerifiedToken, now: u64) -> Result<(), AuthError> {
     let leeway = t.issuer.cfg.leeway_s;
     if now > t.claims.exp.saturating_add(leeway) {
@@ -423,6 +511,12 @@ struct Header {
 const MAX_KID_LEN: usize = 256;
 
 fn parse_header(h64: &str) -> Result<Header, AuthError> {
+    parse_header_typed(h64, &["jwt", "at+jwt"])
+}
+
+/// Parses a JWS header whose `typ`, when present, must be one of `typs`
+/// (lowercase, without `application/`).
+fn parse_header_typed(h64: &str, typs: &[&str]) -> Result<Header, AuthError> {
     let raw: RawHeader = decode_part(h64)?;
     if raw.crit.is_some() {
         return Err(AuthError::CriticalHeader);
@@ -430,7 +524,7 @@ fn parse_header(h64: &str) -> Result<Header, AuthError> {
     if let Some(typ) = &raw.typ {
         let t = typ.to_ascii_lowercase();
         let t = t.strip_prefix("application/").unwrap_or(&t);
-        if t != "jwt" && t != "at+jwt" {
+        if !typs.contains(&t) {
             return Err(AuthError::WrongType(typ.chars().take(32).collect()));
         }
     }

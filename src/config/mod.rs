@@ -191,6 +191,9 @@ pub struct Config {
     /// Named networks, read by policies as `context.network.zone`.
     #[serde(default)]
     pub network: NetworkConfig,
+    /// Browser login (OIDC) and sessions, for `auth = "browser"` routes.
+    #[serde(default)]
+    pub browser: Option<BrowserConfig>,
     /// Where this config was read from (not part of the file).
     #[serde(skip)]
     pub source: PathBuf,
@@ -766,6 +769,64 @@ pub struct IssuerConfig {
     pub device_claim: String,
 }
 
+/// Browser sessions idle longer than this end (seconds).
+pub const DEFAULT_SESSION_IDLE_S: u64 = 3600;
+/// Browser sessions end this long after login at the latest (seconds).
+pub const DEFAULT_SESSION_MAX_S: u64 = 8 * 3600;
+/// A login started must come back to the callback within this (seconds).
+pub const DEFAULT_LOGIN_TIMEOUT_S: u64 = 600;
+/// Scopes asked for at login.
+pub const DEFAULT_BROWSER_SCOPES: &[&str] = &["openid"];
+/// Algorithm of the `private_key_jwt` client assertion.
+pub const DEFAULT_CLIENT_KEY_ALG: &str = "ES256";
+
+/// Browser login: the OIDC client portcullis is, and its sessions.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrowserConfig {
+    /// Name of the `[[issuers]]` entry that is the OpenID provider; its keys,
+    /// algorithms and leeway verify ID tokens.
+    pub issuer: String,
+    /// OIDC client id (the ID token's `aud`).
+    pub client_id: String,
+    /// File holding the client secret (`client_secret_basic`).
+    #[serde(default)]
+    pub client_secret_file: Option<PathBuf>,
+    /// PEM private key (PKCS#8) for `private_key_jwt` client authentication.
+    #[serde(default)]
+    pub client_key_file: Option<PathBuf>,
+    /// Algorithm of the client assertion (`ES256`, `RS256`, `PS256`…).
+    #[serde(default = "d_client_key_alg")]
+    pub client_key_alg: String,
+    /// `kid` put in the client assertion's header.
+    #[serde(default)]
+    pub client_key_id: Option<String>,
+    /// OIDC discovery URL; default: the issuer's `discovery_url`, else
+    /// `<iss>/.well-known/openid-configuration`.
+    #[serde(default)]
+    pub discovery_url: Option<String>,
+    /// Scopes asked for (must include `openid`).
+    #[serde(default = "d_browser_scopes")]
+    pub scopes: Vec<String>,
+    /// ID-token claim naming the browser's device (e.g. Entra `deviceid`);
+    /// unverified. Default: the issuer's `device_claim`.
+    #[serde(default)]
+    pub device_claim: Option<String>,
+    /// A session idle this long ends (seconds).
+    #[serde(default = "d_session_idle_s")]
+    pub session_idle_s: u64,
+    /// A session ends this long after login at the latest (seconds).
+    #[serde(default = "d_session_max_s")]
+    pub session_max_s: u64,
+    /// A login must complete within this (seconds).
+    #[serde(default = "d_login_timeout_s")]
+    pub login_timeout_s: u64,
+    /// File with at least 32 random bytes keying the pre-login cookie's
+    /// HMAC, shared by replicas; default: a fresh key per process.
+    #[serde(default)]
+    pub cookie_key_file: Option<PathBuf>,
+}
+
 /// One route.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -848,6 +909,8 @@ pub enum AuthMode {
     Public,
     /// A SPIFFE workload certificate (X.509-SVID) is required; no token.
     Mtls,
+    /// A person in a browser: an OIDC login, then a session cookie.
+    Browser,
 }
 
 /// Whether a bearer route requires a sender-constrained token.
@@ -922,6 +985,24 @@ fn d_jwks_refresh_s() -> u64 {
 }
 fn d_jwks_min_refresh_s() -> u64 {
     DEFAULT_JWKS_MIN_REFRESH_S
+}
+fn d_session_idle_s() -> u64 {
+    DEFAULT_SESSION_IDLE_S
+}
+fn d_session_max_s() -> u64 {
+    DEFAULT_SESSION_MAX_S
+}
+fn d_login_timeout_s() -> u64 {
+    DEFAULT_LOGIN_TIMEOUT_S
+}
+fn d_browser_scopes() -> Vec<String> {
+    DEFAULT_BROWSER_SCOPES
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect()
+}
+fn d_client_key_alg() -> String {
+    DEFAULT_CLIENT_KEY_ALG.to_owned()
 }
 fn d_leeway_s() -> u64 {
     DEFAULT_LEEWAY_S
@@ -1025,6 +1106,18 @@ impl Config {
             abs(p);
         }
         abs(&mut self.store.path);
+        if let Some(b) = self.browser.as_mut() {
+            for p in [
+                &mut b.client_secret_file,
+                &mut b.client_key_file,
+                &mut b.cookie_key_file,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                abs(p);
+            }
+        }
         if let Some(p) = self.feeds.ssf.as_mut().and_then(|s| s.jwks_file.as_mut()) {
             abs(p);
         }
@@ -1059,6 +1152,72 @@ impl Config {
             key: key.into(),
             message: message.into(),
         }
+    }
+
+    fn validate_browser(&self) -> Result<(), ConfigError> {
+        let uses = self.routes.iter().position(|r| r.auth == AuthMode::Browser);
+        let Some(b) = &self.browser else {
+            return match uses {
+                Some(i) => Err(self.invalid(
+                    format!("routes[{i}].auth"),
+                    "browser routes need a [browser] table",
+                )),
+                None => Ok(()),
+            };
+        };
+        if !self.issuers.iter().any(|x| x.name == b.issuer) {
+            return Err(self.invalid("browser.issuer", format!("no issuer named `{}`", b.issuer)));
+        }
+        if b.client_id.is_empty() {
+            return Err(self.invalid("browser.client_id", "must not be empty"));
+        }
+        match (&b.client_secret_file, &b.client_key_file) {
+            (Some(_), Some(_)) => {
+                return Err(self.invalid(
+                    "browser.client_key_file",
+                    "set either client_secret_file or client_key_file, not both",
+                ));
+            }
+            (None, None) => {
+                return Err(self.invalid(
+                    "browser.client_secret_file",
+                    "set client_secret_file (client_secret_basic) or client_key_file (private_key_jwt)",
+                ));
+            }
+            _ => {}
+        }
+        if crate::authn::jwks::parse_alg(&b.client_key_alg).is_none() || b.client_key_alg == "EdDSA"
+        {
+            return Err(self.invalid(
+                "browser.client_key_alg",
+                format!("`{}` is not an accepted algorithm", b.client_key_alg),
+            ));
+        }
+        if let Some(u) = &b.discovery_url {
+            check_http_url(u).map_err(|m| self.invalid("browser.discovery_url", m))?;
+        }
+        if !b.scopes.iter().any(|s| s == "openid") {
+            return Err(self.invalid("browser.scopes", "must include `openid`"));
+        }
+        if b.scopes
+            .iter()
+            .any(|s| s.is_empty() || s.chars().any(|c| c.is_whitespace() || c.is_control()))
+        {
+            return Err(self.invalid("browser.scopes", "scopes are non-empty words"));
+        }
+        if b.device_claim.as_deref() == Some("") {
+            return Err(self.invalid("browser.device_claim", "must not be empty"));
+        }
+        for (k, v) in [
+            ("session_idle_s", b.session_idle_s),
+            ("session_max_s", b.session_max_s),
+            ("login_timeout_s", b.login_timeout_s),
+        ] {
+            if v == 0 {
+                return Err(self.invalid(format!("browser.{k}"), "must be at least 1"));
+            }
+        }
+        Ok(())
     }
 
     /// Checks everything a parse cannot: references, ranges, URL shapes.
@@ -1135,6 +1294,7 @@ impl Config {
         }
 
         self.validate_feeds()?;
+        self.validate_browser()?;
 
         let mut route_names = HashSet::new();
         let mut matchers = HashSet::new();

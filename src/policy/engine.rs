@@ -138,6 +138,7 @@ struct KeyParts<'a> {
     jti: Option<&'a str>,
     binding: &'a str,
     spiffe: Option<&'a str>,
+    session_binding: Option<&'a str>,
     peer: IpAddr,
 }
 
@@ -239,6 +240,7 @@ impl Engine {
             jti: c.jti.as_deref(),
             binding: f.binding,
             spiffe: f.spiffe_id,
+            session_binding: f.session_binding,
             peer: f.peer,
         };
         (u128::from(self.k1.hash_one(&parts)) << 64) | u128::from(self.k2.hash_one(&parts))

@@ -108,6 +108,7 @@ pub fn explain(
         zone: engine.zone(ip),
         binding,
         spiffe_id: None,
+        session_binding: None,
     };
     let inputs = Inputs::from_request(&facts, &engine.settings.limits, now);
     let (decision, matched) = engine.set.evaluate_detailed(&inputs);

@@ -304,6 +304,26 @@ pub struct Inputs {
     pub workload: WorkloadFacts,
     pub time: TimeFacts,
     pub limits: Limits,
+    pub session: SessionFacts,
+}
+
+/// `context.session`: the browser session the request rides on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+#[allow(missing_docs)]
+pub struct SessionFacts {
+    pub present: bool,
+    pub binding: String,
+}
+
+impl Default for SessionFacts {
+    /// No browser session (a bearer or workload request).
+    fn default() -> Self {
+        Self {
+            present: false,
+            binding: "none".into(),
+        }
+    }
 }
 
 /// A named set of CIDR blocks (`[[network.zones]]`).
@@ -393,6 +413,8 @@ pub struct RequestFacts<'a> {
     pub binding: &'a str,
     /// The SPIFFE id of a workload certificate, when phase 3 verified one.
     pub spiffe_id: Option<&'a str>,
+    /// The browser session's binding (`none`, `dbsc`, `mtls`), on browser routes.
+    pub session_binding: Option<&'a str>,
 }
 
 /// Is this principal a workload? The snapshot says so, or the token is a
@@ -559,6 +581,12 @@ impl Inputs {
             workload,
             time: TimeFacts::at(now_s),
             limits: limits.clone(),
+            session: f
+                .session_binding
+                .map_or_else(SessionFacts::default, |b| SessionFacts {
+                    present: true,
+                    binding: b.to_owned(),
+                }),
         }
     }
 
@@ -625,7 +653,7 @@ impl Inputs {
             )
             .map_err(|e| e.to_string())
         };
-        let mut used = [false; 8];
+        let mut used = [false; 9];
         let d = &self.device;
         let i = &self.identity;
         let a = &self.auth;
@@ -739,6 +767,16 @@ impl Inputs {
                     ],
                 )?,
             ),
+            (
+                "session",
+                rec(
+                    "session",
+                    &[
+                        ("present", &|| b(self.session.present)),
+                        ("binding", &|| s(&self.session.binding)),
+                    ],
+                )?,
+            ),
         ];
         let mut first = 0;
         for (i, (name, _)) in pairs.iter().enumerate() {
@@ -808,6 +846,8 @@ pub const FIELDS: &[(&str, &str)] = &[
     ("time", "weekday_utc"),
     ("limits", "posture_max_age_s"),
     ("limits", "workload_max_credential_age_s"),
+    ("session", "present"),
+    ("session", "binding"),
 ];
 
 /// Which context attributes a policy set reads, found at load from the

@@ -84,6 +84,8 @@ pub struct Case {
     pub time: TimeFacts,
     #[serde(default)]
     pub limits: Limits,
+    #[serde(default)]
+    pub session: super::facts::SessionFacts,
 }
 
 #[derive(Debug, Deserialize)]
@@ -118,6 +120,7 @@ impl Case {
             workload: self.workload.clone(),
             time: self.time.clone(),
             limits: self.limits.clone(),
+            session: self.session.clone(),
         })
     }
 

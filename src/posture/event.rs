@@ -136,6 +136,13 @@ pub enum Change {
         /// The new state; `None` deletes it.
         record: Option<Group>,
     },
+    /// Create, replace (`Some`) or delete (`None`) a browser session record.
+    Session {
+        /// Hex SHA-256 of the session id.
+        id_hash: String,
+        /// The new state; `None` deletes it.
+        record: Option<Box<crate::session::record::SessionRecord>>,
+    },
     /// Revoke every credential of a subject, device or session issued before
     /// the event was accepted.
     Revoke {
@@ -153,6 +160,7 @@ impl Change {
             Change::Device { id, .. } => format!("device:{id}"),
             Change::Identity { subject, .. } => format!("subject:{subject}"),
             Change::Group { id, .. } => format!("group:{id}"),
+            Change::Session { id_hash, .. } => format!("browser-session:{id_hash}"),
             Change::Revoke { target, key } => format!("{}:{key}", target.as_str()),
         }
     }
@@ -275,6 +283,17 @@ impl PostureEvent {
                     check_list("aliases", &patch.remove_aliases)?;
                 }
                 Change::Revoke { key, .. } => check_key("revocation key", key)?,
+                Change::Session { id_hash, record } => {
+                    check_key("session id hash", id_hash)?;
+                    if let Some(r) = record {
+                        check_key("session subject", &r.subject)?;
+                        if r.id_hash != *id_hash {
+                            return Err(EventError::Invalid(
+                                "session record names another id hash".into(),
+                            ));
+                        }
+                    }
+                }
                 Change::Group { id, record } => {
                     check_key("group id", id)?;
                     if let Some(g) = record {

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use super::event::PostureEvent;
 use super::model::{Device, Group, Identity, Revocation};
+use super::session::SessionRecord;
 
 /// A storage failure.
 #[derive(Debug, thiserror::Error)]
@@ -129,6 +130,8 @@ pub struct CommitBatch {
     pub revocations: Vec<Revocation>,
     /// Groups in their new state (`None` = deleted), by id.
     pub groups: Vec<(String, Option<Group>)>,
+    /// Browser sessions in their new state (`None` = deleted), by id hash.
+    pub sessions: Vec<(String, Option<SessionRecord>)>,
 }
 
 /// One record read back on a cold start.
@@ -149,6 +152,8 @@ pub enum Loaded {
     Revocation(Revocation),
     /// A SCIM group.
     Group(Group),
+    /// A browser session.
+    Session(SessionRecord),
 }
 
 /// The storage contract. Implementations must make `commit` atomic and

@@ -16,6 +16,7 @@ pub mod event;
 pub mod journal;
 pub mod model;
 pub mod notify;
+pub mod session;
 pub mod snapshot;
 
 use std::collections::{HashMap, HashSet};
@@ -29,6 +30,7 @@ use crate::telemetry::{FeedKindLabel, FeedOutcomeLabel, Metrics};
 use event::{Change, EventError, PostureEvent, merge_device, merge_identity};
 use journal::{CommitBatch, EventReport, EventStore, LoggedEvent, Outcome, Skipped, StoreError};
 use model::{Device, Group, Identity, IdentityStatus, Revocation, RevocationTarget};
+use session::SessionRecord;
 pub use snapshot::Snapshot;
 
 /// Most events folded into one transaction.
@@ -165,6 +167,10 @@ impl Posture {
             journal::Loaded::Group(g) => {
                 let id = g.id.clone();
                 snapshot.put_group(&id, Some(Arc::new(g)));
+            }
+            crate::store::Loaded::Session(s) => {
+                let id = s.id_hash.clone();
+                snapshot.put_session(&id, Some(Arc::new(s)));
             }
         })?;
         snapshot.set_version(last_seq);
@@ -522,6 +528,7 @@ impl Writer {
         let mut identities: HashMap<String, Identity> = HashMap::new();
         let mut revocations: HashMap<(RevocationTarget, String), Revocation> = HashMap::new();
         let mut groups: HashMap<String, Option<Group>> = HashMap::new();
+        let mut sessions: HashMap<String, Option<SessionRecord>> = HashMap::new();
         let mut seen: HashSet<String> = HashSet::new();
         let mut outcomes: Vec<Vec<EventReport>> = Vec::with_capacity(jobs.len());
         let mut pendings: Vec<(String, Pending)> = Vec::new();
@@ -616,6 +623,13 @@ impl Writer {
                                 g
                             });
                             groups.insert(id.clone(), rec);
+                            applied = true;
+                        }
+                        Change::Session { id_hash, record } => {
+                            // Sessions have one writer (the proxy that owns
+                            // the cookie exchange): last write wins, and a
+                            // delete is final within the batch.
+                            sessions.insert(id_hash.clone(), record.as_deref().cloned());
                             applied = true;
                         }
                         Change::Revoke { target, key } => {
@@ -716,6 +730,10 @@ impl Writer {
             batch.identities = identities.values().cloned().collect();
             batch.revocations = revocations.values().cloned().collect();
             batch.groups = groups.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            batch.sessions = sessions
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
             if let Err(e) = self.store.commit(&batch) {
                 failed = Some(e);
             }
@@ -755,6 +773,9 @@ impl Writer {
         }
         for (id, g) in groups {
             self.snapshot.put_group(&id, g.map(Arc::new));
+        }
+        for (id, s) in sessions {
+            self.snapshot.put_session(&id, s.map(Arc::new));
         }
         self.snapshot.set_version(self.next_seq - 1);
         if let (Some(p), Some(c)) = (&posture, changed) {

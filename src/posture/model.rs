@@ -26,6 +26,8 @@ pub enum Feed {
     Admin,
     /// A policy decision (`@action("revoke")`).
     Policy,
+    /// Browser sessions: login, logout, expiry, step-up.
+    Session,
 }
 
 impl Feed {
@@ -39,6 +41,7 @@ impl Feed {
             Self::Mdm => "mdm",
             Self::Admin => "admin",
             Self::Policy => "policy",
+            Self::Session => "session",
         }
     }
 }

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::model::{Device, Group, Identity, Revocation, RevocationTarget};
+use crate::session::record::SessionRecord;
 
 type Map<V> = papaya::HashMap<String, V, foldhash::fast::RandomState>;
 
@@ -28,6 +29,8 @@ pub struct Snapshot {
     revoked_devices: Map<Arc<Revocation>>,
     revoked_sessions: Map<Arc<Revocation>>,
     groups: Map<Arc<Group>>,
+    /// Browser sessions by id hash.
+    sessions: Map<Arc<SessionRecord>>,
     version: AtomicU64,
 }
 
@@ -60,6 +63,7 @@ impl Snapshot {
             revoked_devices: Map::default(),
             revoked_sessions: Map::default(),
             groups: Map::default(),
+            sessions: Map::default(),
             version: AtomicU64::new(0),
         }
     }
@@ -203,6 +207,39 @@ impl Snapshot {
             }
             None => {
                 self.groups.pin().remove(id);
+            }
+        }
+    }
+
+    /// A browser session by the hash of its id.
+    pub fn session(&self, id_hash: &str) -> Option<Arc<SessionRecord>> {
+        self.sessions.pin().get(id_hash).cloned()
+    }
+
+    /// Browser sessions matching `pred` (a scan: logout paths only, never
+    /// the request path).
+    pub fn sessions_where(&self, pred: impl Fn(&SessionRecord) -> bool) -> Vec<Arc<SessionRecord>> {
+        self.sessions
+            .pin()
+            .values()
+            .filter(|s| pred(s))
+            .cloned()
+            .collect()
+    }
+
+    /// Number of browser sessions held.
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// Installs (`Some`) or removes (`None`) a session (after it was made durable).
+    pub fn put_session(&self, id_hash: &str, s: Option<Arc<SessionRecord>>) {
+        match s {
+            Some(s) => {
+                self.sessions.pin().insert(id_hash.to_owned(), s);
+            }
+            None => {
+                self.sessions.pin().remove(id_hash);
             }
         }
     }

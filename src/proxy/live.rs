@@ -84,6 +84,8 @@ pub struct Seed {
     token: Arc<VerifiedToken>,
     route: Arc<Route>,
     binding: Option<Binding>,
+    /// `context.session.binding` of a browser session (`None` for bearer tokens).
+    session_binding: Option<&'static str>,
     method: http::Method,
     peer: IpAddr,
     request_id: String,
@@ -123,6 +125,7 @@ impl Seed {
             token: t.clone(),
             route,
             binding: ctx.binding.clone(),
+            session_binding: ctx.session.as_ref().map(|s| s.record.binding.as_str()),
             method: method.clone(),
             peer: conn.peer.ip(),
             request_id: ctx.id.clone(),
@@ -382,6 +385,9 @@ impl Drop for Registration {
 #[error("live connection cut: {0}")]
 pub struct CutError(pub &'static str);
 
+// Inline on purpose: the body is boxed once already; boxing the seed would
+// add an allocation per authenticated response.
+#[allow(clippy::large_enum_variant)]
 enum BodyState {
     /// Not registered yet: everything so far was ready at once. (Inline, not
     /// boxed: the body is boxed once already, so this costs no allocation.)
@@ -866,6 +872,7 @@ impl Proxy {
             class,
             s.peer,
             s.binding.as_ref(),
+            s.session_binding,
             now,
         );
         let d = &out.decision;

@@ -9,6 +9,8 @@
 //! 2. authenticate  `Bearer`/`DPoP` JWT → VerifiedToken (cache      (authn/)
 //!                  skips only the signature check); on `auth =
 //!                  "mtls"` routes, the SPIFFE workload certificate  (binding/)
+//!                  on `auth = "browser"` routes, the session cookie (session/)
+//!                  → the session's principal, or a redirect to log in
 //! 3. bind          token ↔ DPoP proof / client certificate /       (binding/)
 //!                  device → Binding {kind, verified device}
 //! 4. resolve       principal → identity, device → posture;         (posture/)
@@ -28,6 +30,7 @@
 //! room must never buffer a body whole or log a token.
 
 pub mod admit;
+mod browser;
 pub mod client;
 pub mod headers;
 pub mod live;
@@ -79,6 +82,8 @@ pub struct Runtime {
     pub stripped: Vec<HeaderName>,
     /// Monotonic version of this runtime, for logs.
     pub version: u64,
+    /// Browser login and sessions (`[browser]`), for `auth = "browser"` routes.
+    pub browser: Option<Arc<crate::session::Browser>>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -107,6 +112,10 @@ pub struct RequestCtx {
     pub binding: Option<Binding>,
     /// The policy decision, once phase 5 ran (absent without `[policy]`).
     pub decision: Option<Arc<crate::policy::Decision>>,
+    /// Who reads a refusal: API clients get JSON, browsers a page or a redirect.
+    pub audience: rescue::Audience,
+    /// The browser session, once phase 2 found one (`auth = "browser"` routes).
+    pub session: Option<Arc<crate::session::LiveSession>>,
 }
 
 /// The shared proxy state.
@@ -191,6 +200,8 @@ impl Proxy {
             resolved: None,
             binding: None,
             decision: None,
+            audience: rescue::Audience::Api,
+            session: None,
         };
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
@@ -212,7 +223,7 @@ impl Proxy {
                 } else {
                     ""
                 };
-                rescue::respond(&d, &ctx.id, algs)
+                rescue::respond_to(&d, &ctx.id, algs, ctx.audience)
             }
         };
         self.record(&ctx, &method, &path, &conn, resp.status());
@@ -228,6 +239,12 @@ impl Proxy {
     ) -> Result<Response<ProxyBody>, Denial> {
         // 0. admit
         let admitted = admit::admit(&req)?;
+        // Proxy-owned paths of browser login (callback, logout, back-channel logout).
+        if let Some(b) = &rt.browser
+            && req.uri().path().starts_with(crate::session::paths::PREFIX)
+        {
+            return self.browser_endpoint(rt, ctx, b, req, conn).await;
+        }
         // 1. route
         let route = phase_route(rt, &req)?;
         ctx.route = Some(route.clone());
@@ -269,6 +286,9 @@ impl Proxy {
             // 2–3. a workload certificate authenticates and binds at once
             // (allow-listed per route by SPIFFE id).
             AuthMode::Mtls => ctx.binding = Some(phase_workload(rt, &route, &req, conn)?),
+            // 2–5. a browser session (OIDC login), then resolve and decide
+            // exactly as for a bearer token.
+            AuthMode::Browser => self.browser_phases(rt, ctx, &route, &req, conn).await?,
             AuthMode::Public => {}
         }
         self.metrics
@@ -410,6 +430,7 @@ impl Proxy {
             class,
             conn.peer.ip(),
             ctx.binding.as_ref(),
+            ctx.session.as_ref().map(|s| s.record.binding.as_str()),
             now,
         );
         let d = &out.decision;
@@ -484,6 +505,7 @@ impl Proxy {
         class: crate::policy::MethodClass,
         peer: std::net::IpAddr,
         binding: Option<&Binding>,
+        session_binding: Option<&str>,
         now: u64,
     ) -> crate::policy::Outcome {
         let owner = resolved
@@ -508,6 +530,7 @@ impl Proxy {
             zone: engine.zone(peer),
             binding: binding.map_or("none", |b| b.kind.as_str()),
             spiffe_id: spiffe.as_deref(),
+            session_binding,
         };
         let out = engine.decide(&facts, now);
         if out.cache_hit {

@@ -99,6 +99,22 @@ pub enum Denial {
     /// Something in the proxy failed; fail closed.
     #[error("internal error")]
     Internal,
+    /// A browser without a usable session: off to the IdP (or, on a step-up,
+    /// back to it with the stronger requirement).
+    #[error("login required")]
+    LoginRequired(Box<crate::session::Redirect>),
+    /// An API client on a browser route without a usable session.
+    #[error("this route needs a browser session; log in first")]
+    SessionRequired,
+    /// The session cookie is malformed or duplicated.
+    #[error("{0}")]
+    SessionCookie(crate::session::CookieError),
+    /// The session is bound to a client certificate this connection does not present.
+    #[error("this session belongs to another device")]
+    SessionBindingMismatch,
+    /// A login callback, logout or back-channel logout was refused.
+    #[error("{0}")]
+    Login(crate::session::LoginError),
 }
 
 impl Denial {
@@ -140,6 +156,11 @@ impl Denial {
             Denial::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
             Denial::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Denial::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            Denial::LoginRequired(r) => r.status,
+            Denial::SessionRequired => StatusCode::UNAUTHORIZED,
+            Denial::SessionCookie(_) => StatusCode::BAD_REQUEST,
+            Denial::SessionBindingMismatch => StatusCode::FORBIDDEN,
+            Denial::Login(e) => e.status(),
         }
     }
 
@@ -172,6 +193,10 @@ impl Denial {
             Denial::UpstreamUnavailable => "upstream_unavailable",
             Denial::UpstreamTimeout => "upstream_timeout",
             Denial::Internal => "internal_error",
+            Denial::LoginRequired(_) | Denial::SessionRequired => "login_required",
+            Denial::SessionCookie(_) => "invalid_session_cookie",
+            Denial::SessionBindingMismatch => "session_binding_mismatch",
+            Denial::Login(e) => e.code(),
         }
     }
 
@@ -180,6 +205,7 @@ impl Denial {
         match self {
             Denial::UpstreamUnavailable | Denial::UpstreamTimeout => Origin::Upstream,
             Denial::Internal
+            | Denial::Login(crate::session::LoginError::Store)
             | Denial::DpopInvalid {
                 error: DpopError::ReplayCacheFull,
                 ..
@@ -201,7 +227,12 @@ impl Denial {
             | Denial::Misdirected
             | Denial::Posture(_)
             | Denial::Framing(_)
+            | Denial::SessionRequired
+            | Denial::SessionCookie(_)
+            | Denial::SessionBindingMismatch
+            | Denial::Login(_)
             | Denial::NoRoute => "deny",
+            Denial::LoginRequired(_) => "login",
             Denial::Policy(p) => p.action(),
             _ => "allow",
         }
@@ -282,6 +313,108 @@ fn challenges(d: &Denial, dpop_algs: &str) -> Vec<String> {
     }
 }
 
+/// How the client of a refused request reads answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Audience {
+    /// API clients (and every bearer route): JSON bodies, challenges.
+    Api,
+    /// A person in a browser on a browser route: redirects to log in, and a
+    /// small HTML page for refusals.
+    Browser {
+        /// The request rode on a session that has now ended: clear its cookie.
+        clear_session: bool,
+    },
+}
+
+/// Escapes text for HTML element content and attribute values.
+fn html_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c if c.is_control() => out.push(' '),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// A one-line title for the refusal page.
+fn page_title(d: &Denial) -> &'static str {
+    match d.status() {
+        StatusCode::UNAUTHORIZED => "Please sign in again",
+        StatusCode::FORBIDDEN => "Access refused",
+        StatusCode::BAD_REQUEST => "Sign-in could not be completed",
+        s if s.is_server_error() => "Service unavailable",
+        _ => "Request refused",
+    }
+}
+
+/// Turns a refusal into the response for `audience`: the JSON of
+/// [`respond`] for API clients; for browsers a redirect (login, step-up) or
+/// a small accessible HTML page with the reason and the request id (no
+/// external assets, everything escaped).
+pub fn respond_to(
+    d: &Denial,
+    request_id: &str,
+    dpop_algs: &str,
+    audience: Audience,
+) -> Response<ProxyBody> {
+    let Audience::Browser { clear_session } = audience else {
+        return respond(d, request_id, dpop_algs);
+    };
+    if let Denial::LoginRequired(r) = d {
+        return crate::session::redirect_response(r, request_id);
+    }
+    let title = page_title(d);
+    let reason = html_escape(&d.to_string());
+    let id = html_escape(request_id);
+    let code = d.code();
+    let again = if clear_session || d.status() == StatusCode::UNAUTHORIZED {
+        "<p><a href=\"/\">Sign in again</a></p>"
+    } else {
+        ""
+    };
+    let body = format!(
+        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
+<meta name=\"viewport\" content=\"width=device-width\"><title>{title}</title></head>\
+<body><main><h1>{title}</h1><p role=\"alert\">{reason}</p>{again}\
+<p><small>Code: <code>{code}</code>. Request id: <code>{id}</code>. \
+Quote the request id when you ask for help.</small></p></main></body></html>\n"
+    );
+    let mut resp = Response::new(
+        Full::new(Bytes::from(body))
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
+    *resp.status_mut() = d.status();
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(
+        "content-security-policy",
+        HeaderValue::from_static("default-src 'none'"),
+    );
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        h.insert("x-request-id", v);
+    }
+    if (clear_session || matches!(d, Denial::SessionCookie(_)))
+        && let Ok(v) = HeaderValue::from_str(&crate::session::cookie::clear(
+            crate::session::cookie::SESSION_COOKIE,
+        ))
+    {
+        h.append(header::SET_COOKIE, v);
+    }
+    resp
+}
+
 /// Turns a refusal into the response the client sees. `dpop_algs` lists the
 /// accepted DPoP algorithms (space-separated; empty when DPoP is off).
 pub fn respond(d: &Denial, request_id: &str, dpop_algs: &str) -> Response<ProxyBody> {
@@ -338,6 +471,43 @@ mod tests {
             .iter()
             .map(|v| v.to_str().unwrap_or("").to_owned())
             .collect()
+    }
+
+    #[test]
+    fn browser_pages_escape_and_clear_ended_sessions() {
+        let d = Denial::Policy(PolicyRefusal::Denied {
+            reason: "<script>alert(1)</script> & \"x\"".into(),
+        });
+        let r = respond_to(
+            &d,
+            "id<1>",
+            "",
+            Audience::Browser {
+                clear_session: true,
+            },
+        );
+        assert_eq!(r.status(), StatusCode::FORBIDDEN);
+        assert!(
+            r.headers()[header::CONTENT_TYPE]
+                .to_str()
+                .unwrap_or("")
+                .starts_with("text/html")
+        );
+        assert!(
+            r.headers()[header::SET_COOKIE]
+                .to_str()
+                .unwrap_or("")
+                .contains("Max-Age=0")
+        );
+        let api = respond_to(&d, "id", "", Audience::Api);
+        assert_eq!(
+            api.headers()[header::CONTENT_TYPE],
+            HeaderValue::from_static("application/json")
+        );
+        assert_eq!(
+            html_escape("<a href=\"x\">'&"),
+            "&lt;a href=&quot;x&quot;&gt;&#39;&amp;"
+        );
     }
 
     #[test]

@@ -53,6 +53,10 @@ CREATE TABLE IF NOT EXISTS groups (
     id      TEXT PRIMARY KEY,
     body    TEXT NOT NULL
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS sessions (
+    id_hash TEXT PRIMARY KEY,
+    body    TEXT NOT NULL
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS meta (
     k TEXT PRIMARY KEY,
     v TEXT NOT NULL
@@ -212,6 +216,26 @@ impl EventStore for SqliteStore {
             let mut del_group = tx
                 .prepare_cached("DELETE FROM groups WHERE id = ?1")
                 .map_err(db)?;
+            let mut up_session = tx
+                .prepare_cached(
+                    "INSERT INTO sessions (id_hash, body) VALUES (?1, ?2)
+                     ON CONFLICT(id_hash) DO UPDATE SET body = excluded.body",
+                )
+                .map_err(db)?;
+            let mut del_session = tx
+                .prepare_cached("DELETE FROM sessions WHERE id_hash = ?1")
+                .map_err(db)?;
+            for (id, s) in &batch.sessions {
+                match s {
+                    Some(s) => {
+                        let body = serde_json::to_string(s).map_err(corrupt)?;
+                        up_session.execute(params![id, body]).map_err(db)?;
+                    }
+                    None => {
+                        del_session.execute(params![id]).map_err(db)?;
+                    }
+                }
+            }
             for (id, g) in &batch.groups {
                 match g {
                     Some(g) => {
@@ -287,6 +311,12 @@ impl EventStore for SqliteStore {
             Loaded::Revocation,
         )?;
         each(&self.conn, "SELECT body FROM groups", sink, Loaded::Group)?;
+        each(
+            &self.conn,
+            "SELECT body FROM sessions",
+            sink,
+            Loaded::Session,
+        )?;
         let last_seq = self
             .conn
             .query_row("SELECT COALESCE(MAX(seq), 0) FROM events", [], |r| {

@@ -627,6 +627,29 @@ impl TlsConn {
         Ok((parts.status, parts.headers, body))
     }
 
+    /// Sends one request with a body on this connection.
+    pub async fn send_body(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: impl Into<Bytes>,
+    ) -> Result<(StatusCode, http::HeaderMap, Bytes), BoxError> {
+        let mut b = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", &self.host);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        let req = b.body(full(body))?;
+        tokio::time::timeout(DEADLINE, self.sender.ready()).await??;
+        let resp = tokio::time::timeout(DEADLINE, self.sender.send_request(req)).await??;
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await?.to_bytes();
+        Ok((parts.status, parts.headers, body))
+    }
+
     /// Like [`TlsConn::send`] for a GET, panicking on transport errors.
     pub async fn get(
         &mut self,

@@ -1,0 +1,233 @@
+//! Phases 2–5 for `auth = "browser"` routes, and the proxy-owned paths
+//! under `/.portcullis/`: the glue between the pipeline and `session/`.
+//! A session becomes the same principal a bearer token would, so phases 4
+//! and 5 are the very functions the bearer path runs.
+
+use std::sync::Arc;
+
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+
+use super::rescue::Audience;
+use super::{ConnInfo, Denial, Proxy, ProxyBody, RequestCtx, Runtime, fresh_peer};
+use crate::binding::{Binding, BindingKind};
+use crate::policy::PolicyRefusal;
+use crate::route::Route;
+use crate::session::{self, Browser, LiveSession, LoginError, SessionBinding, paths};
+
+impl Proxy {
+    /// Phases 2–5 on a session: cookie → session → principal; the session's
+    /// certificate binding; resolve and decide as for a bearer token. A
+    /// browser without a session is sent to log in (API clients get 401); a
+    /// step-up goes back to the IdP; a subject or device that must not go on
+    /// ends the session.
+    pub(super) async fn browser_phases(
+        &self,
+        rt: &Runtime,
+        ctx: &mut RequestCtx,
+        route: &Route,
+        req: &Request<Incoming>,
+        conn: &ConnInfo,
+    ) -> Result<(), Denial> {
+        let b = rt.browser.as_deref().ok_or(Denial::Internal)?;
+        let api = session::is_api_request(req);
+        if !api {
+            ctx.audience = Audience::Browser {
+                clear_session: false,
+            };
+        }
+        let now = crate::util::now_unix();
+        // 2. authenticate: the session cookie
+        let live = b
+            .authenticate(req.headers(), &rt.auth, self.posture.snapshot(), now)
+            .map_err(Denial::SessionCookie)?;
+        let Some(live) = live else {
+            return Err(login_or_401(b, req, None, api, now).await);
+        };
+        ctx.auth = Some(session::authenticated(&live));
+        ctx.session = Some(live.clone());
+        // 3. bind: a certificate-bound session only on its certificate.
+        // (DBSC, session::dbsc: a session with a registered key needs its
+        // fresh bound cookie here.)
+        let binding = session_binding(&live, conn, now)?;
+        // 4. resolve, with the lifecycle baseline always on for sessions: a
+        // leaver or a lost device ends the session, whatever policies say.
+        let engine = self.policy.load();
+        let resolved = match &ctx.auth {
+            Some(a) => self.phase_resolve(a, binding.device.as_deref(), engine.is_none()),
+            None => Err(Denial::Internal),
+        }
+        .and_then(|r| {
+            crate::posture::Posture::lifecycle(&r)
+                .map(|()| r)
+                .map_err(Denial::Posture)
+        });
+        ctx.binding = Some(binding);
+        let resolved = match resolved {
+            Ok(r) => r,
+            Err(d) => return Err(self.end_session(b, ctx, &live, d).await),
+        };
+        ctx.resolved = Some(resolved);
+        // 5. decide
+        let Some(engine) = engine else {
+            return Ok(());
+        };
+        match self
+            .phase_decide(&engine, ctx, route, req.method(), conn)
+            .await
+        {
+            Ok(()) => {
+                // `shorten` caps the session's absolute expiry, durably (once).
+                let cap = ctx
+                    .decision
+                    .as_ref()
+                    .filter(|d| d.action == crate::policy::Action::Shorten)
+                    .and_then(|d| d.session_ttl_s);
+                if let Some(ttl) = cap
+                    && let Err(e) = b.cap_expiry(&self.posture, &live.record, ttl).await
+                {
+                    tracing::warn!(request_id = %ctx.id, error = %e, "session cap was not recorded");
+                }
+                Ok(())
+            }
+            Err(Denial::Policy(PolicyRefusal::StepUp {
+                acr_values,
+                max_age_s,
+                ..
+            })) if !api => {
+                let acr = Some(acr_values.join(" ")).filter(|a| !a.is_empty());
+                Err(login_or_401(b, req, Some((acr, max_age_s)), api, now).await)
+            }
+            Err(Denial::Policy(PolicyRefusal::SessionCapped { .. })) => {
+                let _ = self.end_session(b, ctx, &live, Denial::Internal).await;
+                Err(login_or_401(b, req, None, api, now).await)
+            }
+            Err(d @ Denial::Policy(PolicyRefusal::Revoked { .. })) => {
+                Err(self.end_session(b, ctx, &live, d).await)
+            }
+            Err(d) => Err(d),
+        }
+    }
+
+    /// Ends a session whose subject or device must not go on, then returns
+    /// the refusal (the browser's cookie is cleared with it).
+    async fn end_session(
+        &self,
+        b: &Browser,
+        ctx: &mut RequestCtx,
+        live: &LiveSession,
+        d: Denial,
+    ) -> Denial {
+        let hash = live.record.id_hash.clone();
+        if let Err(e) = b
+            .end_sessions(&self.posture, &[hash], "session.ended")
+            .await
+        {
+            // The refusal stands; the next request decides again.
+            tracing::error!(request_id = %ctx.id, error = %e, "session end was not recorded");
+        }
+        if let Audience::Browser { .. } = ctx.audience {
+            ctx.audience = Audience::Browser {
+                clear_session: true,
+            };
+        }
+        d
+    }
+
+    /// The proxy-owned paths under `/.portcullis/`: the login callback,
+    /// logout, back-channel logout.
+    pub(super) async fn browser_endpoint(
+        &self,
+        rt: &Runtime,
+        ctx: &mut RequestCtx,
+        b: &Browser,
+        req: Request<Incoming>,
+        conn: &ConnInfo,
+    ) -> Result<Response<ProxyBody>, Denial> {
+        ctx.audience = Audience::Browser {
+            clear_session: false,
+        };
+        let path = req.uri().path();
+        match (req.method().clone(), path) {
+            (Method::GET, paths::CALLBACK) => {
+                let now = crate::util::now_unix();
+                let peer = fresh_peer(conn, now)?;
+                let cert = peer.map(|p| (p, rt.binder.certificate_device(Some(p)).ok().flatten()));
+                let r = b
+                    .callback(&req, cert, &rt.auth, &self.posture)
+                    .await
+                    .map_err(Denial::Login)?;
+                Ok(session::redirect_response(&r, &ctx.id))
+            }
+            (Method::GET, paths::LOGOUT) => Ok(session::logout_page(&ctx.id)),
+            (Method::POST, paths::LOGOUT) => {
+                let r = b.logout(&req, &self.posture).await.map_err(Denial::Login)?;
+                Ok(session::redirect_response(&r, &ctx.id))
+            }
+            (Method::POST, paths::BACKCHANNEL_LOGOUT) => {
+                ctx.audience = Audience::Api;
+                let body = session::read_body(req.into_body()).await?;
+                b.backchannel_logout(&body, &rt.auth, &self.posture)
+                    .await
+                    .map_err(Denial::Login)?;
+                let mut resp = Response::new(http_body_util::BodyExt::boxed_unsync(
+                    http_body_util::BodyExt::map_err(
+                        http_body_util::Empty::<bytes::Bytes>::new(),
+                        |never| match never {},
+                    ),
+                ));
+                *resp.status_mut() = StatusCode::OK;
+                resp.headers_mut().insert(
+                    http::header::CACHE_CONTROL,
+                    http::HeaderValue::from_static("no-store"),
+                );
+                Ok(resp)
+            }
+            // `/.portcullis/dbsc/…` (registration, refresh) is session::dbsc's.
+            _ => Err(Denial::NoRoute),
+        }
+    }
+}
+
+/// Where a browser without a usable session goes: to the IdP (with the
+/// step-up requirement, if any); an API client gets 401 instead.
+async fn login_or_401(
+    b: &Browser,
+    req: &Request<Incoming>,
+    step_up: Option<(Option<String>, Option<u64>)>,
+    api: bool,
+    now: u64,
+) -> Denial {
+    if api {
+        return Denial::SessionRequired;
+    }
+    match b.start_login(req, step_up, now).await {
+        Ok(r) => Denial::LoginRequired(Box::new(r)),
+        Err(e) => Denial::Login(LoginError::Oidc(e)),
+    }
+}
+
+/// Phase 3 for sessions: a certificate-bound session is only honoured on
+/// a connection presenting the same certificate.
+fn session_binding(live: &Arc<LiveSession>, conn: &ConnInfo, now: u64) -> Result<Binding, Denial> {
+    let r = &live.record;
+    match r.binding {
+        SessionBinding::Mtls => {
+            let peer = fresh_peer(conn, now)?.ok_or(Denial::SessionBindingMismatch)?;
+            let thumb = hex::encode(peer.sha256);
+            if r.cert_thumbprint.as_deref() != Some(thumb.as_str()) {
+                return Err(Denial::SessionBindingMismatch);
+            }
+            Ok(Binding {
+                kind: BindingKind::Mtls,
+                device: r.device.clone().filter(|_| r.device_verified),
+                workload: None,
+            })
+        }
+        SessionBinding::None | SessionBinding::Dbsc => Ok(Binding {
+            kind: BindingKind::None,
+            device: None,
+            workload: None,
+        }),
+    }
+}
