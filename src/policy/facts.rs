@@ -276,6 +276,18 @@ impl Default for TimeFacts {
 pub struct Limits {
     pub posture_max_age_s: i64,
     pub workload_max_credential_age_s: i64,
+    /// `[policy] snapshot_max_age_s`: past it, high and critical routes close.
+    pub snapshot_max_age_s: i64,
+}
+
+/// `context.snapshot`: how fresh this replica's picture is.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+#[allow(missing_docs)]
+pub struct SnapshotFacts {
+    /// Seconds since the replica was last in sync with the cluster (0 when
+    /// in sync, and always 0 with the embedded store).
+    pub age_s: i64,
 }
 
 impl Default for Limits {
@@ -284,6 +296,7 @@ impl Default for Limits {
             posture_max_age_s: crate::config::DEFAULT_POSTURE_MAX_AGE_S as i64,
             workload_max_credential_age_s: crate::config::DEFAULT_WORKLOAD_MAX_CREDENTIAL_AGE_S
                 as i64,
+            snapshot_max_age_s: crate::config::DEFAULT_SNAPSHOT_MAX_AGE_S as i64,
         }
     }
 }
@@ -305,6 +318,7 @@ pub struct Inputs {
     pub workload: WorkloadFacts,
     pub time: TimeFacts,
     pub limits: Limits,
+    pub snapshot: SnapshotFacts,
 }
 
 /// A named set of CIDR blocks (`[[network.zones]]`).
@@ -575,6 +589,9 @@ impl Inputs {
             workload,
             time: TimeFacts::at(now_s),
             limits: limits.clone(),
+            snapshot: SnapshotFacts {
+                age_s: i64::try_from(r.snapshot_age_s).unwrap_or(i64::MAX),
+            },
         }
     }
 
@@ -641,7 +658,7 @@ impl Inputs {
             )
             .map_err(|e| e.to_string())
         };
-        let mut used = [false; 8];
+        let mut used = [false; 9];
         let d = &self.device;
         let i = &self.identity;
         let a = &self.auth;
@@ -752,8 +769,13 @@ impl Inputs {
                         ("workload_max_credential_age_s", &|| {
                             l(self.limits.workload_max_credential_age_s)
                         }),
+                        ("snapshot_max_age_s", &|| l(self.limits.snapshot_max_age_s)),
                     ],
                 )?,
+            ),
+            (
+                "snapshot",
+                rec("snapshot", &[("age_s", &|| l(self.snapshot.age_s))])?,
             ),
         ];
         let mut first = 0;
@@ -824,6 +846,8 @@ pub const FIELDS: &[(&str, &str)] = &[
     ("time", "weekday_utc"),
     ("limits", "posture_max_age_s"),
     ("limits", "workload_max_credential_age_s"),
+    ("limits", "snapshot_max_age_s"),
+    ("snapshot", "age_s"),
 ];
 
 /// Which context attributes a policy set reads, found at load from the

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use super::facts::{
-    AuthFacts, DeviceFacts, IdentityFacts, Limits, MethodClass, NetworkFacts, Principal,
+    AuthFacts, DeviceFacts, IdentityFacts, Limits, MethodClass, NetworkFacts, Principal, SnapshotFacts,
     RouteFacts, TimeFacts, WorkloadFacts,
 };
 use super::{Action, CompiledSet, Decision, Inputs, LoadError, load_dir};
@@ -84,6 +84,8 @@ pub struct Case {
     pub time: TimeFacts,
     #[serde(default)]
     pub limits: Limits,
+    #[serde(default)]
+    pub snapshot: SnapshotFacts,
 }
 
 #[derive(Debug, Deserialize)]
@@ -118,6 +120,7 @@ impl Case {
             workload: self.workload.clone(),
             time: self.time.clone(),
             limits: self.limits.clone(),
+            snapshot: self.snapshot.clone(),
         })
     }
 

@@ -40,6 +40,25 @@ pub enum IngestError {
     /// The writer is gone (shutting down).
     #[error("ingest is shutting down")]
     Closed,
+    /// The distributed store cannot make the event durable now (NATS is
+    /// unreachable or did not acknowledge); nothing was acknowledged.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// The meta key of this replica's position in the cluster stream (the last
+/// stream sequence applied), committed with the records it produced.
+pub const STREAM_POSITION_KEY: &str = "nats.stream_seq";
+
+/// One message of the cluster stream, as the consumer hands it to the writer.
+#[derive(Debug, Clone)]
+pub struct StreamItem {
+    /// Its stream sequence.
+    pub seq: u64,
+    /// The event and its accepting replica's accept time (ms since epoch);
+    /// `None` for a message that was counted and skipped (bad input), which
+    /// still moves the position past it.
+    pub event: Option<(u64, PostureEvent)>,
 }
 
 enum Job {
@@ -62,6 +81,10 @@ enum Job {
         value: String,
         reply: oneshot::Sender<Result<(), StoreError>>,
     },
+    Stream {
+        items: Vec<StreamItem>,
+        reply: oneshot::Sender<Result<(), IngestError>>,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -82,6 +105,13 @@ pub struct Posture {
     /// skip the lookups when nothing is pending.
     pending_upper_bound: Arc<std::sync::atomic::AtomicI64>,
     metrics: Arc<Metrics>,
+    /// The distributed store, when `[store] kind = "nats"`: ingest publishes
+    /// there and the stream consumer applies.
+    cluster: std::sync::OnceLock<Arc<crate::store::nats::Cluster>>,
+    /// The last stream sequence applied (0 without a cluster).
+    stream_applied: tokio::sync::watch::Sender<u64>,
+    /// Outcomes of recently applied stream messages, for the ingesting replica.
+    stream_outcomes: Cache<u64, Outcome>,
 }
 
 impl std::fmt::Debug for Posture {
@@ -103,6 +133,9 @@ pub struct Resolved {
     pub device_id: Option<String>,
     /// The device record, when known. `None` with a `device_id` = unknown device.
     pub device: Option<Arc<Device>>,
+    /// Seconds since the snapshot was last known in sync with the cluster
+    /// (always 0 for the embedded store): `context.snapshot.age_s`.
+    pub snapshot_age_s: u64,
 }
 
 /// Why the baseline (applied before any policy) refuses a request.
@@ -156,6 +189,14 @@ impl Posture {
             }
         })?;
         snapshot.set_version(last_seq);
+        let stream_pos = store
+            .get_meta(STREAM_POSITION_KEY)?
+            .map(|v| {
+                v.parse::<u64>()
+                    .map_err(|_| StoreError::Corrupt(format!("{STREAM_POSITION_KEY}: `{v}`")))
+            })
+            .transpose()?
+            .unwrap_or(0);
         let (tx, rx) = mpsc::channel(4096);
         let pending_upper_bound = Arc::new(std::sync::atomic::AtomicI64::new(0));
         let counter = pending_upper_bound.clone();
@@ -171,11 +212,15 @@ impl Posture {
                 .build(),
             pending_upper_bound,
             metrics,
+            cluster: std::sync::OnceLock::new(),
+            stream_applied: tokio::sync::watch::Sender::new(stream_pos),
+            stream_outcomes: Cache::new(65_536),
         });
         let writer = Writer {
             store,
             snapshot,
             next_seq: last_seq + 1,
+            stream_pos,
             posture: Arc::downgrade(&me),
         };
         std::thread::Builder::new()
@@ -192,9 +237,33 @@ impl Posture {
 
     /// Validates, makes durable and applies events; returns once they are
     /// committed (so a caller may acknowledge), with one outcome per event.
+    /// With a cluster, durable means acknowledged by JetStream; the call then
+    /// waits (bounded) for this replica to apply them from the stream.
     pub async fn ingest(&self, events: Vec<PostureEvent>) -> Result<Vec<Outcome>, IngestError> {
         for e in &events {
             e.validate()?;
+        }
+        if let Some(c) = self.cluster.get() {
+            let acks = c.publish(&events).await?;
+            let last = acks.iter().map(|a| a.0).max().unwrap_or(0);
+            let mut rx = self.stream_applied.subscribe();
+            let applied = tokio::time::timeout(c.ack_timeout(), rx.wait_for(|p| *p >= last)).await;
+            if !matches!(applied, Ok(Ok(_))) {
+                tracing::warn!(
+                    stream_seq = last,
+                    "events are durable in the stream but not applied here yet"
+                );
+            }
+            return Ok(acks
+                .into_iter()
+                .map(|(seq, duplicate)| {
+                    if duplicate {
+                        Outcome::Duplicate
+                    } else {
+                        self.stream_outcomes.get(&seq).unwrap_or(Outcome::Applied)
+                    }
+                })
+                .collect());
         }
         let (reply, rx) = oneshot::channel();
         self.jobs
@@ -203,6 +272,38 @@ impl Posture {
                 accepted: Instant::now(),
                 reply,
             })
+            .await
+            .map_err(|_| IngestError::Closed)?;
+        rx.await.map_err(|_| IngestError::Closed)?
+    }
+
+    /// Joins a cluster: from now on ingest publishes to its stream.
+    pub fn attach_cluster(&self, cluster: Arc<crate::store::nats::Cluster>) {
+        let _ = self.cluster.set(cluster);
+    }
+
+    /// The cluster, when `[store] kind = "nats"`.
+    pub fn cluster(&self) -> Option<&Arc<crate::store::nats::Cluster>> {
+        self.cluster.get()
+    }
+
+    /// The last stream sequence this replica applied (0 without a cluster).
+    pub fn stream_position(&self) -> u64 {
+        *self.stream_applied.borrow()
+    }
+
+    /// Seconds since this replica last knew it was in sync with the cluster
+    /// (0 for the embedded store): `context.snapshot.age_s`.
+    pub fn snapshot_age_s(&self) -> u64 {
+        self.cluster.get().map_or(0, |c| c.snapshot_age_s())
+    }
+
+    /// Applies messages of the cluster stream, in order, through the one
+    /// apply path; returns once they (and the new position) are committed.
+    pub async fn apply_stream(&self, items: Vec<StreamItem>) -> Result<(), IngestError> {
+        let (reply, rx) = oneshot::channel();
+        self.jobs
+            .send(Job::Stream { items, reply })
             .await
             .map_err(|_| IngestError::Closed)?;
         rx.await.map_err(|_| IngestError::Closed)?
@@ -261,6 +362,7 @@ impl Posture {
             identity,
             device_id: device_id.map(str::to_owned),
             device,
+            snapshot_age_s: self.snapshot_age_s(),
         }
     }
 
@@ -386,13 +488,25 @@ struct Writer {
     store: Box<dyn EventStore>,
     snapshot: Arc<Snapshot>,
     next_seq: u64,
+    /// The last cluster stream sequence committed (0 without a cluster).
+    stream_pos: u64,
     posture: std::sync::Weak<Posture>,
+}
+
+enum Reply {
+    Local(oneshot::Sender<Result<Vec<Outcome>, IngestError>>),
+    /// A stream batch: answered once for all its items, by the last one.
+    Stream(Option<oneshot::Sender<Result<(), IngestError>>>),
 }
 
 struct Applying {
     events: Vec<PostureEvent>,
     accepted: Instant,
-    reply: oneshot::Sender<Result<Vec<Outcome>, IngestError>>,
+    /// When the accepting replica accepted it (ms); `None` = now, here.
+    accepted_ms: Option<u64>,
+    /// Its cluster stream sequence, for stream messages.
+    stream_seq: Option<u64>,
+    reply: Reply,
 }
 
 impl Writer {
@@ -412,8 +526,37 @@ impl Writer {
                         applies.push(Applying {
                             events,
                             accepted,
-                            reply,
+                            accepted_ms: None,
+                            stream_seq: None,
+                            reply: Reply::Local(reply),
                         });
+                    }
+                    Job::Stream { items, reply } => {
+                        n_events += items.len();
+                        let now_ms = crate::util::now_unix_ms();
+                        let now = Instant::now();
+                        let last = items.len().saturating_sub(1);
+                        let mut reply = Some(reply);
+                        for (i, item) in items.into_iter().enumerate() {
+                            let (accepted_ms, events) = match item.event {
+                                Some((ms, ev)) => (ms, vec![ev]),
+                                None => (now_ms, Vec::new()),
+                            };
+                            // The control window runs from the accepting
+                            // replica's accept time, carried in the event.
+                            let accepted = now
+                                .checked_sub(Duration::from_millis(
+                                    now_ms.saturating_sub(accepted_ms),
+                                ))
+                                .unwrap_or(now);
+                            applies.push(Applying {
+                                events,
+                                accepted,
+                                accepted_ms: Some(accepted_ms),
+                                stream_seq: Some(item.seq),
+                                reply: Reply::Stream(if i == last { reply.take() } else { None }),
+                            });
+                        }
                     }
                     Job::History { key, limit, reply } => {
                         let _ = reply.send(self.store.history(&key, limit));
@@ -448,9 +591,24 @@ impl Writer {
         let mut pendings: Vec<(String, Pending)> = Vec::new();
         let first_seq = self.next_seq;
         let mut failed: Option<StoreError> = None;
+        let mut stream_pos = self.stream_pos;
+        let mut stream_outcomes: Vec<(u64, Outcome)> = Vec::new();
+        let mut lag_ms: Option<u64> = None;
 
         'jobs: for job in &jobs {
             let mut outs = Vec::with_capacity(job.events.len());
+            let accepted_ms = job.accepted_ms.unwrap_or(accepted_ms);
+            if let Some(seq) = job.stream_seq {
+                // INVARIANT: the position only moves forward, so a message
+                // redelivered after a reconnect is never applied twice.
+                if seq <= stream_pos {
+                    outs.extend(job.events.iter().map(|_| Outcome::Duplicate));
+                    outcomes.push(outs);
+                    continue;
+                }
+                stream_pos = seq;
+                lag_ms = Some(crate::util::now_unix_ms().saturating_sub(accepted_ms));
+            }
             for ev in &job.events {
                 let dup = seen.contains(&ev.id)
                     || match self.store.contains(&ev.id) {
@@ -461,6 +619,9 @@ impl Writer {
                         }
                     };
                 if dup {
+                    if let Some(s) = job.stream_seq {
+                        stream_outcomes.push((s, Outcome::Duplicate));
+                    }
                     outs.push(Outcome::Duplicate);
                     continue;
                 }
@@ -592,12 +753,20 @@ impl Writer {
                     accepted_ms,
                     outcome,
                 });
+                if let Some(s) = job.stream_seq {
+                    stream_outcomes.push((s, outcome));
+                }
                 outs.push(outcome);
             }
             outcomes.push(outs);
         }
 
-        if failed.is_none() && !batch.events.is_empty() {
+        if stream_pos != self.stream_pos {
+            batch
+                .meta
+                .push((STREAM_POSITION_KEY.to_owned(), stream_pos.to_string()));
+        }
+        if failed.is_none() && (!batch.events.is_empty() || !batch.meta.is_empty()) {
             batch.devices = devices.values().cloned().collect();
             batch.identities = identities.values().cloned().collect();
             batch.revocations = revocations.values().cloned().collect();
@@ -611,9 +780,16 @@ impl Writer {
             self.next_seq = first_seq;
             tracing::error!(error = %e, "event batch not stored; feeds get an error and will retry");
             for job in jobs {
-                let _ = job
-                    .reply
-                    .send(Err(IngestError::Store(StoreError::Db(e.to_string()))));
+                let err = IngestError::Store(StoreError::Db(e.to_string()));
+                match job.reply {
+                    Reply::Local(r) => {
+                        let _ = r.send(Err(err));
+                    }
+                    Reply::Stream(Some(r)) => {
+                        let _ = r.send(Err(err));
+                    }
+                    Reply::Stream(None) => {}
+                }
             }
             return;
         }
@@ -639,6 +815,19 @@ impl Writer {
             self.snapshot.put_group(&id, g.map(Arc::new));
         }
         self.snapshot.set_version(self.next_seq - 1);
+        let moved = stream_pos != self.stream_pos;
+        self.stream_pos = stream_pos;
+        if let Some(p) = &posture
+            && moved
+        {
+            for (s, o) in stream_outcomes {
+                p.stream_outcomes.insert(s, o);
+            }
+            p.stream_applied.send_replace(stream_pos);
+            if let Some(ms) = lag_ms {
+                p.metrics.cluster_stream_lag_seconds.set(ms as f64 / 1000.0);
+            }
+        }
         if let Some(p) = &posture {
             p.metrics
                 .apply_seconds
@@ -665,7 +854,15 @@ impl Writer {
             }
         }
         for (job, outs) in jobs.into_iter().zip(outcomes) {
-            let _ = job.reply.send(Ok(outs));
+            match job.reply {
+                Reply::Local(r) => {
+                    let _ = r.send(Ok(outs));
+                }
+                Reply::Stream(Some(r)) => {
+                    let _ = r.send(Ok(()));
+                }
+                Reply::Stream(None) => {}
+            }
         }
     }
 }

@@ -107,7 +107,7 @@ impl Denial {
             Denial::Posture(crate::posture::PostureDenial::Revoked(_)) => StatusCode::UNAUTHORIZED,
             Denial::Posture(_) => StatusCode::FORBIDDEN,
             Denial::DpopInvalid {
-                error: DpopError::ReplayCacheFull,
+                error: DpopError::ReplayCacheFull | DpopError::ReplayCheckUnavailable,
                 ..
             } => StatusCode::SERVICE_UNAVAILABLE,
             Denial::DpopInvalid { .. } => StatusCode::UNAUTHORIZED,
@@ -145,6 +145,7 @@ impl Denial {
                 e if e.wants_nonce() => "use_dpop_nonce",
                 DpopError::KeyMismatch => "binding_mismatch",
                 DpopError::ReplayCacheFull => "dpop_replay_cache_full",
+                DpopError::ReplayCheckUnavailable => "dpop_replay_check_unavailable",
                 _ => "invalid_dpop_proof",
             },
             Denial::BindingMismatch {
@@ -171,7 +172,7 @@ impl Denial {
             Denial::UpstreamUnavailable | Denial::UpstreamTimeout => Origin::Upstream,
             Denial::Internal
             | Denial::DpopInvalid {
-                error: DpopError::ReplayCacheFull,
+                error: DpopError::ReplayCacheFull | DpopError::ReplayCheckUnavailable,
                 ..
             } => Origin::Internal,
             _ => Origin::Downstream,
@@ -254,7 +255,9 @@ fn challenges(d: &Denial, dpop_algs: &str) -> Vec<String> {
             let code = match error {
                 e if e.wants_nonce() => "use_dpop_nonce",
                 DpopError::KeyMismatch => "invalid_token",
-                DpopError::ReplayCacheFull => return Vec::new(),
+                DpopError::ReplayCacheFull | DpopError::ReplayCheckUnavailable => {
+                    return Vec::new();
+                }
                 _ => "invalid_dpop_proof",
             };
             vec![dpop_challenge(Some(code), &desc, dpop_algs)]

@@ -5,6 +5,7 @@
 //! This room never decides access and never reads the clock: it stores what
 //! the ingest path hands it.
 
+pub mod nats;
 pub mod sqlite;
 
 use serde::{Deserialize, Serialize};
@@ -72,6 +73,8 @@ pub struct CommitBatch {
     pub revocations: Vec<Revocation>,
     /// Groups in their new state (`None` = deleted), by id.
     pub groups: Vec<(String, Option<Group>)>,
+    /// Meta values written in the same transaction (the cluster stream position).
+    pub meta: Vec<(String, String)>,
 }
 
 /// One record read back on a cold start.

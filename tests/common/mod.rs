@@ -19,6 +19,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use portcullis::demo::pki::{DevCa, SigningKey};
 use tokio::net::TcpListener;
 
+pub mod nats;
+
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type TestBody = UnsyncBoxBody<Bytes, BoxError>;
 
