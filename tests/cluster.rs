@@ -36,7 +36,7 @@ struct Cluster {
     replicas: Vec<Option<ServeProcess>>,
 }
 
-fn replica_config(c: &Cluster, i: usize) -> PathBuf {
+fn replica_config(c: &Cluster, i: usize, cache: &str) -> PathBuf {
     let routes = format!(
         "[[routes]]\nname = \"app\"\npath_prefix = \"/\"\nupstream = \"{}\"\nauth = \"bearer\"\n",
         c.upstream.url()
@@ -56,6 +56,7 @@ url = "{url}"
 replica = "r{i}"
 max_staleness_s = 1
 ack_timeout_ms = 2000
+cache = "{cache}"
 
 [feeds]
 max_body_bytes = 65536
@@ -74,6 +75,10 @@ secret = "{MDM_SECRET}"
 
 impl Cluster {
     async fn start() -> Self {
+        Self::start_with(&["full", "full", "full"]).await
+    }
+
+    async fn start_with(caches: &[&str]) -> Self {
         let pki = TestPki::new();
         let nats = NatsServer::start().await;
         let upstream = Upstream::start().await;
@@ -90,8 +95,8 @@ impl Cluster {
             user_key,
             replicas: Vec::new(),
         };
-        for i in 0..3 {
-            let cfg = replica_config(&c, i);
+        for (i, cache) in caches.iter().enumerate() {
+            let cfg = replica_config(&c, i, cache);
             c.replicas.push(Some(ServeProcess::spawn(&cfg).await));
         }
         c
@@ -358,14 +363,42 @@ async fn nats_and_replica_crashes_lose_nothing_and_apply_nothing_twice() {
             .collect()
     };
 
-    // Mid-stream: a first part, accepted round-robin by the three replicas.
-    for (i, id) in ids(30) {
-        assert_eq!(c.mdm_compliance(i, &id, &format!("dev-{id}")).await, StatusCode::ACCEPTED);
-        acked.push(id);
-    }
+    // Mid-stream: a sender feeds the three replicas round-robin and retries
+    // each event until it is acknowledged, as a feed does.
+    let admins: Vec<SocketAddr> = (0..3).map(|i| c.r(i).admin).collect();
+    let batch = ids(60);
+    let (progress_tx, mut progress) = tokio::sync::watch::channel(0usize);
+    let sender = tokio::spawn(async move {
+        let mut done = Vec::new();
+        for (n, (i, id)) in batch.into_iter().enumerate() {
+            let start = Instant::now();
+            loop {
+                let now = portcullis::util::now_unix_ms();
+                let (st, _) = send(
+                    admins[i],
+                    "POST",
+                    "/mdm/v1/acme/events",
+                    MDM_SECRET,
+                    "application/json",
+                    format!(r#"{{"event_id":"{id}","device_id":"dev-{id}","occurred_at":{now},"compliance":"compliant"}}"#),
+                )
+                .await;
+                if st == StatusCode::ACCEPTED {
+                    break;
+                }
+                assert_eq!(st, StatusCode::SERVICE_UNAVAILABLE, "{id}: only 202 or 503");
+                assert!(start.elapsed() < DEADLINE * 2, "{id} never acknowledged");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            done.push(id);
+            let _ = progress_tx.send(n + 1);
+        }
+        done
+    });
+    progress.wait_for(|n| *n >= 20).await.unwrap();
 
-    // nats-server SIGKILLed: feeds answer 503 (never 2xx), readiness follows
-    // staleness, requests keep being decided on the last state.
+    // nats-server SIGKILLed mid-stream: feeds answer 503 (never 2xx),
+    // readiness follows staleness, requests keep being decided on the last state.
     c.nats.kill();
     let t = c.token("erin", "dev-ev-1", None);
     for i in 0..3 {
@@ -379,12 +412,6 @@ async fn nats_and_replica_crashes_lose_nothing_and_apply_nothing_twice() {
         .await;
         assert_eq!(c.request(i, &t, &[]).await, (StatusCode::OK, true));
     }
-    let refused_while_down = ids(6);
-    for (i, id) in &refused_while_down {
-        let st = c.mdm_compliance(*i, id, &format!("dev-{id}")).await;
-        assert_eq!(st, StatusCode::SERVICE_UNAVAILABLE, "{id} while NATS is down");
-    }
-
     c.nats.restart().await;
     for i in 0..3 {
         eventually(&format!("r{i} to be ready again"), || async {
@@ -392,23 +419,13 @@ async fn nats_and_replica_crashes_lose_nothing_and_apply_nothing_twice() {
         })
         .await;
     }
-    // A sender retries what was refused until it is acknowledged.
-    for (i, id) in refused_while_down
-        .iter()
-        .cloned()
-        .chain([(1, "down-probe".to_owned())])
-    {
-        let device = if id == "down-probe" {
-            "dev-down".to_owned()
-        } else {
-            format!("dev-{id}")
-        };
-        eventually(&format!("{id} to be acknowledged"), || async {
-            c.mdm_compliance(i, &id, &device).await == StatusCode::ACCEPTED
-        })
-        .await;
-        acked.push(id);
-    }
+    acked.extend(tokio::time::timeout(DEADLINE * 3, sender).await.unwrap().unwrap());
+    // The probe refused while NATS was down is retried until acknowledged.
+    eventually("the probe to be acknowledged", || async {
+        c.mdm_compliance(1, "down-probe", "dev-down").await == StatusCode::ACCEPTED
+    })
+    .await;
+    acked.push("down-probe".to_owned());
 
     // Replica 3 SIGKILLed while the stream goes on, then restarted.
     c.replicas[2] = None;
@@ -439,4 +456,329 @@ async fn nats_and_replica_crashes_lose_nothing_and_apply_nothing_twice() {
         let (n, distinct, _) = c.logged(i);
         assert_eq!((n, distinct), (want, want), "r{i}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lazy_sidecar_reads_devices_on_demand_and_follows_changes() {
+    let c = Cluster::start_with(&["full", "lazy"]).await;
+    // Lost before the sidecar ever saw it: read from the records bucket.
+    let t = c.token("ivy", "win-i", None);
+    let (st, body) = c.mdm_lost(0, "lost-i", "win-i").await;
+    assert_eq!(st, StatusCode::ACCEPTED, "{body}");
+    eventually("the sidecar to refuse a device it fetched", || async {
+        let (st, fwd) = c.request(1, &t, &[]).await;
+        refused(st) && !fwd
+    })
+    .await;
+    // Held by the sidecar (unknown so far), then lost at the full replica:
+    // the bucket's updates reach the cached entry.
+    let t = c.token("jon", "win-j", None);
+    assert_eq!(c.request(1, &t, &[]).await, (StatusCode::OK, true));
+    let (st, body) = c.mdm_lost(1, "lost-j", "win-j").await;
+    assert_eq!(st, StatusCode::ACCEPTED, "{body}");
+    eventually("the sidecar to refuse a device it held", || async {
+        let (st, fwd) = c.request(1, &t, &[]).await;
+        refused(st) && !fwd
+    })
+    .await;
+    let (st, fwd) = c.request(0, &t, &[]).await;
+    assert!(refused(st) && !fwd);
+}
+
+async fn metrics(admin: SocketAddr) -> String {
+    let http = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Full<Bytes>>();
+    let r = http
+        .get(format!("http://{admin}/metrics").parse().unwrap())
+        .await
+        .unwrap();
+    String::from_utf8(r.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_stream_input_is_skipped_and_a_newer_format_refuses_start() {
+    let c = Cluster::start_with(&["full"]).await;
+    let nc = async_nats::connect(c.nats.url()).await.unwrap();
+    let js = async_nats::jetstream::new(nc);
+    let good = |v: u64, feed: &str| {
+        json!({"v": v, "replica": "rx", "accepted_ms": 1, "event": {
+            "id": format!("raw-{v}-{feed}"), "feed": feed, "kind": "admin.device-lost", "origin_ms": 1,
+            "changes": [{"type": "device", "id": "raw-dev", "patch": {"lifecycle": "lost"}}]}})
+        .to_string()
+    };
+    for (subject, body) in [
+        ("portcullis.events.admin", "{not json".to_owned()),
+        ("portcullis.events.admin", json!({"v": 1, "event": 7}).to_string()),
+        ("portcullis.events.admin", good(2, "admin")),
+        ("portcullis.events.scim", good(1, "admin")),
+    ] {
+        js.publish(subject, body.into()).await.unwrap().await.unwrap();
+    }
+    // A good event after them still applies.
+    let t = c.token("kim", "win-k", None);
+    let (st, body) = c.mdm_lost(0, "after-bad", "win-k").await;
+    assert_eq!(st, StatusCode::ACCEPTED, "{body}");
+    let (st, fwd) = c.request(0, &t, &[]).await;
+    assert!(refused(st) && !fwd, "{st}");
+    let m = metrics(c.r(0).admin).await;
+    for reason in ["bad_json", "unknown_version", "wrong_subject"] {
+        assert!(
+            m.contains(&format!("portcullis_cluster_bad_messages_total{{reason=\"{reason}\"}}")),
+            "{reason}: {m}"
+        );
+    }
+    assert_eq!(c.logged(0).0, 1, "only the good event is in the log");
+
+    // A newer portcullis marked the stream: this one refuses to start.
+    let kv = js.get_key_value("PORTCULLIS_EVENTS_META").await.unwrap();
+    kv.put("format", "2".into()).await.unwrap();
+    let cfg = replica_config(&c, 5, "full");
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(binary())
+            .args(["serve", "--config"])
+            .arg(cfg)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .unwrap()
+    });
+    let out = tokio::time::timeout(DEADLINE, out).await.unwrap().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("format version 2"), "{err}");
+}
+
+// ── Benchmarks (numbers for the README, never asserted) ──────────────────
+
+type Https = hyper_util::client::legacy::Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    TestBody,
+>;
+
+async fn status(c: &Https, url: &str, auth: &str, extra: &[(&str, &str)]) -> StatusCode {
+    let mut headers = vec![("authorization", auth)];
+    headers.extend_from_slice(extra);
+    get(c, url, None, &headers).await.0
+}
+
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// CPU µs per request for `n` requests (16 at a time) with `auth` at `url`.
+async fn cpu_per_request(pid: u32, url: &str, make_auth: impl Fn() -> (String, Option<String>), n: usize, ca: &str) -> (f64, f64) {
+    let c = client(ca, false);
+    let before = cpu_ticks(pid);
+    let start = Instant::now();
+    let mut set = tokio::task::JoinSet::new();
+    let per = n / 16;
+    for _ in 0..16 {
+        let c = c.clone();
+        let url = url.to_owned();
+        let reqs: Vec<(String, Option<String>)> = (0..per).map(|_| make_auth()).collect();
+        set.spawn(async move {
+            for (auth, dpop) in reqs {
+                let extra: Vec<(&str, &str)> = dpop.iter().map(|p| ("dpop", p.as_str())).collect();
+                let st = status(&c, &url, &auth, &extra).await;
+                assert_eq!(st, StatusCode::OK);
+            }
+        });
+    }
+    while set.join_next().await.is_some() {}
+    let secs = start.elapsed().as_secs_f64();
+    let ticks = cpu_ticks(pid) - before;
+    (ticks as f64 * 10_000.0 / (per * 16) as f64, (per * 16) as f64 / secs)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "benchmark: cargo test --release --test cluster bench -- --ignored --nocapture"]
+async fn bench_cluster() {
+    let c = Cluster::start().await;
+    let clients: Vec<Https> = (0..3).map(|_| client(&c.pki.ca_pem, false)).collect();
+
+    // 1. Control window: accept at one replica → refused at all three.
+    let n = std::env::var("CW_N").ok().and_then(|v| v.parse().ok()).unwrap_or(200usize);
+    let mut windows = Vec::with_capacity(n);
+    for k in 0..n {
+        let dev = format!("cw-{k}");
+        let auth = format!("Bearer {}", c.token("cw", &dev, None));
+        for (i, cl) in clients.iter().enumerate() {
+            assert_eq!(status(cl, &c.url(i), &auth, &[]).await, StatusCode::OK);
+        }
+        let t0 = Instant::now();
+        let ev = format!("cw-lost-{k}");
+        let accept = c.mdm_lost(k % 3, &ev, &dev);
+        let polls = (0..3).map(|i| {
+            let (cl, url, auth) = (&clients[i], c.url(i), auth.clone());
+            async move {
+                loop {
+                    if refused(status(cl, &url, &auth, &[]).await) {
+                        return t0.elapsed();
+                    }
+                }
+            }
+        });
+        let (acc, seen) = tokio::join!(accept, futures_util::future::join_all(polls));
+        assert_eq!(acc.0, StatusCode::ACCEPTED);
+        windows.push(seen.iter().max().unwrap().as_secs_f64() * 1000.0);
+    }
+    println!(
+        "control window, accept at one replica → refused at all 3 (n={n}): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        pct(&mut windows, 0.5),
+        pct(&mut windows, 0.99),
+        pct(&mut windows, 1.0)
+    );
+
+    // 2. Durable events/s: batches of 100 generic MDM events, 8 senders per replica.
+    let total: usize = std::env::var("TP_N").ok().and_then(|v| v.parse().ok()).unwrap_or(30_000);
+    let (pos0, _, _) = (c.logged(0).2, 0, 0);
+    let start = Instant::now();
+    let mut set = tokio::task::JoinSet::new();
+    let senders = 24;
+    for s in 0..senders {
+        let admin = c.r(s % 3).admin;
+        set.spawn(async move {
+            let per = total / senders / 100;
+            for b in 0..per {
+                let now = portcullis::util::now_unix_ms();
+                let batch: Vec<Value> = (0..100)
+                    .map(|j| json!({"event_id": format!("tp-{s}-{b}-{j}"), "device_id": format!("tp-{s}-{j}"), "occurred_at": now, "compliance": "compliant"}))
+                    .collect();
+                let (st, body) = send(admin, "POST", "/mdm/v1/acme/events", MDM_SECRET, "application/json", Value::Array(batch).to_string()).await;
+                assert_eq!(st, StatusCode::ACCEPTED, "{body}");
+            }
+        });
+    }
+    while set.join_next().await.is_some() {}
+    let acked = start.elapsed().as_secs_f64();
+    let sent = (total / senders / 100) * 100 * senders;
+    let want = pos0 + sent as u64;
+    let st = Instant::now();
+    while (0..3).any(|i| c.logged(i).2 < want) {
+        assert!(st.elapsed() < Duration::from_secs(120), "replicas did not catch up");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let all = start.elapsed().as_secs_f64();
+    println!(
+        "throughput: {sent} events acknowledged (durable in JetStream + applied at the accepting replica) in {acked:.2} s = {:.0} events/s; applied at all 3 replicas after {all:.2} s = {:.0} events/s",
+        sent as f64 / acked,
+        sent as f64 / all
+    );
+
+    // 3. Hot path CPU: the same cached-token request, NATS mode (replica 0)
+    // vs an embedded-SQLite process with the same config otherwise.
+    let sqlite_cfg = std::fs::read_to_string(c.pki.path().join("r0.toml"))
+        .unwrap()
+        .split("[store]")
+        .next()
+        .unwrap()
+        .to_owned()
+        + "\n[store]\npath = \"solo.db\"\n\n[feeds]\nmax_body_bytes = 65536\n\n[[feeds.mdm]]\nname = \"acme\"\nsecret = \"mdm-secret-0123456789\"\n";
+    let solo = ServeProcess::spawn(&c.pki.write_config("solo.toml", &sqlite_cfg)).await;
+    let solo_url = format!("https://localhost:{}/app", solo.proxy.port());
+    let bearer = format!("Bearer {}", c.token("hot", "hot-1", None));
+    let m = std::env::var("HOT_N").ok().and_then(|v| v.parse().ok()).unwrap_or(20_000usize);
+    for round in 0..2 {
+        let (s_cpu, s_rps) = cpu_per_request(solo.pid(), &solo_url, || (bearer.clone(), None), m, &c.pki.ca_pem).await;
+        let (n_cpu, n_rps) = cpu_per_request(c.r(0).pid(), &c.url(0), || (bearer.clone(), None), m, &c.pki.ca_pem).await;
+        println!("hot path round {round}: sqlite {s_cpu:.1} CPU-µs/req ({s_rps:.0} req/s), nats {n_cpu:.1} CPU-µs/req ({n_rps:.0} req/s)");
+    }
+
+    // 4. DPoP: a fresh proof per request; NATS adds one KV create.
+    let key = SigningKey::es256("dpop-bench").unwrap();
+    let dt = c.token("dp", "dp-1", Some(json!({"jkt": key.thumbprint().unwrap()})));
+    let dauth = format!("DPoP {dt}");
+    let dn = m / 4;
+    let (s_cpu, s_rps) = cpu_per_request(solo.pid(), &solo_url, || (dauth.clone(), Some(key.dpop_proof("GET", &solo_url, Some(&dt), None).unwrap())), dn, &c.pki.ca_pem).await;
+    let url0 = c.url(0);
+    let (n_cpu, n_rps) = cpu_per_request(c.r(0).pid(), &url0, || (dauth.clone(), Some(key.dpop_proof("GET", &url0, Some(&dt), None).unwrap())), dn, &c.pki.ca_pem).await;
+    let (_, metrics) = send(c.r(0).admin, "GET", "/metrics", "", "text/plain", "").await;
+    let _ = metrics;
+    let text = {
+        let http = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http::<Full<Bytes>>();
+        let r = http.get(format!("http://{}/metrics", c.r(0).admin).parse().unwrap()).await.unwrap();
+        String::from_utf8(r.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap()
+    };
+    let metric = |name: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(f64::NAN)
+    };
+    let (sum, count) = (metric("portcullis_cluster_dpop_check_seconds_sum"), metric("portcullis_cluster_dpop_check_seconds_count"));
+    println!(
+        "DPoP: sqlite {s_cpu:.1} CPU-µs/req ({s_rps:.0} req/s), nats {n_cpu:.1} CPU-µs/req ({n_rps:.0} req/s); cluster replay check mean {:.0} µs over {count} checks",
+        sum / count * 1e6
+    );
+    drop(solo);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "benchmark: cargo test --release --test cluster bench -- --ignored --nocapture"]
+async fn bench_sidecar() {
+    let n: usize = std::env::var("SIDECAR_N").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000_000);
+    let c = Cluster::start_with(&["full"]).await;
+    // Fill the records bucket with `n` devices, as full replicas write them.
+    let nc = async_nats::connect(c.nats.url()).await.unwrap();
+    let js = async_nats::jetstream::new(nc);
+    let start = Instant::now();
+    let mut acks = Vec::with_capacity(4096);
+    for k in 0..n {
+        let d = portcullis::posture::model::Device {
+            id: format!("sc-{k:07}"),
+            version: 1,
+            ..Default::default()
+        };
+        let v = serde_json::to_vec(&portcullis::store::nats::records::Stored { pos: 1, record: Some(&d) }).unwrap();
+        let subj = format!("$KV.PORTCULLIS_EVENTS_RECORDS.{}", portcullis::store::nats::records::device_key(&d.id));
+        acks.push(js.publish(subj, v.into()).await.unwrap());
+        if acks.len() == 4096 {
+            for a in acks.drain(..) {
+                a.await.unwrap();
+            }
+        }
+    }
+    for a in acks.drain(..) {
+        a.await.unwrap();
+    }
+    println!("loaded {n} device records into the bucket in {:.1} s", start.elapsed().as_secs_f64());
+
+    let lazy_cfg = replica_config(&c, 9, "lazy");
+    let sc = ServeProcess::spawn(&lazy_cfg).await;
+    let cl = client(&c.pki.ca_pem, false);
+    let url = format!("https://localhost:{}/app", sc.proxy.port());
+    let warm = format!("Bearer {}", c.token("sc", "sc-0000000", None));
+    assert_eq!(status(&cl, &url, &warm, &[]).await, StatusCode::OK);
+    let rss0 = sc.rss_kib();
+    let touch: usize = 20_000;
+    let mut miss = Vec::with_capacity(touch);
+    let mut hit = Vec::with_capacity(touch);
+    for k in (0..touch).map(|i| (i * 48_611) % n) {
+        let auth = format!("Bearer {}", c.token("sc", &format!("sc-{k:07}"), None));
+        let t = Instant::now();
+        assert_eq!(status(&cl, &url, &auth, &[]).await, StatusCode::OK);
+        miss.push(t.elapsed().as_secs_f64() * 1e6);
+        let t = Instant::now();
+        assert_eq!(status(&cl, &url, &auth, &[]).await, StatusCode::OK);
+        hit.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    let rss1 = sc.rss_kib();
+    println!(
+        "sidecar with {n} devices in the bucket: RSS {} MiB at start, {} MiB after {touch} distinct devices; request with a cache miss p50 {:.0} µs p99 {:.0} µs, hit p50 {:.0} µs p99 {:.0} µs (miss - hit = one KV get)",
+        rss0 / 1024,
+        rss1 / 1024,
+        pct(&mut miss, 0.5),
+        pct(&mut miss, 0.99),
+        pct(&mut hit, 0.5),
+        pct(&mut hit, 0.99)
+    );
 }

@@ -245,6 +245,13 @@ impl Posture {
         }
         if let Some(c) = self.cluster.get() {
             let acks = c.publish(&events).await?;
+            if c.is_lazy() {
+                // A sidecar does not apply the stream: durable is all it can say.
+                return Ok(acks
+                    .into_iter()
+                    .map(|(_, dup)| if dup { Outcome::Duplicate } else { Outcome::Applied })
+                    .collect());
+            }
             let last = acks.iter().map(|a| a.0).max().unwrap_or(0);
             let mut rx = self.stream_applied.subscribe();
             let applied = tokio::time::timeout(c.ack_timeout(), rx.wait_for(|p| *p >= last)).await;
@@ -793,7 +800,21 @@ impl Writer {
             }
             return;
         }
-        // Durable now. Publish: pending control windows first, then records,
+        // Durable now. Full cluster replicas also write the records to the
+        // shared records bucket (queued, off this thread).
+        if let Some(c) = posture.as_ref().and_then(|p| p.cluster.get())
+            && c.wants_records()
+            && stream_pos != self.stream_pos
+        {
+            c.records_changed(crate::store::nats::records::RecordsUpdate::new(
+                stream_pos,
+                devices.values(),
+                identities.values(),
+                revocations.values(),
+                groups.iter().map(|(k, v)| (k, v.as_ref())),
+            ));
+        }
+        // Publish: pending control windows first, then records,
         // then the version (see `Posture::resolve`).
         if let Some(p) = &posture {
             for (k, pend) in pendings {

@@ -239,6 +239,12 @@ impl Proxy {
                 // or else the one the token names; the lifecycle baseline runs
                 // here only when no policy set owns it.
                 let engine = self.policy.load();
+                if let (Some(c), Some(a)) = (self.posture.cluster(), &ctx.auth)
+                    && c.is_lazy()
+                    && let Some(d) = binding.device.as_deref().or(a.token.device.as_deref())
+                {
+                    c.fill_device(d).await;
+                }
                 let resolved = match &ctx.auth {
                     Some(a) => self.phase_resolve(a, binding.device.as_deref(), engine.is_none()),
                     None => Err(Denial::Internal),

@@ -15,6 +15,8 @@
 //! This room never decides access; bad input on the stream is counted,
 //! logged without its body, and skipped.
 
+pub mod records;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -24,9 +26,10 @@ use bytes::Bytes;
 use futures_util::{FutureExt, StreamExt};
 use serde::{Deserialize, Serialize};
 
-use crate::config::NatsConfig;
+use crate::config::{NatsCacheMode, NatsConfig};
 use crate::posture::event::PostureEvent;
-use crate::posture::{IngestError, Posture, StreamItem};
+use crate::posture::{IngestError, Posture, Snapshot, StreamItem};
+use records::{LazyDevices, RecordsUpdate};
 use crate::telemetry::{Metrics, ReasonLabel};
 
 /// The stream format this build writes and reads.
@@ -135,6 +138,13 @@ pub struct Cluster {
     js: jetstream::Context,
     cfg: NatsConfig,
     dpop: kv::Store,
+    /// The records bucket (the materialised picture, for lazy sidecars).
+    records: kv::Store,
+    /// Full replicas: the queue of record writes to the bucket.
+    records_tx: Option<tokio::sync::mpsc::Sender<RecordsUpdate>>,
+    /// Lazy replicas: which devices are held.
+    lazy: Option<Arc<LazyDevices>>,
+    snapshot: Arc<Snapshot>,
     /// When this replica last knew it was connected and consuming (ms).
     last_sync_ms: AtomicU64,
     consuming: AtomicBool,
@@ -200,19 +210,89 @@ impl Cluster {
             1,
         )
         .await?;
+        let records = bucket(&js, &format!("{}_RECORDS", cfg.stream), Duration::ZERO, 1).await?;
+        let lazy = cfg.cache == NatsCacheMode::Lazy;
+        let (records_tx, records_rx) = if lazy {
+            (None, None)
+        } else {
+            let (tx, rx) = tokio::sync::mpsc::channel(records::QUEUE);
+            (Some(tx), Some(rx))
+        };
+        let snapshot = posture.snapshot().clone();
         let me = Arc::new(Self {
             client,
             js,
             cfg: cfg.clone(),
             dpop,
+            records,
+            records_tx,
+            lazy: lazy.then(|| {
+                Arc::new(LazyDevices::new(cfg.cache_capacity, snapshot.clone()))
+            }),
+            snapshot,
             last_sync_ms: AtomicU64::new(crate::util::now_unix_ms()),
             consuming: AtomicBool::new(false),
             metrics,
         });
-        tokio::spawn(consume(me.clone(), Arc::downgrade(posture)));
+        if let Some(rx) = records_rx {
+            tokio::spawn(publish_records(Arc::downgrade(&me), rx));
+            tokio::spawn(consume(me.clone(), Arc::downgrade(posture)));
+        } else {
+            tokio::spawn(follow(Arc::downgrade(&me)));
+        }
         tokio::spawn(health(Arc::downgrade(&me)));
         tracing::info!(replica = %cfg.replica, stream = %cfg.stream, position = posture.stream_position(), "joined the cluster");
         Ok(me)
+    }
+
+    /// True for a sidecar (`cache = "lazy"`): it reads records on demand and
+    /// does not apply the stream itself.
+    pub fn is_lazy(&self) -> bool {
+        self.lazy.is_some()
+    }
+
+    /// Full replicas: whether applied batches should be written to the records bucket.
+    pub fn wants_records(&self) -> bool {
+        self.records_tx.is_some()
+    }
+
+    /// Queues the records a committed batch changed for the records bucket
+    /// (never blocks the writer: a full queue drops and counts).
+    pub fn records_changed(&self, update: RecordsUpdate) {
+        if let Some(tx) = &self.records_tx
+            && !update.items.is_empty()
+            && tx.try_send(update).is_err()
+        {
+            self.metrics
+                .cluster_bad_messages
+                .get_or_create(&ReasonLabel {
+                    reason: "records_queue_full",
+                })
+                .inc();
+        }
+    }
+
+    /// Lazy replicas: makes sure the device (or its absence) is held,
+    /// fetching it from the records bucket on a miss.
+    pub async fn fill_device(&self, id: &str) {
+        let Some(lazy) = &self.lazy else { return };
+        if lazy.contains(id) {
+            return;
+        }
+        match tokio::time::timeout(self.ack_timeout(), self.records.get(records::device_key(id)))
+            .await
+        {
+            Ok(Ok(v)) => lazy.offer(&self.snapshot, id, v.as_deref(), false),
+            // Not cached: the request sees an unknown device (fail closed),
+            // the next one asks again.
+            Ok(Err(e)) => tracing::warn!(error = %e, "records bucket read failed"),
+            Err(_) => tracing::warn!("records bucket read timed out"),
+        }
+    }
+
+    /// Lazy replicas: devices held.
+    pub fn lazy_entries(&self) -> u64 {
+        self.lazy.as_ref().map_or(0, |l| l.len())
     }
 
     /// This replica's name.
@@ -235,11 +315,9 @@ impl Cluster {
         self.client.connection_state() == async_nats::connection::State::Connected
     }
 
-    /// Seconds since this replica last knew it was connected and consuming.
+    /// Seconds since this replica last knew it was connected and consuming
+    /// (sampled every 200 ms, so the request path reads one atomic).
     pub fn snapshot_age_s(&self) -> u64 {
-        if self.connected() && self.consuming.load(Ordering::Acquire) {
-            return 0;
-        }
         crate::util::now_unix_ms().saturating_sub(self.last_sync_ms.load(Ordering::Acquire)) / 1000
     }
 
@@ -369,6 +447,48 @@ async fn check_format(meta: &kv::Store, stream: &str) -> Result<(), ClusterError
         });
     }
     Ok(())
+}
+
+/// Writes applied records to the records bucket, in order, off the apply path.
+async fn publish_records(
+    me: std::sync::Weak<Cluster>,
+    mut rx: tokio::sync::mpsc::Receiver<RecordsUpdate>,
+) {
+    while let Some(u) = rx.recv().await {
+        let Some(c) = me.upgrade() else { return };
+        for (key, value) in u.items {
+            if let Err(e) = records::cas_put(&c.records, &key, u.pos, value).await {
+                tracing::warn!(error = %e, "records bucket write failed; another replica writes it too");
+            }
+        }
+    }
+}
+
+/// Lazy replicas: follow identities, revocations and groups whole, and
+/// updates of the devices held; re-subscribe after any failure.
+async fn follow(me: std::sync::Weak<Cluster>) {
+    loop {
+        let Some(c) = me.upgrade() else { return };
+        c.consuming.store(true, Ordering::Release);
+        let snap = &c.snapshot;
+        let r = tokio::select! {
+            r = records::follow(&c.records, snap, "sub.>") => r,
+            r = records::follow(&c.records, snap, "rev.>") => r,
+            r = records::follow(&c.records, snap, "grp.>") => r,
+            r = async {
+                match &c.lazy {
+                    Some(l) => records::follow_devices(&c.records, snap, l).await,
+                    None => Ok(()),
+                }
+            } => r,
+        };
+        c.consuming.store(false, Ordering::Release);
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "records watch restarts");
+        }
+        drop(c);
+        tokio::time::sleep(MAX_RETRY).await;
+    }
 }
 
 /// Samples the connection: the snapshot is as fresh as the last moment the
