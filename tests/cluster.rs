@@ -204,11 +204,9 @@ impl Cluster {
             .unwrap();
         let (n, distinct) = (n as u64, distinct as u64);
         let pos: u64 = conn
-            .query_row(
-                "SELECT v FROM meta WHERE k = 'nats.stream_seq'",
-                [],
-                |r| r.get::<_, String>(0),
-            )
+            .query_row("SELECT v FROM meta WHERE k = 'nats.stream_seq'", [], |r| {
+                r.get::<_, String>(0)
+            })
             .map(|v| v.parse().unwrap())
             .unwrap_or(0);
         (n, distinct, pos)
@@ -232,10 +230,13 @@ async fn send(
     }
     let http = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http::<Full<Bytes>>();
-    let resp = tokio::time::timeout(DEADLINE, http.request(b.body(Full::new(body.into())).unwrap()))
-        .await
-        .expect("admin request timed out")
-        .expect("admin request failed");
+    let resp = tokio::time::timeout(
+        DEADLINE,
+        http.request(b.body(Full::new(body.into())).unwrap()),
+    )
+    .await
+    .expect("admin request timed out")
+    .expect("admin request failed");
     let st = resp.status();
     let bytes = resp.into_body().collect().await.unwrap().to_bytes();
     (st, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
@@ -325,7 +326,11 @@ async fn a_change_accepted_by_one_replica_is_enforced_by_every_other() {
     // one external name (as behind a load balancer): the proof's `htu` names
     // replica 1 and the request to replica 2 carries that Host.
     let key = SigningKey::es256("dpop-1").unwrap();
-    let t = c.token("dora", "mac-d", Some(json!({"jkt": key.thumbprint().unwrap()})));
+    let t = c.token(
+        "dora",
+        "mac-d",
+        Some(json!({"jkt": key.thumbprint().unwrap()})),
+    );
     let url = c.url(0);
     let host = format!("localhost:{}", c.r(0).proxy.port());
     let auth = format!("DPoP {t}");
@@ -419,7 +424,12 @@ async fn nats_and_replica_crashes_lose_nothing_and_apply_nothing_twice() {
         })
         .await;
     }
-    acked.extend(tokio::time::timeout(DEADLINE * 3, sender).await.unwrap().unwrap());
+    acked.extend(
+        tokio::time::timeout(DEADLINE * 3, sender)
+            .await
+            .unwrap()
+            .unwrap(),
+    );
     // The probe refused while NATS was down is retried until acknowledged.
     eventually("the probe to be acknowledged", || async {
         c.mdm_compliance(1, "down-probe", "dev-down").await == StatusCode::ACCEPTED
@@ -431,26 +441,40 @@ async fn nats_and_replica_crashes_lose_nothing_and_apply_nothing_twice() {
     c.replicas[2] = None;
     for (i, id) in ids(30) {
         let i = i % 2;
-        assert_eq!(c.mdm_compliance(i, &id, &format!("dev-{id}")).await, StatusCode::ACCEPTED);
+        assert_eq!(
+            c.mdm_compliance(i, &id, &format!("dev-{id}")).await,
+            StatusCode::ACCEPTED
+        );
         acked.push(id);
     }
     let cfg = c.pki.path().join("r2.toml");
     c.replicas[2] = Some(ServeProcess::spawn(&cfg).await);
     for (i, id) in ids(30) {
-        assert_eq!(c.mdm_compliance(i, &id, &format!("dev-{id}")).await, StatusCode::ACCEPTED);
+        assert_eq!(
+            c.mdm_compliance(i, &id, &format!("dev-{id}")).await,
+            StatusCode::ACCEPTED
+        );
         acked.push(id);
     }
     // A resend of acknowledged events changes nothing.
     for id in acked.clone().iter().take(5) {
-        assert_eq!(c.mdm_compliance(2, id, &format!("dev-{id}")).await, StatusCode::ACCEPTED);
+        assert_eq!(
+            c.mdm_compliance(2, id, &format!("dev-{id}")).await,
+            StatusCode::ACCEPTED
+        );
     }
 
     let want = acked.len() as u64;
-    eventually("every replica to hold every acknowledged event once", || {
-        let got: Vec<_> = (0..3).map(|i| c.logged(i)).collect();
-        let ok = got.iter().all(|g| g.0 == want && g.1 == want && g.2 == got[0].2);
-        async move { ok }
-    })
+    eventually(
+        "every replica to hold every acknowledged event once",
+        || {
+            let got: Vec<_> = (0..3).map(|i| c.logged(i)).collect();
+            let ok = got
+                .iter()
+                .all(|g| g.0 == want && g.1 == want && g.2 == got[0].2);
+            async move { ok }
+        },
+    )
     .await;
     for i in 0..3 {
         let (n, distinct, _) = c.logged(i);
@@ -508,11 +532,18 @@ async fn bad_stream_input_is_skipped_and_a_newer_format_refuses_start() {
     };
     for (subject, body) in [
         ("portcullis.events.admin", "{not json".to_owned()),
-        ("portcullis.events.admin", json!({"v": 1, "event": 7}).to_string()),
+        (
+            "portcullis.events.admin",
+            json!({"v": 1, "event": 7}).to_string(),
+        ),
         ("portcullis.events.admin", good(2, "admin")),
         ("portcullis.events.scim", good(1, "admin")),
     ] {
-        js.publish(subject, body.into()).await.unwrap().await.unwrap();
+        js.publish(subject, body.into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
     }
     // A good event after them still applies.
     let t = c.token("kim", "win-k", None);
@@ -523,7 +554,9 @@ async fn bad_stream_input_is_skipped_and_a_newer_format_refuses_start() {
     let m = metrics(c.r(0).admin).await;
     for reason in ["bad_json", "unknown_version", "wrong_subject"] {
         assert!(
-            m.contains(&format!("portcullis_cluster_bad_messages_total{{reason=\"{reason}\"}}")),
+            m.contains(&format!(
+                "portcullis_cluster_bad_messages_total{{reason=\"{reason}\"}}"
+            )),
             "{reason}: {m}"
         );
     }
@@ -574,7 +607,13 @@ fn pct(v: &mut [f64], p: f64) -> f64 {
 }
 
 /// CPU µs per request for `n` requests (16 at a time) with `auth` at `url`.
-async fn cpu_per_request(pid: u32, url: &str, make_auth: impl Fn() -> (String, Option<String>), n: usize, ca: &str) -> (f64, f64) {
+async fn cpu_per_request(
+    pid: u32,
+    url: &str,
+    make_auth: impl Fn() -> (String, Option<String>),
+    n: usize,
+    ca: &str,
+) -> (f64, f64) {
     let c = client(ca, false);
     let before = cpu_ticks(pid);
     let start = Instant::now();
@@ -595,7 +634,10 @@ async fn cpu_per_request(pid: u32, url: &str, make_auth: impl Fn() -> (String, O
     while set.join_next().await.is_some() {}
     let secs = start.elapsed().as_secs_f64();
     let ticks = cpu_ticks(pid) - before;
-    (ticks as f64 * 10_000.0 / (per * 16) as f64, (per * 16) as f64 / secs)
+    (
+        ticks as f64 * 10_000.0 / (per * 16) as f64,
+        (per * 16) as f64 / secs,
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -605,7 +647,10 @@ async fn bench_cluster() {
     let clients: Vec<Https> = (0..3).map(|_| client(&c.pki.ca_pem, false)).collect();
 
     // 1. Control window: accept at one replica → refused at all three.
-    let n = std::env::var("CW_N").ok().and_then(|v| v.parse().ok()).unwrap_or(200usize);
+    let n = std::env::var("CW_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200usize);
     let mut windows = Vec::with_capacity(n);
     for k in 0..n {
         let dev = format!("cw-{k}");
@@ -638,7 +683,10 @@ async fn bench_cluster() {
     );
 
     // 2. Durable events/s: batches of 100 generic MDM events, 8 senders per replica.
-    let total: usize = std::env::var("TP_N").ok().and_then(|v| v.parse().ok()).unwrap_or(30_000);
+    let total: usize = std::env::var("TP_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(30_000);
     let (pos0, _, _) = (c.logged(0).2, 0, 0);
     let start = Instant::now();
     let mut set = tokio::task::JoinSet::new();
@@ -663,7 +711,10 @@ async fn bench_cluster() {
     let want = pos0 + sent as u64;
     let st = Instant::now();
     while (0..3).any(|i| c.logged(i).2 < want) {
-        assert!(st.elapsed() < Duration::from_secs(120), "replicas did not catch up");
+        assert!(
+            st.elapsed() < Duration::from_secs(120),
+            "replicas did not catch up"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let all = start.elapsed().as_secs_f64();
@@ -685,26 +736,78 @@ async fn bench_cluster() {
     let solo = ServeProcess::spawn(&c.pki.write_config("solo.toml", &sqlite_cfg)).await;
     let solo_url = format!("https://localhost:{}/app", solo.proxy.port());
     let bearer = format!("Bearer {}", c.token("hot", "hot-1", None));
-    let m = std::env::var("HOT_N").ok().and_then(|v| v.parse().ok()).unwrap_or(20_000usize);
+    let m = std::env::var("HOT_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_000usize);
     for round in 0..2 {
-        let (s_cpu, s_rps) = cpu_per_request(solo.pid(), &solo_url, || (bearer.clone(), None), m, &c.pki.ca_pem).await;
-        let (n_cpu, n_rps) = cpu_per_request(c.r(0).pid(), &c.url(0), || (bearer.clone(), None), m, &c.pki.ca_pem).await;
-        println!("hot path round {round}: sqlite {s_cpu:.1} CPU-µs/req ({s_rps:.0} req/s), nats {n_cpu:.1} CPU-µs/req ({n_rps:.0} req/s)");
+        let (s_cpu, s_rps) = cpu_per_request(
+            solo.pid(),
+            &solo_url,
+            || (bearer.clone(), None),
+            m,
+            &c.pki.ca_pem,
+        )
+        .await;
+        let (n_cpu, n_rps) = cpu_per_request(
+            c.r(0).pid(),
+            &c.url(0),
+            || (bearer.clone(), None),
+            m,
+            &c.pki.ca_pem,
+        )
+        .await;
+        println!(
+            "hot path round {round}: sqlite {s_cpu:.1} CPU-µs/req ({s_rps:.0} req/s), nats {n_cpu:.1} CPU-µs/req ({n_rps:.0} req/s)"
+        );
     }
 
     // 4. DPoP: a fresh proof per request; NATS adds one KV create.
     let key = SigningKey::es256("dpop-bench").unwrap();
-    let dt = c.token("dp", "dp-1", Some(json!({"jkt": key.thumbprint().unwrap()})));
+    let dt = c.token(
+        "dp",
+        "dp-1",
+        Some(json!({"jkt": key.thumbprint().unwrap()})),
+    );
     let dauth = format!("DPoP {dt}");
     let dn = m / 4;
-    let (s_cpu, s_rps) = cpu_per_request(solo.pid(), &solo_url, || (dauth.clone(), Some(key.dpop_proof("GET", &solo_url, Some(&dt), None).unwrap())), dn, &c.pki.ca_pem).await;
+    let (s_cpu, s_rps) = cpu_per_request(
+        solo.pid(),
+        &solo_url,
+        || {
+            (
+                dauth.clone(),
+                Some(key.dpop_proof("GET", &solo_url, Some(&dt), None).unwrap()),
+            )
+        },
+        dn,
+        &c.pki.ca_pem,
+    )
+    .await;
     let url0 = c.url(0);
-    let (n_cpu, n_rps) = cpu_per_request(c.r(0).pid(), &url0, || (dauth.clone(), Some(key.dpop_proof("GET", &url0, Some(&dt), None).unwrap())), dn, &c.pki.ca_pem).await;
+    let (n_cpu, n_rps) = cpu_per_request(
+        c.r(0).pid(),
+        &url0,
+        || {
+            (
+                dauth.clone(),
+                Some(key.dpop_proof("GET", &url0, Some(&dt), None).unwrap()),
+            )
+        },
+        dn,
+        &c.pki.ca_pem,
+    )
+    .await;
     let (_, metrics) = send(c.r(0).admin, "GET", "/metrics", "", "text/plain", "").await;
     let _ = metrics;
     let text = {
-        let http = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http::<Full<Bytes>>();
-        let r = http.get(format!("http://{}/metrics", c.r(0).admin).parse().unwrap()).await.unwrap();
+        let http =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http::<Full<Bytes>>();
+        let r = http
+            .get(format!("http://{}/metrics", c.r(0).admin).parse().unwrap())
+            .await
+            .unwrap();
         String::from_utf8(r.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap()
     };
     let metric = |name: &str| -> f64 {
@@ -714,7 +817,10 @@ async fn bench_cluster() {
             .and_then(|v| v.parse().ok())
             .unwrap_or(f64::NAN)
     };
-    let (sum, count) = (metric("portcullis_cluster_dpop_check_seconds_sum"), metric("portcullis_cluster_dpop_check_seconds_count"));
+    let (sum, count) = (
+        metric("portcullis_cluster_dpop_check_seconds_sum"),
+        metric("portcullis_cluster_dpop_check_seconds_count"),
+    );
     println!(
         "DPoP: sqlite {s_cpu:.1} CPU-µs/req ({s_rps:.0} req/s), nats {n_cpu:.1} CPU-µs/req ({n_rps:.0} req/s); cluster replay check mean {:.0} µs over {count} checks",
         sum / count * 1e6
@@ -725,7 +831,10 @@ async fn bench_cluster() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "benchmark: cargo test --release --test cluster bench -- --ignored --nocapture"]
 async fn bench_sidecar() {
-    let n: usize = std::env::var("SIDECAR_N").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000_000);
+    let n: usize = std::env::var("SIDECAR_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
     let c = Cluster::start_with(&["full"]).await;
     // Fill the records bucket with `n` devices, as full replicas write them.
     let nc = async_nats::connect(c.nats.url()).await.unwrap();
@@ -738,8 +847,15 @@ async fn bench_sidecar() {
             version: 1,
             ..Default::default()
         };
-        let v = serde_json::to_vec(&portcullis::store::nats::records::Stored { pos: 1, record: Some(&d) }).unwrap();
-        let subj = format!("$KV.PORTCULLIS_EVENTS_RECORDS.{}", portcullis::store::nats::records::device_key(&d.id));
+        let v = serde_json::to_vec(&portcullis::store::nats::records::Stored {
+            pos: 1,
+            record: Some(&d),
+        })
+        .unwrap();
+        let subj = format!(
+            "$KV.PORTCULLIS_EVENTS_RECORDS.{}",
+            portcullis::store::nats::records::device_key(&d.id)
+        );
         acks.push(js.publish(subj, v.into()).await.unwrap());
         if acks.len() == 4096 {
             for a in acks.drain(..) {
@@ -750,7 +866,10 @@ async fn bench_sidecar() {
     for a in acks.drain(..) {
         a.await.unwrap();
     }
-    println!("loaded {n} device records into the bucket in {:.1} s", start.elapsed().as_secs_f64());
+    println!(
+        "loaded {n} device records into the bucket in {:.1} s",
+        start.elapsed().as_secs_f64()
+    );
 
     let lazy_cfg = replica_config(&c, 9, "lazy");
     let sc = ServeProcess::spawn(&lazy_cfg).await;

@@ -1221,14 +1221,12 @@ impl Config {
 
     fn validate_store(&self) -> Result<(), ConfigError> {
         match (self.store.kind, &self.store.nats) {
-            (StoreKind::Nats, None) => Err(self.invalid(
-                "store.nats",
-                "is required when store.kind = \"nats\"",
-            )),
-            (StoreKind::Sqlite, Some(_)) => Err(self.invalid(
-                "store.nats",
-                "is only read when store.kind = \"nats\"",
-            )),
+            (StoreKind::Nats, None) => {
+                Err(self.invalid("store.nats", "is required when store.kind = \"nats\""))
+            }
+            (StoreKind::Sqlite, Some(_)) => {
+                Err(self.invalid("store.nats", "is only read when store.kind = \"nats\""))
+            }
             (StoreKind::Nats, Some(n)) => {
                 let token = |s: &str| {
                     !s.is_empty()
@@ -1250,9 +1248,7 @@ impl Config {
                         format!("`{}`: use letters, digits, `-` and `_`", n.stream),
                     ));
                 }
-                if n.subject_prefix.is_empty()
-                    || n.subject_prefix.split('.').any(|t| !token(t))
-                {
+                if n.subject_prefix.is_empty() || n.subject_prefix.split('.').any(|t| !token(t)) {
                     return Err(self.invalid(
                         "store.nats.subject_prefix",
                         format!("`{}`: dot-separated tokens, no wildcards", n.subject_prefix),

@@ -21,8 +21,8 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use super::facts::{
-    AuthFacts, DeviceFacts, IdentityFacts, Limits, MethodClass, NetworkFacts, Principal, SnapshotFacts,
-    RouteFacts, TimeFacts, WorkloadFacts,
+    AuthFacts, DeviceFacts, IdentityFacts, Limits, MethodClass, NetworkFacts, Principal,
+    RouteFacts, SnapshotFacts, TimeFacts, WorkloadFacts,
 };
 use super::{Action, CompiledSet, Decision, Inputs, LoadError, load_dir};
 

@@ -249,7 +249,13 @@ impl Posture {
                 // A sidecar does not apply the stream: durable is all it can say.
                 return Ok(acks
                     .into_iter()
-                    .map(|(_, dup)| if dup { Outcome::Duplicate } else { Outcome::Applied })
+                    .map(|(_, dup)| {
+                        if dup {
+                            Outcome::Duplicate
+                        } else {
+                            Outcome::Applied
+                        }
+                    })
                     .collect());
             }
             let last = acks.iter().map(|a| a.0).max().unwrap_or(0);

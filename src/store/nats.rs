@@ -29,8 +29,8 @@ use serde::{Deserialize, Serialize};
 use crate::config::{NatsCacheMode, NatsConfig};
 use crate::posture::event::PostureEvent;
 use crate::posture::{IngestError, Posture, Snapshot, StreamItem};
-use records::{LazyDevices, RecordsUpdate};
 use crate::telemetry::{Metrics, ReasonLabel};
+use records::{LazyDevices, RecordsUpdate};
 
 /// The stream format this build writes and reads.
 pub const FORMAT_VERSION: u64 = 1;
@@ -226,9 +226,7 @@ impl Cluster {
             dpop,
             records,
             records_tx,
-            lazy: lazy.then(|| {
-                Arc::new(LazyDevices::new(cfg.cache_capacity, snapshot.clone()))
-            }),
+            lazy: lazy.then(|| Arc::new(LazyDevices::new(cfg.cache_capacity, snapshot.clone()))),
             snapshot,
             last_sync_ms: AtomicU64::new(crate::util::now_unix_ms()),
             consuming: AtomicBool::new(false),
@@ -279,8 +277,11 @@ impl Cluster {
         if lazy.contains(id) {
             return;
         }
-        match tokio::time::timeout(self.ack_timeout(), self.records.get(records::device_key(id)))
-            .await
+        match tokio::time::timeout(
+            self.ack_timeout(),
+            self.records.get(records::device_key(id)),
+        )
+        .await
         {
             Ok(Ok(v)) => lazy.offer(&self.snapshot, id, v.as_deref(), false),
             // Not cached: the request sees an unknown device (fail closed),
@@ -409,19 +410,27 @@ async fn bucket(
     max_age: Duration,
     history: i64,
 ) -> Result<kv::Store, ClusterError> {
-    match js.get_key_value(name).await {
-        Ok(s) => Ok(s),
-        Err(_) => js
-            .create_key_value(kv::Config {
-                bucket: name.to_owned(),
-                history,
-                max_age,
-                storage: stream::StorageType::File,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| nats_err(name, e)),
+    if let Ok(s) = js.get_key_value(name).await {
+        return Ok(s);
     }
+    // The KV stream layout, created directly: the client's create_key_value
+    // first asks for account info in a shape nats-server 2.9 does not send.
+    js.get_or_create_stream(stream::Config {
+        name: format!("KV_{name}"),
+        subjects: vec![format!("$KV.{name}.>")],
+        max_messages_per_subject: history,
+        max_age,
+        storage: stream::StorageType::File,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        num_replicas: 1,
+        discard: stream::DiscardPolicy::New,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| nats_err(name, e))?;
+    js.get_key_value(name).await.map_err(|e| nats_err(name, e))
 }
 
 /// Writes the format marker on first use; refuses a newer one.

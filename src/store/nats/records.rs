@@ -219,28 +219,25 @@ impl LazyDevices {
     ) {
         let stored = value.and_then(|v| serde_json::from_slice::<Stored<Device>>(v).ok());
         let pos = stored.as_ref().map_or(0, |s| s.pos);
-        let _ = self
-            .resident
-            .entry(id.to_owned())
-            .and_compute_with(|cur| {
-                use moka::ops::compute::Op;
-                match cur {
-                    None if only_if_resident => Op::Nop,
-                    Some(c) if *c.value() >= pos && pos != 0 => Op::Nop,
-                    Some(c) if pos == 0 && *c.value() > 0 => Op::Nop,
-                    _ => {
-                        if let Some(Stored {
-                            record: Some(mut d),
-                            pos,
-                        }) = stored
-                        {
-                            d.version = pos;
-                            snapshot.put_device(Arc::new(d));
-                        }
-                        Op::Put(pos)
+        let _ = self.resident.entry(id.to_owned()).and_compute_with(|cur| {
+            use moka::ops::compute::Op;
+            match cur {
+                None if only_if_resident => Op::Nop,
+                Some(c) if *c.value() >= pos && pos != 0 => Op::Nop,
+                Some(c) if pos == 0 && *c.value() > 0 => Op::Nop,
+                _ => {
+                    if let Some(Stored {
+                        record: Some(mut d),
+                        pos,
+                    }) = stored
+                    {
+                        d.version = pos;
+                        snapshot.put_device(Arc::new(d));
                     }
+                    Op::Put(pos)
                 }
-            });
+            }
+        });
     }
 
     /// Entries held.
@@ -266,7 +263,11 @@ pub async fn follow_devices(
         let Some(id) = e
             .key
             .strip_prefix("dev.")
-            .and_then(|k| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(k).ok())
+            .and_then(|k| {
+                base64::engine::general_purpose::URL_SAFE_NO_PAD
+                    .decode(k)
+                    .ok()
+            })
             .and_then(|raw| String::from_utf8(raw).ok())
         else {
             continue;
