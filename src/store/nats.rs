@@ -594,6 +594,7 @@ async fn consume_once(me: &Cluster, posture: &Posture) -> Result<(), String> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
