@@ -45,7 +45,7 @@ fi
 
 wait_http() { # url what
     local n=0
-    until curl -fsS -o /dev/null --max-time 2 "$1"; do
+    until curl -fs -o /dev/null --max-time 2 "$1"; do
         (( n++ < 100 )) || die "$2 did not come up"
         sleep 0.1
     done
