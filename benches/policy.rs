@@ -64,6 +64,7 @@ fn bench(c: &mut Criterion) {
         identity: Some(Arc::new(identity)),
         device_id: Some("laptop-001".into()),
         device: Some(Arc::new(device)),
+        snapshot_age_s: 0,
     };
     let facts = |method| RequestFacts {
         claims: &claims,

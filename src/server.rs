@@ -41,6 +41,9 @@ pub enum StartError {
     /// The store could not open.
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+    /// The cluster (`[store] kind = "nats"`) could not start.
+    #[error("cluster: {0}")]
+    Cluster(#[from] crate::store::nats::ClusterError),
     /// The policy set (or shadow set, or audit log) could not load.
     #[error("policy: {0}")]
     Policy(#[from] crate::policy::LoadError),
@@ -387,6 +390,17 @@ pub async fn start_with(cfg: Config, metrics: Arc<Metrics>) -> Result<RunningSer
         cfg.store.sync == crate::config::SyncMode::Full,
     )?;
     let posture = crate::posture::Posture::start(Box::new(store), metrics.clone())?;
+    if let (crate::config::StoreKind::Nats, Some(n)) = (cfg.store.kind, &cfg.store.nats) {
+        // A spent proof stays spent as long as any replica could accept it.
+        let window = cfg
+            .binding
+            .dpop_max_age_s
+            .saturating_add(cfg.binding.dpop_future_skew_s)
+            .saturating_add(1);
+        let cluster =
+            crate::store::nats::Cluster::start(n, window, &posture, metrics.clone()).await?;
+        posture.attach_cluster(cluster);
+    }
     let (rt, fresh) = build_runtime(cfg, None, &fetcher, 1)?;
     for i in &fresh {
         load_issuer(i).await?;

@@ -141,6 +141,17 @@ async fn handle(shared: &AdminState, req: Request<Incoming>) -> Response<Full<By
     match (req.method().as_str(), req.uri().path()) {
         ("GET", "/healthz") => text(StatusCode::OK, "ok\n"),
         ("GET", "/readyz") => {
+            if let Some(c) = shared.posture.cluster()
+                && c.snapshot_age_s() > c.max_staleness_s()
+            {
+                return text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!(
+                        "not ready: no word from the cluster for {} s\n",
+                        c.snapshot_age_s()
+                    ),
+                );
+            }
             if rt.auth.ready() {
                 text(StatusCode::OK, "ready\n")
             } else {

@@ -112,6 +112,10 @@ pub enum DpopError {
     /// The replay cache is full; new proofs are refused rather than risk replays.
     #[error("DPoP replay cache is full")]
     ReplayCacheFull,
+    /// The cluster-wide replay check could not answer (NATS unreachable);
+    /// the proof is refused rather than risk a replay at another replica.
+    #[error("DPoP replay check is unavailable")]
+    ReplayCheckUnavailable,
 }
 
 impl DpopError {
@@ -141,6 +145,8 @@ pub struct ProofRequest<'a> {
 pub struct VerifiedProof {
     /// RFC 7638 SHA-256 thumbprint of the proof key.
     pub jkt: String,
+    /// SHA-256 of `jkt` and `jti`: the key a cluster-wide replay check spends.
+    pub replay_key: [u8; 32],
 }
 
 #[derive(Deserialize)]
@@ -530,12 +536,12 @@ impl DpopVerifier {
         {
             return Err(DpopError::KeyMismatch);
         }
-        self.spend(&jkt, &jti, iat, req.now)?;
-        Ok(VerifiedProof { jkt })
+        let replay_key = self.spend(&jkt, &jti, iat, req.now)?;
+        Ok(VerifiedProof { jkt, replay_key })
     }
 
     /// Records `(jkt, jti)` until the proof would be stale; refuses a repeat.
-    fn spend(&self, jkt: &str, jti: &str, iat: u64, now: u64) -> Result<(), DpopError> {
+    fn spend(&self, jkt: &str, jti: &str, iat: u64, now: u64) -> Result<[u8; 32], DpopError> {
         let cache = &self.state.replay;
         if cache.entry_count() >= self.state.capacity {
             return Err(DpopError::ReplayCacheFull);
@@ -552,7 +558,7 @@ impl DpopVerifier {
             .saturating_sub(now);
         let entry = cache.entry(key).or_insert(ttl);
         if entry.is_fresh() {
-            Ok(())
+            Ok(key)
         } else {
             Err(DpopError::Replayed)
         }
@@ -741,7 +747,7 @@ mod tests {
         };
         let bigger = DpopVerifier::new(&cfg, Some(&v));
         assert_eq!(bigger.spend("k", "j", 1000, 1002), Err(DpopError::Replayed));
-        assert_eq!(bigger.spend("k", "other", 1000, 1002), Ok(()));
+        assert!(bigger.spend("k", "other", 1000, 1002).is_ok());
     }
 
     /// Network input never panics the verifier, and no mutation of a valid

@@ -63,6 +63,8 @@ pub struct Binding {
     pub device: Option<String>,
     /// The SPIFFE id, when the client certificate is a workload SVID.
     pub workload: Option<SpiffeId>,
+    /// The spent DPoP proof's replay key, for the cluster-wide check.
+    pub dpop_replay_key: Option<[u8; 32]>,
 }
 
 /// Why a token's binding does not hold. Messages are safe to show.
@@ -204,6 +206,7 @@ impl Binder {
         let jkt = cnf_str(tok.verified, "jkt")?;
         let x5t = cnf_str(tok.verified, "x5t#S256")?;
         let mut kind = BindingKind::None;
+        let mut dpop_replay_key = None;
         match (tok.scheme, jkt) {
             (Scheme::Bearer, Some(_)) => return Err(BindError::DpopTokenAsBearer),
             (Scheme::Dpop, None) => return Err(BindError::NotDpopBound),
@@ -214,7 +217,8 @@ impl Binder {
                     .authority
                     .and_then(|a| htu::request_uri(req.scheme, a, req.path).ok())
                     .ok_or(BindError::Dpop(DpopError::UriMismatch))?;
-                self.dpop
+                let proof = self
+                    .dpop
                     .verify(
                         proof,
                         &ProofRequest {
@@ -226,6 +230,7 @@ impl Binder {
                         },
                     )
                     .map_err(BindError::Dpop)?;
+                dpop_replay_key = Some(proof.replay_key);
                 kind = BindingKind::Dpop;
             }
         }
@@ -248,6 +253,7 @@ impl Binder {
             kind,
             device,
             workload: req.peer.and_then(|p| p.spiffe_id.clone()),
+            dpop_replay_key,
         })
     }
 
@@ -266,6 +272,7 @@ impl Binder {
             kind: BindingKind::Mtls,
             device: None,
             workload: Some(id.clone()),
+            dpop_replay_key: None,
         })
     }
 }

@@ -67,6 +67,9 @@ pub const DEFAULT_DPOP_MAX_PROOF_BYTES: usize = 8 * 1024;
 pub const DEFAULT_DPOP_REPLAY_CAPACITY: u64 = 500_000;
 /// Default age after which device posture counts as unknown (the MDM went quiet).
 pub const DEFAULT_POSTURE_MAX_AGE_S: u64 = 86_400;
+/// Default `[policy] snapshot_max_age_s`: a replica out of sync with the
+/// cluster for longer closes high and critical routes.
+pub const DEFAULT_SNAPSHOT_MAX_AGE_S: u64 = 30;
 /// Default oldest workload credential (token `iat`) accepted by the default policies.
 pub const DEFAULT_WORKLOAD_MAX_CREDENTIAL_AGE_S: u64 = 3600;
 /// Default longest a cached policy decision is reused.
@@ -361,6 +364,12 @@ pub struct StoreConfig {
     /// `full` (survives power loss) or `normal` (survives a process kill).
     #[serde(default)]
     pub sync: SyncMode,
+    /// `sqlite` (embedded, the default) or `nats` (JetStream, shared by replicas).
+    #[serde(default)]
+    pub kind: StoreKind,
+    /// `[store.nats]`: required when `kind = "nats"`.
+    #[serde(default)]
+    pub nats: Option<NatsConfig>,
 }
 
 impl Default for StoreConfig {
@@ -368,8 +377,97 @@ impl Default for StoreConfig {
         Self {
             path: d_store_path(),
             sync: SyncMode::Full,
+            kind: StoreKind::Sqlite,
+            nats: None,
         }
     }
+}
+
+/// Which store holds the event log.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// One process, SQLite only.
+    #[default]
+    Sqlite,
+    /// NATS JetStream: every replica publishes to and consumes one stream; the
+    /// local SQLite database keeps this replica's picture and stream position.
+    Nats,
+}
+
+/// Default JetStream stream name.
+pub const DEFAULT_NATS_STREAM: &str = "PORTCULLIS_EVENTS";
+/// Default subject prefix (events go to `<prefix>.<feed>`).
+pub const DEFAULT_NATS_SUBJECT_PREFIX: &str = "portcullis.events";
+/// Default staleness after which `/readyz` says not ready.
+pub const DEFAULT_NATS_MAX_STALENESS_S: u64 = 30;
+/// Default wait for a JetStream acknowledgement before a feed gets 503.
+pub const DEFAULT_NATS_ACK_TIMEOUT_MS: u64 = 5_000;
+/// Default JetStream de-duplication window (`Nats-Msg-Id`).
+pub const DEFAULT_NATS_DUPLICATE_WINDOW_S: u64 = 600;
+/// Default capacity of the lazy (sidecar) record cache.
+pub const DEFAULT_NATS_CACHE_CAPACITY: u64 = 100_000;
+
+/// `[store.nats]`: the JetStream connection and names.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NatsConfig {
+    /// Server URL(s), comma-separated (`nats://127.0.0.1:4222`).
+    pub url: String,
+    /// This replica's name: unique per replica (metrics, logs, the accepting replica in events).
+    pub replica: String,
+    /// Stream name.
+    #[serde(default = "d_nats_stream")]
+    pub stream: String,
+    /// Subject prefix.
+    #[serde(default = "d_nats_subject_prefix")]
+    pub subject_prefix: String,
+    /// Past this many seconds without NATS, `/readyz` reports not ready.
+    #[serde(default = "d_nats_max_staleness_s")]
+    pub max_staleness_s: u64,
+    /// How long a feed waits for JetStream's acknowledgement before answering 503.
+    #[serde(default = "d_nats_ack_timeout_ms")]
+    pub ack_timeout_ms: u64,
+    /// JetStream de-duplication window for event ids, in seconds.
+    #[serde(default = "d_nats_duplicate_window_s")]
+    pub duplicate_window_s: u64,
+    /// `full` (every replica holds every record) or `lazy` (sidecar: a bounded
+    /// cache filled from the records bucket on demand).
+    #[serde(default)]
+    pub cache: NatsCacheMode,
+    /// Entries of the lazy cache.
+    #[serde(default = "d_nats_cache_capacity")]
+    pub cache_capacity: u64,
+}
+
+/// How much of the picture a replica holds.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum NatsCacheMode {
+    /// Every record, in memory (front proxies).
+    #[default]
+    Full,
+    /// A bounded cache filled on demand (sidecars).
+    Lazy,
+}
+
+fn d_nats_stream() -> String {
+    DEFAULT_NATS_STREAM.to_owned()
+}
+fn d_nats_subject_prefix() -> String {
+    DEFAULT_NATS_SUBJECT_PREFIX.to_owned()
+}
+fn d_nats_max_staleness_s() -> u64 {
+    DEFAULT_NATS_MAX_STALENESS_S
+}
+fn d_nats_ack_timeout_ms() -> u64 {
+    DEFAULT_NATS_ACK_TIMEOUT_MS
+}
+fn d_nats_duplicate_window_s() -> u64 {
+    DEFAULT_NATS_DUPLICATE_WINDOW_S
+}
+fn d_nats_cache_capacity() -> u64 {
+    DEFAULT_NATS_CACHE_CAPACITY
 }
 
 /// SQLite `synchronous` setting.
@@ -630,6 +728,10 @@ pub struct PolicyConfig {
     /// Oldest workload credential (`context.limits.workload_max_credential_age_s`).
     #[serde(default = "d_workload_max_credential_age_s")]
     pub workload_max_credential_age_s: u64,
+    /// Past this many seconds out of sync with the cluster, the default
+    /// policies close high and critical routes (`context.limits.snapshot_max_age_s`).
+    #[serde(default = "d_snapshot_max_age_s")]
+    pub snapshot_max_age_s: u64,
     /// Longest a cached decision is reused, in milliseconds (0 disables the cache).
     #[serde(default = "d_decision_cache_ttl_ms")]
     pub decision_cache_ttl_ms: u64,
@@ -682,6 +784,9 @@ pub struct ZoneConfig {
 
 fn d_posture_max_age_s() -> u64 {
     DEFAULT_POSTURE_MAX_AGE_S
+}
+fn d_snapshot_max_age_s() -> u64 {
+    DEFAULT_SNAPSHOT_MAX_AGE_S
 }
 fn d_workload_max_credential_age_s() -> u64 {
     DEFAULT_WORKLOAD_MAX_CREDENTIAL_AGE_S
@@ -1257,6 +1362,7 @@ impl Config {
 
         self.validate_client_auth()?;
         self.validate_binding()?;
+        self.validate_store()?;
 
         let mut names = HashSet::new();
         for (i, iss) in self.issuers.iter().enumerate() {
@@ -1343,6 +1449,53 @@ impl Config {
             }
         }
         self.validate_policy()
+    }
+
+    fn validate_store(&self) -> Result<(), ConfigError> {
+        match (self.store.kind, &self.store.nats) {
+            (StoreKind::Nats, None) => {
+                Err(self.invalid("store.nats", "is required when store.kind = \"nats\""))
+            }
+            (StoreKind::Sqlite, Some(_)) => {
+                Err(self.invalid("store.nats", "is only read when store.kind = \"nats\""))
+            }
+            (StoreKind::Nats, Some(n)) => {
+                let token = |s: &str| {
+                    !s.is_empty()
+                        && s.chars()
+                            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+                };
+                if n.url.trim().is_empty() {
+                    return Err(self.invalid("store.nats.url", "must not be empty"));
+                }
+                if !token(&n.replica) {
+                    return Err(self.invalid(
+                        "store.nats.replica",
+                        format!("`{}`: use letters, digits, `-` and `_`", n.replica),
+                    ));
+                }
+                if !token(&n.stream) {
+                    return Err(self.invalid(
+                        "store.nats.stream",
+                        format!("`{}`: use letters, digits, `-` and `_`", n.stream),
+                    ));
+                }
+                if n.subject_prefix.is_empty() || n.subject_prefix.split('.').any(|t| !token(t)) {
+                    return Err(self.invalid(
+                        "store.nats.subject_prefix",
+                        format!("`{}`: dot-separated tokens, no wildcards", n.subject_prefix),
+                    ));
+                }
+                if n.ack_timeout_ms == 0 || n.duplicate_window_s == 0 || n.cache_capacity == 0 {
+                    return Err(self.invalid(
+                        "store.nats",
+                        "ack_timeout_ms, duplicate_window_s and cache_capacity must be at least 1",
+                    ));
+                }
+                Ok(())
+            }
+            (StoreKind::Sqlite, None) => Ok(()),
+        }
     }
 
     fn validate_policy(&self) -> Result<(), ConfigError> {

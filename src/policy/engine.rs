@@ -56,6 +56,7 @@ impl Settings {
                 posture_max_age_s: i64::try_from(p.posture_max_age_s).unwrap_or(i64::MAX),
                 workload_max_credential_age_s: i64::try_from(p.workload_max_credential_age_s)
                     .unwrap_or(i64::MAX),
+                snapshot_max_age_s: i64::try_from(p.snapshot_max_age_s).unwrap_or(i64::MAX),
             },
             zones: cfg
                 .network
@@ -140,6 +141,7 @@ struct KeyParts<'a> {
     spiffe: Option<&'a str>,
     session_binding: Option<&'a str>,
     peer: IpAddr,
+    snapshot_age_s: u64,
 }
 
 impl Engine {
@@ -242,6 +244,7 @@ impl Engine {
             spiffe: f.spiffe_id,
             session_binding: f.session_binding,
             peer: f.peer,
+            snapshot_age_s: f.resolved.snapshot_age_s,
         };
         (u128::from(self.k1.hash_one(&parts)) << 64) | u128::from(self.k2.hash_one(&parts))
     }

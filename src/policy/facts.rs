@@ -275,6 +275,18 @@ impl Default for TimeFacts {
 pub struct Limits {
     pub posture_max_age_s: i64,
     pub workload_max_credential_age_s: i64,
+    /// `[policy] snapshot_max_age_s`: past it, high and critical routes close.
+    pub snapshot_max_age_s: i64,
+}
+
+/// `context.snapshot`: how fresh this replica's picture is.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+#[allow(missing_docs)]
+pub struct SnapshotFacts {
+    /// Seconds since the replica was last in sync with the cluster (0 when
+    /// in sync, and always 0 with the embedded store).
+    pub age_s: i64,
 }
 
 impl Default for Limits {
@@ -283,6 +295,7 @@ impl Default for Limits {
             posture_max_age_s: crate::config::DEFAULT_POSTURE_MAX_AGE_S as i64,
             workload_max_credential_age_s: crate::config::DEFAULT_WORKLOAD_MAX_CREDENTIAL_AGE_S
                 as i64,
+            snapshot_max_age_s: crate::config::DEFAULT_SNAPSHOT_MAX_AGE_S as i64,
         }
     }
 }
@@ -305,6 +318,7 @@ pub struct Inputs {
     pub time: TimeFacts,
     pub limits: Limits,
     pub session: SessionFacts,
+    pub snapshot: SnapshotFacts,
 }
 
 /// `context.session`: the browser session the request rides on.
@@ -587,6 +601,9 @@ impl Inputs {
                     present: true,
                     binding: b.to_owned(),
                 }),
+            snapshot: SnapshotFacts {
+                age_s: i64::try_from(r.snapshot_age_s).unwrap_or(i64::MAX),
+            },
         }
     }
 
@@ -764,6 +781,7 @@ impl Inputs {
                         ("workload_max_credential_age_s", &|| {
                             l(self.limits.workload_max_credential_age_s)
                         }),
+                        ("snapshot_max_age_s", &|| l(self.limits.snapshot_max_age_s)),
                     ],
                 )?,
             ),
@@ -776,6 +794,10 @@ impl Inputs {
                         ("binding", &|| s(&self.session.binding)),
                     ],
                 )?,
+            ),
+            (
+                "snapshot",
+                rec("snapshot", &[("age_s", &|| l(self.snapshot.age_s))])?,
             ),
         ];
         let mut first = 0;
@@ -848,6 +870,8 @@ pub const FIELDS: &[(&str, &str)] = &[
     ("limits", "workload_max_credential_age_s"),
     ("session", "present"),
     ("session", "binding"),
+    ("limits", "snapshot_max_age_s"),
+    ("snapshot", "age_s"),
 ];
 
 /// Which context attributes a policy set reads, found at load from the

@@ -22,7 +22,7 @@ use serde::Deserialize;
 
 use super::facts::{
     AuthFacts, DeviceFacts, IdentityFacts, Limits, MethodClass, NetworkFacts, Principal,
-    RouteFacts, TimeFacts, WorkloadFacts,
+    RouteFacts, SnapshotFacts, TimeFacts, WorkloadFacts,
 };
 use super::{Action, CompiledSet, Decision, Inputs, LoadError, load_dir};
 
@@ -86,6 +86,7 @@ pub struct Case {
     pub limits: Limits,
     #[serde(default)]
     pub session: super::facts::SessionFacts,
+    pub snapshot: SnapshotFacts,
 }
 
 #[derive(Debug, Deserialize)]
@@ -121,6 +122,7 @@ impl Case {
             time: self.time.clone(),
             limits: self.limits.clone(),
             session: self.session.clone(),
+            snapshot: self.snapshot.clone(),
         })
     }
 

@@ -132,6 +132,8 @@ pub struct CommitBatch {
     pub groups: Vec<(String, Option<Group>)>,
     /// Browser sessions in their new state (`None` = deleted), by id hash.
     pub sessions: Vec<(String, Option<SessionRecord>)>,
+    /// Meta values written in the same transaction (the cluster stream position).
+    pub meta: Vec<(String, String)>,
 }
 
 /// One record read back on a cold start.

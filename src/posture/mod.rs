@@ -50,6 +50,25 @@ pub enum IngestError {
     /// The writer is gone (shutting down).
     #[error("ingest is shutting down")]
     Closed,
+    /// The distributed store cannot make the event durable now (NATS is
+    /// unreachable or did not acknowledge); nothing was acknowledged.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// The meta key of this replica's position in the cluster stream (the last
+/// stream sequence applied), committed with the records it produced.
+pub const STREAM_POSITION_KEY: &str = "nats.stream_seq";
+
+/// One message of the cluster stream, as the consumer hands it to the writer.
+#[derive(Debug, Clone)]
+pub struct StreamItem {
+    /// Its stream sequence.
+    pub seq: u64,
+    /// The event and its accepting replica's accept time (ms since epoch);
+    /// `None` for a message that was counted and skipped (bad input), which
+    /// still moves the position past it.
+    pub event: Option<(u64, PostureEvent)>,
 }
 
 enum Job {
@@ -71,6 +90,10 @@ enum Job {
         key: String,
         value: String,
         reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+    Stream {
+        items: Vec<StreamItem>,
+        reply: oneshot::Sender<Result<(), IngestError>>,
     },
 }
 
@@ -96,6 +119,13 @@ pub struct Posture {
     max_future_skew_ms: std::sync::atomic::AtomicU64,
     /// Change notices after each committed batch (live connections listen).
     notify: notify::Notifier,
+    /// The distributed store, when `[store] kind = "nats"`: ingest publishes
+    /// there and the stream consumer applies.
+    cluster: std::sync::OnceLock<Arc<crate::store::nats::Cluster>>,
+    /// The last stream sequence applied (0 without a cluster).
+    stream_applied: tokio::sync::watch::Sender<u64>,
+    /// Outcomes of recently applied stream messages, for the ingesting replica.
+    stream_outcomes: Cache<u64, EventReport>,
 }
 
 impl std::fmt::Debug for Posture {
@@ -117,6 +147,9 @@ pub struct Resolved {
     pub device_id: Option<String>,
     /// The device record, when known. `None` with a `device_id` = unknown device.
     pub device: Option<Arc<Device>>,
+    /// Seconds since the snapshot was last known in sync with the cluster
+    /// (always 0 for the embedded store): `context.snapshot.age_s`.
+    pub snapshot_age_s: u64,
 }
 
 /// Why the baseline (applied before any policy) refuses a request.
@@ -174,6 +207,14 @@ impl Posture {
             }
         })?;
         snapshot.set_version(last_seq);
+        let stream_pos = store
+            .get_meta(STREAM_POSITION_KEY)?
+            .map(|v| {
+                v.parse::<u64>()
+                    .map_err(|_| StoreError::Corrupt(format!("{STREAM_POSITION_KEY}: `{v}`")))
+            })
+            .transpose()?
+            .unwrap_or(0);
         let (tx, rx) = mpsc::channel(4096);
         let pending_upper_bound = Arc::new(std::sync::atomic::AtomicI64::new(0));
         let counter = pending_upper_bound.clone();
@@ -193,11 +234,15 @@ impl Posture {
                 crate::config::DEFAULT_MAX_FUTURE_SKEW_S.saturating_mul(1000),
             ),
             notify: notify::Notifier::default(),
+            cluster: std::sync::OnceLock::new(),
+            stream_applied: tokio::sync::watch::Sender::new(stream_pos),
+            stream_outcomes: Cache::new(65_536),
         });
         let writer = Writer {
             store,
             snapshot,
             next_seq: last_seq + 1,
+            stream_pos,
             posture: Arc::downgrade(&me),
         };
         std::thread::Builder::new()
@@ -263,6 +308,8 @@ impl Posture {
 
     /// Validates, makes durable and applies events; returns once they are
     /// committed (so a caller may acknowledge), with one outcome per event.
+    /// With a cluster, durable means acknowledged by JetStream; the call then
+    /// waits (bounded) for this replica to apply them from the stream.
     pub async fn ingest(&self, events: Vec<PostureEvent>) -> Result<Vec<Outcome>, IngestError> {
         Ok(self
             .ingest_reports(events)
@@ -281,6 +328,48 @@ impl Posture {
             e.validate()?;
         }
         self.check_times(&events)?;
+        if let Some(c) = self.cluster.get() {
+            let acks = c.publish(&events).await?;
+            if c.is_lazy() {
+                // A sidecar does not apply the stream: durable is all it can say.
+                return Ok(acks
+                    .into_iter()
+                    .map(|(_, dup)| EventReport {
+                        outcome: if dup {
+                            Outcome::Duplicate
+                        } else {
+                            Outcome::Applied
+                        },
+                        skipped: Skipped::default(),
+                    })
+                    .collect());
+            }
+            let last = acks.iter().map(|a| a.0).max().unwrap_or(0);
+            let mut rx = self.stream_applied.subscribe();
+            let applied = tokio::time::timeout(c.ack_timeout(), rx.wait_for(|p| *p >= last)).await;
+            if !matches!(applied, Ok(Ok(_))) {
+                tracing::warn!(
+                    stream_seq = last,
+                    "events are durable in the stream but not applied here yet"
+                );
+            }
+            return Ok(acks
+                .into_iter()
+                .map(|(seq, duplicate)| {
+                    if duplicate {
+                        EventReport {
+                            outcome: Outcome::Duplicate,
+                            skipped: Skipped::default(),
+                        }
+                    } else {
+                        self.stream_outcomes.get(&seq).unwrap_or(EventReport {
+                            outcome: Outcome::Applied,
+                            skipped: Skipped::default(),
+                        })
+                    }
+                })
+                .collect());
+        }
         let (reply, rx) = oneshot::channel();
         self.jobs
             .send(Job::Apply {
@@ -288,6 +377,38 @@ impl Posture {
                 accepted: Instant::now(),
                 reply,
             })
+            .await
+            .map_err(|_| IngestError::Closed)?;
+        rx.await.map_err(|_| IngestError::Closed)?
+    }
+
+    /// Joins a cluster: from now on ingest publishes to its stream.
+    pub fn attach_cluster(&self, cluster: Arc<crate::store::nats::Cluster>) {
+        let _ = self.cluster.set(cluster);
+    }
+
+    /// The cluster, when `[store] kind = "nats"`.
+    pub fn cluster(&self) -> Option<&Arc<crate::store::nats::Cluster>> {
+        self.cluster.get()
+    }
+
+    /// The last stream sequence this replica applied (0 without a cluster).
+    pub fn stream_position(&self) -> u64 {
+        *self.stream_applied.borrow()
+    }
+
+    /// Seconds since this replica last knew it was in sync with the cluster
+    /// (0 for the embedded store): `context.snapshot.age_s`.
+    pub fn snapshot_age_s(&self) -> u64 {
+        self.cluster.get().map_or(0, |c| c.snapshot_age_s())
+    }
+
+    /// Applies messages of the cluster stream, in order, through the one
+    /// apply path; returns once they (and the new position) are committed.
+    pub async fn apply_stream(&self, items: Vec<StreamItem>) -> Result<(), IngestError> {
+        let (reply, rx) = oneshot::channel();
+        self.jobs
+            .send(Job::Stream { items, reply })
             .await
             .map_err(|_| IngestError::Closed)?;
         rx.await.map_err(|_| IngestError::Closed)?
@@ -346,6 +467,7 @@ impl Posture {
             identity,
             device_id: device_id.map(str::to_owned),
             device,
+            snapshot_age_s: self.snapshot_age_s(),
         }
     }
 
@@ -471,13 +593,25 @@ struct Writer {
     store: Box<dyn EventStore>,
     snapshot: Arc<Snapshot>,
     next_seq: u64,
+    /// The last cluster stream sequence committed (0 without a cluster).
+    stream_pos: u64,
     posture: std::sync::Weak<Posture>,
+}
+
+enum Reply {
+    Local(oneshot::Sender<Result<Vec<EventReport>, IngestError>>),
+    /// A stream batch: answered once for all its items, by the last one.
+    Stream(Option<oneshot::Sender<Result<(), IngestError>>>),
 }
 
 struct Applying {
     events: Vec<PostureEvent>,
     accepted: Instant,
-    reply: oneshot::Sender<Result<Vec<EventReport>, IngestError>>,
+    /// When the accepting replica accepted it (ms); `None` = now, here.
+    accepted_ms: Option<u64>,
+    /// Its cluster stream sequence, for stream messages.
+    stream_seq: Option<u64>,
+    reply: Reply,
 }
 
 impl Writer {
@@ -497,8 +631,37 @@ impl Writer {
                         applies.push(Applying {
                             events,
                             accepted,
-                            reply,
+                            accepted_ms: None,
+                            stream_seq: None,
+                            reply: Reply::Local(reply),
                         });
+                    }
+                    Job::Stream { items, reply } => {
+                        n_events += items.len();
+                        let now_ms = crate::util::now_unix_ms();
+                        let now = Instant::now();
+                        let last = items.len().saturating_sub(1);
+                        let mut reply = Some(reply);
+                        for (i, item) in items.into_iter().enumerate() {
+                            let (accepted_ms, events) = match item.event {
+                                Some((ms, ev)) => (ms, vec![ev]),
+                                None => (now_ms, Vec::new()),
+                            };
+                            // The control window runs from the accepting
+                            // replica's accept time, carried in the event.
+                            let accepted = now
+                                .checked_sub(Duration::from_millis(
+                                    now_ms.saturating_sub(accepted_ms),
+                                ))
+                                .unwrap_or(now);
+                            applies.push(Applying {
+                                events,
+                                accepted,
+                                accepted_ms: Some(accepted_ms),
+                                stream_seq: Some(item.seq),
+                                reply: Reply::Stream(if i == last { reply.take() } else { None }),
+                            });
+                        }
                     }
                     Job::History { key, limit, reply } => {
                         let _ = reply.send(self.store.history(&key, limit));
@@ -534,9 +697,27 @@ impl Writer {
         let mut pendings: Vec<(String, Pending)> = Vec::new();
         let first_seq = self.next_seq;
         let mut failed: Option<StoreError> = None;
+        let mut stream_pos = self.stream_pos;
+        let mut stream_outcomes: Vec<(u64, EventReport)> = Vec::new();
+        let mut lag_ms: Option<u64> = None;
 
         'jobs: for job in &jobs {
             let mut outs = Vec::with_capacity(job.events.len());
+            let accepted_ms = job.accepted_ms.unwrap_or(accepted_ms);
+            if let Some(seq) = job.stream_seq {
+                // INVARIANT: the position only moves forward, so a message
+                // redelivered after a reconnect is never applied twice.
+                if seq <= stream_pos {
+                    outs.extend(job.events.iter().map(|_| EventReport {
+                        outcome: Outcome::Duplicate,
+                        skipped: Skipped::default(),
+                    }));
+                    outcomes.push(outs);
+                    continue;
+                }
+                stream_pos = seq;
+                lag_ms = Some(crate::util::now_unix_ms().saturating_sub(accepted_ms));
+            }
             for ev in &job.events {
                 let dup = seen.contains(&ev.id)
                     || match self.store.contains(&ev.id) {
@@ -547,10 +728,14 @@ impl Writer {
                         }
                     };
                 if dup {
-                    outs.push(EventReport {
+                    let report = EventReport {
                         outcome: Outcome::Duplicate,
                         skipped: Skipped::default(),
-                    });
+                    };
+                    if let Some(s) = job.stream_seq {
+                        stream_outcomes.push((s, report.clone()));
+                    }
+                    outs.push(report);
                     continue;
                 }
                 seen.insert(ev.id.clone());
@@ -720,12 +905,21 @@ impl Writer {
                     outcome,
                     skipped: skipped.clone(),
                 });
-                outs.push(EventReport { outcome, skipped });
+                let report = EventReport { outcome, skipped };
+                if let Some(s) = job.stream_seq {
+                    stream_outcomes.push((s, report.clone()));
+                }
+                outs.push(report);
             }
             outcomes.push(outs);
         }
 
-        if failed.is_none() && !batch.events.is_empty() {
+        if stream_pos != self.stream_pos {
+            batch
+                .meta
+                .push((STREAM_POSITION_KEY.to_owned(), stream_pos.to_string()));
+        }
+        if failed.is_none() && (!batch.events.is_empty() || !batch.meta.is_empty()) {
             batch.devices = devices.values().cloned().collect();
             batch.identities = identities.values().cloned().collect();
             batch.revocations = revocations.values().cloned().collect();
@@ -743,13 +937,34 @@ impl Writer {
             self.next_seq = first_seq;
             tracing::error!(error = %e, "event batch not stored; feeds get an error and will retry");
             for job in jobs {
-                let _ = job
-                    .reply
-                    .send(Err(IngestError::Store(StoreError::Db(e.to_string()))));
+                let err = IngestError::Store(StoreError::Db(e.to_string()));
+                match job.reply {
+                    Reply::Local(r) => {
+                        let _ = r.send(Err(err));
+                    }
+                    Reply::Stream(Some(r)) => {
+                        let _ = r.send(Err(err));
+                    }
+                    Reply::Stream(None) => {}
+                }
             }
             return;
         }
-        // Durable now. Publish: pending control windows first, then records,
+        // Durable now. Full cluster replicas also write the records to the
+        // shared records bucket (queued, off this thread).
+        if let Some(c) = posture.as_ref().and_then(|p| p.cluster.get())
+            && c.wants_records()
+            && stream_pos != self.stream_pos
+        {
+            c.records_changed(crate::store::nats::records::RecordsUpdate::new(
+                stream_pos,
+                devices.values(),
+                identities.values(),
+                revocations.values(),
+                groups.iter().map(|(k, v)| (k, v.as_ref())),
+            ));
+        }
+        // Publish: pending control windows first, then records,
         // then the version (see `Posture::resolve`).
         if let Some(p) = &posture {
             for (k, pend) in pendings {
@@ -781,6 +996,19 @@ impl Writer {
         if let (Some(p), Some(c)) = (&posture, changed) {
             p.notify.publish(c, self.next_seq - 1);
         }
+        let moved = stream_pos != self.stream_pos;
+        self.stream_pos = stream_pos;
+        if let Some(p) = &posture
+            && moved
+        {
+            for (s, o) in stream_outcomes {
+                p.stream_outcomes.insert(s, o);
+            }
+            p.stream_applied.send_replace(stream_pos);
+            if let Some(ms) = lag_ms {
+                p.metrics.cluster_stream_lag_seconds.set(ms as f64 / 1000.0);
+            }
+        }
         if let Some(p) = &posture {
             p.metrics
                 .apply_seconds
@@ -807,7 +1035,15 @@ impl Writer {
             }
         }
         for (job, outs) in jobs.into_iter().zip(outcomes) {
-            let _ = job.reply.send(Ok(outs));
+            match job.reply {
+                Reply::Local(r) => {
+                    let _ = r.send(Ok(outs));
+                }
+                Reply::Stream(Some(r)) => {
+                    let _ = r.send(Ok(()));
+                }
+                Reply::Stream(None) => {}
+            }
         }
     }
 }

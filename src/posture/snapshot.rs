@@ -162,6 +162,21 @@ impl Snapshot {
         devices.insert(d.id.clone(), d);
     }
 
+    /// Drops a device held by a bounded (lazy) cache, with its indexes; the
+    /// device reads as unknown until fetched again.
+    pub fn evict_device(&self, id: &str) {
+        if let Some(old) = self.devices.pin().remove(id) {
+            let thumbs = self.thumbprints.pin();
+            for t in &old.cert_thumbprints {
+                thumbs.remove(t.to_ascii_lowercase().as_str());
+            }
+            let ext = self.external_ids.pin();
+            for x in &old.external_ids {
+                ext.remove(x.as_str());
+            }
+        }
+    }
+
     /// Installs an identity record (after it was made durable).
     pub fn put_identity(&self, i: Arc<Identity>) {
         let ids = self.identities.pin();

@@ -222,12 +222,14 @@ fn session_binding(live: &Arc<LiveSession>, conn: &ConnInfo, now: u64) -> Result
                 kind: BindingKind::Mtls,
                 device: r.device.clone().filter(|_| r.device_verified),
                 workload: None,
+                dpop_replay_key: None,
             })
         }
         SessionBinding::None | SessionBinding::Dbsc => Ok(Binding {
             kind: BindingKind::None,
             device: None,
             workload: None,
+            dpop_replay_key: None,
         }),
     }
 }

@@ -267,10 +267,21 @@ impl Proxy {
                 ctx.auth = Some(auth);
                 let binding = binding?;
                 dpop_used = scheme == Scheme::Dpop;
+                if let (Some(key), Some(cluster)) =
+                    (&binding.dpop_replay_key, self.posture.cluster())
+                {
+                    phase_bind_cluster(cluster, key).await?;
+                }
                 // 4. resolve on the device the binding proved (a certificate)
                 // or else the one the token names; the lifecycle baseline runs
                 // here only when no policy set owns it.
                 let engine = self.policy.load();
+                if let (Some(c), Some(a)) = (self.posture.cluster(), &ctx.auth)
+                    && c.is_lazy()
+                    && let Some(d) = binding.device.as_deref().or(a.token.device.as_deref())
+                {
+                    c.fill_device(d).await;
+                }
                 let resolved = match &ctx.auth {
                     Some(a) => self.phase_resolve(a, binding.device.as_deref(), engine.is_none()),
                     None => Err(Denial::Internal),
@@ -923,6 +934,29 @@ fn phase_bind<B>(
             },
             error => Denial::BindingMismatch { scheme, error },
         })
+}
+
+/// Phase 3, cluster half: a DPoP proof spent here is spent at every
+/// replica (one JetStream KV create); refused when another replica spent it
+/// first, and (fail closed) when the cluster cannot answer.
+async fn phase_bind_cluster(
+    cluster: &crate::store::nats::Cluster,
+    key: &[u8; 32],
+) -> Result<(), Denial> {
+    match cluster.spend_dpop(key).await {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(Denial::DpopInvalid {
+            error: crate::binding::dpop::DpopError::Replayed,
+            nonce: None,
+        }),
+        Err(e) => {
+            tracing::warn!(error = %e, "cluster DPoP replay check failed; proof refused");
+            Err(Denial::DpopInvalid {
+                error: crate::binding::dpop::DpopError::ReplayCheckUnavailable,
+                nonce: None,
+            })
+        }
+    }
 }
 
 /// Phases 2–3 on `auth = "mtls"` routes: the connection's SPIFFE workload

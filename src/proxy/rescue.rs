@@ -132,7 +132,7 @@ impl Denial {
             Denial::Posture(crate::posture::PostureDenial::Revoked(_)) => StatusCode::UNAUTHORIZED,
             Denial::Posture(_) => StatusCode::FORBIDDEN,
             Denial::DpopInvalid {
-                error: DpopError::ReplayCacheFull,
+                error: DpopError::ReplayCacheFull | DpopError::ReplayCheckUnavailable,
                 ..
             } => StatusCode::SERVICE_UNAVAILABLE,
             Denial::DpopInvalid { .. } => StatusCode::UNAUTHORIZED,
@@ -176,6 +176,7 @@ impl Denial {
                 e if e.wants_nonce() => "use_dpop_nonce",
                 DpopError::KeyMismatch => "binding_mismatch",
                 DpopError::ReplayCacheFull => "dpop_replay_cache_full",
+                DpopError::ReplayCheckUnavailable => "dpop_replay_check_unavailable",
                 _ => "invalid_dpop_proof",
             },
             Denial::BindingMismatch {
@@ -207,7 +208,7 @@ impl Denial {
             Denial::Internal
             | Denial::Login(crate::session::LoginError::Store)
             | Denial::DpopInvalid {
-                error: DpopError::ReplayCacheFull,
+                error: DpopError::ReplayCacheFull | DpopError::ReplayCheckUnavailable,
                 ..
             } => Origin::Internal,
             _ => Origin::Downstream,
@@ -296,7 +297,9 @@ fn challenges(d: &Denial, dpop_algs: &str) -> Vec<String> {
             let code = match error {
                 e if e.wants_nonce() => "use_dpop_nonce",
                 DpopError::KeyMismatch => "invalid_token",
-                DpopError::ReplayCacheFull => return Vec::new(),
+                DpopError::ReplayCacheFull | DpopError::ReplayCheckUnavailable => {
+                    return Vec::new();
+                }
                 _ => "invalid_dpop_proof",
             };
             vec![dpop_challenge(Some(code), &desc, dpop_algs)]

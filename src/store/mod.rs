@@ -5,6 +5,7 @@
 //! This room never decides access and never reads the clock: it stores what
 //! the ingest path hands it.
 
+pub mod nats;
 pub mod sqlite;
 
 pub use crate::posture::journal::{

@@ -247,6 +247,16 @@ impl EventStore for SqliteStore {
                     }
                 }
             }
+            if !batch.meta.is_empty() {
+                let mut up_meta = tx
+                    .prepare_cached(
+                        "INSERT INTO meta (k, v) VALUES (?1, ?2) ON CONFLICT(k) DO UPDATE SET v = excluded.v",
+                    )
+                    .map_err(db)?;
+                for (k, v) in &batch.meta {
+                    up_meta.execute(params![k, v]).map_err(db)?;
+                }
+            }
         }
         tx.commit().map_err(db)
     }

@@ -131,6 +131,21 @@ pub struct Metrics {
     pub live_connections: Family<LiveKindLabel, Gauge>,
     /// Live connections cut by a re-decision, by reason.
     pub live_connections_cut: Family<CutLabel, Counter>,
+    /// Cluster: seconds from the accepting replica's accept to this replica's apply, last batch.
+    pub cluster_stream_lag_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// Cluster: stream messages not yet delivered to this replica.
+    pub cluster_stream_pending: Gauge,
+    /// Cluster: stream messages counted and skipped, by reason.
+    pub cluster_bad_messages: Family<ReasonLabel, Counter>,
+    /// Cluster: the cluster-wide DPoP replay check (one KV create), seconds.
+    pub cluster_dpop_check_seconds: Histogram,
+}
+
+/// A reason label (cluster bad input).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// Why.
+    pub reason: &'static str,
 }
 
 /// Labels for shadow-mode divergences.
@@ -271,9 +286,37 @@ impl Metrics {
             "Live connections ended because a re-decision refused them, by reason",
             live_connections_cut.clone(),
         );
+        let cluster_stream_lag_seconds = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        let cluster_stream_pending = Gauge::default();
+        let cluster_bad_messages = Family::<ReasonLabel, Counter>::default();
+        let cluster_dpop_check_seconds = latency_histogram();
+        registry.register(
+            "cluster_stream_lag_seconds",
+            "Seconds from the accepting replica's accept to this replica's apply (last batch)",
+            cluster_stream_lag_seconds.clone(),
+        );
+        registry.register(
+            "cluster_stream_pending",
+            "Cluster stream messages not yet delivered to this replica",
+            cluster_stream_pending.clone(),
+        );
+        registry.register(
+            "cluster_bad_messages",
+            "Cluster stream messages counted and skipped, by reason",
+            cluster_bad_messages.clone(),
+        );
+        registry.register(
+            "cluster_dpop_check_seconds",
+            "Time of the cluster-wide DPoP replay check (one JetStream KV create)",
+            cluster_dpop_check_seconds.clone(),
+        );
         Self {
             live_connections,
             live_connections_cut,
+            cluster_stream_lag_seconds,
+            cluster_stream_pending,
+            cluster_bad_messages,
+            cluster_dpop_check_seconds,
             policy_cache_hits,
             policy_cache_misses,
             policy_reloads,

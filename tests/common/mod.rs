@@ -20,6 +20,7 @@ use portcullis::demo::pki::{DevCa, SigningKey};
 use tokio::net::TcpListener;
 
 pub mod live;
+pub mod nats;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type TestBody = UnsyncBoxBody<Bytes, BoxError>;
