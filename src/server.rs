@@ -82,8 +82,10 @@ pub fn build_runtime(
     let upstream = crate::proxy::client::upstream_client(&cfg.upstream)?;
     // The DPoP replay cache and nonce key outlive the config.
     let binder = crate::binding::Binder::new(&cfg, prev.map(|p| &p.binder));
+    let assertion = crate::proxy::assertion::Signer::from_config(&cfg)?;
     let rt = Runtime {
         routes: RouteTable::new(&cfg),
+        assertion,
         binder,
         stripped: cfg.stripped_headers(),
         auth,

@@ -498,6 +498,12 @@ fn the_shipped_example_config_passes_check_once_its_certificates_exist() {
     std::fs::write(dir.path().join("certs/device-ca.pem"), device_ca.cert_pem()).unwrap();
     let spire = portcullis::demo::pki::DevCa::new("example SPIRE CA").unwrap();
     std::fs::write(dir.path().join("certs/spire-bundle.pem"), spire.cert_pem()).unwrap();
+    let assertion_key = portcullis::demo::pki::SigningKey::es256("2026-12").unwrap();
+    std::fs::write(
+        dir.path().join("certs/assertion-2026-12.pem"),
+        assertion_key.private_pem,
+    )
+    .unwrap();
     let (ok, out) = check(&cfg);
     assert!(ok, "{out}");
     assert!(

@@ -21,6 +21,7 @@
 //! once per request, so a reload mid-request never mixes two configs. This
 //! room must never buffer a body whole or log a token.
 
+pub mod assertion;
 pub mod client;
 pub mod headers;
 pub mod rescue;
@@ -70,6 +71,8 @@ pub struct Runtime {
     pub upstream: client::UpstreamClient,
     /// Identity headers stripped from client requests.
     pub stripped: Vec<HeaderName>,
+    /// Signs the identity assertion for apps (`[assertion]`), and serves its JWKS.
+    pub assertion: Option<Arc<assertion::Signer>>,
     /// Monotonic version of this runtime, for logs.
     pub version: u64,
 }
@@ -184,26 +187,31 @@ impl Proxy {
         };
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
-        let resp = match self.pipeline(&rt, &mut ctx, req, &conn).await {
-            Ok(r) => r,
-            Err(d) => {
-                self.metrics
-                    .decisions
-                    .get_or_create(&ActionLabel {
-                        action: d.action(),
-                        reason: d.code(),
-                    })
-                    .inc();
-                if d.origin() != rescue::Origin::Downstream {
-                    tracing::warn!(request_id = %ctx.id, origin = ?d.origin(), error = %d, "request failed");
+        // The assertion's JWKS is the proxy's own document: answered before routing.
+        let jwks = assertion::serve_jwks(rt.assertion.as_deref(), &req);
+        let resp = match jwks {
+            Some(r) => r,
+            None => match self.pipeline(&rt, &mut ctx, req, &conn).await {
+                Ok(r) => r,
+                Err(d) => {
+                    self.metrics
+                        .decisions
+                        .get_or_create(&ActionLabel {
+                            action: d.action(),
+                            reason: d.code(),
+                        })
+                        .inc();
+                    if d.origin() != rescue::Origin::Downstream {
+                        tracing::warn!(request_id = %ctx.id, origin = ?d.origin(), error = %d, "request failed");
+                    }
+                    let algs = if rt.binder.dpop.enabled() {
+                        rt.binder.dpop.algs()
+                    } else {
+                        ""
+                    };
+                    rescue::respond(&d, &ctx.id, algs)
                 }
-                let algs = if rt.binder.dpop.enabled() {
-                    rt.binder.dpop.algs()
-                } else {
-                    ""
-                };
-                rescue::respond(&d, &ctx.id, algs)
-            }
+            },
         };
         self.record(&ctx, &method, &path, &conn, resp.status());
         resp
@@ -927,7 +935,7 @@ fn prepare_upstream_request<B>(
             HeaderValue::from_static(d.action.as_str()),
         );
     }
-    Ok(())
+    assertion::apply(rt.assertion.as_deref(), ctx, route, h)
 }
 
 #[cfg(test)]

@@ -40,6 +40,9 @@ pub struct Route {
     pub timeout: std::time::Duration,
     /// Workload ids (SPIFFE ids, client ids) allowed here, for policies.
     pub workloads: Vec<String>,
+    /// What the upstream receives about the caller: the assertion's
+    /// audience and the plain identity headers.
+    pub identity: crate::proxy::assertion::RouteIdentity,
 }
 
 /// All routes, indexed by host.
@@ -123,6 +126,7 @@ fn build_route(rc: &RouteConfig, cfg: &Config) -> Route {
         max_body_bytes: rc.max_body_bytes,
         timeout: std::time::Duration::from_millis(rc.timeout_ms.unwrap_or(cfg.upstream.timeout_ms)),
         workloads: rc.workloads.clone(),
+        identity: crate::proxy::assertion::RouteIdentity::new(rc),
     }
 }
 
