@@ -19,6 +19,7 @@ pub mod posture;
 pub mod proxy;
 pub mod route;
 pub mod server;
+pub mod session;
 pub mod store;
 pub mod telemetry;
 pub mod tls;
