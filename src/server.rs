@@ -95,9 +95,11 @@ pub fn build_runtime(
             })
         })?
         .map(Arc::new);
+    let assertion = crate::proxy::assertion::Signer::from_config(&cfg)?;
     let rt = Runtime {
         browser,
         routes: RouteTable::new(&cfg),
+        assertion,
         binder,
         stripped: cfg.stripped_headers(),
         auth,

@@ -200,6 +200,7 @@ fn demo_env_is_enough_to_mint_a_token_and_call_the_proxy() {
         "PORTCULLIS_ISSUER_KID",
         "PORTCULLIS_ISSUER_KEY",
         "PORTCULLIS_ISSUER_JWKS",
+        "PORTCULLIS_ASSERTION_JWKS",
         "PORTCULLIS_DEVICE_CLAIM",
         "PORTCULLIS_TOKEN",
         "PORTCULLIS_SCIM_URL",
@@ -265,6 +266,13 @@ fn demo_env_is_enough_to_mint_a_token_and_call_the_proxy() {
     assert_eq!(v["decision"], "shorten");
     let (ok, out) = sh(&format!("curl -sS {}/readyz", env["PORTCULLIS_ADMIN_URL"]));
     assert!(ok && out.contains("ready"), "{out}");
+    // The assertion's keys, where demo.env says they are.
+    let (ok, out) = sh(&format!(
+        "curl -sS --cacert {} {}",
+        shell_quote(env["PORTCULLIS_CA_CERT"]),
+        env["PORTCULLIS_ASSERTION_JWKS"]
+    ));
+    assert!(ok && out.contains("\"demo-assertion-1\""), "{out}");
 
     // An outside SET signer: account-disabled for the tool's subject, signed
     // with the demo transmitter's key from demo.env, pushed with its token.

@@ -503,6 +503,12 @@ fn the_shipped_example_config_passes_check_once_its_certificates_exist() {
         "example-secret",
     )
     .unwrap();
+    let assertion_key = portcullis::demo::pki::SigningKey::es256("2026-12").unwrap();
+    std::fs::write(
+        dir.path().join("certs/assertion-2026-12.pem"),
+        assertion_key.private_pem,
+    )
+    .unwrap();
     let (ok, out) = check(&cfg);
     assert!(ok, "{out}");
     assert!(

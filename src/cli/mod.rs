@@ -282,6 +282,7 @@ pub fn check_config(path: &std::path::Path) -> Result<Config, String> {
     crate::tls::build_tls(&cfg.tls).map_err(|e| format!("{}: tls: {e}", path.display()))?;
     crate::proxy::client::upstream_client(&cfg.upstream)
         .map_err(|e| format!("{}: upstream.ca: {e}", path.display()))?;
+    crate::proxy::assertion::Signer::from_config(&cfg).map_err(|e| e.to_string())?;
     if let Some(p) = &cfg.policy {
         crate::policy::load_dir(&p.dir)
             .map_err(|e| format!("{}: policy.dir: {e}", path.display()))?;

@@ -14,6 +14,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+mod assertion;
+pub use assertion::*;
+
 /// Default limit on the bytes of one request's header block.
 pub const DEFAULT_MAX_HEADER_BYTES: usize = 128 * 1024;
 /// Default limit on the number of request headers.
@@ -95,6 +98,7 @@ pub const DEFAULT_STRIPPED_HEADERS: &[&str] = &[
     "x-portcullis-device-compliance",
     "x-portcullis-device-lifecycle",
     "x-portcullis-snapshot",
+    "x-portcullis-assertion",
     "x-portcullis-binding",
     "x-portcullis-request-id",
     "x-request-id",
@@ -188,6 +192,9 @@ pub struct Config {
     /// Token binding: device ids from certificates, DPoP.
     #[serde(default)]
     pub binding: BindingConfig,
+    /// The signed identity assertion for apps; without it none is sent.
+    #[serde(default)]
+    pub assertion: Option<AssertionConfig>,
     /// Cedar policies; without this table no policy runs (baseline only).
     #[serde(default)]
     pub policy: Option<PolicyConfig>,
@@ -967,6 +974,12 @@ pub struct RouteConfig {
     /// Time to wait for the upstream's response headers, in milliseconds.
     #[serde(default)]
     pub timeout_ms: Option<u64>,
+    /// The `aud` of the identity assertion sent here (default: the route's name).
+    #[serde(default)]
+    pub assertion_audience: Option<String>,
+    /// Plain identity headers for apps that expect them; always stripped from clients.
+    #[serde(default)]
+    pub identity_headers: IdentityHeadersConfig,
     /// Workloads allowed here (SPIFFE ids or client ids), read by policies
     /// as `context.workload.allowed`.
     #[serde(default)]
@@ -1223,6 +1236,7 @@ impl Config {
                 abs(p);
             }
         }
+        self.resolve_assertion_paths(base);
         if let Some(p) = self.feeds.ssf.as_mut().and_then(|s| s.jwks_file.as_mut()) {
             abs(p);
         }
@@ -1401,6 +1415,7 @@ impl Config {
 
         self.validate_feeds()?;
         self.validate_browser()?;
+        self.validate_assertion()?;
 
         let mut route_names = HashSet::new();
         let mut matchers = HashSet::new();
@@ -1913,7 +1928,17 @@ impl Config {
                     .map(|h| http::HeaderName::from_static(h)),
             );
         }
-        for h in &self.proxy.strip_headers {
+        let route_headers = self
+            .routes
+            .iter()
+            .flat_map(|r| r.identity_headers.named().map(|(_, n)| n));
+        for h in self
+            .proxy
+            .strip_headers
+            .iter()
+            .map(String::as_str)
+            .chain(route_headers)
+        {
             if let Ok(n) = http::HeaderName::from_bytes(h.as_bytes())
                 && !out.contains(&n)
             {

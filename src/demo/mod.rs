@@ -422,6 +422,15 @@ discovery_url = "{issuer}/.well-known/openid-configuration"
 device_claim = "{DEMO_DEVICE_CLAIM}"
 min_refresh_interval_s = 5
 
+# The signed identity the demo app receives (x-portcullis-assertion); its
+# keys are served at /.well-known/portcullis/jwks.json on the proxy listener.
+[assertion]
+issuer = "https://portcullis.demo"
+
+[[assertion.keys]]
+kid = "demo-assertion-1"
+private_key_file = "assertion-key.pem"
+
 [[routes]]
 name = "demo-app"
 path_prefix = "/"
@@ -489,6 +498,9 @@ pub async fn start(opts: &DemoOptions) -> Result<RunningDemo, DemoError> {
     // The dev token issuer, and the tokens it mints for the walkthrough.
     let key = Arc::new(SigningKey::es256(DEMO_KID)?);
     write_file(&path("issuer-key.pem"), &key.private_pem, true)?;
+    // The key that signs the identity assertion for the demo app.
+    let assertion_key = SigningKey::es256("demo-assertion-1")?;
+    write_file(&path("assertion-key.pem"), &assertion_key.private_pem, true)?;
     let jwks = serde_json::json!({ "keys": [key.jwk] }).to_string();
     write_file(&path("issuer-jwks.json"), &jwks, false)?;
     let issuer_listener = TcpListener::bind("127.0.0.1:0").await?;
@@ -581,6 +593,10 @@ pub async fn start(opts: &DemoOptions) -> Result<RunningDemo, DemoError> {
         ("PORTCULLIS_ISSUER_KID", key.kid.clone()),
         ("PORTCULLIS_ISSUER_KEY", shown("issuer-key.pem")),
         ("PORTCULLIS_ISSUER_JWKS", shown("issuer-jwks.json")),
+        (
+            "PORTCULLIS_ASSERTION_JWKS",
+            format!("{proxy_url}/.well-known/portcullis/jwks.json"),
+        ),
         ("PORTCULLIS_DEVICE_CLAIM", DEMO_DEVICE_CLAIM.to_owned()),
         ("PORTCULLIS_TOKEN", token.clone()),
         ("PORTCULLIS_CONFIG", cfg_path.display().to_string()),

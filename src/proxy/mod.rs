@@ -30,6 +30,7 @@
 //! room must never buffer a body whole or log a token.
 
 pub mod admit;
+pub mod assertion;
 mod browser;
 pub mod client;
 pub mod headers;
@@ -80,6 +81,8 @@ pub struct Runtime {
     pub upstream: client::UpstreamClient,
     /// Identity headers stripped from client requests.
     pub stripped: Vec<HeaderName>,
+    /// Signs the identity assertion for apps (`[assertion]`), and serves its JWKS.
+    pub assertion: Option<Arc<assertion::Signer>>,
     /// Monotonic version of this runtime, for logs.
     pub version: u64,
     /// Browser login and sessions (`[browser]`), for `auth = "browser"` routes.
@@ -205,26 +208,31 @@ impl Proxy {
         };
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
-        let resp = match self.pipeline(&rt, &mut ctx, req, &conn).await {
-            Ok(r) => r,
-            Err(d) => {
-                self.metrics
-                    .decisions
-                    .get_or_create(&ActionLabel {
-                        action: d.action(),
-                        reason: d.code(),
-                    })
-                    .inc();
-                if d.origin() != rescue::Origin::Downstream {
-                    tracing::warn!(request_id = %ctx.id, origin = ?d.origin(), error = %d, "request failed");
+        // The assertion's JWKS is the proxy's own document: answered before routing.
+        let jwks = assertion::serve_jwks(rt.assertion.as_deref(), &req);
+        let resp = match jwks {
+            Some(r) => r,
+            None => match self.pipeline(&rt, &mut ctx, req, &conn).await {
+                Ok(r) => r,
+                Err(d) => {
+                    self.metrics
+                        .decisions
+                        .get_or_create(&ActionLabel {
+                            action: d.action(),
+                            reason: d.code(),
+                        })
+                        .inc();
+                    if d.origin() != rescue::Origin::Downstream {
+                        tracing::warn!(request_id = %ctx.id, origin = ?d.origin(), error = %d, "request failed");
+                    }
+                    let algs = if rt.binder.dpop.enabled() {
+                        rt.binder.dpop.algs()
+                    } else {
+                        ""
+                    };
+                    rescue::respond_to(&d, &ctx.id, algs, ctx.audience)
                 }
-                let algs = if rt.binder.dpop.enabled() {
-                    rt.binder.dpop.algs()
-                } else {
-                    ""
-                };
-                rescue::respond_to(&d, &ctx.id, algs, ctx.audience)
-            }
+            },
         };
         self.record(&ctx, &method, &path, &conn, resp.status());
         resp
@@ -1086,7 +1094,7 @@ fn prepare_upstream_request<B>(
             HeaderValue::from_static(d.action.as_str()),
         );
     }
-    Ok(())
+    assertion::apply(rt.assertion.as_deref(), ctx, route, h)
 }
 
 #[cfg(test)]

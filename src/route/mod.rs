@@ -42,6 +42,9 @@ pub struct Route {
     pub workloads: Vec<String>,
     /// Header names with `_` pass (identity look-alikes never do).
     pub allow_underscore_headers: bool,
+    /// What the upstream receives about the caller: the assertion's
+    /// audience and the plain identity headers.
+    pub identity: crate::proxy::assertion::RouteIdentity,
 }
 
 /// All routes, indexed by host.
@@ -126,6 +129,7 @@ fn build_route(rc: &RouteConfig, cfg: &Config) -> Route {
         timeout: std::time::Duration::from_millis(rc.timeout_ms.unwrap_or(cfg.upstream.timeout_ms)),
         workloads: rc.workloads.clone(),
         allow_underscore_headers: rc.allow_underscore_headers,
+        identity: crate::proxy::assertion::RouteIdentity::new(rc),
     }
 }
 

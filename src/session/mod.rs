@@ -11,6 +11,7 @@
 //! This room must never log a session id, a code, a token or a secret.
 
 pub mod cookie;
+pub mod dbsc;
 pub mod oidc;
 /// Session records live with the other records of the apply path.
 pub use crate::posture::session as record;
