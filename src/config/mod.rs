@@ -64,8 +64,10 @@ pub const DEFAULT_DPOP_REPLAY_CAPACITY: u64 = 500_000;
 pub const DEFAULT_POSTURE_MAX_AGE_S: u64 = 86_400;
 /// Default oldest workload credential (token `iat`) accepted by the default policies.
 pub const DEFAULT_WORKLOAD_MAX_CREDENTIAL_AGE_S: u64 = 3600;
-/// Default longest a cached policy decision is reused.
-pub const DEFAULT_DECISION_CACHE_TTL_MS: u64 = 1000;
+/// Default longest a cached policy decision is reused. Record changes reach
+/// the next request regardless (the cache key carries record versions); this
+/// only bounds how old the clock-driven facts (ages, time of day) can be.
+pub const DEFAULT_DECISION_CACHE_TTL_MS: u64 = 60_000;
 /// Default number of cached policy decisions.
 pub const DEFAULT_DECISION_CACHE_CAPACITY: u64 = 100_000;
 /// Default interval at which the policy directory is checked for changes.

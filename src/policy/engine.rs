@@ -9,9 +9,10 @@
 //! iat, auth_time, acr, amr, client_id, jti, exp), binding, SPIFFE id and
 //! client address. The policy version is implicit: a reload builds a new
 //! engine with an empty cache. Any feed event that changes one of those
-//! records changes its version, so the next request misses. Entries live at
-//! most `decision_cache_ttl_ms`, which bounds how stale the time-dependent
-//! facts (ages, time of day) of a cached decision can be.
+//! records changes its version, so the next request misses: that is why a
+//! long TTL (a minute by default) is safe. Entries live at most
+//! `decision_cache_ttl_ms`, which bounds how stale the time-dependent facts
+//! (ages, time of day) of a cached decision can be.
 
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hash};
