@@ -26,8 +26,10 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 pub const DEFAULT_UPSTREAM_TIMEOUT_MS: u64 = 30_000;
 /// Default time to connect to an upstream.
 pub const DEFAULT_UPSTREAM_CONNECT_TIMEOUT_MS: u64 = 5_000;
-/// Default idle keep-alive connections kept per upstream host.
-pub const DEFAULT_UPSTREAM_POOL_IDLE_PER_HOST: usize = 64;
+/// Default idle keep-alive connections kept per upstream host: above the
+/// concurrency one proxy sees (100 h2 streams, hundreds of h1 clients), so
+/// the steady state opens no upstream connection; idle ones close after 90 s.
+pub const DEFAULT_UPSTREAM_POOL_IDLE_PER_HOST: usize = 1024;
 /// Default time graceful shutdown waits for in-flight requests.
 pub const DEFAULT_DRAIN_TIMEOUT_MS: u64 = 30_000;
 /// Default clock-skew leeway for `exp`, `nbf` and `iat`.
