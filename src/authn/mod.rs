@@ -180,7 +180,9 @@ impl moka::Expiry<[u8; 32], Arc<VerifiedToken>> for TokenExpiry {
 /// verified tokens keyed by the token's SHA-256.
 pub struct Authenticator {
     issuers: HashMap<String, Arc<Issuer>>,
-    cache: Cache<[u8; 32], Arc<VerifiedToken>>,
+    /// Keyed by the token's SHA-256, already uniform: moka's own hashing of
+    /// the key is the cheap foldhash, not SipHash.
+    cache: Cache<[u8; 32], Arc<VerifiedToken>, foldhash::fast::RandomState>,
     max_token_bytes: usize,
 }
 
@@ -200,7 +202,7 @@ impl Authenticator {
         let cache = Cache::builder()
             .max_capacity(cache_capacity)
             .expire_after(TokenExpiry)
-            .build();
+            .build_with_hasher(foldhash::fast::RandomState::default());
         Self {
             issuers: issuers
                 .into_iter()

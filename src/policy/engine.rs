@@ -106,7 +106,9 @@ pub struct Engine {
     pub settings: Settings,
     /// Where decisions are logged.
     pub audit: Option<Arc<AuditSink>>,
-    cache: Cache<u128, Arc<Cached>>,
+    /// Keyed by a keyed 128-bit hash, already uniform: moka's own hashing of
+    /// the key is the cheap foldhash, not SipHash.
+    cache: Cache<u128, Arc<Cached>, foldhash::fast::RandomState>,
     k1: RandomState,
     k2: RandomState,
 }
@@ -153,7 +155,7 @@ impl Engine {
         let cache = Cache::builder()
             .max_capacity(settings.cache_capacity)
             .time_to_live(settings.cache_ttl)
-            .build();
+            .build_with_hasher(foldhash::fast::RandomState::default());
         Self {
             set,
             shadow,
