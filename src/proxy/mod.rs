@@ -252,12 +252,7 @@ impl Proxy {
             AuthMode::Public => {}
         }
         self.metrics
-            .decisions
-            .get_or_create(&ActionLabel {
-                action: ctx.decision.as_ref().map_or("allow", |d| d.action.as_str()),
-                reason: "ok",
-            })
-            .inc();
+            .count_forwarded(ctx.decision.as_ref().map_or("allow", |d| d.action.as_str()));
         // 6. forward
         prepare_upstream_request(rt, ctx, &route, &mut req, conn)?;
         let mut resp = self.phase_forward(rt, ctx, &route, req).await?;

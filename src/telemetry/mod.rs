@@ -6,7 +6,7 @@
 
 pub mod logging;
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -112,6 +112,9 @@ pub struct Metrics {
     pub policy_shadow_divergences: Family<ShadowLabel, Counter>,
     /// Audit lines dropped because the writer fell behind.
     pub policy_audit_dropped: Counter,
+    /// `decisions{reason="ok"}` of the three forwarding actions, looked up
+    /// once instead of hashing the label set on every request.
+    forwarded: [OnceLock<Counter>; 3],
 }
 
 /// Labels for shadow-mode divergences.
@@ -246,6 +249,7 @@ impl Metrics {
             policy_reloads,
             policy_shadow_divergences,
             policy_audit_dropped,
+            forwarded: Default::default(),
             feed_events,
             apply_seconds,
             control_window_seconds,
@@ -260,6 +264,31 @@ impl Metrics {
             connections_refused,
             config_reloads,
         }
+    }
+
+    /// Counts one forwarded request under `decisions{action, reason="ok"}`.
+    pub fn count_forwarded(&self, action: &'static str) {
+        let slot = match action {
+            "allow" => &self.forwarded[0],
+            "shorten" => &self.forwarded[1],
+            "restrict" => &self.forwarded[2],
+            _ => {
+                self.decisions
+                    .get_or_create(&ActionLabel {
+                        action,
+                        reason: "ok",
+                    })
+                    .inc();
+                return;
+            }
+        };
+        slot.get_or_init(|| {
+            self.decisions.get_or_create_owned(&ActionLabel {
+                action,
+                reason: "ok",
+            })
+        })
+        .inc();
     }
 
     /// Registers a further metric (used by later rooms: feeds, policy).
