@@ -183,7 +183,9 @@ impl Proxy {
             decision: None,
         };
         let method = req.method().clone();
-        let path = req.uri().path().to_owned();
+        // The path is kept only for the access line, when it is written.
+        let path = tracing::enabled!(target: "portcullis::access", tracing::Level::INFO)
+            .then(|| req.uri().path().to_owned());
         let resp = match self.pipeline(&rt, &mut ctx, req, &conn).await {
             Ok(r) => r,
             Err(d) => {
@@ -205,7 +207,7 @@ impl Proxy {
                 rescue::respond(&d, &ctx.id, algs)
             }
         };
-        self.record(&ctx, &method, &path, &conn, resp.status());
+        self.record(&ctx, &method, path.as_deref(), &conn, resp.status());
         resp
     }
 
@@ -631,7 +633,7 @@ impl Proxy {
         &self,
         ctx: &RequestCtx,
         method: &http::Method,
-        path: &str,
+        path: Option<&str>,
         conn: &ConnInfo,
         status: StatusCode,
     ) {

@@ -27,9 +27,10 @@ pub fn now_unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
 /// Lowercase hex of `bytes`.
 pub fn hex(bytes: &[u8]) -> String {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut s = String::with_capacity(bytes.len() * 2);
     for b in bytes {
         s.push(HEX[(b >> 4) as usize] as char);
@@ -65,7 +66,15 @@ impl RequestIds {
     /// The next id, such as `3f9a0c11e2b4-000000000000002a`.
     pub fn next_id(&self) -> String {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
-        format!("{}-{:016x}", self.prefix, n)
+        // One exact-size allocation, no formatting machinery: every request
+        // takes one.
+        let mut s = String::with_capacity(self.prefix.len() + 17);
+        s.push_str(&self.prefix);
+        s.push('-');
+        for shift in (0..16).rev() {
+            s.push(HEX[((n >> (shift * 4)) & 0xf) as usize] as char);
+        }
+        s
     }
 }
 
@@ -93,5 +102,23 @@ pub fn rfc3339(ms: u64, millis: bool) -> String {
         )
     } else {
         format!("{y:04}-{m:02}-{d:02}T{h:02}:{mi:02}:{se:02}Z")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RequestIds;
+
+    #[test]
+    fn request_ids_are_prefix_dash_sixteen_hex_digits_in_order() {
+        let ids = RequestIds::default();
+        let a = ids.next_id();
+        let b = ids.next_id();
+        let (prefix, n) = a.split_once('-').unwrap();
+        assert_eq!(prefix.len(), 12);
+        assert_eq!(n, "0000000000000001");
+        assert_eq!(b, format!("{prefix}-0000000000000002"));
+        ids.next.store(0xfedc_ba98_7654_3210, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(ids.next_id(), format!("{prefix}-fedcba9876543210"));
     }
 }
