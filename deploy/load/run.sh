@@ -33,6 +33,11 @@
 #   PORTCULLIS_EXTRA   extra TOML appended to portcullis's config (experiments)
 #   PROFILE_DIR        when set: perf record -e cpu-clock -g portcullis during
 #                      each of its measured runs, reports (text) into this dir
+#   CALLGRIND=1        run portcullis under valgrind --tool=callgrind and report
+#                      instructions (Ir) per request for its runs: a repeatable
+#                      measure on a busy machine (use a small CONNS; wall-clock
+#                      numbers of portcullis are meaningless then)
+#   PORTCULLIS_POLICY  extra keys for portcullis's [policy] table (experiments)
 #   BASE_PORT=18080    first port tried when picking free loopback ports
 #   KEEP_TMP=1         keep the scratch directory (configs, logs) after the run
 #
@@ -57,6 +62,7 @@ RATE_CONNS=${RATE_CONNS:-50}
 BASE_PORT=${BASE_PORT:-18080}
 KEEP_TMP=${KEEP_TMP:-0}
 PROFILE_DIR=${PROFILE_DIR:-}
+CALLGRIND=${CALLGRIND:-0}
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO_ROOT=$(cd "$SCRIPT_DIR/../.." && pwd)
@@ -139,6 +145,11 @@ HAPROXY=$(command -v haproxy || echo /usr/sbin/haproxy)
 [[ -x $NGINX ]] || die "nginx not found after install"
 [[ -x $HAPROXY ]] || die "haproxy not found after install"
 for t in wrk h2load curl jq openssl; do command -v "$t" >/dev/null || die "$t not found after install"; done
+if [[ $CALLGRIND == 1 ]]; then
+    for t in valgrind callgrind_control; do
+        command -v "$t" >/dev/null 2>&1 || die "CALLGRIND=1 needs $t (Debian: apt-get install valgrind)"
+    done
+fi
 if [[ -n $PROFILE_DIR ]]; then
     command -v perf >/dev/null 2>&1 || die "PROFILE_DIR needs perf (Debian: apt-get install linux-perf)"
     mkdir -p "$PROFILE_DIR"
@@ -322,6 +333,7 @@ path = "portcullis.db"
 
 [policy]
 dir = "policies"
+${PORTCULLIS_POLICY:-}
 
 [[feeds.mdm]]
 name = "load"
@@ -348,14 +360,18 @@ auth = "bearer"
 ${PORTCULLIS_EXTRA:-}
 EOF
 "$BIN" check --config "$PC/portcullis.toml" >&2 || die "portcullis check rejected the config"
-(cd "$PC" && exec "$BIN" serve --config "$PC/portcullis.toml" --addr-file "$PC/addr.json" \
+WRAP=()
+if [[ $CALLGRIND == 1 ]]; then
+    WRAP=(valgrind --tool=callgrind --callgrind-out-file="$PC/callgrind.out" --log-file="$PC/valgrind.log")
+fi
+(cd "$PC" && exec "${WRAP[@]}" "$BIN" serve --config "$PC/portcullis.toml" --addr-file "$PC/addr.json" \
     >"$PC/stdout.log" 2>"$PC/stderr.log") &
 PC_PID=$!
 STARTED_PIDS+=("$PC_PID")
 n=0
 until [[ -s $PC/addr.json ]]; do
     kill -0 "$PC_PID" 2>/dev/null || { cat "$PC/stderr.log" >&2; die "portcullis serve exited early"; }
-    (( n++ < 100 )) || die "portcullis did not write its addr file after 10 s"
+    (( n++ < 600 )) || die "portcullis did not write its addr file after 60 s"
     sleep 0.1
 done
 addr_json=$(< "$PC/addr.json")
@@ -621,14 +637,25 @@ measure() {   # round, mode, peer
             2>"$PROFILE_DIR/perf-$mode-$round.log" &
         perf_pid=$!
     fi
+    local cg=0
+    if [[ $CALLGRIND == 1 && $name == portcullis ]]; then
+        cg=1
+        callgrind_control -z "$root" >/dev/null || die "callgrind_control -z failed"
+    fi
     t0=$(cpu_ticks "${pids[@]}"); u0=$(cpu_ticks $(proc_pids "$UP_PID"))
     run_load "$mode" "$DURATION" "$url" "$out"
     t1=$(cpu_ticks "${pids[@]}"); u1=$(cpu_ticks $(proc_pids "$UP_PID"))
+    local ir=""
+    if (( cg )); then
+        # "Totals: Ir" then one "Th N <count>" line per thread.
+        ir=$(callgrind_control -e Ir "$root" | awk '$1 == "Th" { gsub(/,/, "", $NF); s += $NF } END { printf "%.0f", s }')
+    fi
     if [[ -n $perf_pid ]]; then
         wait "$perf_pid" || log "perf record exited with $?"
         perf report -i "$PROFILE_DIR/perf-$mode-$round.data" --stdio --no-children \
             --sort symbol -g none --percent-limit 0.3 2>/dev/null \
-            | grep -v '^$' | head -n 80 > "$PROFILE_DIR/perf-$mode-$round.txt" || true
+            | grep -v '^$' | grep -v '^# *\.' | sed -e 's/ *- *- *$//' | cut -c1-140 \
+            | head -n 80 > "$PROFILE_DIR/perf-$mode-$round.txt" || true
         log "profile: $PROFILE_DIR/perf-$mode-$round.txt"
     fi
     if [[ $name == portcullis ]]; then
@@ -658,6 +685,9 @@ measure() {   # round, mode, peer
     local note="round $round, $key: $reqs req, $rps req/s, p50 $p50 ms, p99 $p99 ms, $cpu_us CPU-us/req; upstream: $up_reqs req on $(( up_conns - 1 )) new connections, $up_us CPU-us/req"
     if [[ $name == portcullis ]]; then
         note+="; token cache +$(( h1 - h0 )) hits +$(( m1 - m0 )) misses; decision cache +$(( ph1 - ph0 )) hits +$(( pm1 - pm0 )) misses"
+    fi
+    if [[ -n $ir ]]; then
+        note+="; callgrind: $ir Ir = $(awk -v i="$ir" -v n="$reqs" 'BEGIN { printf "%.0f", i / n }') Ir/req"
     fi
     NOTES+=("$note")
     log "$note"
