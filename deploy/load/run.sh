@@ -26,6 +26,8 @@
 #   CONNS=50           wrk connections (-c)
 #   THREADS=2          wrk / h2load threads (-t)
 #   TOKENS=10000       distinct tokens / subjects / devices for h1-10k
+#   FILL_TIMEOUT=300   h1-10k: at most this many seconds for the pass that sends
+#                      every token once before the warm-up (fills the caches)
 #   H2_CONNS=10 H2_STREAMS=10   h2 mode: connections x concurrent streams
 #   RATE=5000 RATE_CONNS=50     rate mode: total req/s over this many connections
 #   PORTCULLIS_BIN     prebuilt binary; default: cargo build --release into
@@ -62,6 +64,7 @@ RATE_CONNS=${RATE_CONNS:-50}
 BASE_PORT=${BASE_PORT:-18080}
 KEEP_TMP=${KEEP_TMP:-0}
 PROFILE_DIR=${PROFILE_DIR:-}
+FILL_TIMEOUT=${FILL_TIMEOUT:-300}
 CALLGRIND=${CALLGRIND:-0}
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -533,10 +536,12 @@ upstream_stub() {   # "accepted_connections requests" of the upstream nginx
 }
 
 cat > "$TMP/rotate.lua" <<'EOF'
--- Rotates the Authorization header over the tokens file (one token a line);
--- each wrk thread starts at its own offset.
+-- Rotates the Authorization header over the tokens file (one token a line).
+-- Arguments: tokens file, wrk thread count, and "once" to have each thread
+-- stop after its share, so together they send every token exactly once
+-- (the pass that fills the caches).
 local tokens = {}
-local idx = 0
+local idx, sent, limit, once = 0, 0, 0, false
 local next_tid = 0
 function setup(thread)
   thread:set("tid", next_tid)
@@ -546,11 +551,19 @@ function init(args)
   for line in io.lines(args[1]) do
     if #line > 0 then tokens[#tokens + 1] = "Bearer " .. line end
   end
-  idx = ((tid or 0) * 7919) % #tokens
+  local n = tonumber(args[2]) or 1
+  local share = math.ceil(#tokens / n)
+  idx = ((tid or 0) * share) % #tokens
+  limit = share
+  once = args[3] == "once"
 end
 function request()
   idx = idx % #tokens + 1
   return wrk.format(nil, nil, { ["Authorization"] = tokens[idx] })
+end
+function response(status, headers, body)
+  sent = sent + 1
+  if once and sent >= limit then wrk.thread:stop() end
 end
 EOF
 
@@ -565,7 +578,12 @@ run_load() {
                 "${AUTH[@]}" "$url" > "$out" 2>&1 ;;
         h1-10k)
             timeout --kill-after=5 "$limit" wrk -t"$THREADS" -c"$CONNS" -d"$d"s --latency \
-                -s "$TMP/rotate.lua" "$url" -- "$TOKENS_FILE" > "$out" 2>&1 ;;
+                -s "$TMP/rotate.lua" "$url" -- "$TOKENS_FILE" "$THREADS" > "$out" 2>&1 ;;
+        h1-10k-fill)   # every token once, 8 keep-alive connections (bounded by FILL_TIMEOUT)
+            awk -v u="$url" -v ca="$PKI/ca.pem" 'NR > 1 { print "next" } { printf "url = \"%s\"\nheader = \"Authorization: Bearer %s\"\ncacert = \"%s\"\noutput = \"/dev/null\"\n", u, $0, ca }' \
+                "$TOKENS_FILE" > "$TMP/fill.curl"
+            timeout --kill-after=5 "$FILL_TIMEOUT" curl -sS --parallel --parallel-max 8 \
+                -K "$TMP/fill.curl" > "$out" 2>&1 ;;
         h2)
             timeout --kill-after=5 "$limit" h2load -t"$THREADS" -c"$H2_CONNS" -m"$H2_STREAMS" \
                 -D"$d" "${AUTH[@]}" --log-file="$out.log" "$url" > "$out" 2>&1 ;;
@@ -617,6 +635,10 @@ measure() {   # round, mode, peer
     local round=$1 mode=$2 name=$3 url=${URL[$3]} root=${ROOT[$3]}
     local key="$mode/$name" out=$TMP/load-$2-$3-$1.txt
     local -a pids
+    if [[ $mode == h1-10k ]]; then
+        log "round $round, $mode, $name: sending each of the $TOKENS tokens once (fills the caches)"
+        run_load h1-10k-fill 0 "$url" "$TMP/load-fill-$name-$round.txt"
+    fi
     if (( WARMUP > 0 )); then
         log "round $round, $mode, $name: warm-up ${WARMUP}s"
         run_load "$mode" "$WARMUP" "$url" "$TMP/load-$mode-$name-$round-warmup.txt"
