@@ -742,7 +742,11 @@ async fn at_the_default_ttl_cached_decisions_follow_record_changes_at_once() {
     let r = e.get("/app/x", &t).await;
     assert_eq!(r.status, StatusCode::FORBIDDEN);
     assert_eq!(r.body["error_description"], "contract has ended");
-    assert_eq!(e.upstream.count(), forwarded, "the refused request never left");
+    assert_eq!(
+        e.upstream.count(),
+        forwarded,
+        "the refused request never left"
+    );
     // ...and extended again: allowed on the next request.
     e.identity(
         "nora",

@@ -936,12 +936,18 @@ fn prepare_upstream_request<B>(
                 &names::DEVICE_COMPLIANCE,
                 HeaderValue::from_static(compliance),
             );
-            h.insert(&names::DEVICE_LIFECYCLE, HeaderValue::from_static(lifecycle));
+            h.insert(
+                &names::DEVICE_LIFECYCLE,
+                HeaderValue::from_static(lifecycle),
+            );
         }
         h.insert(&names::SNAPSHOT, HeaderValue::from(r.snapshot_version));
     }
     if let Some(d) = &ctx.decision {
-        h.insert(&names::DECISION, HeaderValue::from_static(d.action.as_str()));
+        h.insert(
+            &names::DECISION,
+            HeaderValue::from_static(d.action.as_str()),
+        );
     }
     Ok(())
 }

@@ -118,7 +118,8 @@ mod tests {
         assert_eq!(prefix.len(), 12);
         assert_eq!(n, "0000000000000001");
         assert_eq!(b, format!("{prefix}-0000000000000002"));
-        ids.next.store(0xfedc_ba98_7654_3210, std::sync::atomic::Ordering::Relaxed);
+        ids.next
+            .store(0xfedc_ba98_7654_3210, std::sync::atomic::Ordering::Relaxed);
         assert_eq!(ids.next_id(), format!("{prefix}-fedcba9876543210"));
     }
 }
