@@ -107,6 +107,7 @@ pub fn rfc3339(ms: u64, millis: bool) -> String {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::RequestIds;
 
     #[test]
