@@ -709,6 +709,79 @@ async fn decisions_are_cached_and_a_feed_event_invalidates_them() {
     );
 }
 
+/// The decision cache at its default TTL (a minute): every identity or
+/// device record change reaches the very next request, because the cache
+/// key carries the records' versions.
+#[tokio::test]
+async fn at_the_default_ttl_cached_decisions_follow_record_changes_at_once() {
+    let e = env().await;
+    let now = portcullis::util::now_unix_ms();
+    e.identity(
+        "nora",
+        IdentityPatch {
+            status: Some(IdentityStatus::Active),
+            ..IdentityPatch::default()
+        },
+    )
+    .await;
+    e.healthy("mac-n").await;
+    let t = e.token("nora", "mac-n");
+    for _ in 0..3 {
+        assert_eq!(e.get("/app/x", &t).await.status, StatusCode::OK);
+    }
+    let m = e.metrics().await;
+    assert!(m.contains("portcullis_policy_cache_hits_total 2"), "{m}");
+    assert!(m.contains("portcullis_policy_cache_misses_total 1"), "{m}");
+    let forwarded = e.upstream.count();
+
+    // The identity record: the contract ended yesterday.
+    e.identity(
+        "nora",
+        IdentityPatch {
+            contract_end_ms: Some(Some(now - 86_400_000)),
+            ..IdentityPatch::default()
+        },
+    )
+    .await;
+    let r = e.get("/app/x", &t).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    assert_eq!(r.body["error_description"], "contract has ended");
+    assert_eq!(
+        e.upstream.count(),
+        forwarded,
+        "the refused request never left"
+    );
+    // ...and extended again: allowed on the next request.
+    e.identity(
+        "nora",
+        IdentityPatch {
+            contract_end_ms: Some(Some(now + 30 * 86_400_000)),
+            ..IdentityPatch::default()
+        },
+    )
+    .await;
+    assert_eq!(e.get("/app/x", &t).await.status, StatusCode::OK);
+    assert_eq!(e.upstream.last().headers["x-portcullis-decision"], "allow");
+
+    // The device record: missing patches restrict writes at once...
+    e.mdm("mac-n", serde_json::json!({"patch_behind": true}))
+        .await;
+    assert_eq!(
+        e.call("POST", "/app/x", &t).await.status,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(e.get("/app/x", &t).await.status, StatusCode::OK);
+    assert_eq!(
+        e.upstream.last().headers["x-portcullis-decision"],
+        "restrict"
+    );
+    // ...and a patched device writes again on the next request.
+    e.mdm("mac-n", serde_json::json!({"patch_behind": false}))
+        .await;
+    assert_eq!(e.call("POST", "/app/x", &t).await.status, StatusCode::OK);
+    assert_eq!(e.upstream.last().headers["x-portcullis-decision"], "allow");
+}
+
 #[tokio::test]
 async fn explain_shows_why_a_request_would_be_decided() {
     let e = env().await;

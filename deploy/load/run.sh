@@ -1,35 +1,71 @@
 #!/usr/bin/env bash
-# deploy/load/run.sh: compare portcullis with a plain nginx TLS reverse proxy.
+# deploy/load/run.sh: CPU per request of portcullis next to two peers, in one run.
 #
-# One run: one shared plain-HTTP nginx upstream on 127.0.0.1, portcullis (cached
-# bearer token) and an nginx TLS proxy in front of it, a warm-up and a timed wrk
-# run against each, CPU time of each proxy read from /proc, and a table of
-# req/s, p50, p99 and CPU-µs per request. See deploy/load/README.md.
+# One run: one shared plain-HTTP nginx upstream on 127.0.0.1 and three TLS
+# proxies in front of it:
+#   nginx       TLS reverse proxy, no auth (the floor);
+#   haproxy     HAProxy 2.6 with jwt_verify (ES256, the same tokens) plus a
+#               device map lookup (device -> allow);
+#   portcullis  every check on: JWT, posture (10k seeded devices), Cedar with
+#               the default policies (config/policies) and the decision cache
+#               at its defaults, no access log.
+# Every mode is measured on every peer, interleaved (the peer order rotates
+# each round), then one table reports req/s, p50, p99, CPU-µs/req and the
+# ratio to nginx per mode. See deploy/load/README.md.
 #
 # Knobs (environment):
-#   DURATION=15        seconds of each measured wrk run
-#   WARMUP=3           seconds of the warm-up wrk run before each measured run
-#   CONNS=32           wrk connections (-c)
-#   THREADS=2          wrk threads (-t)
-#   ROUNDS=1           measure each proxy this many times, alternating the order;
-#                      the table then shows every round plus totals
+#   DURATION=15        seconds of each measured run
+#   WARMUP=3           seconds of the warm-up run before each measured run
+#   ROUNDS=1           measure every (mode, peer) this many times
+#   MODES="h1 h1-10k h2 rate"   which modes (any subset, in this order)
+#                        h1      wrk, HTTP/1.1, one token
+#                        h1-10k  wrk + Lua, HTTP/1.1, TOKENS distinct tokens
+#                        h2      h2load, HTTP/2, one token, H2_CONNS x H2_STREAMS
+#                        rate    h2load --h1 at a fixed RATE req/s, one token
+#   PEERS="nginx haproxy portcullis"
+#   CONNS=50           wrk connections (-c)
+#   THREADS=2          wrk / h2load threads (-t)
+#   TOKENS=10000       distinct tokens / subjects / devices for h1-10k
+#   FILL_TIMEOUT=300   h1-10k: at most this many seconds for the pass that sends
+#                      every token once before the warm-up (fills the caches)
+#   H2_CONNS=10 H2_STREAMS=10   h2 mode: connections x concurrent streams
+#   RATE=5000 RATE_CONNS=50     rate mode: total req/s over this many connections
 #   PORTCULLIS_BIN     prebuilt binary; default: cargo build --release into
 #                      ${CARGO_TARGET_DIR:-<repo>/target} and use release/portcullis
+#   PORTCULLIS_EXTRA   extra TOML appended to portcullis's config (experiments)
+#   PROFILE_DIR        when set: perf record -e cpu-clock -g portcullis during
+#                      each of its measured runs, reports (text) into this dir
+#   CALLGRIND=1        run portcullis under valgrind --tool=callgrind and report
+#                      instructions (Ir) per request for its runs: a repeatable
+#                      measure on a busy machine (use a small CONNS; wall-clock
+#                      numbers of portcullis are meaningless then)
+#   PORTCULLIS_POLICY  extra keys for portcullis's [policy] table (experiments)
 #   BASE_PORT=18080    first port tried when picking free loopback ports
 #   KEEP_TMP=1         keep the scratch directory (configs, logs) after the run
 #
-# Only 127.0.0.1 is ever used as a target. Every load loop is a bounded wrk run
-# (wrk -d, wrapped in timeout). Every process started here is stopped on exit.
+# Only 127.0.0.1 is ever used as a target. Every load loop is a bounded run
+# (wrk -d / h2load -D, wrapped in timeout). Every process started here is
+# stopped on exit.
 
 set -euo pipefail
 
 DURATION=${DURATION:-15}
 WARMUP=${WARMUP:-3}
-CONNS=${CONNS:-32}
-THREADS=${THREADS:-2}
 ROUNDS=${ROUNDS:-1}
+MODES=${MODES:-h1 h1-10k h2 rate}
+PEERS=${PEERS:-nginx haproxy portcullis}
+CONNS=${CONNS:-50}
+THREADS=${THREADS:-2}
+TOKENS=${TOKENS:-10000}
+H2_CONNS=${H2_CONNS:-10}
+H2_STREAMS=${H2_STREAMS:-10}
+RATE=${RATE:-5000}
+RATE_CONNS=${RATE_CONNS:-50}
 BASE_PORT=${BASE_PORT:-18080}
 KEEP_TMP=${KEEP_TMP:-0}
+PROFILE_DIR=${PROFILE_DIR:-}
+FILL_TIMEOUT=${FILL_TIMEOUT:-300}
+CALLGRIND=${CALLGRIND:-0}
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO_ROOT=$(cd "$SCRIPT_DIR/../.." && pwd)
@@ -37,11 +73,17 @@ REPO_ROOT=$(cd "$SCRIPT_DIR/../.." && pwd)
 log() { printf '[load] %s\n' "$*" >&2; }
 die() { printf '[load] FAIL: %s\n' "$*" >&2; exit 1; }
 
-for v in DURATION WARMUP CONNS THREADS ROUNDS BASE_PORT; do
-    [[ ${!v} =~ ^[0-9]+$ ]] || die "$v must be a positive integer (got '${!v}')"
+for v in DURATION WARMUP CONNS THREADS ROUNDS BASE_PORT TOKENS H2_CONNS H2_STREAMS RATE RATE_CONNS; do
+    [[ ${!v} =~ ^[0-9]+$ ]] || die "$v must be a non-negative integer (got '${!v}')"
 done
-(( DURATION > 0 && CONNS > 0 && THREADS > 0 && ROUNDS > 0 )) || die "DURATION, CONNS, THREADS, ROUNDS must be > 0"
-(( CONNS >= THREADS )) || die "CONNS ($CONNS) must be >= THREADS ($THREADS) for wrk"
+(( DURATION > 0 && CONNS > 0 && THREADS > 0 && ROUNDS > 0 && TOKENS > 0 )) \
+    || die "DURATION, CONNS, THREADS, ROUNDS, TOKENS must be > 0"
+(( CONNS >= THREADS && H2_CONNS >= THREADS && RATE_CONNS >= THREADS )) \
+    || die "CONNS, H2_CONNS and RATE_CONNS must be >= THREADS ($THREADS)"
+(( RATE >= RATE_CONNS )) || die "RATE ($RATE) must be >= RATE_CONNS ($RATE_CONNS)"
+for m in $MODES; do [[ $m =~ ^(h1|h1-10k|h2|rate)$ ]] || die "unknown mode '$m'"; done
+for p in $PEERS; do [[ $p =~ ^(nginx|haproxy|portcullis)$ ]] || die "unknown peer '$p'"; done
+[[ " $PEERS " == *" nginx "* ]] || die "PEERS must include nginx (the ratios are to nginx)"
 
 # ---------------------------------------------------------------- cleanup ---
 TMP=$(mktemp -d /tmp/portcullis-load.XXXXXX)
@@ -78,10 +120,16 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 # ------------------------------------------------------------ dependencies ---
+# Every tool the run needs, from Debian (bookworm: nginx 1.22, HAProxy 2.6,
+# nghttp2-client 1.52 for h2load).
 need=()
-command -v nginx >/dev/null 2>&1 || need+=(nginx)
-command -v wrk   >/dev/null 2>&1 || need+=(wrk)
-command -v curl  >/dev/null 2>&1 || need+=(curl)
+command -v nginx   >/dev/null 2>&1 || [[ -x /usr/sbin/nginx ]]   || need+=(nginx)
+command -v haproxy >/dev/null 2>&1 || [[ -x /usr/sbin/haproxy ]] || need+=(haproxy)
+command -v wrk     >/dev/null 2>&1 || need+=(wrk)
+command -v h2load  >/dev/null 2>&1 || need+=(nghttp2-client)
+command -v curl    >/dev/null 2>&1 || need+=(curl)
+command -v jq      >/dev/null 2>&1 || need+=(jq)
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
 if (( ${#need[@]} )); then
     log "installing: ${need[*]}"
     SUDO=()
@@ -96,8 +144,20 @@ if (( ${#need[@]} )); then
     fi
 fi
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+HAPROXY=$(command -v haproxy || echo /usr/sbin/haproxy)
 [[ -x $NGINX ]] || die "nginx not found after install"
-command -v wrk >/dev/null || die "wrk not found after install"
+[[ -x $HAPROXY ]] || die "haproxy not found after install"
+for t in wrk h2load curl jq openssl; do command -v "$t" >/dev/null || die "$t not found after install"; done
+if [[ $CALLGRIND == 1 ]]; then
+    for t in valgrind callgrind_control; do
+        command -v "$t" >/dev/null 2>&1 || die "CALLGRIND=1 needs $t (Debian: apt-get install valgrind)"
+    done
+fi
+if [[ -n $PROFILE_DIR ]]; then
+    command -v perf >/dev/null 2>&1 || die "PROFILE_DIR needs perf (Debian: apt-get install linux-perf)"
+    mkdir -p "$PROFILE_DIR"
+    PROFILE_DIR=$(cd "$PROFILE_DIR" && pwd)
+fi
 
 # -------------------------------------------------------------- portcullis ---
 if [[ -n ${PORTCULLIS_BIN:-} ]]; then
@@ -170,10 +230,13 @@ check_status() {   # name, expected code, url, [curl args...]
     log "$name: $url -> $got (as expected)"
 }
 
-# ------------------------------------------------- PKI and token via demo ---
+# ------------------------------------- PKI and tokens via portcullis demo ---
+# The demo writes a dev CA, a server certificate for 127.0.0.1, an ES256
+# issuer key and JWKS; its dev issuer's /token endpoint mints the TOKENS
+# tokens (one subject and device each, valid for an hour), then it stops.
 PKI=$TMP/pki
 mkdir -p "$PKI"
-log "generating dev CA, server certificate, issuer key and token (portcullis demo)"
+log "generating dev CA, server certificate, issuer key (portcullis demo)"
 "$BIN" demo --data-dir "$PKI" --proxy-port 0 --admin-port 0 >"$TMP/demo.log" 2>&1 &
 DEMO_PID=$!
 STARTED_PIDS+=("$DEMO_PID")
@@ -186,15 +249,32 @@ done
 sleep 0.2   # demo.env is written in one go, but be generous
 # shellcheck disable=SC1091
 source "$PKI/demo.env"
-kill -TERM "$DEMO_PID" 2>/dev/null || true
-wait "$DEMO_PID" 2>/dev/null || true
-for v in PORTCULLIS_TOKEN PORTCULLIS_ISSUER PORTCULLIS_AUDIENCE; do
+for v in PORTCULLIS_ISSUER PORTCULLIS_AUDIENCE PORTCULLIS_DEVICE_CLAIM; do
     [[ -n ${!v:-} ]] || die "$v missing from demo.env"
 done
-for f in ca.pem server.pem server-key.pem issuer-jwks.json; do
+for f in ca.pem server.pem server-key.pem issuer-key.pem issuer-jwks.json; do
     [[ -s $PKI/$f ]] || die "demo did not write $f"
 done
-TOKEN=$PORTCULLIS_TOKEN
+[[ $PORTCULLIS_ISSUER == http://127.0.0.1:* ]] || die "demo issuer is not on 127.0.0.1: $PORTCULLIS_ISSUER"
+
+log "minting $TOKENS tokens (sub user-N@load.example, device dev-N) from the demo issuer"
+TOKENS_FILE=$TMP/tokens.txt
+DEVICES_FILE=$TMP/devices.txt
+awk -v n="$TOKENS" 'BEGIN { for (i = 0; i < n; i++) printf "dev-%05d\n", i }' > "$DEVICES_FILE"
+awk -v n="$TOKENS" -v iss="$PORTCULLIS_ISSUER" 'BEGIN {
+    for (i = 0; i < n; i++) printf "url = \"%s/token?sub=user-%05d@load.example&device_id=dev-%05d\"\n", iss, i, i }' \
+    > "$TMP/mint.curl"
+timeout 300 curl -sS --fail --max-time 280 -K "$TMP/mint.curl" | jq -r '.access_token' > "$TOKENS_FILE" \
+    || die "minting tokens from the demo issuer failed"
+(( $(wc -l < "$TOKENS_FILE") == TOKENS )) || die "minted $(wc -l < "$TOKENS_FILE") tokens, wanted $TOKENS"
+kill -TERM "$DEMO_PID" 2>/dev/null || true
+wait "$DEMO_PID" 2>/dev/null || true
+TOKEN=$(head -n 1 "$TOKENS_FILE")
+
+# HAProxy 2.6's jwt_verify reads the issuer's public key as a PEM file
+# (PEM_read_bio_PUBKEY; a certificate is refused as "file not found").
+openssl pkey -in "$PKI/issuer-key.pem" -pubout -out "$PKI/issuer-pub.pem" 2>/dev/null \
+    || die "cannot write the issuer public key for HAProxy"
 
 # ------------------------------------------------------ shared upstream ---
 UP_PORT=$(pick_port)
@@ -232,10 +312,15 @@ body=$(curl -sS --max-time 5 "http://127.0.0.1:$UP_PORT/") || die "upstream not 
 [[ $body == ok ]] || die "upstream returned unexpected body: $body"
 log "upstream nginx (pid $UP_PID, 1 worker) on 127.0.0.1:$UP_PORT"
 
+declare -A URL ROOT
+
 # ------------------------------------------------------------- portcullis ---
+if [[ " $PEERS " == *" portcullis "* ]]; then
 PC=$TMP/portcullis
-mkdir -p "$PC"
+mkdir -p "$PC/policies"
 cp "$PKI/server.pem" "$PKI/server-key.pem" "$PKI/issuer-jwks.json" "$PC/"
+cp "$REPO_ROOT"/config/policies/*.cedar "$REPO_ROOT"/config/policies/*.cedarschema "$PC/policies/"
+MDM_SECRET=$(openssl rand -hex 24)
 cat > "$PC/portcullis.toml" <<EOF
 [proxy]
 listen = "127.0.0.1:0"
@@ -245,6 +330,17 @@ listen = "127.0.0.1:0"
 
 [log]
 level = "warn"
+
+[store]
+path = "portcullis.db"
+
+[policy]
+dir = "policies"
+${PORTCULLIS_POLICY:-}
+
+[[feeds.mdm]]
+name = "load"
+secret = "$MDM_SECRET"
 
 [[tls.certificates]]
 cert = "server.pem"
@@ -256,30 +352,58 @@ issuer = "$PORTCULLIS_ISSUER"
 audiences = ["$PORTCULLIS_AUDIENCE"]
 algorithms = ["ES256"]
 jwks_file = "issuer-jwks.json"
+device_claim = "$PORTCULLIS_DEVICE_CLAIM"
 
 [[routes]]
 name = "app"
 path_prefix = "/"
 upstream = "http://127.0.0.1:$UP_PORT"
+sensitivity = "medium"
 auth = "bearer"
+${PORTCULLIS_EXTRA:-}
 EOF
 "$BIN" check --config "$PC/portcullis.toml" >&2 || die "portcullis check rejected the config"
-"$BIN" serve --config "$PC/portcullis.toml" --addr-file "$PC/addr.json" \
-    >"$PC/stdout.log" 2>"$PC/stderr.log" &
+WRAP=()
+if [[ $CALLGRIND == 1 ]]; then
+    WRAP=(valgrind --tool=callgrind --callgrind-out-file="$PC/callgrind.out" --log-file="$PC/valgrind.log")
+fi
+(cd "$PC" && exec "${WRAP[@]}" "$BIN" serve --config "$PC/portcullis.toml" --addr-file "$PC/addr.json" \
+    >"$PC/stdout.log" 2>"$PC/stderr.log") &
 PC_PID=$!
 STARTED_PIDS+=("$PC_PID")
 n=0
 until [[ -s $PC/addr.json ]]; do
     kill -0 "$PC_PID" 2>/dev/null || { cat "$PC/stderr.log" >&2; die "portcullis serve exited early"; }
-    (( n++ < 100 )) || die "portcullis did not write its addr file after 10 s"
+    (( n++ < 600 )) || die "portcullis did not write its addr file after 60 s"
     sleep 0.1
 done
 addr_json=$(< "$PC/addr.json")
 PC_ADDR=$(sed -n 's/.*"proxy":"\([^"]*\)".*/\1/p' <<< "$addr_json")
 PC_ADMIN=$(sed -n 's/.*"admin":"\([^"]*\)".*/\1/p' <<< "$addr_json")
 [[ -n $PC_ADDR && -n $PC_ADMIN ]] || die "cannot parse $PC/addr.json: $addr_json"
-PC_URL=https://$PC_ADDR/
-log "portcullis (pid $PC_PID) on $PC_URL, admin http://$PC_ADMIN"
+URL[portcullis]=https://$PC_ADDR/
+ROOT[portcullis]=$PC_PID
+log "portcullis (pid $PC_PID) on ${URL[portcullis]}, admin http://$PC_ADMIN"
+
+# Seed the TOKENS devices through the generic MDM feed: managed, compliant,
+# corporate, patched, checked in now; one owner each. 500 per request.
+log "seeding $TOKENS devices through the MDM feed"
+now_ms=$(( $(date +%s) * 1000 ))
+split -l 500 -d -a 4 "$DEVICES_FILE" "$TMP/devices.part."
+for part in "$TMP"/devices.part.*; do
+    jq -R -s -c --argjson now "$now_ms" '
+        split("\n") | map(select(length > 0)) | map({
+            event_id: ("load-seed-" + .), device_id: ., occurred_at: $now,
+            lifecycle: "enrolled", compliance: "compliant", compromised: false,
+            patch_behind: false, ownership: "corporate", platform: "macos",
+            os_version: "15.3.2", last_check_in: $now,
+            subjects: [ "user-" + ltrimstr("dev-") + "@load.example" ] })' "$part" > "$part.json"
+    code=$(curl -sS -o "$TMP/seed.body" -w '%{http_code}' --max-time 30 -X POST \
+        -H "Authorization: Bearer $MDM_SECRET" -H 'Content-Type: application/json' \
+        --data-binary "@$part.json" "http://$PC_ADMIN/mdm/v1/load/events") || die "seeding: curl failed"
+    [[ $code == 2* ]] || die "seeding: MDM feed answered $code: $(head -c 300 "$TMP/seed.body")"
+done
+fi
 
 # ------------------------------------------------------ nginx TLS proxy ---
 NG_PORT=$(pick_port)
@@ -302,12 +426,12 @@ http {
     keepalive_timeout 120s;
     upstream backend {
         server 127.0.0.1:$UP_PORT;
-        keepalive 64;
+        keepalive 256;
         keepalive_requests 10000000;
         keepalive_timeout 120s;
     }
     server {
-        listen 127.0.0.1:$NG_PORT ssl;
+        listen 127.0.0.1:$NG_PORT ssl http2;
         ssl_certificate $NG/server.pem;
         ssl_certificate_key $NG/server-key.pem;
         ssl_protocols TLSv1.2 TLSv1.3;
@@ -324,16 +448,81 @@ EOF
 NG_PID=$!
 STARTED_PIDS+=("$NG_PID")
 wait_for_port "$NG_PORT" "nginx proxy" "$NG_PID"
-NG_URL=https://127.0.0.1:$NG_PORT/
-log "nginx TLS proxy (pid $NG_PID, 2 workers) on $NG_URL"
+URL[nginx]=https://127.0.0.1:$NG_PORT/
+ROOT[nginx]=$NG_PID
+log "nginx TLS proxy (pid $NG_PID, 2 workers) on ${URL[nginx]}"
+
+# ---------------------------------------------------------------- HAProxy ---
+if [[ " $PEERS " == *" haproxy "* ]]; then
+HA_PORT=$(pick_port)
+HA=$TMP/haproxy
+mkdir -p "$HA"
+cat "$PKI/server.pem" "$PKI/server-key.pem" > "$HA/server.pem"
+cp "$PKI/issuer-pub.pem" "$HA/"
+awk '{ print $1, "allow" }' "$DEVICES_FILE" > "$HA/devices.map"
+cat > "$HA/haproxy.cfg" <<EOF
+global
+    nbthread 2
+    maxconn 8192
+    pidfile $HA/haproxy.pid
+    tune.ssl.default-dh-param 2048
+
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 120s
+    timeout server 120s
+    timeout http-keep-alive 120s
+    http-reuse always
+
+frontend fe
+    bind 127.0.0.1:$HA_PORT ssl crt $HA/server.pem alpn h2,http/1.1
+    # The bearer token: ES256 signature (jwt_verify), expiry, issuer and
+    # audience, then the device claim looked up in a map.
+    http-request set-var(txn.bearer) http_auth_bearer
+    http-request set-var(txn.alg) var(txn.bearer),jwt_header_query('\$.alg')
+    http-request deny deny_status 401 unless { var(txn.alg) -m str ES256 }
+    http-request deny deny_status 401 unless { var(txn.bearer),jwt_verify(txn.alg,"$HA/issuer-pub.pem") -m int 1 }
+    http-request set-var(txn.now) date
+    http-request set-var(txn.exp) var(txn.bearer),jwt_payload_query('\$.exp','int')
+    http-request deny deny_status 401 if { var(txn.exp),sub(txn.now) -m int lt 0 }
+    http-request deny deny_status 401 unless { var(txn.bearer),jwt_payload_query('\$.iss') -m str $PORTCULLIS_ISSUER }
+    http-request deny deny_status 401 unless { var(txn.bearer),jwt_payload_query('\$.aud') -m str $PORTCULLIS_AUDIENCE }
+    http-request set-var(txn.device) var(txn.bearer),jwt_payload_query('\$.$PORTCULLIS_DEVICE_CLAIM')
+    http-request deny deny_status 403 unless { var(txn.device),map($HA/devices.map) -m str allow }
+    default_backend app
+
+backend app
+    server up 127.0.0.1:$UP_PORT
+EOF
+"$HAPROXY" -c -q -f "$HA/haproxy.cfg" || die "haproxy config invalid"
+"$HAPROXY" -db -f "$HA/haproxy.cfg" >"$HA/stdout.log" 2>"$HA/stderr.log" &
+HA_PID=$!
+STARTED_PIDS+=("$HA_PID")
+wait_for_port "$HA_PORT" "haproxy" "$HA_PID"
+URL[haproxy]=https://127.0.0.1:$HA_PORT/
+ROOT[haproxy]=$HA_PID
+log "HAProxy $("$HAPROXY" -v | awk 'NR == 1 { print $3 }') (pid $HA_PID, 2 threads) on ${URL[haproxy]}"
+fi
 
 # ---------------------------------------------------------- sanity checks ---
 AUTH=(-H "Authorization: Bearer $TOKEN")
-check_status portcullis 200 "$PC_URL" "${AUTH[@]}"
-[[ $(< "$TMP/check.body") == ok ]] || die "portcullis: unexpected body: $(head -c 300 "$TMP/check.body")"
-check_status portcullis 401 "$PC_URL"
-check_status nginx 200 "$NG_URL" "${AUTH[@]}"
-[[ $(< "$TMP/check.body") == ok ]] || die "nginx: unexpected body: $(head -c 300 "$TMP/check.body")"
+LAST_TOKEN=$(tail -n 1 "$TOKENS_FILE")
+# The same token with one signature character changed (not the last: its low
+# bits are padding).
+c=${TOKEN: -10:1}
+if [[ $c == A ]]; then r=B; else r=A; fi
+TAMPERED=${TOKEN:0:${#TOKEN}-10}$r${TOKEN: -9}
+for p in $PEERS; do
+    check_status "$p" 200 "${URL[$p]}" "${AUTH[@]}"
+    [[ $(< "$TMP/check.body") == ok ]] || die "$p: unexpected body: $(head -c 300 "$TMP/check.body")"
+    check_status "$p" 200 "${URL[$p]}" --http2 "${AUTH[@]}"
+    if [[ $p != nginx ]]; then
+        check_status "$p" 401 "${URL[$p]}"
+        check_status "$p" 200 "${URL[$p]}" -H "Authorization: Bearer $LAST_TOKEN"
+        check_status "$p" 401 "${URL[$p]}" -H "Authorization: Bearer $TAMPERED"
+    fi
+done
 
 # ------------------------------------------------------------------- load ---
 metric() {   # sum of a metric's samples on the portcullis admin endpoint
@@ -346,92 +535,204 @@ upstream_stub() {   # "accepted_connections requests" of the upstream nginx
         | awk '/^ *[0-9]+ +[0-9]+ +[0-9]+ *$/ { print $1, $3; exit }'
 }
 
-run_wrk() {   # duration, url, output file
-    timeout --kill-after=5 "$(( $1 + 30 ))" \
-        wrk -t"$THREADS" -c"$CONNS" -d"$1"s --latency "${AUTH[@]}" "$2" > "$3" 2>&1 \
-        || { cat "$3" >&2; die "wrk against $2 failed"; }
+cat > "$TMP/rotate.lua" <<'EOF'
+-- Rotates the Authorization header over the tokens file (one token a line).
+-- Arguments: tokens file, wrk thread count, and "once" to have each thread
+-- stop after its share, so together they send every token exactly once
+-- (the pass that fills the caches).
+local tokens = {}
+local idx, sent, limit, once = 0, 0, 0, false
+local next_tid = 0
+function setup(thread)
+  thread:set("tid", next_tid)
+  next_tid = next_tid + 1
+end
+function init(args)
+  for line in io.lines(args[1]) do
+    if #line > 0 then tokens[#tokens + 1] = "Bearer " .. line end
+  end
+  local n = tonumber(args[2]) or 1
+  local share = math.ceil(#tokens / n)
+  idx = ((tid or 0) * share) % #tokens
+  limit = share
+  once = args[3] == "once"
+end
+function request()
+  idx = idx % #tokens + 1
+  return wrk.format(nil, nil, { ["Authorization"] = tokens[idx] })
+end
+function response(status, headers, body)
+  sent = sent + 1
+  if once and sent >= limit then wrk.thread:stop() end
+end
+EOF
+
+# run_load mode, duration, url, output: one bounded load run; the output is
+# either wrk's or h2load's (with a per-request log in output.log).
+run_load() {
+    local mode=$1 d=$2 url=$3 out=$4
+    local limit=$(( d + 30 ))
+    case $mode in
+        h1)
+            timeout --kill-after=5 "$limit" wrk -t"$THREADS" -c"$CONNS" -d"$d"s --latency \
+                "${AUTH[@]}" "$url" > "$out" 2>&1 ;;
+        h1-10k)
+            timeout --kill-after=5 "$limit" wrk -t"$THREADS" -c"$CONNS" -d"$d"s --latency \
+                -s "$TMP/rotate.lua" "$url" -- "$TOKENS_FILE" "$THREADS" > "$out" 2>&1 ;;
+        h1-10k-fill)   # every token once, 8 keep-alive connections (bounded by FILL_TIMEOUT)
+            awk -v u="$url" -v ca="$PKI/ca.pem" 'NR > 1 { print "next" } { printf "url = \"%s\"\nheader = \"Authorization: Bearer %s\"\ncacert = \"%s\"\noutput = \"/dev/null\"\n", u, $0, ca }' \
+                "$TOKENS_FILE" > "$TMP/fill.curl"
+            timeout --kill-after=5 "$FILL_TIMEOUT" curl -sS --parallel --parallel-max 8 \
+                -K "$TMP/fill.curl" > "$out" 2>&1 ;;
+        h2)
+            timeout --kill-after=5 "$limit" h2load -t"$THREADS" -c"$H2_CONNS" -m"$H2_STREAMS" \
+                -D"$d" "${AUTH[@]}" --log-file="$out.log" "$url" > "$out" 2>&1 ;;
+        rate)
+            timeout --kill-after=5 "$limit" h2load --h1 -t"$THREADS" -c"$RATE_CONNS" \
+                --rps=$(( RATE / RATE_CONNS )) -D"$d" "${AUTH[@]}" --log-file="$out.log" \
+                "$url" > "$out" 2>&1 ;;
+    esac || { tail -n 20 "$out" >&2; die "$mode load against $url failed"; }
 }
 
-# Per proxy, accumulated over rounds: requests, CPU ticks, wrk seconds; and
-# space-separated per-round lists of req/s, p50, p99 and CPU-us/req.
-declare -A TOT_REQS TOT_TICKS TOT_SECS BAD RPS_L P50_L P99_L CPU_L
-ROWS=()     # per-round table rows
-NOTES=()    # per-round diagnostics
-measure() {   # round, name, url, root pid
-    local round=$1 name=$2 url=$3 root=$4 out=$TMP/wrk-$2-$1.txt
+# parse_load mode, output -> "requests seconds req/s p50_ms p99_ms errors"
+parse_load() {
+    local mode=$1 out=$2
+    case $mode in
+        h1|h1-10k)
+            local reqs secs rps p50 p99 non2xx sockerr
+            reqs=$(awk '/requests in/ { print $1; exit }' "$out")
+            secs=$(awk '/requests in/ { sub(/,$/, "", $4); print $4; exit }' "$out")
+            rps=$(awk '/^Requests\/sec:/ { print $2; exit }' "$out")
+            p50=$(awk '$1 == "50%" { print $2; exit }' "$out")
+            p99=$(awk '$1 == "99%" { print $2; exit }' "$out")
+            non2xx=$(awk '/Non-2xx or 3xx responses:/ { print $NF; exit }' "$out")
+            sockerr=$(sed -n 's/.*Socket errors: *//p' "$out" | tr -d ' ')
+            [[ -n $reqs && -n $secs && -n $rps && -n $p50 && -n $p99 ]] || { cat "$out" >&2; die "cannot parse wrk output $out"; }
+            echo "$reqs $(awk -v ms="$(to_ms "$secs")" 'BEGIN { print ms / 1000 }') $rps $(to_ms "$p50") $(to_ms "$p99") ${non2xx:-0}${sockerr:+/sock:$sockerr}"
+            ;;
+        h2|rate)
+            # "finished in 15.00s, 12345.67 req/s, ..."; "requests: N total, N started,
+            # N done, N succeeded, F failed, E errored, T timeout"; the log file has
+            # one line per request: start (µs), status, duration (µs).
+            local secs rps done ok
+            secs=$(awk '/^finished in/ { v = $3; sub(/s,$/, "", v); print v; exit }' "$out")
+            rps=$(awk '/^finished in/ { print $4; exit }' "$out")
+            done=$(awk '/^requests:/ { print $6; exit }' "$out")
+            ok=$(awk '/^requests:/ { print $8; exit }' "$out")
+            [[ -n $secs && -n $rps && -n $done && -s $out.log ]] || { cat "$out" >&2; die "cannot parse h2load output $out"; }
+            local p50 p99 non2xx
+            non2xx=$(awk '$2 < 200 || $2 > 399 { bad++ } END { print bad + 0 }' "$out.log")
+            read -r p50 p99 < <(awk '{ print $3 }' "$out.log" | sort -n | awk '{ d[NR] = $1 }
+                END { printf "%.3f %.3f\n", d[int(NR * 0.50) + 1] / 1000, d[int(NR * 0.99) + 1] / 1000 }')
+            echo "$done $secs $rps $p50 $p99 $(( non2xx + done - ok ))"
+            ;;
+    esac
+}
+
+declare -A TOT_REQS TOT_TICKS TOT_SECS BAD P50_L P99_L UPC
+NOTES=()
+measure() {   # round, mode, peer
+    local round=$1 mode=$2 name=$3 url=${URL[$3]} root=${ROOT[$3]}
+    local key="$mode/$name" out=$TMP/load-$2-$3-$1.txt
     local -a pids
-    log "round $round, $name: warm-up ${WARMUP}s"
-    if (( WARMUP > 0 )); then run_wrk "$WARMUP" "$url" "$TMP/wrk-$name-$round-warmup.txt"; fi
+    if [[ $mode == h1-10k ]]; then
+        log "round $round, $mode, $name: sending each of the $TOKENS tokens once (fills the caches)"
+        run_load h1-10k-fill 0 "$url" "$TMP/load-fill-$name-$round.txt"
+    fi
+    if (( WARMUP > 0 )); then
+        log "round $round, $mode, $name: warm-up ${WARMUP}s"
+        run_load "$mode" "$WARMUP" "$url" "$TMP/load-$mode-$name-$round-warmup.txt"
+    fi
     mapfile -t pids < <(proc_pids "$root")
-    log "round $round, $name: measuring ${DURATION}s, -t$THREADS -c$CONNS (pids: ${pids[*]})"
-    local t0 t1 u0 u1 s0 s1 h0=0 h1=0 m0=0 m1=0
+    log "round $round, $mode, $name: measuring ${DURATION}s"
+    local t0 t1 u0 u1 s0 s1 h0=0 h1=0 m0=0 m1=0 ph0=0 ph1=0 pm0=0 pm1=0
     s0=$(upstream_stub)
     if [[ $name == portcullis ]]; then
         h0=$(metric portcullis_token_cache_hits_total); m0=$(metric portcullis_token_cache_misses_total)
+        ph0=$(metric portcullis_policy_cache_hits_total); pm0=$(metric portcullis_policy_cache_misses_total)
+    fi
+    local perf_pid=""
+    if [[ -n $PROFILE_DIR && $name == portcullis ]]; then
+        # Sampling (cpu-clock: no hardware counters needed), call graphs.
+        timeout --kill-after=5 $(( DURATION + 30 )) perf record -q -e cpu-clock -g \
+            -p "$root" -o "$PROFILE_DIR/perf-$mode-$round.data" -- sleep "$DURATION" \
+            2>"$PROFILE_DIR/perf-$mode-$round.log" &
+        perf_pid=$!
+    fi
+    local cg=0
+    if [[ $CALLGRIND == 1 && $name == portcullis ]]; then
+        cg=1
+        callgrind_control -z "$root" >/dev/null || die "callgrind_control -z failed"
     fi
     t0=$(cpu_ticks "${pids[@]}"); u0=$(cpu_ticks $(proc_pids "$UP_PID"))
-    run_wrk "$DURATION" "$url" "$out"
+    run_load "$mode" "$DURATION" "$url" "$out"
     t1=$(cpu_ticks "${pids[@]}"); u1=$(cpu_ticks $(proc_pids "$UP_PID"))
+    local ir=""
+    if (( cg )); then
+        # "Totals: Ir" then one "Th N <count>" line per thread.
+        ir=$(callgrind_control -e Ir "$root" | awk '$1 == "Th" { gsub(/,/, "", $NF); s += $NF } END { printf "%.0f", s }')
+    fi
+    if [[ -n $perf_pid ]]; then
+        wait "$perf_pid" || log "perf record exited with $?"
+        perf report -i "$PROFILE_DIR/perf-$mode-$round.data" --stdio --no-children \
+            --sort symbol -g none --percent-limit 0.3 2>/dev/null \
+            | grep -v '^$' | grep -v '^# *\.' | sed -e 's/ *- *- *$//' | cut -c1-140 \
+            | head -n 80 > "$PROFILE_DIR/perf-$mode-$round.txt" || true
+        log "profile: $PROFILE_DIR/perf-$mode-$round.txt"
+    fi
     if [[ $name == portcullis ]]; then
         h1=$(metric portcullis_token_cache_hits_total); m1=$(metric portcullis_token_cache_misses_total)
+        ph1=$(metric portcullis_policy_cache_hits_total); pm1=$(metric portcullis_policy_cache_misses_total)
     fi
     s1=$(upstream_stub)
-    local now; now=$(proc_pids "$root" | sort | tr '\n' ' ')
-    [[ $now == "$(printf '%s\n' "${pids[@]}" | sort | tr '\n' ' ')" ]] \
-        || log "$name: WARNING: process set changed during the run (${pids[*]} -> $now)"
 
-    local reqs secs rps p50 p99 non2xx sockerr
-    reqs=$(awk '/requests in/ { print $1; exit }' "$out")
-    secs=$(awk '/requests in/ { sub(/,$/, "", $4); print $4; exit }' "$out")
-    secs=$(awk -v ms="$(to_ms "$secs")" 'BEGIN { print ms / 1000 }')
-    rps=$(awk '/^Requests\/sec:/ { print $2; exit }' "$out")
-    p50=$(awk '$1 == "50%" { print $2; exit }' "$out")
-    p99=$(awk '$1 == "99%" { print $2; exit }' "$out")
-    non2xx=$(awk '/Non-2xx or 3xx responses:/ { print $NF; exit }' "$out")
-    sockerr=$(sed -n 's/.*Socket errors: *//p' "$out")
-    [[ -n $reqs && -n $secs && -n $rps && -n $p50 && -n $p99 ]] || { cat "$out" >&2; die "$name: cannot parse wrk output"; }
-    (( reqs > 0 )) || die "$name: wrk completed no requests"
-    [[ -z $non2xx ]] || log "$name: WARNING: $non2xx non-2xx/3xx responses"
-    [[ -z $sockerr ]] || log "$name: WARNING: socket errors: $sockerr"
+    local reqs secs rps p50 p99 bad
+    read -r reqs secs rps p50 p99 bad < <(parse_load "$mode" "$out")
+    (( reqs > 0 )) || die "$key: no requests completed"
+    [[ $bad == 0 ]] || log "$key: WARNING: non-2xx / errors: $bad"
 
-    local ticks=$(( t1 - t0 )) cpu_us cpu_s up_us up_conns up_reqs
+    local ticks=$(( t1 - t0 )) cpu_us up_us up_conns up_reqs
     cpu_us=$(awk -v t="$ticks" -v hz="$CLK_TCK" -v n="$reqs" 'BEGIN { printf "%.1f", t / hz * 1e6 / n }')
-    cpu_s=$(awk -v t="$ticks" -v hz="$CLK_TCK" 'BEGIN { printf "%.2f", t / hz }')
     up_us=$(awk -v t=$(( u1 - u0 )) -v hz="$CLK_TCK" -v n="$reqs" 'BEGIN { printf "%.1f", t / hz * 1e6 / n }')
     up_conns=$(( ${s1% *} - ${s0% *} ))
     up_reqs=$(( ${s1#* } - ${s0#* } - 1 ))   # minus the stub_status request itself
 
-    TOT_REQS[$name]=$(( ${TOT_REQS[$name]:-0} + reqs ))
-    TOT_TICKS[$name]=$(( ${TOT_TICKS[$name]:-0} + ticks ))
-    TOT_SECS[$name]=$(awk -v a="${TOT_SECS[$name]:-0}" -v b="$secs" 'BEGIN { print a + b }')
-    BAD[$name]=$(( ${BAD[$name]:-0} + ${non2xx:-0} ))
-    [[ -z $sockerr ]] || BAD[$name]="${BAD[$name]}+sock"
-    RPS_L[$name]+="$rps "
-    P50_L[$name]+="$(to_ms "$p50") "
-    P99_L[$name]+="$(to_ms "$p99") "
-    CPU_L[$name]+="$cpu_us "
-    ROWS+=("$(printf '%-11s %5s %11s %10s %10s %12s %10s' "$name" "$round" "$rps" "$(to_ms "$p50")" "$(to_ms "$p99")" "$cpu_us" "${non2xx:-0}${sockerr:++sock}")")
-    local note="round $round, $name: $reqs requests, proxy CPU ${cpu_s}s; upstream: ${up_reqs} requests on ${up_conns} new connections, ${up_us} CPU-us/req"
+    TOT_REQS[$key]=$(( ${TOT_REQS[$key]:-0} + reqs ))
+    TOT_TICKS[$key]=$(( ${TOT_TICKS[$key]:-0} + ticks ))
+    TOT_SECS[$key]=$(awk -v a="${TOT_SECS[$key]:-0}" -v b="$secs" 'BEGIN { print a + b }')
+    [[ $bad == 0 ]] || BAD[$key]="${BAD[$key]:-}${BAD[$key]:+,}$bad"
+    P50_L[$key]+="$p50 "
+    P99_L[$key]+="$p99 "
+    UPC[$key]=$(( ${UPC[$key]:-0} + up_conns - 1 ))   # minus the stub_status connection
+    local note="round $round, $key: $reqs req, $rps req/s, p50 $p50 ms, p99 $p99 ms, $cpu_us CPU-us/req; upstream: $up_reqs req on $(( up_conns - 1 )) new connections, $up_us CPU-us/req"
     if [[ $name == portcullis ]]; then
-        note+="; token cache: hits +$(( h1 - h0 )), misses +$(( m1 - m0 ))"
+        note+="; token cache +$(( h1 - h0 )) hits +$(( m1 - m0 )) misses; decision cache +$(( ph1 - ph0 )) hits +$(( pm1 - pm0 )) misses"
+    fi
+    if [[ -n $ir ]]; then
+        note+="; callgrind: $ir Ir = $(awk -v i="$ir" -v n="$reqs" 'BEGIN { printf "%.0f", i / n }') Ir/req"
     fi
     NOTES+=("$note")
     log "$note"
 }
 
-# Alternate the order each round so slow drift on the machine hits both alike.
+read -r -a PEER_LIST <<< "$PEERS"
 for (( r=1; r<=ROUNDS; r++ )); do
-    if (( r % 2 )); then
-        measure "$r" portcullis "$PC_URL" "$PC_PID"
-        measure "$r" nginx "$NG_URL" "$NG_PID"
-    else
-        measure "$r" nginx "$NG_URL" "$NG_PID"
-        measure "$r" portcullis "$PC_URL" "$PC_PID"
-    fi
+    for mode in $MODES; do
+        # Rotate the peer order every (round, mode) so drift on the machine
+        # hits every peer alike.
+        k=${#PEER_LIST[@]}
+        off=$(( (r - 1 + ${MODE_N:-0}) % k ))
+        for (( j=0; j<k; j++ )); do
+            measure "$r" "$mode" "${PEER_LIST[(j + off) % k]}"
+        done
+        MODE_N=$(( ${MODE_N:-0} + 1 ))
+    done
 done
 
-kill -0 "$PC_PID" 2>/dev/null || die "portcullis died during the run"
-if [[ -s $PC/stderr.log ]]; then
+for p in $PEERS; do
+    kill -0 "${ROOT[$p]}" 2>/dev/null || die "$p died during the run"
+done
+if [[ -n ${PC:-} && -s $PC/stderr.log ]]; then
     log "portcullis wrote $(wc -l < "$PC/stderr.log") log lines at warn+ (distinct messages, timestamps stripped):"
     sed -e 's/\x1b\[[0-9;]*m//g' -e 's/^[0-9TZ:.-]* *//' "$PC/stderr.log" \
         | sort | uniq -c | sort -rn | head -n 10 >&2
@@ -441,34 +742,25 @@ fi
 median() { tr ' ' '\n' | awk 'NF' | sort -g | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else printf "%.3f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 
 echo
-echo "portcullis vs nginx TLS reverse proxy: wrk -t$THREADS -c$CONNS -d${DURATION}s (warm-up ${WARMUP}s), ${ROUNDS} round(s), $(nproc) CPUs"
+echo "Same-run table: ${ROUNDS} round(s) of ${DURATION}s (warm-up ${WARMUP}s) per mode and peer, $(nproc) CPUs, load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "  h1: wrk -t$THREADS -c$CONNS, one token; h1-10k: the same over $TOKENS tokens/devices; h2: h2load -t$THREADS -c$H2_CONNS -m$H2_STREAMS; rate: h2load --h1 -c$RATE_CONNS at $RATE req/s"
 for n in "${NOTES[@]}"; do echo "  $n"; done
-if (( ROUNDS > 1 )); then
-    echo
-    printf '%-11s %5s %11s %10s %10s %12s %10s\n' proxy round req/s p50_ms p99_ms CPU-us/req non2xx/err
-    for row in "${ROWS[@]}"; do echo "$row"; done
-    echo
-    echo "overall (req/s = total requests / total seconds; p50, p99 = median over rounds;"
-    echo "CPU-us/req = total CPU / total requests):"
-fi
 echo
-declare -A CPU_US
-printf '%-11s %11s %10s %10s %12s %10s\n' proxy req/s p50_ms p99_ms CPU-us/req non2xx/err
-for p in portcullis nginx; do
-    CPU_US[$p]=$(awk -v t="${TOT_TICKS[$p]}" -v hz="$CLK_TCK" -v n="${TOT_REQS[$p]}" 'BEGIN { printf "%.1f", t / hz * 1e6 / n }')
-    printf '%-11s %11s %10s %10s %12s %10s\n' "$p" \
-        "$(awk -v n="${TOT_REQS[$p]}" -v s="${TOT_SECS[$p]}" 'BEGIN { printf "%.2f", n / s }')" \
-        "$(median <<< "${P50_L[$p]}")" "$(median <<< "${P99_L[$p]}")" "${CPU_US[$p]}" "${BAD[$p]}"
-done
-ratio=$(awk -v a="${CPU_US[portcullis]}" -v b="${CPU_US[nginx]}" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }')
-verdict=$(awk -v r="$ratio" 'BEGIN { if (r == "n/a") print "n/a"; else if (r <= 1.5) print "within"; else print "OVER" }')
+echo "req/s = total requests / total seconds; p50, p99 = median over rounds; CPU-us/req = total CPU / total requests;"
+echo "x nginx = CPU-us/req / nginx's in the same mode; up-conns = new upstream connections during the measured runs"
 echo
-echo "CPU-us/req ratio portcullis/nginx: ${ratio}x (target <= 1.5x: $verdict)"
-if (( ROUNDS > 1 )); then
-    read -r -a pc <<< "${CPU_L[portcullis]}"; read -r -a ng <<< "${CPU_L[nginx]}"
-    per=""
-    for (( i=0; i<ROUNDS; i++ )); do
-        per+="$(awk -v a="${pc[i]}" -v b="${ng[i]}" 'BEGIN { printf "%.2f", a / b }')x "
+printf '| %-7s | %-10s | %10s | %8s | %8s | %10s | %8s | %8s | %s\n' mode peer req/s p50_ms p99_ms CPU-us/req 'x nginx' up-conns errors
+printf '|%s|\n' "---------|------------|------------|----------|----------|------------|----------|----------|-------"
+for mode in $MODES; do
+    ng="$mode/nginx"
+    ng_cpu=$(awk -v t="${TOT_TICKS[$ng]}" -v hz="$CLK_TCK" -v n="${TOT_REQS[$ng]}" 'BEGIN { printf "%.2f", t / hz * 1e6 / n }')
+    for p in $PEERS; do
+        key="$mode/$p"
+        cpu=$(awk -v t="${TOT_TICKS[$key]}" -v hz="$CLK_TCK" -v n="${TOT_REQS[$key]}" 'BEGIN { printf "%.1f", t / hz * 1e6 / n }')
+        printf '| %-7s | %-10s | %10s | %8s | %8s | %10s | %8s | %8s | %s\n' "$mode" "$p" \
+            "$(awk -v n="${TOT_REQS[$key]}" -v s="${TOT_SECS[$key]}" 'BEGIN { printf "%.0f", n / s }')" \
+            "$(median <<< "${P50_L[$key]}")" "$(median <<< "${P99_L[$key]}")" "$cpu" \
+            "$(awk -v a="$cpu" -v b="$ng_cpu" 'BEGIN { if (b > 0) printf "%.2fx", a / b; else print "n/a" }')" \
+            "${UPC[$key]}" "${BAD[$key]:-0}"
     done
-    echo "per-round ratios: $per"
-fi
+done

@@ -142,6 +142,33 @@ pub struct VerifiedToken {
     pub claims: Claims,
     /// The device named by the issuer's device claim, if any.
     pub device: Option<String>,
+    /// The identity headers for the upstream, built once per verified token
+    /// (a cached token's requests clone them: a reference count, no copy).
+    pub headers: TokenHeaders,
+}
+
+/// `x-portcullis-subject` / `-issuer` / `-device` values of a verified token;
+/// `None` where the value is not a valid header value.
+#[derive(Debug, Clone, Default)]
+pub struct TokenHeaders {
+    /// The `sub` claim.
+    pub subject: Option<http::HeaderValue>,
+    /// The issuer's configured name.
+    pub issuer: Option<http::HeaderValue>,
+    /// The device claim.
+    pub device: Option<http::HeaderValue>,
+}
+
+impl TokenHeaders {
+    /// The header values of a verified principal (token or browser session).
+    pub fn of(claims: &Claims, issuer: &str, device: Option<&str>) -> Self {
+        let value = |s: &str| http::HeaderValue::from_str(s).ok();
+        Self {
+            subject: value(&claims.sub),
+            issuer: value(issuer),
+            device: device.and_then(value),
+        }
+    }
 }
 
 /// Result of [`Authenticator::authenticate`]: the token and whether the
@@ -180,7 +207,9 @@ impl moka::Expiry<[u8; 32], Arc<VerifiedToken>> for TokenExpiry {
 /// verified tokens keyed by the token's SHA-256.
 pub struct Authenticator {
     issuers: HashMap<String, Arc<Issuer>>,
-    cache: Cache<[u8; 32], Arc<VerifiedToken>>,
+    /// Keyed by the token's SHA-256, already uniform: moka's own hashing of
+    /// the key is the cheap foldhash, not SipHash.
+    cache: Cache<[u8; 32], Arc<VerifiedToken>, foldhash::fast::RandomState>,
     max_token_bytes: usize,
 }
 
@@ -200,7 +229,7 @@ impl Authenticator {
         let cache = Cache::builder()
             .max_capacity(cache_capacity)
             .expire_after(TokenExpiry)
-            .build();
+            .build_with_hasher(foldhash::fast::RandomState::default());
         Self {
             issuers: issuers
                 .into_iter()
@@ -375,11 +404,13 @@ impl Authenticator {
                 Some(_) => return Err(AuthError::BadClaim(issuer.cfg.device_claim.clone())),
             }
         };
+        let headers = TokenHeaders::of(&claims, &issuer.cfg.name, device.as_deref());
         let verified = Arc::new(VerifiedToken {
             issuer,
             key,
             claims,
             device,
+            headers,
         });
         check_times(&verified, now)?;
         self.cache

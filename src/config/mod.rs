@@ -31,8 +31,10 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 pub const DEFAULT_UPSTREAM_TIMEOUT_MS: u64 = 30_000;
 /// Default time to connect to an upstream.
 pub const DEFAULT_UPSTREAM_CONNECT_TIMEOUT_MS: u64 = 5_000;
-/// Default idle keep-alive connections kept per upstream host.
-pub const DEFAULT_UPSTREAM_POOL_IDLE_PER_HOST: usize = 64;
+/// Default idle keep-alive connections kept per upstream host: above the
+/// concurrency one proxy sees (100 h2 streams, hundreds of h1 clients), so
+/// the steady state opens no upstream connection; idle ones close after 90 s.
+pub const DEFAULT_UPSTREAM_POOL_IDLE_PER_HOST: usize = 1024;
 /// Default time graceful shutdown waits for in-flight requests.
 pub const DEFAULT_DRAIN_TIMEOUT_MS: u64 = 30_000;
 /// Default clock-skew leeway for `exp`, `nbf` and `iat`.
@@ -75,8 +77,10 @@ pub const DEFAULT_POSTURE_MAX_AGE_S: u64 = 86_400;
 pub const DEFAULT_SNAPSHOT_MAX_AGE_S: u64 = 30;
 /// Default oldest workload credential (token `iat`) accepted by the default policies.
 pub const DEFAULT_WORKLOAD_MAX_CREDENTIAL_AGE_S: u64 = 3600;
-/// Default longest a cached policy decision is reused.
-pub const DEFAULT_DECISION_CACHE_TTL_MS: u64 = 1000;
+/// Default longest a cached policy decision is reused. Record changes reach
+/// the next request regardless (the cache key carries record versions); this
+/// only bounds how old the clock-driven facts (ages, time of day) can be.
+pub const DEFAULT_DECISION_CACHE_TTL_MS: u64 = 60_000;
 /// Default number of cached policy decisions.
 pub const DEFAULT_DECISION_CACHE_CAPACITY: u64 = 100_000;
 /// Default interval at which the policy directory is checked for changes.

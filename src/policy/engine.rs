@@ -9,9 +9,10 @@
 //! iat, auth_time, acr, amr, client_id, jti, exp), binding, SPIFFE id and
 //! client address. The policy version is implicit: a reload builds a new
 //! engine with an empty cache. Any feed event that changes one of those
-//! records changes its version, so the next request misses. Entries live at
-//! most `decision_cache_ttl_ms`, which bounds how stale the time-dependent
-//! facts (ages, time of day) of a cached decision can be.
+//! records changes its version, so the next request misses: that is why a
+//! long TTL (a minute by default) is safe. Entries live at most
+//! `decision_cache_ttl_ms`, which bounds how stale the time-dependent facts
+//! (ages, time of day) of a cached decision can be.
 
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hash};
@@ -106,7 +107,9 @@ pub struct Engine {
     pub settings: Settings,
     /// Where decisions are logged.
     pub audit: Option<Arc<AuditSink>>,
-    cache: Cache<u128, Arc<Cached>>,
+    /// Keyed by a keyed 128-bit hash, already uniform: moka's own hashing of
+    /// the key is the cheap foldhash, not SipHash.
+    cache: Cache<u128, Arc<Cached>, foldhash::fast::RandomState>,
     k1: RandomState,
     k2: RandomState,
 }
@@ -155,7 +158,7 @@ impl Engine {
         let cache = Cache::builder()
             .max_capacity(settings.cache_capacity)
             .time_to_live(settings.cache_ttl)
-            .build();
+            .build_with_hasher(foldhash::fast::RandomState::default());
         Self {
             set,
             shadow,

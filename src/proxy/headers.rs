@@ -63,23 +63,33 @@ pub fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
     }
 }
 
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
 /// Sets `X-Forwarded-For/-Proto/-Host`, replacing anything the client sent.
 pub fn set_forwarded(
     headers: &mut HeaderMap,
     client_ip: std::net::IpAddr,
     proto: &'static str,
-    host: Option<&str>,
+    host: Option<HeaderValue>,
 ) {
-    if let Ok(v) = HeaderValue::from_str(&client_ip.to_string()) {
-        headers.insert("x-forwarded-for", v);
+    // An address is at most 45 bytes as text: format it on the stack.
+    let mut buf = [0u8; 64];
+    let mut w = &mut buf[..];
+    if std::io::Write::write_fmt(&mut w, format_args!("{client_ip}")).is_ok() {
+        let n = 64 - w.len();
+        if let Ok(v) = HeaderValue::from_bytes(&buf[..n]) {
+            headers.insert(&X_FORWARDED_FOR, v);
+        }
     }
-    headers.insert("x-forwarded-proto", HeaderValue::from_static(proto));
-    match host.and_then(|h| HeaderValue::from_str(h).ok()) {
+    headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+    match host {
         Some(v) => {
-            headers.insert("x-forwarded-host", v);
+            headers.insert(&X_FORWARDED_HOST, v);
         }
         None => {
-            headers.remove("x-forwarded-host");
+            headers.remove(&X_FORWARDED_HOST);
         }
     }
 }

@@ -207,7 +207,9 @@ impl Proxy {
             session: None,
         };
         let method = req.method().clone();
-        let path = req.uri().path().to_owned();
+        // The path is kept only for the access line, when it is written.
+        let path = tracing::enabled!(target: "portcullis::access", tracing::Level::INFO)
+            .then(|| req.uri().path().to_owned());
         // The assertion's JWKS is the proxy's own document: answered before routing.
         let jwks = assertion::serve_jwks(rt.assertion.as_deref(), &req);
         let resp = match jwks {
@@ -234,7 +236,7 @@ impl Proxy {
                 }
             },
         };
-        self.record(&ctx, &method, &path, &conn, resp.status());
+        self.record(&ctx, &method, path.as_deref(), &conn, resp.status());
         resp
     }
 
@@ -311,12 +313,7 @@ impl Proxy {
             AuthMode::Public => {}
         }
         self.metrics
-            .decisions
-            .get_or_create(&ActionLabel {
-                action: ctx.decision.as_ref().map_or("allow", |d| d.action.as_str()),
-                reason: "ok",
-            })
-            .inc();
+            .count_forwarded(ctx.decision.as_ref().map_or("allow", |d| d.action.as_str()));
         // 6. forward
         prepare_upstream_request(rt, ctx, &route, &mut req, conn)?;
         let mut resp = self.phase_forward(rt, ctx, &route, req, conn).await?;
@@ -785,7 +782,7 @@ impl Proxy {
         &self,
         ctx: &RequestCtx,
         method: &http::Method,
-        path: &str,
+        path: Option<&str>,
         conn: &ConnInfo,
         status: StatusCode,
     ) {
@@ -853,7 +850,7 @@ fn is_body_limit(e: &(dyn std::error::Error + 'static)) -> bool {
 
 fn set_request_id(h: &mut http::HeaderMap, id: &str) {
     if let Ok(v) = HeaderValue::from_str(id) {
-        h.insert(set_headers::REQUEST_ID, v);
+        h.insert(&names::REQUEST_ID, v);
     }
 }
 
@@ -994,6 +991,28 @@ fn phase_route<B>(rt: &Runtime, req: &Request<B>) -> Result<Arc<Route>, Denial> 
         .ok_or(Denial::NoRoute)
 }
 
+/// The names of [`set_headers`], built at compile time (the request path
+/// inserts them on every request; statics, as `Bytes` is not `Freeze`).
+mod names {
+    use http::header::HeaderName;
+
+    use super::set_headers as s;
+
+    pub static SUBJECT: HeaderName = HeaderName::from_static(s::SUBJECT);
+    pub static ISSUER: HeaderName = HeaderName::from_static(s::ISSUER);
+    pub static DEVICE: HeaderName = HeaderName::from_static(s::DEVICE);
+    pub static BINDING: HeaderName = HeaderName::from_static(s::BINDING);
+    pub static VERIFIED_DEVICE: HeaderName = HeaderName::from_static(s::VERIFIED_DEVICE);
+    pub static WORKLOAD: HeaderName = HeaderName::from_static(s::WORKLOAD);
+    pub static ROUTE: HeaderName = HeaderName::from_static(s::ROUTE);
+    pub static REQUEST_ID: HeaderName = HeaderName::from_static(s::REQUEST_ID);
+    pub static DEVICE_COMPLIANCE: HeaderName = HeaderName::from_static(s::DEVICE_COMPLIANCE);
+    pub static DEVICE_LIFECYCLE: HeaderName = HeaderName::from_static(s::DEVICE_LIFECYCLE);
+    pub static SNAPSHOT: HeaderName = HeaderName::from_static(s::SNAPSHOT);
+    pub static DECISION: HeaderName = HeaderName::from_static(s::DECISION);
+    pub static DPOP: HeaderName = HeaderName::from_static("dpop");
+}
+
 /// Rewrites the request for the upstream: URI, identity headers out,
 /// forwarding and verified-identity headers in, version for the pool.
 fn prepare_upstream_request<B>(
@@ -1003,25 +1022,31 @@ fn prepare_upstream_request<B>(
     req: &mut Request<B>,
     conn: &ConnInfo,
 ) -> Result<(), Denial> {
-    let original_host = req
-        .uri()
-        .authority()
-        .map(|a| a.as_str().to_owned())
-        .or_else(|| {
-            req.headers()
-                .get(header::HOST)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned)
-        });
-    let path_and_query = req.uri().path_and_query().map_or("/", |p| p.as_str());
-    let mut pq = String::with_capacity(route.upstream_base_path.len() + path_and_query.len());
-    pq.push_str(&route.upstream_base_path);
-    pq.push_str(path_and_query);
+    // The host the client asked for, as a header value before the URI and
+    // `Host` are rewritten (a shared buffer when it came as `Host`).
+    let original_host = match req.uri().authority() {
+        Some(a) => HeaderValue::from_str(a.as_str()).ok(),
+        None => req
+            .headers()
+            .get(header::HOST)
+            .filter(|v| v.to_str().is_ok())
+            .cloned(),
+    };
     let mut parts = route.upstream.clone().into_parts();
-    parts.path_and_query = Some(
+    parts.path_and_query = Some(if route.upstream_base_path.is_empty() {
+        // The usual case: the client's path and query as they are, no re-parse.
+        match req.uri().path_and_query() {
+            Some(pq) => pq.clone(),
+            None => http::uri::PathAndQuery::from_static("/"),
+        }
+    } else {
+        let path_and_query = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        let mut pq = String::with_capacity(route.upstream_base_path.len() + path_and_query.len());
+        pq.push_str(&route.upstream_base_path);
+        pq.push_str(path_and_query);
         pq.parse()
-            .map_err(|_| Denial::BadRequest("request target is not a valid path"))?,
-    );
+            .map_err(|_| Denial::BadRequest("request target is not a valid path"))?
+    });
     *req.uri_mut() = Uri::from_parts(parts).map_err(|_| Denial::Internal)?;
     *req.version_mut() = Version::HTTP_11;
 
@@ -1030,43 +1055,40 @@ fn prepare_upstream_request<B>(
     h.remove(header::HOST);
     if !rt.config.proxy.forward_authorization {
         h.remove(header::AUTHORIZATION);
-        h.remove("dpop");
+        h.remove(&names::DPOP);
     }
     let proto = if conn.tls.is_some() { "https" } else { "http" };
-    headers::set_forwarded(h, conn.peer.ip(), proto, original_host.as_deref());
+    headers::set_forwarded(h, conn.peer.ip(), proto, original_host);
     set_request_id(h, &ctx.id);
     if let Ok(v) = HeaderValue::from_str(&route.name) {
-        h.insert(set_headers::ROUTE, v);
+        h.insert(&names::ROUTE, v);
     }
     if let Some(a) = &ctx.auth {
-        let t = &a.token;
-        if let Ok(v) = HeaderValue::from_str(&t.claims.sub) {
-            h.insert(set_headers::SUBJECT, v);
+        let t = &a.token.headers;
+        if let Some(v) = &t.subject {
+            h.insert(&names::SUBJECT, v.clone());
         }
-        if let Ok(v) = HeaderValue::from_str(&t.issuer.cfg.name) {
-            h.insert(set_headers::ISSUER, v);
+        if let Some(v) = &t.issuer {
+            h.insert(&names::ISSUER, v.clone());
         }
-        if let Some(Ok(v)) = t.device.as_deref().map(HeaderValue::from_str) {
-            h.insert(set_headers::DEVICE, v);
+        if let Some(v) = &t.device {
+            h.insert(&names::DEVICE, v.clone());
         }
     }
     if let Some(b) = &ctx.binding {
-        h.insert(
-            set_headers::BINDING,
-            HeaderValue::from_static(b.kind.as_str()),
-        );
+        h.insert(&names::BINDING, HeaderValue::from_static(b.kind.as_str()));
         if let Some(Ok(v)) = b.device.as_deref().map(HeaderValue::from_str) {
-            if !h.contains_key(set_headers::DEVICE) {
-                h.insert(set_headers::DEVICE, v.clone());
+            if !h.contains_key(&names::DEVICE) {
+                h.insert(&names::DEVICE, v.clone());
             }
-            h.insert(set_headers::VERIFIED_DEVICE, v);
+            h.insert(&names::VERIFIED_DEVICE, v);
         }
         if let Some(Ok(v)) = b
             .workload
             .as_ref()
             .map(|w| HeaderValue::from_str(&w.to_string()))
         {
-            h.insert(set_headers::WORKLOAD, v);
+            h.insert(&names::WORKLOAD, v);
         }
     }
     if let Some(r) = &ctx.resolved {
@@ -1078,19 +1100,19 @@ fn prepare_upstream_request<B>(
                 )
             });
             h.insert(
-                set_headers::DEVICE_COMPLIANCE,
+                &names::DEVICE_COMPLIANCE,
                 HeaderValue::from_static(compliance),
             );
             h.insert(
-                set_headers::DEVICE_LIFECYCLE,
+                &names::DEVICE_LIFECYCLE,
                 HeaderValue::from_static(lifecycle),
             );
         }
-        h.insert(set_headers::SNAPSHOT, HeaderValue::from(r.snapshot_version));
+        h.insert(&names::SNAPSHOT, HeaderValue::from(r.snapshot_version));
     }
     if let Some(d) = &ctx.decision {
         h.insert(
-            set_headers::DECISION,
+            &names::DECISION,
             HeaderValue::from_static(d.action.as_str()),
         );
     }

@@ -754,23 +754,26 @@ async fn session_event(
 /// the IdP's session (so a CAEP `session-revoked` for it ends this one).
 pub fn principal(r: &SessionRecord, auth: &Authenticator) -> Option<Arc<VerifiedToken>> {
     let issuer = auth.issuers().find(|i| i.cfg.name == r.issuer)?.clone();
+    let claims = Claims {
+        sub: r.subject.clone(),
+        iss: issuer.cfg.issuer.clone(),
+        exp: r.expires_s,
+        nbf: None,
+        iat: Some(r.created_s),
+        jti: Some(format!("session:{}", &r.id_hash[..r.id_hash.len().min(32)])),
+        sid: r.idp_sid.clone(),
+        acr: r.acr.clone(),
+        amr: Some(r.amr.clone()).filter(|a| !a.is_empty()),
+        auth_time: r.auth_time,
+        client_id: None,
+        cnf: None,
+    };
+    let headers = crate::authn::TokenHeaders::of(&claims, &issuer.cfg.name, r.device.as_deref());
     Some(Arc::new(VerifiedToken {
         key: crate::authn::jwks::VerifyKey::session_marker(),
-        claims: Claims {
-            sub: r.subject.clone(),
-            iss: issuer.cfg.issuer.clone(),
-            exp: r.expires_s,
-            nbf: None,
-            iat: Some(r.created_s),
-            jti: Some(format!("session:{}", &r.id_hash[..r.id_hash.len().min(32)])),
-            sid: r.idp_sid.clone(),
-            acr: r.acr.clone(),
-            amr: Some(r.amr.clone()).filter(|a| !a.is_empty()),
-            auth_time: r.auth_time,
-            client_id: None,
-            cnf: None,
-        },
+        claims,
         device: r.device.clone(),
+        headers,
         issuer,
     }))
 }

@@ -6,7 +6,7 @@
 
 pub mod logging;
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -139,6 +139,9 @@ pub struct Metrics {
     pub cluster_bad_messages: Family<ReasonLabel, Counter>,
     /// Cluster: the cluster-wide DPoP replay check (one KV create), seconds.
     pub cluster_dpop_check_seconds: Histogram,
+    /// `decisions{reason="ok"}` of the three forwarding actions, looked up
+    /// once instead of hashing the label set on every request.
+    forwarded: [OnceLock<Counter>; 3],
 }
 
 /// A reason label (cluster bad input).
@@ -322,6 +325,7 @@ impl Metrics {
             policy_reloads,
             policy_shadow_divergences,
             policy_audit_dropped,
+            forwarded: Default::default(),
             feed_events,
             apply_seconds,
             control_window_seconds,
@@ -336,6 +340,31 @@ impl Metrics {
             connections_refused,
             config_reloads,
         }
+    }
+
+    /// Counts one forwarded request under `decisions{action, reason="ok"}`.
+    pub fn count_forwarded(&self, action: &'static str) {
+        let slot = match action {
+            "allow" => &self.forwarded[0],
+            "shorten" => &self.forwarded[1],
+            "restrict" => &self.forwarded[2],
+            _ => {
+                self.decisions
+                    .get_or_create(&ActionLabel {
+                        action,
+                        reason: "ok",
+                    })
+                    .inc();
+                return;
+            }
+        };
+        slot.get_or_init(|| {
+            self.decisions.get_or_create_owned(&ActionLabel {
+                action,
+                reason: "ok",
+            })
+        })
+        .inc();
     }
 
     /// Registers a further metric (used by later rooms: feeds, policy).

@@ -34,6 +34,9 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     aws_lc_rs::constant_time::verify_slices_are_equal(&ha, &hb).is_ok()
 }
 
+/// Hex digits of request ids.
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
 /// Issues request ids: a random per-process prefix and a counter, so ids are
 /// unique across restarts without a syscall per request.
 #[derive(Debug)]
@@ -61,7 +64,15 @@ impl RequestIds {
     /// The next id, such as `3f9a0c11e2b4-000000000000002a`.
     pub fn next_id(&self) -> String {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
-        format!("{}-{:016x}", self.prefix, n)
+        // One exact-size allocation, no formatting machinery: every request
+        // takes one.
+        let mut s = String::with_capacity(self.prefix.len() + 17);
+        s.push_str(&self.prefix);
+        s.push('-');
+        for shift in (0..16).rev() {
+            s.push(HEX[((n >> (shift * 4)) & 0xf) as usize] as char);
+        }
+        s
     }
 }
 
@@ -145,5 +156,20 @@ mod tests {
         assert_eq!(percent_decode("%zz"), None);
         assert_eq!(percent_decode("%ff"), None);
         assert_eq!(percent_decode("plain").as_deref(), Some("plain"));
+    }
+
+    #[test]
+    #[allow(clippy::unwrap_used)]
+    fn request_ids_are_prefix_dash_sixteen_hex_digits_in_order() {
+        let ids = RequestIds::default();
+        let a = ids.next_id();
+        let b = ids.next_id();
+        let (prefix, n) = a.split_once('-').unwrap();
+        assert_eq!(prefix.len(), 12);
+        assert_eq!(n, "0000000000000001");
+        assert_eq!(b, format!("{prefix}-0000000000000002"));
+        ids.next
+            .store(0xfedc_ba98_7654_3210, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(ids.next_id(), format!("{prefix}-fedcba9876543210"));
     }
 }
