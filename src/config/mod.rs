@@ -186,9 +186,23 @@ pub struct Config {
     /// Named networks, read by policies as `context.network.zone`.
     #[serde(default)]
     pub network: NetworkConfig,
+    /// Socket options shared by every listener.
+    #[serde(default)]
+    pub listener: ListenerConfig,
     /// Where this config was read from (not part of the file).
     #[serde(skip)]
     pub source: PathBuf,
+}
+
+/// The `[listener]` table: socket options of every listener (proxy TLS,
+/// plain HTTP, admin).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    /// Bind with `SO_REUSEPORT`, so a second process can bind the same
+    /// addresses and take over while this one drains (zero-downtime upgrade).
+    #[serde(default)]
+    pub reuse_port: bool,
 }
 
 /// The proxy listener and its limits.
@@ -603,6 +617,20 @@ pub struct AuditConfig {
     /// Share of `allow` decisions logged, 0.0 – 1.0; every other decision is logged.
     #[serde(default = "d_audit_sample_allow")]
     pub sample_allow: f64,
+    /// Line format: the project's own JSON (default) or OCSF events.
+    #[serde(default)]
+    pub format: AuditFormat,
+}
+
+/// The audit line format (`[policy] audit.format`).
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum AuditFormat {
+    /// One JSON record per decision, replayable by `portcullis policy replay`.
+    #[default]
+    Json,
+    /// One OCSF 1.8.0 HTTP Activity (4002) event per decision, for a SIEM.
+    Ocsf,
 }
 
 /// The `[network]` table.

@@ -242,8 +242,7 @@ impl Proxy {
                 ctx.resolved = Some(resolved?);
                 // 5. decide
                 if let Some(engine) = engine {
-                    self.phase_decide(&engine, ctx, &route, req.method(), conn)
-                        .await?;
+                    self.phase_decide(&engine, ctx, &route, &req, conn).await?;
                 }
             }
             // 2–3. a workload certificate authenticates and binds at once
@@ -357,10 +356,11 @@ impl Proxy {
         engine: &crate::policy::Engine,
         ctx: &mut RequestCtx,
         route: &Route,
-        method: &http::Method,
+        req: &Request<Incoming>,
         conn: &ConnInfo,
     ) -> Result<(), Denial> {
         use crate::policy::{Action, MethodClass, PolicyRefusal, facts::RequestFacts};
+        let method = req.method();
         let (Some(auth), Some(resolved)) = (&ctx.auth, &ctx.resolved) else {
             return Err(Denial::Internal);
         };
@@ -441,8 +441,13 @@ impl Proxy {
         if let Some(sink) = &engine.audit
             && sink.wants(d.action, diverged.is_some())
         {
+            let now_ms = crate::util::now_unix_ms();
             sink.log(crate::policy::audit::AuditRecord {
-                time: crate::policy::audit::rfc3339(crate::util::now_unix_ms()),
+                time: crate::policy::audit::rfc3339(now_ms),
+                time_ms: now_ms,
+                host: request_host(req).unwrap_or("").to_owned(),
+                path: req.uri().path().to_owned(),
+                trace_id: None,
                 request_id: ctx.id.clone(),
                 principal: format!(
                     "{}:{}",
