@@ -43,6 +43,9 @@ pub enum StartError {
     /// The policy set (or shadow set, or audit log) could not load.
     #[error("policy: {0}")]
     Policy(#[from] crate::policy::LoadError),
+    /// The OTLP trace exporter could not start.
+    #[error("tracing: {0}")]
+    Tracing(#[from] crate::telemetry::trace::TraceError),
     /// A listener could not bind.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -82,7 +85,14 @@ pub fn build_runtime(
     let upstream = crate::proxy::client::upstream_client(&cfg.upstream)?;
     // The DPoP replay cache and nonce key outlive the config.
     let binder = crate::binding::Binder::new(&cfg, prev.map(|p| &p.binder));
+    // The tracer (its export thread) carries over when `[tracing]` is unchanged.
+    let tracing = match (&cfg.tracing, prev.and_then(|p| p.tracing.clone())) {
+        (None, _) => None,
+        (Some(tc), Some(t)) if t.config == *tc => Some(t),
+        (Some(tc), _) => Some(crate::telemetry::trace::Tracing::new(tc)?),
+    };
     let rt = Runtime {
+        tracing,
         routes: RouteTable::new(&cfg),
         binder,
         stripped: cfg.stripped_headers(),

@@ -72,6 +72,8 @@ pub struct Runtime {
     pub stripped: Vec<HeaderName>,
     /// Monotonic version of this runtime, for logs.
     pub version: u64,
+    /// Traces (`[tracing]`); `None` when off.
+    pub tracing: Option<Arc<crate::telemetry::trace::Tracing>>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -100,6 +102,22 @@ pub struct RequestCtx {
     pub binding: Option<Binding>,
     /// The policy decision, once phase 5 ran (absent without `[policy]`).
     pub decision: Option<Arc<crate::policy::Decision>>,
+    /// The request's trace, when `[tracing]` is on.
+    pub trace: Option<crate::telemetry::trace::RequestTrace>,
+}
+
+impl RequestCtx {
+    /// A phase's start time for its span; `None` (and free) when tracing is off.
+    fn clock(&self) -> Option<std::time::SystemTime> {
+        self.trace.as_ref().map(|_| std::time::SystemTime::now())
+    }
+
+    /// Records a finished phase as a span.
+    fn traced(&self, phase: &'static str, started: Option<std::time::SystemTime>) {
+        if let (Some(t), Some(s)) = (&self.trace, started) {
+            t.phase(phase, s);
+        }
+    }
 }
 
 /// The shared proxy state.
@@ -181,6 +199,10 @@ impl Proxy {
             resolved: None,
             binding: None,
             decision: None,
+            trace: rt
+                .tracing
+                .as_ref()
+                .map(|t| t.start(&req, conn.peer, conn.tls.is_some())),
         };
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
@@ -206,6 +228,14 @@ impl Proxy {
             }
         };
         self.record(&ctx, &method, &path, &conn, resp.status());
+        if let Some(t) = ctx.trace.take() {
+            let decision = ctx.decision.as_ref().map(|d| d.action.as_str());
+            t.finish(
+                resp.status(),
+                ctx.route.as_deref().map(|r| r.name.as_str()),
+                decision,
+            );
+        }
         resp
     }
 
@@ -217,32 +247,42 @@ impl Proxy {
         conn: &ConnInfo,
     ) -> Result<Response<ProxyBody>, Denial> {
         // 1. route
+        let t = ctx.clock();
         let route = phase_route(rt, &req)?;
         ctx.route = Some(route.clone());
+        ctx.traced("route", t);
         let mut dpop_used = false;
         match route.auth {
             AuthMode::Bearer => {
                 // 2. authenticate
+                let t = ctx.clock();
                 let (scheme, token, auth) = self.phase_authenticate(rt, &route, &req).await?;
+                ctx.traced("authenticate", t);
+                let t = ctx.clock();
                 // 3. bind (the subject stays in the context, and so in the
                 // access line, even when its binding is refused)
                 let binding = phase_bind(rt, &route, &req, conn, scheme, token, &auth);
                 ctx.auth = Some(auth);
                 let binding = binding?;
+                ctx.traced("bind", t);
                 dpop_used = scheme == Scheme::Dpop;
                 // 4. resolve on the device the binding proved (a certificate)
                 // or else the one the token names; the lifecycle baseline runs
                 // here only when no policy set owns it.
                 let engine = self.policy.load();
+                let t = ctx.clock();
                 let resolved = match &ctx.auth {
                     Some(a) => self.phase_resolve(a, binding.device.as_deref(), engine.is_none()),
                     None => Err(Denial::Internal),
                 };
                 ctx.binding = Some(binding);
                 ctx.resolved = Some(resolved?);
+                ctx.traced("resolve", t);
                 // 5. decide
                 if let Some(engine) = engine {
+                    let t = ctx.clock();
                     self.phase_decide(&engine, ctx, &route, &req, conn).await?;
+                    ctx.traced("decide", t);
                 }
             }
             // 2–3. a workload certificate authenticates and binds at once
@@ -447,7 +487,7 @@ impl Proxy {
                 time_ms: now_ms,
                 host: request_host(req).unwrap_or("").to_owned(),
                 path: req.uri().path().to_owned(),
-                trace_id: None,
+                trace_id: ctx.trace.as_ref().map(|t| t.trace_id()),
                 request_id: ctx.id.clone(),
                 principal: format!(
                     "{}:{}",
@@ -572,9 +612,20 @@ impl Proxy {
                 .map_err(|e| Box::new(e) as client::BoxError)
                 .boxed_unsync(),
         };
+        let span = ctx
+            .trace
+            .as_ref()
+            .map(|t| t.upstream(&parts.method, &parts.uri, &mut parts.headers));
         let up_req = Request::from_parts(parts, body);
         let started = Instant::now();
         let result = tokio::time::timeout(route.timeout, rt_upstream(_rt).request(up_req)).await;
+        if let Some(s) = span {
+            s.end(match &result {
+                Ok(Ok(r)) => Ok(r.status()),
+                Ok(Err(_)) => Err("upstream_error"),
+                Err(_) => Err("timeout"),
+            });
+        }
         route
             .metric_handles
             .upstream
