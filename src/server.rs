@@ -47,6 +47,9 @@ pub enum StartError {
     /// The policy set (or shadow set, or audit log) could not load.
     #[error("policy: {0}")]
     Policy(#[from] crate::policy::LoadError),
+    /// The OTLP trace exporter could not start.
+    #[error("tracing: {0}")]
+    Tracing(#[from] crate::telemetry::trace::TraceError),
     /// A listener could not bind.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -96,8 +99,15 @@ pub fn build_runtime(
         })?
         .map(Arc::new);
     let assertion = crate::proxy::assertion::Signer::from_config(&cfg)?;
+    // The tracer (its export thread) carries over when `[tracing]` is unchanged.
+    let tracing = match (&cfg.tracing, prev.and_then(|p| p.tracing.clone())) {
+        (None, _) => None,
+        (Some(tc), Some(t)) if t.config == *tc => Some(t),
+        (Some(tc), _) => Some(crate::telemetry::trace::Tracing::new(tc)?),
+    };
     let rt = Runtime {
         browser,
+        tracing,
         routes: RouteTable::new(&cfg),
         assertion,
         binder,
@@ -141,6 +151,8 @@ pub struct Shared {
     version: AtomicU64,
     config_path: PathBuf,
     reload_lock: tokio::sync::Mutex<()>,
+    /// Set on SIGTERM: HTTP/1 responses carry `Connection: close`.
+    draining: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Shared {
@@ -334,10 +346,34 @@ impl RunningServer {
     }
 }
 
-async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartError::Bind { addr, source })
+/// On SIGTERM, how long connections keep being served (HTTP/1 responses
+/// saying `Connection: close`) before idle ones are closed.
+const DRAIN_CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// Listen backlog with `[listener] reuse_port` (the std default).
+const LISTEN_BACKLOG: u32 = 1024;
+
+/// Binds a listener; with `reuse_port`, `SO_REUSEPORT` lets a second process
+/// bind the same address and take over while this one drains.
+async fn bind(
+    addr: SocketAddr,
+    opts: &crate::config::ListenerConfig,
+) -> Result<TcpListener, StartError> {
+    let err = |source| StartError::Bind { addr, source };
+    if !opts.reuse_port {
+        return TcpListener::bind(addr).await.map_err(err);
+    }
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .map_err(err)?;
+    socket.set_reuseaddr(true).map_err(err)?;
+    #[cfg(unix)]
+    socket.set_reuseport(true).map_err(err)?;
+    socket.bind(addr).map_err(err)?;
+    socket.listen(LISTEN_BACKLOG).map_err(err)
 }
 
 /// Starts every listener for a config file.
@@ -424,14 +460,15 @@ pub async fn start_with(cfg: Config, metrics: Arc<Metrics>) -> Result<RunningSer
         version: AtomicU64::new(1),
         config_path,
         reload_lock: tokio::sync::Mutex::new(()),
+        draining: std::sync::atomic::AtomicBool::new(false),
     });
 
-    let tls_listener = bind(cfg.proxy.listen).await?;
+    let tls_listener = bind(cfg.proxy.listen, &cfg.listener).await?;
     let plain_listener = match cfg.proxy.plain_http_listen {
-        Some(a) => Some(bind(a).await?),
+        Some(a) => Some(bind(a, &cfg.listener).await?),
         None => None,
     };
-    let admin_listener = bind(cfg.admin.listen).await?;
+    let admin_listener = bind(cfg.admin.listen, &cfg.listener).await?;
     let proxy_addr = local_addr(&tls_listener, cfg.proxy.listen);
     let plain_addr = plain_listener
         .as_ref()
@@ -605,15 +642,68 @@ async fn accept_loop(
             }
         });
     }
-    drop(listener);
+    // Connections the kernel already queued for this listener would be reset
+    // when it closes: serve them too, one request each (HTTP/1 keep-alive
+    // off), outside the graceful watcher, which would close a connection
+    // whose first request it has not read yet. With `[listener] reuse_port`
+    // a second process takes the new ones.
+    let mut last = http_builder(&cfg);
+    last.h1.keep_alive(false);
+    last.auto.http1().keep_alive(false);
+    let last = Arc::new(last);
+    // Their drain sender is never signalled (it lives until they end).
+    let (unsignalled, _) = watch::channel(());
+    let mut backlog = JoinSet::new();
+    for (tcp, peer) in take_backlog(listener) {
+        let (shared, last, watcher) = (shared.clone(), last.clone(), unsignalled.subscribe());
+        backlog.spawn(async move {
+            let _guard = ConnectionGuard::new(&shared.proxy.metrics, listener_name);
+            if tls {
+                serve_tls(shared, last, watcher, tcp, peer, handshake_timeout).await;
+            } else {
+                let info = Arc::new(ConnInfo { peer, tls: None });
+                serve_http(shared, &last, Wire::Sniff, watcher, TokioIo::new(tcp), info).await;
+            }
+        });
+    }
     let drain = Duration::from_millis(cfg.proxy.drain_timeout_ms);
-    drain_tx.send_replace(());
-    if tokio::time::timeout(drain, drain_tx.closed())
-        .await
-        .is_err()
-    {
+    // Closing an idle keep-alive connection races with a request the client
+    // is sending on it (which then fails). So first keep serving for a grace
+    // period with `Connection: close` on every HTTP/1 response, which moves
+    // busy clients off cleanly; only then ask what is left to finish (HTTP/2
+    // gets GOAWAY, which clients retry safely) and wait for the last one.
+    shared.draining.store(true, Ordering::Relaxed);
+    let grace = DRAIN_CLOSE_GRACE.min(drain / 2);
+    let all = async {
+        tokio::time::sleep(grace).await;
+        drain_tx.send_replace(());
+        drain_tx.closed().await;
+        while backlog.join_next().await.is_some() {}
+    };
+    if tokio::time::timeout(drain, all).await.is_err() {
         tracing::warn!("drain timed out; closing remaining connections");
     }
+}
+
+/// Accepts, without waiting, every connection already queued on a listener
+/// that is about to close (a direct non-blocking `accept` until it would block).
+fn take_backlog(listener: TcpListener) -> Vec<(TcpStream, SocketAddr)> {
+    let mut out = Vec::new();
+    let Ok(std) = listener.into_std() else {
+        return out;
+    };
+    if std.set_nonblocking(true).is_err() {
+        return out;
+    }
+    while let Ok((tcp, peer)) = std.accept() {
+        if let Ok(tcp) = tcp
+            .set_nonblocking(true)
+            .and_then(|()| TcpStream::from_std(tcp))
+        {
+            out.push((tcp, peer));
+        }
+    }
+    out
 }
 
 async fn serve_tls(
@@ -828,10 +918,22 @@ async fn serve_http<I>(
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
     let proxy = shared.proxy.clone();
-    let svc = service_fn(move |req| {
+    let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
         let proxy = proxy.clone();
         let info = info.clone();
-        async move { Ok::<_, Infallible>(proxy.handle(req, info).await) }
+        let shared = shared.clone();
+        async move {
+            let h1 = req.version() < hyper::Version::HTTP_2;
+            let mut resp = proxy.handle(req, info).await;
+            // Draining: tell HTTP/1 clients to take their next request elsewhere.
+            if h1 && shared.draining.load(Ordering::Relaxed) {
+                resp.headers_mut().insert(
+                    hyper::header::CONNECTION,
+                    hyper::header::HeaderValue::from_static("close"),
+                );
+            }
+            Ok::<_, Infallible>(resp)
+        }
     });
     let ended = match wire {
         Wire::Sniff => {

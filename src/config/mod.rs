@@ -208,9 +208,71 @@ pub struct Config {
     /// Browser login (OIDC) and sessions, for `auth = "browser"` routes.
     #[serde(default)]
     pub browser: Option<BrowserConfig>,
+    /// Socket options shared by every listener.
+    #[serde(default)]
+    pub listener: ListenerConfig,
+    /// OpenTelemetry traces over OTLP/HTTP; off when absent.
+    #[serde(default)]
+    pub tracing: Option<TracingConfig>,
     /// Where this config was read from (not part of the file).
     #[serde(skip)]
     pub source: PathBuf,
+}
+
+/// Default `[tracing] sample_ratio`: every request (lower it under load).
+pub const DEFAULT_TRACE_SAMPLE_RATIO: f64 = 1.0;
+/// Default `[tracing] service_name`.
+pub const DEFAULT_TRACE_SERVICE_NAME: &str = "portcullis";
+/// Default `[tracing] export_interval_ms`.
+pub const DEFAULT_TRACE_EXPORT_INTERVAL_MS: u64 = 5000;
+/// Default `[tracing] export_timeout_ms`.
+pub const DEFAULT_TRACE_EXPORT_TIMEOUT_MS: u64 = 10_000;
+
+/// The `[tracing]` table: OpenTelemetry spans exported over OTLP/HTTP (protobuf).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TracingConfig {
+    /// OTLP/HTTP traces URL, e.g. `http://127.0.0.1:4318/v1/traces`.
+    pub otlp_endpoint: String,
+    /// Share of new traces sampled, 0.0 – 1.0 (a trusted parent's choice wins).
+    #[serde(default = "d_trace_sample_ratio")]
+    pub sample_ratio: f64,
+    /// `service.name` of the resource.
+    #[serde(default = "d_trace_service_name")]
+    pub service_name: String,
+    /// Parent spans under an inbound `traceparent` (default: a new trace).
+    #[serde(default)]
+    pub trust_inbound: bool,
+    /// How often finished spans are exported, in milliseconds.
+    #[serde(default = "d_trace_export_interval_ms")]
+    pub export_interval_ms: u64,
+    /// Time allowed for one export, in milliseconds.
+    #[serde(default = "d_trace_export_timeout_ms")]
+    pub export_timeout_ms: u64,
+}
+
+fn d_trace_sample_ratio() -> f64 {
+    DEFAULT_TRACE_SAMPLE_RATIO
+}
+fn d_trace_service_name() -> String {
+    DEFAULT_TRACE_SERVICE_NAME.into()
+}
+fn d_trace_export_interval_ms() -> u64 {
+    DEFAULT_TRACE_EXPORT_INTERVAL_MS
+}
+fn d_trace_export_timeout_ms() -> u64 {
+    DEFAULT_TRACE_EXPORT_TIMEOUT_MS
+}
+
+/// The `[listener]` table: socket options of every listener (proxy TLS,
+/// plain HTTP, admin).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    /// Bind with `SO_REUSEPORT`, so a second process can bind the same
+    /// addresses and take over while this one drains (zero-downtime upgrade).
+    #[serde(default)]
+    pub reuse_port: bool,
 }
 
 /// The proxy listener and its limits.
@@ -772,6 +834,20 @@ pub struct AuditConfig {
     /// Share of `allow` decisions logged, 0.0 – 1.0; every other decision is logged.
     #[serde(default = "d_audit_sample_allow")]
     pub sample_allow: f64,
+    /// Line format: the project's own JSON (default) or OCSF events.
+    #[serde(default)]
+    pub format: AuditFormat,
+}
+
+/// The audit line format (`[policy] audit.format`).
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum AuditFormat {
+    /// One JSON record per decision, replayable by `portcullis policy replay`.
+    #[default]
+    Json,
+    /// One OCSF 1.8.0 HTTP Activity (4002) event per decision, for a SIEM.
+    Ocsf,
 }
 
 /// The `[network]` table.
@@ -1269,6 +1345,31 @@ impl Config {
         }
     }
 
+    fn validate_tracing(&self) -> Result<(), ConfigError> {
+        let Some(t) = &self.tracing else {
+            return Ok(());
+        };
+        let uri: Option<http::Uri> = t.otlp_endpoint.parse().ok();
+        if !uri
+            .is_some_and(|u| matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some())
+        {
+            return Err(self.invalid(
+                "tracing.otlp_endpoint",
+                format!("`{}` is not an http(s) URL", t.otlp_endpoint),
+            ));
+        }
+        if !(0.0..=1.0).contains(&t.sample_ratio) {
+            return Err(self.invalid("tracing.sample_ratio", "must be between 0.0 and 1.0"));
+        }
+        if t.export_interval_ms == 0 || t.export_timeout_ms == 0 {
+            return Err(self.invalid(
+                "tracing.export_interval_ms",
+                "export_interval_ms and export_timeout_ms must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+
     fn invalid(&self, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
         ConfigError::Invalid {
             file: self.source.clone(),
@@ -1352,6 +1453,7 @@ impl Config {
         if self.proxy.max_connections == 0 {
             return Err(self.invalid("proxy.max_connections", "must be at least 1"));
         }
+        self.validate_tracing()?;
         if self.proxy.max_header_bytes < 8192 {
             return Err(self.invalid("proxy.max_header_bytes", "must be at least 8192"));
         }

@@ -5,6 +5,9 @@
 //! needed to explain and replay the decision: its inputs, the policy ids and
 //! reasons, and the snapshot and policy versions.
 //!
+//! `format = "ocsf"` writes each record as an OCSF event instead
+//! ([`super::ocsf`]), converted on the writer thread.
+//!
 //! If the writer falls behind by more than [`QUEUE`] lines, further lines
 //! are dropped and counted (`portcullis_policy_audit_dropped_total`) rather
 //! than slowing requests.
@@ -19,7 +22,7 @@ use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;
 
 use super::{Action, Decision, Inputs};
-use crate::config::AuditConfig;
+use crate::config::{AuditConfig, AuditFormat};
 
 /// Lines the writer may fall behind by before lines are dropped.
 pub const QUEUE: usize = 65_536;
@@ -29,6 +32,9 @@ pub const QUEUE: usize = 65_536;
 pub struct AuditRecord {
     /// RFC 3339 UTC time of the decision.
     pub time: String,
+    /// The same instant in Unix milliseconds (OCSF `time`).
+    #[serde(skip)]
+    pub time_ms: u64,
     /// Request id.
     pub request_id: String,
     /// `user:<id>` or `workload:<id>`.
@@ -39,6 +45,13 @@ pub struct AuditRecord {
     pub route: String,
     /// HTTP method.
     pub method: String,
+    /// Request host (`Host` or `:authority`, without the port).
+    pub host: String,
+    /// Request path (never the query).
+    pub path: String,
+    /// The request's trace id when tracing is on (`[tracing]`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
     /// Decided action.
     pub action: Action,
     /// `forwarded` or `refused` (restrict lets reads through).
@@ -109,7 +122,10 @@ impl AuditSink {
         let (tx, rx) = sync_channel(QUEUE);
         std::thread::Builder::new()
             .name("portcullis-audit".into())
-            .spawn(move || write_loop(rx, out))?;
+            .spawn({
+                let format = cfg.format;
+                move || write_loop(rx, out, format)
+            })?;
         Ok(Self {
             tx,
             config: cfg.clone(),
@@ -154,12 +170,16 @@ impl AuditSink {
     }
 }
 
-fn write_loop(rx: Receiver<AuditRecord>, mut out: Box<dyn Write + Send>) {
+fn write_loop(rx: Receiver<AuditRecord>, mut out: Box<dyn Write + Send>, format: AuditFormat) {
     let mut buf = Vec::with_capacity(64 * 1024);
     while let Ok(first) = rx.recv() {
         let mut next = Some(first);
         while let Some(rec) = next.take() {
-            if serde_json::to_writer(&mut buf, &rec).is_ok() {
+            let written = match format {
+                AuditFormat::Json => serde_json::to_writer(&mut buf, &rec),
+                AuditFormat::Ocsf => serde_json::to_writer(&mut buf, &super::ocsf::event(&rec)),
+            };
+            if written.is_ok() {
                 buf.push(b'\n');
             }
             if buf.len() < 1024 * 1024 {
@@ -184,6 +204,7 @@ mod tests {
         let cfg = AuditConfig {
             path: dir.path().join("a.jsonl"),
             sample_allow: 0.1,
+            format: AuditFormat::Json,
         };
         let s = AuditSink::open(&cfg, None).unwrap();
         let logged = (0..100).filter(|_| s.wants(Action::Allow, false)).count();

@@ -16,6 +16,7 @@ pub mod engine;
 pub mod explain;
 pub mod facts;
 pub mod load;
+pub mod ocsf;
 pub mod replay;
 pub mod testing;
 

@@ -72,10 +72,7 @@ impl Proxy {
         let Some(engine) = engine else {
             return Ok(());
         };
-        match self
-            .phase_decide(&engine, ctx, route, req.method(), conn)
-            .await
-        {
+        match self.phase_decide(&engine, ctx, route, req, conn).await {
             Ok(()) => {
                 // `shorten` caps the session's absolute expiry, durably (once).
                 let cap = ctx

@@ -908,6 +908,10 @@ impl Proxy {
                 &s.method,
                 "cut",
                 resolved.snapshot_version,
+                super::RequestPlace {
+                    path: &s.route.path_prefix,
+                    ..Default::default()
+                },
             );
         }
         cut

@@ -87,6 +87,8 @@ pub struct Runtime {
     pub version: u64,
     /// Browser login and sessions (`[browser]`), for `auth = "browser"` routes.
     pub browser: Option<Arc<crate::session::Browser>>,
+    /// Traces (`[tracing]`); `None` when off.
+    pub tracing: Option<Arc<crate::telemetry::trace::Tracing>>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -119,6 +121,22 @@ pub struct RequestCtx {
     pub audience: rescue::Audience,
     /// The browser session, once phase 2 found one (`auth = "browser"` routes).
     pub session: Option<Arc<crate::session::LiveSession>>,
+    /// The request's trace, when `[tracing]` is on.
+    pub trace: Option<crate::telemetry::trace::RequestTrace>,
+}
+
+impl RequestCtx {
+    /// A phase's start time for its span; `None` (and free) when tracing is off.
+    fn clock(&self) -> Option<std::time::SystemTime> {
+        self.trace.as_ref().map(|_| std::time::SystemTime::now())
+    }
+
+    /// Records a finished phase as a span.
+    fn traced(&self, phase: &'static str, started: Option<std::time::SystemTime>) {
+        if let (Some(t), Some(s)) = (&self.trace, started) {
+            t.phase(phase, s);
+        }
+    }
 }
 
 /// The shared proxy state.
@@ -205,6 +223,10 @@ impl Proxy {
             decision: None,
             audience: rescue::Audience::Api,
             session: None,
+            trace: rt
+                .tracing
+                .as_ref()
+                .map(|t| t.start(&req, conn.peer, conn.tls.is_some())),
         };
         let method = req.method().clone();
         // The path is kept only for the access line, when it is written.
@@ -237,6 +259,14 @@ impl Proxy {
             },
         };
         self.record(&ctx, &method, path.as_deref(), &conn, resp.status());
+        if let Some(t) = ctx.trace.take() {
+            let decision = ctx.decision.as_ref().map(|d| d.action.as_str());
+            t.finish(
+                resp.status(),
+                ctx.route.as_deref().map(|r| r.name.as_str()),
+                decision,
+            );
+        }
         resp
     }
 
@@ -256,6 +286,7 @@ impl Proxy {
             return self.browser_endpoint(rt, ctx, b, req, conn).await;
         }
         // 1. route
+        let t = ctx.clock();
         let route = phase_route(rt, &req)?;
         ctx.route = Some(route.clone());
         if admitted.underscored {
@@ -266,16 +297,21 @@ impl Proxy {
                 &ctx.id,
             );
         }
+        ctx.traced("route", t);
         let mut dpop_used = false;
         match route.auth {
             AuthMode::Bearer => {
                 // 2. authenticate
+                let t = ctx.clock();
                 let (scheme, token, auth) = self.phase_authenticate(rt, &route, &req).await?;
+                ctx.traced("authenticate", t);
+                let t = ctx.clock();
                 // 3. bind (the subject stays in the context, and so in the
                 // access line, even when its binding is refused)
                 let binding = phase_bind(rt, &route, &req, conn, scheme, token, &auth);
                 ctx.auth = Some(auth);
                 let binding = binding?;
+                ctx.traced("bind", t);
                 dpop_used = scheme == Scheme::Dpop;
                 if let (Some(key), Some(cluster)) =
                     (&binding.dpop_replay_key, self.posture.cluster())
@@ -292,16 +328,19 @@ impl Proxy {
                 {
                     c.fill_device(d).await;
                 }
+                let t = ctx.clock();
                 let resolved = match &ctx.auth {
                     Some(a) => self.phase_resolve(a, binding.device.as_deref(), engine.is_none()),
                     None => Err(Denial::Internal),
                 };
                 ctx.binding = Some(binding);
                 ctx.resolved = Some(resolved?);
+                ctx.traced("resolve", t);
                 // 5. decide
                 if let Some(engine) = engine {
-                    self.phase_decide(&engine, ctx, &route, req.method(), conn)
-                        .await?;
+                    let t = ctx.clock();
+                    self.phase_decide(&engine, ctx, &route, &req, conn).await?;
+                    ctx.traced("decide", t);
                 }
             }
             // 2–3. a workload certificate authenticates and binds at once
@@ -428,10 +467,11 @@ impl Proxy {
         engine: &crate::policy::Engine,
         ctx: &mut RequestCtx,
         route: &Route,
-        method: &http::Method,
+        req: &Request<Incoming>,
         conn: &ConnInfo,
     ) -> Result<(), Denial> {
         use crate::policy::{Action, MethodClass, PolicyRefusal};
+        let method = req.method();
         let (Some(auth), Some(resolved)) = (&ctx.auth, &ctx.resolved) else {
             return Err(Denial::Internal);
         };
@@ -502,6 +542,11 @@ impl Proxy {
             method,
             enforced,
             resolved.snapshot_version,
+            RequestPlace {
+                host: request_host(req).unwrap_or(""),
+                path: req.uri().path(),
+                trace_id: ctx.trace.as_ref().map(|t| t.trace_id()),
+            },
         );
         ctx.decision = Some(out.decision.clone());
         verdict.map_err(Denial::Policy)
@@ -569,6 +614,7 @@ impl Proxy {
         method: &http::Method,
         enforced: &'static str,
         snapshot_version: u64,
+        place: RequestPlace<'_>,
     ) {
         let d = &out.decision;
         let Some(sink) = engine
@@ -578,8 +624,13 @@ impl Proxy {
         else {
             return;
         };
+        let now_ms = crate::util::now_unix_ms();
         sink.log(crate::policy::audit::AuditRecord {
-            time: crate::util::rfc3339(crate::util::now_unix_ms(), true),
+            time: crate::util::rfc3339(now_ms, true),
+            time_ms: now_ms,
+            host: place.host.to_owned(),
+            path: place.path.to_owned(),
+            trace_id: place.trace_id,
             request_id: request_id.to_owned(),
             principal: format!(
                 "{}:{}",
@@ -704,9 +755,20 @@ impl Proxy {
                 .map_err(|e| Box::new(e) as client::BoxError)
                 .boxed_unsync(),
         };
+        let span = ctx
+            .trace
+            .as_ref()
+            .map(|t| t.upstream(&parts.method, &parts.uri, &mut parts.headers));
         let up_req = Request::from_parts(parts, body);
         let started = Instant::now();
         let result = tokio::time::timeout(route.timeout, rt_upstream(_rt).request(up_req)).await;
+        if let Some(s) = span {
+            s.end(match &result {
+                Ok(Ok(r)) => Ok(r.status()),
+                Ok(Err(_)) => Err("upstream_error"),
+                Err(_) => Err("timeout"),
+            });
+        }
         route
             .metric_handles
             .upstream
@@ -824,6 +886,14 @@ impl Proxy {
             "request"
         );
     }
+}
+
+/// Where a decided request was going, for its audit line.
+#[derive(Debug, Clone, Default)]
+struct RequestPlace<'a> {
+    host: &'a str,
+    path: &'a str,
+    trace_id: Option<String>,
 }
 
 fn rt_upstream(rt: &Runtime) -> &client::UpstreamClient {

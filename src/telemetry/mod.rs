@@ -5,6 +5,7 @@
 //! token. This room never decides anything.
 
 pub mod logging;
+pub mod trace;
 
 use std::sync::{Arc, OnceLock};
 
