@@ -670,7 +670,7 @@ impl Inputs {
             )
             .map_err(|e| e.to_string())
         };
-        let mut used = [false; 9];
+        let mut used = [false; 10];
         let d = &self.device;
         let i = &self.identity;
         let a = &self.auth;
@@ -868,9 +868,9 @@ pub const FIELDS: &[(&str, &str)] = &[
     ("time", "weekday_utc"),
     ("limits", "posture_max_age_s"),
     ("limits", "workload_max_credential_age_s"),
+    ("limits", "snapshot_max_age_s"),
     ("session", "present"),
     ("session", "binding"),
-    ("limits", "snapshot_max_age_s"),
     ("snapshot", "age_s"),
 ];
 
