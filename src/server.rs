@@ -43,7 +43,7 @@ pub enum StartError {
     Store(#[from] crate::store::StoreError),
     /// The cluster (`[store] kind = "nats"`) could not start.
     #[error("cluster: {0}")]
-    Cluster(#[from] crate::store::nats::ClusterError),
+    Cluster(#[from] crate::posture::cluster::ClusterError),
     /// The policy set (or shadow set, or audit log) could not load.
     #[error("policy: {0}")]
     Policy(#[from] crate::policy::LoadError),
@@ -436,7 +436,7 @@ pub async fn start_with(cfg: Config, metrics: Arc<Metrics>) -> Result<RunningSer
             .saturating_add(cfg.binding.dpop_future_skew_s)
             .saturating_add(1);
         let cluster =
-            crate::store::nats::Cluster::start(n, window, &posture, metrics.clone()).await?;
+            crate::posture::cluster::Cluster::start(n, window, &posture, metrics.clone()).await?;
         posture.attach_cluster(cluster);
     }
     let (rt, fresh) = build_runtime(cfg, None, &fetcher, 1)?;

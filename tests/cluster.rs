@@ -854,14 +854,14 @@ async fn bench_sidecar() {
             version: 1,
             ..Default::default()
         };
-        let v = serde_json::to_vec(&portcullis::store::nats::records::Stored {
+        let v = serde_json::to_vec(&portcullis::posture::cluster::records::Stored {
             pos: 1,
             record: Some(&d),
         })
         .unwrap();
         let subj = format!(
             "$KV.PORTCULLIS_EVENTS_RECORDS.{}",
-            portcullis::store::nats::records::device_key(&d.id)
+            portcullis::posture::cluster::records::device_key(&d.id)
         );
         acks.push(js.publish(subj, v.into()).await.unwrap());
         if acks.len() == 4096 {

@@ -129,9 +129,14 @@ fn kubernetes_policies_match_config_policies() {
             .is_some_and(|x| x == "cedar" || x == "cedarschema");
         if keep {
             let name = p.file_name().unwrap().to_owned();
-            let copy = std::fs::read(base.join(&name))
+            let copy = std::fs::read_to_string(base.join(&name))
                 .unwrap_or_else(|_| panic!("{} missing in {}", p.display(), base.display()));
-            assert_eq!(copy, std::fs::read(&p).unwrap(), "{} drifted", p.display());
+            assert!(
+                copy == std::fs::read_to_string(&p).unwrap(),
+                "{} drifted from {}: copy it again",
+                base.join(&name).display(),
+                p.display()
+            );
             names.insert(name);
         }
     }

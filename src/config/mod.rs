@@ -1410,7 +1410,7 @@ impl Config {
             }
             _ => {}
         }
-        if crate::authn::jwks::parse_alg(&b.client_key_alg).is_none() || b.client_key_alg == "EdDSA"
+        if !SUPPORTED_ALGORITHMS.contains(&b.client_key_alg.as_str()) || b.client_key_alg == "EdDSA"
         {
             return Err(self.invalid(
                 "browser.client_key_alg",

@@ -86,6 +86,7 @@ pub struct Case {
     pub limits: Limits,
     #[serde(default)]
     pub session: super::facts::SessionFacts,
+    #[serde(default)]
     pub snapshot: SnapshotFacts,
 }
 

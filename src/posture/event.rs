@@ -141,7 +141,7 @@ pub enum Change {
         /// Hex SHA-256 of the session id.
         id_hash: String,
         /// The new state; `None` deletes it.
-        record: Option<Box<crate::session::record::SessionRecord>>,
+        record: Option<Box<crate::posture::session::SessionRecord>>,
     },
     /// Revoke every credential of a subject, device or session issued before
     /// the event was accepted.

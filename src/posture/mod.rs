@@ -12,6 +12,7 @@
 //! event has set), and lost / wiped / compromised are sticky (see
 //! `event::merge_device`).
 
+pub mod cluster;
 pub mod event;
 pub mod journal;
 pub mod model;
@@ -121,7 +122,7 @@ pub struct Posture {
     notify: notify::Notifier,
     /// The distributed store, when `[store] kind = "nats"`: ingest publishes
     /// there and the stream consumer applies.
-    cluster: std::sync::OnceLock<Arc<crate::store::nats::Cluster>>,
+    cluster: std::sync::OnceLock<Arc<cluster::Cluster>>,
     /// The last stream sequence applied (0 without a cluster).
     stream_applied: tokio::sync::watch::Sender<u64>,
     /// Outcomes of recently applied stream messages, for the ingesting replica.
@@ -201,7 +202,7 @@ impl Posture {
                 let id = g.id.clone();
                 snapshot.put_group(&id, Some(Arc::new(g)));
             }
-            crate::store::Loaded::Session(s) => {
+            journal::Loaded::Session(s) => {
                 let id = s.id_hash.clone();
                 snapshot.put_session(&id, Some(Arc::new(s)));
             }
@@ -383,12 +384,12 @@ impl Posture {
     }
 
     /// Joins a cluster: from now on ingest publishes to its stream.
-    pub fn attach_cluster(&self, cluster: Arc<crate::store::nats::Cluster>) {
+    pub fn attach_cluster(&self, cluster: Arc<cluster::Cluster>) {
         let _ = self.cluster.set(cluster);
     }
 
     /// The cluster, when `[store] kind = "nats"`.
-    pub fn cluster(&self) -> Option<&Arc<crate::store::nats::Cluster>> {
+    pub fn cluster(&self) -> Option<&Arc<cluster::Cluster>> {
         self.cluster.get()
     }
 
@@ -956,7 +957,7 @@ impl Writer {
             && c.wants_records()
             && stream_pos != self.stream_pos
         {
-            c.records_changed(crate::store::nats::records::RecordsUpdate::new(
+            c.records_changed(cluster::records::RecordsUpdate::new(
                 stream_pos,
                 devices.values(),
                 identities.values(),

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::model::{Device, Group, Identity, Revocation, RevocationTarget};
-use crate::session::record::SessionRecord;
+use crate::posture::session::SessionRecord;
 
 type Map<V> = papaya::HashMap<String, V, foldhash::fast::RandomState>;
 

@@ -19,65 +19,16 @@ use aws_lc_rs::rand::SystemRandom;
 use aws_lc_rs::signature::{self, EcdsaKeyPair, KeyPair};
 use base64::Engine;
 use bytes::Bytes;
-use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::header::{HeaderMap, HeaderValue};
 use rustls_pki_types::PrivateKeyDer;
 use rustls_pki_types::pem::PemObject;
 use serde::Serialize;
 
-use crate::config::{
-    ASSERTION_HEADER, ASSERTION_JWKS_PATH, AssertionConfig, Config, ConfigError, RouteConfig,
-};
+use crate::config::{ASSERTION_HEADER, ASSERTION_JWKS_PATH, AssertionConfig, Config, ConfigError};
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
-/// What a route's upstream receives about the caller.
-#[derive(Debug, Clone)]
-pub struct RouteIdentity {
-    /// The assertion's `aud` (the route's `assertion_audience`, else its name).
-    pub audience: String,
-    /// The plain identity headers, with the field each one carries.
-    pub headers: Vec<(IdentityField, HeaderName)>,
-}
-
-/// A field of the caller's identity a plain header can carry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum IdentityField {
-    /// The subject.
-    User,
-    /// The email address, when known.
-    Email,
-    /// Group names, comma-separated.
-    Groups,
-    /// The device id.
-    Device,
-}
-
-impl RouteIdentity {
-    /// From a validated route config.
-    pub fn new(rc: &RouteConfig) -> Self {
-        let headers = rc
-            .identity_headers
-            .named()
-            .filter_map(|(field, name)| {
-                let f = match field {
-                    "user" => IdentityField::User,
-                    "email" => IdentityField::Email,
-                    "groups" => IdentityField::Groups,
-                    _ => IdentityField::Device,
-                };
-                // INVARIANT: Config::validate checked every name parses.
-                HeaderName::from_bytes(name.as_bytes()).ok().map(|n| (f, n))
-            })
-            .collect();
-        Self {
-            audience: rc
-                .assertion_audience
-                .clone()
-                .unwrap_or_else(|| rc.name.clone()),
-            headers,
-        }
-    }
-}
+pub use crate::route::{IdentityField, RouteIdentity};
 
 /// The device facts an assertion carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]

@@ -5,7 +5,10 @@
 
 use std::sync::Arc;
 
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 
 use super::rescue::Audience;
@@ -154,16 +157,16 @@ impl Proxy {
                     .callback(&req, cert, &rt.auth, &self.posture)
                     .await
                     .map_err(Denial::Login)?;
-                Ok(session::redirect_response(&r, &ctx.id))
+                Ok(redirect_response(&r, &ctx.id))
             }
-            (Method::GET, paths::LOGOUT) => Ok(session::logout_page(&ctx.id)),
+            (Method::GET, paths::LOGOUT) => Ok(logout_page(&ctx.id)),
             (Method::POST, paths::LOGOUT) => {
                 let r = b.logout(&req, &self.posture).await.map_err(Denial::Login)?;
-                Ok(session::redirect_response(&r, &ctx.id))
+                Ok(redirect_response(&r, &ctx.id))
             }
             (Method::POST, paths::BACKCHANNEL_LOGOUT) => {
                 ctx.audience = Audience::Api;
-                let body = session::read_body(req.into_body()).await?;
+                let body = read_body(req.into_body()).await?;
                 b.backchannel_logout(&body, &rt.auth, &self.posture)
                     .await
                     .map_err(Denial::Login)?;
@@ -229,4 +232,66 @@ fn session_binding(live: &Arc<LiveSession>, conn: &ConnInfo, now: u64) -> Result
             dpop_replay_key: None,
         }),
     }
+}
+
+/// Reads a bounded request body (back-channel logout).
+pub(crate) async fn read_body(body: hyper::body::Incoming) -> Result<Bytes, Denial> {
+    Limited::new(body, crate::session::MAX_LOGOUT_BODY)
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .map_err(|_| Denial::BodyTooLarge {
+            limit: crate::session::MAX_LOGOUT_BODY as u64,
+        })
+}
+
+/// A redirect response with its cookies.
+pub fn redirect_response(r: &crate::session::Redirect, request_id: &str) -> Response<ProxyBody> {
+    let mut resp = Response::new(
+        Full::new(Bytes::new())
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
+    *resp.status_mut() = r.status;
+    let h = resp.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&r.location) {
+        h.insert(header::LOCATION, v);
+    }
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        h.insert("x-request-id", v);
+    }
+    for c in &r.cookies {
+        if let Ok(v) = HeaderValue::from_str(c) {
+            h.append(header::SET_COOKIE, v);
+        }
+    }
+    resp
+}
+
+/// The page at `GET /.portcullis/logout`: one button that POSTs.
+pub(crate) fn logout_page(request_id: &str) -> Response<ProxyBody> {
+    let body = "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
+<meta name=\"viewport\" content=\"width=device-width\"><title>Sign out</title></head>\
+<body><main><h1>Sign out</h1><form method=\"post\" action=\"/.portcullis/logout\">\
+<button type=\"submit\">Sign out</button></form></main></body></html>\n";
+    let mut resp = Response::new(
+        Full::new(Bytes::from_static(body.as_bytes()))
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(
+        "content-security-policy",
+        HeaderValue::from_static("default-src 'none'; form-action 'self'"),
+    );
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        h.insert("x-request-id", v);
+    }
+    resp
 }

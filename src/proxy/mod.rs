@@ -1015,7 +1015,7 @@ fn phase_bind<B>(
 /// replica (one JetStream KV create); refused when another replica spent it
 /// first, and (fail closed) when the cluster cannot answer.
 async fn phase_bind_cluster(
-    cluster: &crate::store::nats::Cluster,
+    cluster: &crate::posture::cluster::Cluster,
     key: &[u8; 32],
 ) -> Result<(), Denial> {
     match cluster.spend_dpop(key).await {

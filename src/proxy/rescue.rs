@@ -371,7 +371,7 @@ pub fn respond_to(
         return respond(d, request_id, dpop_algs);
     };
     if let Denial::LoginRequired(r) = d {
-        return crate::session::redirect_response(r, request_id);
+        return super::browser::redirect_response(r, request_id);
     }
     let title = page_title(d);
     let reason = html_escape(&d.to_string());

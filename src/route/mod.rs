@@ -44,7 +44,7 @@ pub struct Route {
     pub allow_underscore_headers: bool,
     /// What the upstream receives about the caller: the assertion's
     /// audience and the plain identity headers.
-    pub identity: crate::proxy::assertion::RouteIdentity,
+    pub identity: RouteIdentity,
 }
 
 /// All routes, indexed by host.
@@ -129,7 +129,58 @@ fn build_route(rc: &RouteConfig, cfg: &Config) -> Route {
         timeout: std::time::Duration::from_millis(rc.timeout_ms.unwrap_or(cfg.upstream.timeout_ms)),
         workloads: rc.workloads.clone(),
         allow_underscore_headers: rc.allow_underscore_headers,
-        identity: crate::proxy::assertion::RouteIdentity::new(rc),
+        identity: RouteIdentity::new(rc),
+    }
+}
+
+/// What a route's upstream receives about the caller.
+#[derive(Debug, Clone)]
+pub struct RouteIdentity {
+    /// The assertion's `aud` (the route's `assertion_audience`, else its name).
+    pub audience: String,
+    /// The plain identity headers, with the field each one carries.
+    pub headers: Vec<(IdentityField, http::HeaderName)>,
+}
+
+/// A field of the caller's identity a plain header can carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdentityField {
+    /// The subject.
+    User,
+    /// The email address, when known.
+    Email,
+    /// Group names, comma-separated.
+    Groups,
+    /// The device id.
+    Device,
+}
+
+impl RouteIdentity {
+    /// From a validated route config.
+    pub fn new(rc: &crate::config::RouteConfig) -> Self {
+        let headers = rc
+            .identity_headers
+            .named()
+            .filter_map(|(field, name)| {
+                let f = match field {
+                    "user" => IdentityField::User,
+                    "email" => IdentityField::Email,
+                    "groups" => IdentityField::Groups,
+                    _ => IdentityField::Device,
+                };
+                // INVARIANT: Config::validate checked every name parses.
+                http::HeaderName::from_bytes(name.as_bytes())
+                    .ok()
+                    .map(|n| (f, n))
+            })
+            .collect();
+        Self {
+            audience: rc
+                .assertion_audience
+                .clone()
+                .unwrap_or_else(|| rc.name.clone()),
+            headers,
+        }
     }
 }
 

@@ -19,16 +19,13 @@ pub use crate::posture::session as record;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Full, Limited};
+use http::{HeaderMap, Method, Request, StatusCode, header};
 use moka::sync::Cache;
 
 use crate::authn::{AuthError, Authenticated, Authenticator, Claims, OidcToken, VerifiedToken};
 use crate::config::BrowserConfig;
 use crate::posture::Posture;
 use crate::posture::event::{Change, Feed, PostureEvent};
-use crate::proxy::{Denial, ProxyBody};
 pub use cookie::CookieError;
 pub use oidc::{OidcError, RelyingParty};
 pub use record::{SessionBinding, SessionRecord};
@@ -784,66 +781,4 @@ pub fn authenticated(s: &LiveSession) -> Authenticated {
         token: s.token.clone(),
         cache_hit: true,
     }
-}
-
-/// Reads a bounded request body (back-channel logout).
-pub async fn read_body(body: hyper::body::Incoming) -> Result<Bytes, Denial> {
-    Limited::new(body, MAX_LOGOUT_BODY)
-        .collect()
-        .await
-        .map(|b| b.to_bytes())
-        .map_err(|_| Denial::BodyTooLarge {
-            limit: MAX_LOGOUT_BODY as u64,
-        })
-}
-
-/// A redirect response with its cookies.
-pub fn redirect_response(r: &Redirect, request_id: &str) -> Response<ProxyBody> {
-    let mut resp = Response::new(
-        Full::new(Bytes::new())
-            .map_err(|never| match never {})
-            .boxed_unsync(),
-    );
-    *resp.status_mut() = r.status;
-    let h = resp.headers_mut();
-    if let Ok(v) = HeaderValue::from_str(&r.location) {
-        h.insert(header::LOCATION, v);
-    }
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    if let Ok(v) = HeaderValue::from_str(request_id) {
-        h.insert("x-request-id", v);
-    }
-    for c in &r.cookies {
-        if let Ok(v) = HeaderValue::from_str(c) {
-            h.append(header::SET_COOKIE, v);
-        }
-    }
-    resp
-}
-
-/// The page at `GET /.portcullis/logout`: one button that POSTs.
-pub fn logout_page(request_id: &str) -> Response<ProxyBody> {
-    let body = "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
-<meta name=\"viewport\" content=\"width=device-width\"><title>Sign out</title></head>\
-<body><main><h1>Sign out</h1><form method=\"post\" action=\"/.portcullis/logout\">\
-<button type=\"submit\">Sign out</button></form></main></body></html>\n";
-    let mut resp = Response::new(
-        Full::new(Bytes::from_static(body.as_bytes()))
-            .map_err(|never| match never {})
-            .boxed_unsync(),
-    );
-    let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/html; charset=utf-8"),
-    );
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    h.insert(
-        "content-security-policy",
-        HeaderValue::from_static("default-src 'none'; form-action 'self'"),
-    );
-    if let Ok(v) = HeaderValue::from_str(request_id) {
-        h.insert("x-request-id", v);
-    }
-    resp
 }
