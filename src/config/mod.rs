@@ -487,7 +487,10 @@ pub const DEFAULT_NATS_CACHE_CAPACITY: u64 = 100_000;
 pub struct NatsConfig {
     /// Server URL(s), comma-separated (`nats://127.0.0.1:4222`).
     pub url: String,
-    /// This replica's name: unique per replica (metrics, logs, the accepting replica in events).
+    /// This replica's name: unique per replica (metrics, logs, the accepting
+    /// replica in events). Default: the host name (`HOSTNAME`, else
+    /// `/etc/hostname`), which is the pod name in Kubernetes.
+    #[serde(default = "d_nats_replica")]
     pub replica: String,
     /// Stream name.
     #[serde(default = "d_nats_stream")]
@@ -522,6 +525,15 @@ pub enum NatsCacheMode {
     Full,
     /// A bounded cache filled on demand (sidecars).
     Lazy,
+}
+
+fn d_nats_replica() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "portcullis".to_owned())
 }
 
 fn d_nats_stream() -> String {
