@@ -275,23 +275,9 @@ pub(crate) fn logout_page(request_id: &str) -> Response<ProxyBody> {
 <meta name=\"viewport\" content=\"width=device-width\"><title>Sign out</title></head>\
 <body><main><h1>Sign out</h1><form method=\"post\" action=\"/.portcullis/logout\">\
 <button type=\"submit\">Sign out</button></form></main></body></html>\n";
-    let mut resp = Response::new(
-        Full::new(Bytes::from_static(body.as_bytes()))
-            .map_err(|never| match never {})
-            .boxed_unsync(),
-    );
-    let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/html; charset=utf-8"),
-    );
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    h.insert(
-        "content-security-policy",
-        HeaderValue::from_static("default-src 'none'; form-action 'self'"),
-    );
-    if let Ok(v) = HeaderValue::from_str(request_id) {
-        h.insert("x-request-id", v);
-    }
-    resp
+    super::rescue::html_page(
+        Bytes::from_static(body.as_bytes()),
+        "default-src 'none'; form-action 'self'",
+        request_id,
+    )
 }

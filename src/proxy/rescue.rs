@@ -389,25 +389,9 @@ pub fn respond_to(
 <p><small>Code: <code>{code}</code>. Request id: <code>{id}</code>. \
 Quote the request id when you ask for help.</small></p></main></body></html>\n"
     );
-    let mut resp = Response::new(
-        Full::new(Bytes::from(body))
-            .map_err(|never| match never {})
-            .boxed_unsync(),
-    );
+    let mut resp = html_page(Bytes::from(body), "default-src 'none'", request_id);
     *resp.status_mut() = d.status();
     let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/html; charset=utf-8"),
-    );
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    h.insert(
-        "content-security-policy",
-        HeaderValue::from_static("default-src 'none'"),
-    );
-    if let Ok(v) = HeaderValue::from_str(request_id) {
-        h.insert("x-request-id", v);
-    }
     if (clear_session || matches!(d, Denial::SessionCookie(_)))
         && let Ok(v) = HeaderValue::from_str(&crate::session::cookie::clear(
             crate::session::cookie::SESSION_COOKIE,
@@ -459,6 +443,27 @@ pub fn respond(d: &Denial, request_id: &str, dpop_algs: &str) -> Response<ProxyB
         && let Ok(v) = HeaderValue::from_str(&challenge)
     {
         h.insert(header::WWW_AUTHENTICATE, v);
+    }
+    resp
+}
+
+/// A small HTML page the proxy itself serves: no caching, a strict CSP, the
+/// request id.
+pub(crate) fn html_page(body: Bytes, csp: &'static str, request_id: &str) -> Response<ProxyBody> {
+    let mut resp = Response::new(
+        Full::new(body)
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert("content-security-policy", HeaderValue::from_static(csp));
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        h.insert("x-request-id", v);
     }
     resp
 }
