@@ -101,23 +101,8 @@ async fn ocsf_audit_events_carry_every_required_attribute() {
         serde_json::from_str(include_str!("data/ocsf/http_activity-1.8.0.json")).unwrap();
     let pki = TestPki::new();
     let upstream = Upstream::start().await;
-    let key = portcullis::demo::pki::SigningKey::es256("user-1").unwrap();
-    std::fs::write(
-        pki.path().join("jwks.json"),
-        serde_json::json!({"keys": [key.jwk]}).to_string(),
-    )
-    .unwrap();
-    let pol = pki.path().join("policies");
-    std::fs::create_dir_all(&pol).unwrap();
-    std::fs::copy(
-        concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/config/policies/portcullis.cedarschema"
-        ),
-        pol.join("portcullis.cedarschema"),
-    )
-    .unwrap();
-    std::fs::write(pol.join("test.cedar"), POLICIES).unwrap();
+    let key = pki.issuer_key("user-1");
+    pki.policy_dir("test.cedar", POLICIES);
     let audit = pki.path().join("audit.ocsf.jsonl");
     let u = upstream.url();
     let mut routes = String::new();

@@ -192,23 +192,8 @@ where
 async fn reloads_and_handover_under_load_fail_no_request() {
     let pki = TestPki::new();
     let upstream = Upstream::start().await;
-    let key = portcullis::demo::pki::SigningKey::es256("user-1").unwrap();
-    std::fs::write(
-        pki.path().join("jwks.json"),
-        serde_json::json!({"keys": [key.jwk]}).to_string(),
-    )
-    .unwrap();
-    let pol = pki.path().join("policies");
-    std::fs::create_dir_all(&pol).unwrap();
-    std::fs::copy(
-        concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/config/policies/portcullis.cedarschema"
-        ),
-        pol.join("portcullis.cedarschema"),
-    )
-    .unwrap();
-    put(&pol.join("p.cedar"), POLICY_V1);
+    let key = pki.issuer_key("user-1");
+    let pol = pki.policy_dir("p.cedar", POLICY_V1);
     let cfg_a = pki.write_config("a.toml", &config("127.0.0.1:0", &upstream.url(), false));
     let a = ServeProcess::spawn(&cfg_a).await;
     let port = a.proxy.port();

@@ -121,27 +121,11 @@ fn hex(b: &[u8]) -> String {
 async fn start(tracing: &str) -> (TestPki, Upstream, portcullis::server::RunningServer, String) {
     let pki = TestPki::new();
     let upstream = Upstream::start().await;
-    let key = portcullis::demo::pki::SigningKey::es256("user-1").unwrap();
-    std::fs::write(
-        pki.path().join("jwks.json"),
-        serde_json::json!({"keys": [key.jwk]}).to_string(),
-    )
-    .unwrap();
-    let pol = pki.path().join("policies");
-    std::fs::create_dir_all(&pol).unwrap();
-    std::fs::copy(
-        concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/config/policies/portcullis.cedarschema"
-        ),
-        pol.join("portcullis.cedarschema"),
-    )
-    .unwrap();
-    std::fs::write(
-        pol.join("p.cedar"),
+    let key = pki.issuer_key("user-1");
+    pki.policy_dir(
+        "p.cedar",
         "@id(\"open\")\npermit (principal is User, action, resource);\n",
-    )
-    .unwrap();
+    );
     let routes = format!(
         "[[routes]]\nname = \"app\"\npath_prefix = \"/app\"\nupstream = \"{}\"\nauth = \"bearer\"\n",
         upstream.url()

@@ -276,6 +276,33 @@ impl TestPki {
     }
 
     /// Writes a config file into the temp dir and returns its path.
+    /// A fresh ES256 issuer key whose public JWKS is written to `jwks.json`.
+    pub fn issuer_key(&self, kid: &str) -> SigningKey {
+        let key = SigningKey::es256(kid).unwrap();
+        std::fs::write(
+            self.path().join("jwks.json"),
+            serde_json::json!({"keys": [key.jwk]}).to_string(),
+        )
+        .unwrap();
+        key
+    }
+
+    /// A `policies/` directory holding the shipped schema and one policy file.
+    pub fn policy_dir(&self, file: &str, policies: &str) -> PathBuf {
+        let pol = self.path().join("policies");
+        std::fs::create_dir_all(&pol).unwrap();
+        std::fs::copy(
+            concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/config/policies/portcullis.cedarschema"
+            ),
+            pol.join("portcullis.cedarschema"),
+        )
+        .unwrap();
+        std::fs::write(pol.join(file), policies).unwrap();
+        pol
+    }
+
     pub fn write_config(&self, name: &str, body: &str) -> PathBuf {
         let p = self.dir.path().join(name);
         std::fs::write(&p, body).unwrap();
