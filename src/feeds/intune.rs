@@ -195,21 +195,6 @@ fn origin_of(url: &str) -> Option<(String, String)> {
     ))
 }
 
-/// `application/x-www-form-urlencoded` encoding of one value.
-pub(super) fn form_value(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                out.push(b as char)
-            }
-            b' ' => out.push('+'),
-            _ => out.push_str(&format!("%{b:02X}")),
-        }
-    }
-    out
-}
-
 fn short_code(bytes: &[u8], pick: impl Fn(&Value) -> Option<&str>) -> String {
     serde_json::from_slice::<Value>(bytes)
         .ok()
@@ -339,16 +324,12 @@ impl Poller {
         {
             return Ok(t.value.clone());
         }
-        let body = [
-            ("grant_type", "client_credentials"),
-            ("client_id", self.cfg.client_id.as_str()),
-            ("client_secret", self.cfg.client_secret.as_str()),
-            ("scope", self.cfg.scope.as_str()),
-        ]
-        .iter()
-        .map(|(k, v)| format!("{k}={}", form_value(v)))
-        .collect::<Vec<_>>()
-        .join("&");
+        let body = form_urlencoded::Serializer::new(String::new())
+            .append_pair("grant_type", "client_credentials")
+            .append_pair("client_id", &self.cfg.client_id)
+            .append_pair("client_secret", &self.cfg.client_secret)
+            .append_pair("scope", &self.cfg.scope)
+            .finish();
         let req = Request::post(&self.cfg.token_url)
             .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
             .header(header::ACCEPT, "application/json")
@@ -973,6 +954,8 @@ mod tests {
 
     #[test]
     fn form_encoding() {
+        let form_value =
+            |v: &str| form_urlencoded::byte_serialize(v.as_bytes()).collect::<String>();
         assert_eq!(form_value("a b&c=d/é"), "a+b%26c%3Dd%2F%C3%A9");
         assert_eq!(
             form_value("https://graph.microsoft.com/.default"),

@@ -180,15 +180,11 @@ impl JamfApi {
         {
             return Ok(t.value.clone());
         }
-        let body = [
-            ("grant_type", "client_credentials"),
-            ("client_id", self.cfg.client_id.as_str()),
-            ("client_secret", self.cfg.client_secret.as_str()),
-        ]
-        .iter()
-        .map(|(k, v)| format!("{k}={}", super::intune::form_value(v)))
-        .collect::<Vec<_>>()
-        .join("&");
+        let body = form_urlencoded::Serializer::new(String::new())
+            .append_pair("grant_type", "client_credentials")
+            .append_pair("client_id", &self.cfg.client_id)
+            .append_pair("client_secret", &self.cfg.client_secret)
+            .finish();
         let req = Request::post(self.url("/api/oauth/token"))
             .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
             .header(header::ACCEPT, "application/json")
