@@ -20,6 +20,8 @@ as_root() {
 # nodejs (brings its own npm; Debian's `npm` package conflicts with it):
 #   oidc-provider, the real IdP of the browser tests, and puppeteer-core.
 # chromium: the headless browser of the end-to-end tests (no browser download).
+# libnss3-tools: certutil, to trust the test CA in a throw-away NSS database
+#   (Chromium registers DBSC sessions only over https it trusts).
 # nats-server: the distributed store's real JetStream server.
 # kubectl: renders the kustomize overlays; systemd: `systemd-analyze verify`.
 need=()
@@ -28,6 +30,7 @@ command -v kill >/dev/null 2>&1 || need+=(procps)
 [ -e /etc/ssl/certs/ca-certificates.crt ] || need+=(ca-certificates)
 command -v node >/dev/null 2>&1 || need+=(nodejs)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
+command -v certutil >/dev/null 2>&1 || need+=(libnss3-tools)
 command -v nats-server >/dev/null 2>&1 || need+=(nats-server)
 command -v kubectl >/dev/null 2>&1 || need+=(kubectl)
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
