@@ -267,6 +267,14 @@ impl Idp {
         }
     }
 
+    /// Registers (or replaces) a client at run time: a proxy's redirect and
+    /// back-channel logout URIs name a port known only once it listens,
+    /// after the IdP's issuer URL went into its config.
+    pub async fn register(&self, client: IdpClient) {
+        let (status, v) = self.post_json("/test/clients", client.0).await;
+        assert_eq!(status, StatusCode::OK, "register client: {v}");
+    }
+
     /// A JWT over `payload` signed with the IdP's own `alg` key (ES256/RS256),
     /// e.g. a logout token that is well signed but wrong in another way.
     pub async fn sign(&self, alg: &str, typ: Option<&str>, payload: Value) -> String {
