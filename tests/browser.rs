@@ -5,7 +5,7 @@
 //! authentication methods (`client_secret_basic`, `private_key_jwt`) run
 //! against it. The headless-Chromium walk is tests/browser_e2e.rs.
 //!
-//! Every proxy log line of this binary is captured (see [`capture_logs`]):
+//! Every proxy log line of this binary is captured (`capture_logs`):
 //! the bad-input tests check that no code, cookie or token ever reaches it.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -13,10 +13,12 @@ mod common;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::Arc;
 
 use bytes::Bytes;
-use common::idp::{CookieClient, Idp, IdpClient, IdpConfig, query_param};
+use common::idp::{
+    CookieClient, Idp, IdpClient, IdpConfig, assert_logs_clean, capture_logs, query_param,
+};
 use common::{ClientIdentity, TestPki, TlsConn, Upstream};
 use http::StatusCode;
 use portcullis::demo::oidc::{ACR_MFA, ACR_PWD};
@@ -30,63 +32,6 @@ use serde_json::{Value, json};
 const CLIENT_ID: &str = "portcullis";
 const SECRET: &str = "s3cret-for-the-browser-tests";
 const CALLBACK: &str = "/.portcullis/callback";
-
-// ------------------------------------------------------------ log capture
-
-/// Everything the proxies of this test binary log (`portcullis=trace`).
-static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
-
-#[derive(Clone)]
-struct LogBuf(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for LogBuf {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogBuf {
-    type Writer = LogBuf;
-    fn make_writer(&'a self) -> LogBuf {
-        self.clone()
-    }
-}
-
-/// Installs the capturing subscriber before any in-process proxy starts
-/// (the proxy's own `init` then finds one and leaves it).
-fn capture_logs() {
-    LOGS.get_or_init(|| {
-        let buf: Arc<Mutex<Vec<u8>>> = Arc::default();
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::new("portcullis=trace"))
-            .with_writer(LogBuf(buf.clone()))
-            .with_ansi(false)
-            .try_init();
-        buf
-    });
-}
-
-fn logs() -> String {
-    String::from_utf8_lossy(&LOGS.get().unwrap().lock().unwrap()).into_owned()
-}
-
-/// No secret of `secrets` (codes, cookie values, tokens) is in the log, and
-/// nothing that looks like a JWT or a sealed login cookie (base64 JSON).
-fn assert_logs_clean(secrets: &[String]) {
-    let text = logs();
-    assert!(!text.is_empty(), "the capture saw the proxy's logs");
-    for s in secrets.iter().filter(|s| s.len() >= 8) {
-        assert!(!text.contains(s.as_str()), "a secret reached the log: {s}");
-    }
-    assert!(
-        !text.contains("eyJ"),
-        "a JWT or login cookie reached the log"
-    );
-}
 
 // ------------------------------------------------------------ the browser
 
