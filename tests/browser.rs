@@ -32,6 +32,8 @@ use serde_json::{Value, json};
 const CLIENT_ID: &str = "portcullis";
 const SECRET: &str = "s3cret-for-the-browser-tests";
 const CALLBACK: &str = "/.portcullis/callback";
+/// Bearer token of the SCIM feed on the admin listener.
+const SCIM_TOKEN: &str = "scim-token-for-the-browser-tests";
 
 // ------------------------------------------------------------ the browser
 
@@ -310,6 +312,10 @@ client_id = "{CLIENT_ID}"
 {credential}
 device_claim = "deviceid"
 cookie_key_file = "cookie-key"
+
+[feeds.scim]
+token = "{SCIM_TOKEN}"
+subject_attribute = "userName"
 
 [[routes]]
 name = "web"
@@ -993,11 +999,35 @@ async fn leaver_and_lost_device_end_live_sessions() {
     let server = portcullis::server::start(e.cfg.clone()).await.unwrap();
     e.register(server.proxy_addr.port()).await;
     let posture = server.shared.posture.clone();
+    // Alice joins through the SCIM feed (as an IdP's provisioning would).
+    let scim = CookieClient::new(None);
+    let scim_base = format!("http://{}/scim/v2", server.admin_addr);
+    let scim_call = |method: http::Method, path: String, body: Value| {
+        let req = http::Request::builder()
+            .method(method)
+            .uri(format!("{scim_base}{path}"))
+            .header("authorization", format!("Bearer {SCIM_TOKEN}"))
+            .header("content-type", "application/scim+json")
+            .body(common::full(body.to_string()))
+            .unwrap();
+        scim.send(req)
+    };
+    let joined = scim_call(
+        http::Method::POST,
+        "/Users".into(),
+        json!({
+            "schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"],
+            "userName": "alice@example.com", "externalId": "alice-1", "active": true,
+            "emails": [{"primary": true, "value": "alice@example.com", "type": "work"}],
+        }),
+    )
+    .await;
+    assert_eq!(joined.status, StatusCode::CREATED, "{}", joined.text());
+    let alice_id = joined.json()["id"].as_str().unwrap().to_owned();
     posture
         .ingest(vec![seed_event(
             "seed-1",
             vec![
-                person("alice@example.com", IdentityStatus::Active),
                 person("bob@example.com", IdentityStatus::Active),
                 laptop("phone-002", "bob@example.com", Lifecycle::Enrolled),
             ],
@@ -1019,17 +1049,18 @@ async fn leaver_and_lost_device_end_live_sessions() {
     );
     assert_eq!(posture.snapshot().session_count(), 2);
 
-    // Alice leaves (SCIM): her live session is refused at its next request.
-    posture
-        .ingest(vec![PostureEvent {
-            feed: Feed::Scim,
-            ..seed_event(
-                "leaver-1",
-                vec![person("alice@example.com", IdentityStatus::Terminated)],
-            )
-        }])
-        .await
-        .unwrap();
+    // Alice leaves (SCIM `active: false`): her live session is refused at
+    // its next request.
+    let left = scim_call(
+        http::Method::PATCH,
+        format!("/Users/{alice_id}"),
+        json!({
+            "schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"],
+            "Operations": [{"op": "replace", "value": {"active": false}}],
+        }),
+    )
+    .await;
+    assert_eq!(left.status, StatusCode::OK, "{}", left.text());
     let seen = e.app.count();
     let (s, _, body) = alice.get("/app/").await;
     assert_eq!(s, StatusCode::FORBIDDEN, "{}", text(&body));
