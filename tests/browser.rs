@@ -21,6 +21,7 @@ use common::idp::{
 };
 use common::{ClientIdentity, TestPki, TlsConn, Upstream};
 use http::StatusCode;
+// The acr names the default policies step up to.
 use portcullis::demo::oidc::{ACR_MFA, ACR_PWD};
 use portcullis::demo::pki::SigningKey;
 use portcullis::posture::event::{Change, DevicePatch, Feed, IdentityPatch, PostureEvent};
@@ -163,9 +164,10 @@ impl Browser {
     /// and query of the callback the IdP sends the browser back to.
     async fn at_idp(&self, authorize: &str, sub: &str, acr: &str) -> String {
         let back = self.idp.idp_login(authorize, sub, acr).await;
-        let prefix = format!("https://{}{CALLBACK}", self.conn.host);
-        assert!(back.starts_with(&prefix), "{back}");
-        back[prefix.len() - CALLBACK.len()..].to_owned()
+        let origin = format!("https://{}", self.conn.host);
+        let path = back.strip_prefix(&origin).unwrap_or("");
+        assert!(path.starts_with(CALLBACK), "{back}");
+        path.to_owned()
     }
 
     /// Opens `path`, logs in at the IdP as `sub`, follows the callback;
@@ -1081,7 +1083,16 @@ async fn leaver_and_lost_device_end_live_sessions() {
     assert_eq!(bob.get("/app/").await.0, StatusCode::OK, "bob goes on");
     let seen = e.app.count();
 
-    // Bob's phone is reported lost: his session ends too.
+    // Bob signs in on a second browser of the same phone.
+    let mut bob2 = Browser::open(server.proxy_addr, "localhost", &e.pki, None).await;
+    bob2.login(&e.idp, "/app/", "bob@example.com", ACR_PWD)
+        .await;
+    assert_eq!(bob2.get("/app/").await.0, StatusCode::OK);
+    assert_eq!(posture.snapshot().session_count(), 2);
+    let seen = e.app.count();
+
+    // Bob's phone is reported lost: each of its sessions ends at its next
+    // request.
     posture
         .ingest(vec![seed_event(
             "lost-1",
@@ -1097,6 +1108,10 @@ async fn leaver_and_lost_device_end_live_sessions() {
         "{page}"
     );
     assert!(!bob.jar.contains_key(SESSION_COOKIE));
+    assert_eq!(posture.snapshot().session_count(), 1);
+    let (s, _, body) = bob2.get("/app/").await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{}", text(&body));
+    assert!(!bob2.jar.contains_key(SESSION_COOKIE));
     assert_eq!(e.app.count(), seen);
     assert_eq!(posture.snapshot().session_count(), 0);
 }
