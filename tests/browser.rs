@@ -1081,7 +1081,6 @@ async fn leaver_and_lost_device_end_live_sessions() {
     assert_eq!(alice.get("/app/").await.0, StatusCode::FORBIDDEN);
     assert!(!alice.jar.contains_key(SESSION_COOKIE));
     assert_eq!(bob.get("/app/").await.0, StatusCode::OK, "bob goes on");
-    let seen = e.app.count();
 
     // Bob signs in on a second browser of the same phone.
     let mut bob2 = Browser::open(server.proxy_addr, "localhost", &e.pki, None).await;
