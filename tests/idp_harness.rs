@@ -418,3 +418,102 @@ async fn backchannel_logout_over_https_trusts_the_given_ca() {
     assert!(err.starts_with("502"), "{err}");
     assert_eq!(seen.lock().unwrap().len(), 1);
 }
+
+/// Walks the IdP's login for alice submitting no `acr` field (the form
+/// left as the IdP filled it in); returns the form page and where the IdP
+/// sent the browser back to.
+async fn login_leaving_acr_to_the_idp(browser: &CookieClient, url: &str) -> (String, String) {
+    let page = browser.follow_within_origin(url).await;
+    assert_eq!(page.status, StatusCode::OK, "{}", page.text());
+    let action = format!("{}/login", page.url.split('?').next().unwrap());
+    let mut resp = browser
+        .post_form(&action, &[("account", "alice")], &[])
+        .await;
+    loop {
+        let next = resp.location().expect("a redirect");
+        if next.starts_with(REDIRECT) {
+            return (page.text(), next);
+        }
+        resp = browser.get(&next, &[]).await;
+    }
+}
+
+async fn id_token_claims(
+    browser: &CookieClient,
+    idp: &Idp,
+    code: &str,
+    verifier: &str,
+    secret: &str,
+) -> Result<Value, (StatusCode, Value)> {
+    let disc = idp.discovery().await;
+    let form = [
+        ("grant_type", "authorization_code"),
+        ("code", code),
+        ("redirect_uri", REDIRECT),
+        ("code_verifier", verifier),
+    ];
+    let (status, tokens) = token_request(browser, &disc, &form, Some(("late", secret))).await;
+    if status != StatusCode::OK {
+        return Err((status, tokens));
+    }
+    let jwks = idp.jwks().await;
+    Ok(verify(
+        &jwks,
+        tokens["id_token"].as_str().unwrap(),
+        "late",
+        &idp.issuer,
+    ))
+}
+
+/// A client registered once the IdP runs (`POST /test/clients`, as the
+/// proxy tests do once the proxy's port is known) works like a static one
+/// and can be replaced; the IdP honours `acr_values` when the login form is
+/// left as it is, and releases `acr` even when none was asked for.
+#[tokio::test]
+async fn run_time_clients_and_requested_acr() {
+    let idp =
+        Idp::start(IdpConfig::new().account("alice", json!({"email": "alice@corp.test"}))).await;
+    idp.register(IdpClient::secret_basic("late", SECRET, REDIRECT))
+        .await;
+    let disc = idp.discovery().await;
+    let browser = CookieClient::new(None);
+    let (state, nonce) = (random_token(), random_token());
+
+    let (verifier, challenge) = pkce_pair();
+    let url = authorize_url(&disc, "late", &state, &nonce, Some(&challenge), ACR_MFA);
+    let (page, back) = login_leaving_acr_to_the_idp(&browser, &url).await;
+    assert!(
+        page.contains(&format!("value=\"{ACR_MFA}\" selected")),
+        "{page}"
+    );
+    let code = query_param(&back, "code").expect("code");
+    let claims = id_token_claims(&browser, &idp, &code, &verifier, SECRET)
+        .await
+        .unwrap();
+    assert_eq!(claims["acr"], ACR_MFA);
+    assert_eq!(claims["amr"], json!(["pwd", "otp"]));
+
+    // Replaced with another secret: the old one no longer authenticates.
+    // No acr_values this time: the default acr, released all the same.
+    let other = "another-secret-entirely";
+    idp.register(IdpClient::secret_basic("late", other, REDIRECT))
+        .await;
+    let (verifier, challenge) = pkce_pair();
+    let url = authorize_url(&disc, "late", &state, &nonce, Some(&challenge), ACR_PWD)
+        .split('&')
+        .filter(|p| !p.starts_with("acr_values="))
+        .collect::<Vec<_>>()
+        .join("&");
+    let (_, back) = login_leaving_acr_to_the_idp(&browser, &format!("{url}&prompt=login")).await;
+    let code = query_param(&back, "code").expect("code");
+    let (status, err) = id_token_claims(&browser, &idp, &code, &verifier, SECRET)
+        .await
+        .unwrap_err();
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{err}");
+    assert_eq!(err["error"], "invalid_client");
+    let claims = id_token_claims(&browser, &idp, &code, &verifier, other)
+        .await
+        .unwrap();
+    assert_eq!(claims["acr"], ACR_PWD);
+    assert_eq!(claims["amr"], json!(["pwd"]));
+}

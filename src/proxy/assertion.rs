@@ -380,8 +380,8 @@ impl Signer {
 /// token (bearer), or the workload certificate (mtls), plus the snapshot's
 /// identity and device records, the binding and the decision. `None` when
 /// the request is not authenticated (public routes).
-// The browser path fills the same struct from its session: auth = "browser",
-// binding = the session's binding (`none` | `dbsc` | `mtls`).
+// On a browser session: auth = "browser", binding = the session's binding
+// (`none` | `dbsc` | `mtls`).
 pub fn input_from_ctx<'a>(
     ctx: &'a super::RequestCtx,
     route: &'a crate::route::Route,
@@ -404,6 +404,11 @@ pub fn input_from_ctx<'a>(
             "mtls",
         ),
         (None, None) => return None,
+    };
+    let auth = if ctx.session.is_some() {
+        "browser"
+    } else {
+        auth
     };
     let identity = ctx.resolved.as_ref().and_then(|r| r.identity.as_deref());
     let device = ctx.resolved.as_ref().and_then(|r| {
@@ -437,7 +442,10 @@ pub fn input_from_ctx<'a>(
         acr,
         amr,
         auth,
-        binding: binding.map_or("none", |b| b.kind.as_str()),
+        binding: match &ctx.session {
+            Some(s) => s.record.binding.as_str(),
+            None => binding.map_or("none", |b| b.kind.as_str()),
+        },
         decision: ctx.decision.as_ref().map_or("allow", |d| d.action.as_str()),
         route: &route.name,
     })

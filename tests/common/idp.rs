@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::Bytes;
 use http::{HeaderMap, Request, StatusCode};
@@ -267,6 +267,14 @@ impl Idp {
         }
     }
 
+    /// Registers (or replaces) a client at run time: a proxy's redirect and
+    /// back-channel logout URIs name a port known only once it listens,
+    /// after the IdP's issuer URL went into its config.
+    pub async fn register(&self, client: IdpClient) {
+        let (status, v) = self.post_json("/test/clients", client.0).await;
+        assert_eq!(status, StatusCode::OK, "register client: {v}");
+    }
+
     /// A JWT over `payload` signed with the IdP's own `alg` key (ES256/RS256),
     /// e.g. a logout token that is well signed but wrong in another way.
     pub async fn sign(&self, alg: &str, typ: Option<&str>, payload: Value) -> String {
@@ -286,6 +294,67 @@ impl Drop for Idp {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+// ------------------------------------------------------------ log capture
+
+// In-process proxies log through the first global subscriber installed;
+// a test binary that calls `capture_logs` before starting any keeps every
+// line (`portcullis=trace`) to check that nothing secret is logged.
+
+/// Everything the proxies of this test binary log (`portcullis=trace`).
+pub static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+
+#[derive(Clone)]
+struct LogBuf(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogBuf {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogBuf {
+    type Writer = LogBuf;
+    fn make_writer(&'a self) -> LogBuf {
+        self.clone()
+    }
+}
+
+/// Installs the capturing subscriber before any in-process proxy starts
+/// (the proxy's own `init` then finds one and leaves it).
+pub fn capture_logs() {
+    LOGS.get_or_init(|| {
+        let buf: Arc<Mutex<Vec<u8>>> = Arc::default();
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new("portcullis=trace"))
+            .with_writer(LogBuf(buf.clone()))
+            .with_ansi(false)
+            .try_init();
+        buf
+    });
+}
+
+pub fn logs() -> String {
+    String::from_utf8_lossy(&LOGS.get().unwrap().lock().unwrap()).into_owned()
+}
+
+/// No secret of `secrets` (codes, cookie values, tokens) is in the log, and
+/// nothing that looks like a JWT or a sealed login cookie (base64 JSON).
+pub fn assert_logs_clean(secrets: &[String]) {
+    let text = logs();
+    assert!(!text.is_empty(), "the capture saw the proxy's logs");
+    for s in secrets.iter().filter(|s| s.len() >= 8) {
+        assert!(!text.contains(s.as_str()), "a secret reached the log: {s}");
+    }
+    assert!(
+        !text.contains("eyJ"),
+        "a JWT or login cookie reached the log"
+    );
 }
 
 // ---------------------------------------------------------------- cookie jar

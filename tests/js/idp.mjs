@@ -20,7 +20,10 @@
 //
 // The login interaction is a plain HTML form (no JavaScript) the test fills in:
 //   GET  /interaction/{uid}        form: select `account` (a sub), select `acr`
-//   POST /interaction/{uid}/login  account=<sub>&acr=<acr>  → back to the provider
+//                                  (the request's `acr_values` preselected)
+//   POST /interaction/{uid}/login  account=<sub>&acr=<acr>  → back to the provider;
+//        without `acr`, the first supported value of the request's
+//        `acr_values`, else the default: the IdP honours what the RP asked for.
 // Consent is implied for every configured client (first-party apps).
 //
 // Test-only endpoints (loopback only, no authentication; never ship this):
@@ -28,6 +31,9 @@
 //   POST /test/backchannel-logout {"client_id","sub","sid"?}
 //        → the provider's own Back-Channel Logout call to the client; 200 {"ok":true}
 //          or 502 {"error": "..."} when the client did not answer 200/204.
+//   POST /test/clients {client metadata}  → registers (or replaces) a client
+//        at run time, for relying parties whose redirect and back-channel
+//        URIs name a port known only after the IdP started; 200 {"ok":true}
 //   POST /test/sign {"alg":"ES256"|"RS256","typ"?,"payload":{...}}
 //        → {"jwt"}: a JWT signed with the provider's own key (for tests that
 //          need well-signed but otherwise bad tokens: a logout_token with the
@@ -173,7 +179,7 @@ async function main() {
   const { port } = server.address();
   const issuer = `http://127.0.0.1:${port}`;
 
-  const clients = (cfg.clients ?? []).map((c) => {
+  const withDefaults = (c) => {
     const client = {
       grant_types: ['authorization_code'],
       response_types: ['code'],
@@ -185,14 +191,21 @@ async function main() {
       client.backchannel_logout_session_required = true;
     }
     return client;
-  });
+  };
+  const clients = (cfg.clients ?? []).map(withDefaults);
 
   const provider = new Provider(issuer, {
     clients,
     jwks: { keys },
     acrValues,
+    // `acr` and `amr` in every ID token (as Entra and Okta do), not only
+    // when the RP asks for them; the standalone members keep the defaults.
     claims: {
-      openid: ['sub', 'amr', ...customClaims],
+      acr: null,
+      sid: null,
+      auth_time: null,
+      iss: null,
+      openid: ['sub', 'acr', 'amr', ...customClaims],
       ...STANDARD_SCOPE_CLAIMS,
     },
     // Release the scope's claims in the ID token too (the proxy reads only the ID token).
@@ -233,7 +246,7 @@ async function main() {
         grant = new ctx.oidc.provider.Grant({ clientId, accountId });
       }
       grant.addOIDCScope(String(ctx.oidc.params.scope ?? 'openid'));
-      grant.addOIDCClaims(['sub', ...customClaims, ...Object.values(STANDARD_SCOPE_CLAIMS).flat()]);
+      grant.addOIDCClaims(['sub', 'acr', 'amr', ...customClaims, ...Object.values(STANDARD_SCOPE_CLAIMS).flat()]);
       await grant.save();
       return grant;
     },
@@ -273,6 +286,15 @@ async function main() {
         return send(res, 502, { error: e.message });
       }
     }
+    if (req.method === 'POST' && url.pathname === '/test/clients') {
+      // Not a static client: stored through the provider's adapter, the way
+      // dynamically registered clients are, so Client.find sees every update.
+      const metadata = withDefaults(JSON.parse(await readBody(req)));
+      if (!metadata.client_id) return send(res, 400, { error: 'client_id is required' });
+      await provider.Client.validate(metadata);
+      await provider.Client.adapter.upsert(String(metadata.client_id), metadata);
+      return send(res, 200, { ok: true });
+    }
     if (req.method === 'POST' && url.pathname === '/test/sign') {
       const body = JSON.parse(await readBody(req));
       const alg = body.alg ?? 'ES256';
@@ -298,7 +320,8 @@ async function main() {
     if (req.method === 'POST' && m[2]) {
       const form = new URLSearchParams(await readBody(req));
       const accountId = form.get('account');
-      const acr = form.get('acr') ?? acrValues[0];
+      const asked = details.params.acr_values ? String(details.params.acr_values).split(' ') : [];
+      const acr = form.get('acr') || asked.find((a) => acrValues.includes(a)) || acrValues[0];
       if (!accounts[accountId]) return send(res, 400, { error: `unknown account ${accountId}` });
       if (!acrValues.includes(acr)) return send(res, 400, { error: `unsupported acr ${acr}` });
       const amr = acr === acrValues[0] ? ['pwd'] : ['pwd', 'otp'];

@@ -6,7 +6,10 @@
 //     "protected_url": "https://127.0.0.1:P/app/",       // a browser route
 //     "step_up_url":   "https://127.0.0.1:P/payroll/",   // a route that steps up to MFA
 //     "logout_url":    "https://127.0.0.1:P/.portcullis/logout",
-//     "account": "alice", "acr": "urn:pc:pwd", "step_up_acr": "urn:pc:mfa",
+//     "logout_from":   "page" | "app",  // whose form POSTs there (see step 4)
+//     "account": "alice", "acr": "urn:pc:pwd",
+//     "step_up_acr": "urn:pc:mfa",   // optional: without it the walk leaves the
+//                                    // IdP's preselection (the acr_values asked for)
 //     "expect_text": "...",          // optional: text the protected page shows
 //     "chromium": "/usr/bin/chromium",
 //     "home": "/tmp/...",            // optional: HOME (an NSS db there trusts the test CA)
@@ -16,7 +19,9 @@
 //   }
 //
 // Prints ONE JSON object on stdout: {"steps": [{"name","url","status","title","text"}...],
-// "dbsc_events": [...], "cookies": [{"name","httpOnly","secure","sameSite"}]} and exits 0;
+// "navigations": [every main-frame navigation request URL, in order],
+// "dbsc_events": [...], "cookies": [{"name","httpOnly","secure","sameSite"}] (before
+// logout), "cookies_after_logout": [...]} and exits 0;
 // on a failure it prints {"error": "...", "steps": [...]} and exits 1. Every
 // wait is bounded; the browser is always closed.
 
@@ -30,6 +35,8 @@ import puppeteer from 'puppeteer-core';
 const plan = JSON.parse(readFileSync(process.argv[2], 'utf8'));
 const TIMEOUT = plan.timeout_ms ?? 20_000;
 const steps = [];
+const navigations = [];
+const consoleMessages = [];
 const dbscEvents = [];
 
 const features = plan.dbsc
@@ -72,7 +79,7 @@ const onIdp = (page) => page.url().includes('/interaction/');
 async function idpLogin(page, account, acr) {
   await page.waitForSelector('#login', { timeout: TIMEOUT });
   await page.select('#account', account);
-  await page.select('#acr', acr);
+  if (acr) await page.select('#acr', acr);
   const [response] = await Promise.all([
     page.waitForNavigation({ waitUntil: 'load', timeout: TIMEOUT }),
     page.click('#submit'),
@@ -96,7 +103,9 @@ async function submitFirstForm(page) {
 
 let browser;
 let exitCode = 0;
-const out = { steps, dbsc_events: dbscEvents };
+const out = {
+  steps, navigations, console: consoleMessages, dbsc_events: dbscEvents,
+};
 try {
   browser = await puppeteer.launch({
     executablePath: plan.chromium ?? '/usr/bin/chromium',
@@ -108,6 +117,11 @@ try {
   });
   const page = await browser.newPage();
   page.setDefaultTimeout(TIMEOUT);
+  // Console messages (CSP violations and the like), for failure reports.
+  page.on('console', (m) => consoleMessages.push(`${m.type()}: ${m.text()}`.slice(0, 500)));
+  page.on('request', (req) => {
+    if (req.isNavigationRequest() && req.frame() === page.mainFrame()) navigations.push(req.url());
+  });
   if (plan.dbsc) {
     const cdp = await page.createCDPSession();
     cdp.on('Network.deviceBoundSessionEventOccurred', (e) => dbscEvents.push(e));
@@ -135,21 +149,42 @@ try {
     r = await page.goto(plan.step_up_url, { waitUntil: 'load' });
     await record(page, 'step-up-at-idp', r);
     if (!onIdp(page)) throw new Error(`expected a step-up at the IdP, got ${page.url()} (${r?.status()})`);
-    r = await idpLogin(page, plan.account, plan.step_up_acr ?? 'urn:pc:mfa');
+    r = await idpLogin(page, plan.account, plan.step_up_acr);
     await record(page, 'stepped-up-page', r);
   }
 
-  out.cookies = (await page.cookies()).map((c) => ({
+  // The proxy's cookies, wherever the page is.
+  const cookieView = async () => (await page.cookies(plan.protected_url)).map((c) => ({
     name: c.name, httpOnly: c.httpOnly, secure: c.secure, sameSite: c.sameSite, path: c.path,
   }));
+  out.cookies = await cookieView();
 
-  // 4. Logout: the proxy's logout page (a form: POST), then whatever the IdP asks.
+  // 4. Logout: a POST form, then whatever the IdP asks. `logout_from`:
+  //    "page" (default): the proxy's own sign-out page (GET logout_url);
+  //    "app": a sign-out button in the app's page (the protected page, same
+  //    origin) posting to logout_url, as apps embed one.
   if (plan.logout_url) {
     r = await page.goto(plan.logout_url, { waitUntil: 'load' });
     await record(page, 'logout-page', r);
+    if (plan.logout_from === 'app') {
+      r = await page.goto(plan.protected_url, { waitUntil: 'load' });
+      await record(page, 'app-before-logout', r);
+      await page.evaluate((action) => {
+        const f = document.createElement('form');
+        f.method = 'post';
+        f.action = action;
+        const b = document.createElement('button');
+        b.type = 'submit';
+        b.textContent = 'Sign out';
+        f.appendChild(b);
+        document.body.appendChild(f);
+      }, plan.logout_url);
+    }
     r = await submitFirstForm(page);
     await record(page, 'logged-out', r);
-    for (let i = 0; i < 2 && page.url().includes('/session/end'); i += 1) {
+    out.cookies_after_logout = await cookieView();
+    // The IdP's sign-out confirmation (a form), then its "signed out" page.
+    for (let i = 0; i < 2 && page.url().includes('/session/end') && await page.$('form'); i += 1) {
       r = await submitFirstForm(page);
       await record(page, 'idp-logout', r);
     }
