@@ -77,8 +77,8 @@ pub struct Runtime {
     pub auth: Arc<Authenticator>,
     /// Token binding: DPoP, certificates, devices.
     pub binder: Binder,
-    /// Upstream client (connection pool).
-    pub upstream: client::UpstreamClient,
+    /// Upstream clients (a connection pool per worker thread).
+    pub upstream: client::UpstreamPools,
     /// Identity headers stripped from client requests.
     pub stripped: Vec<HeaderName>,
     /// Signs the identity assertion for apps (`[assertion]`), and serves its JWKS.
@@ -897,7 +897,7 @@ struct RequestPlace<'a> {
 }
 
 fn rt_upstream(rt: &Runtime) -> &client::UpstreamClient {
-    &rt.upstream
+    rt.upstream.here()
 }
 
 fn content_length<B>(req: &Request<B>) -> Option<u64> {
