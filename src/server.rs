@@ -561,7 +561,9 @@ fn spawn_workers(
 ) -> Result<(), StartError> {
     let mut std_listeners = Vec::with_capacity(listeners.len());
     for (addr, l, tls) in listeners {
-        let l = l.into_std().map_err(|source| StartError::Bind { addr, source })?;
+        let l = l
+            .into_std()
+            .map_err(|source| StartError::Bind { addr, source })?;
         std_listeners.push((addr, l, tls));
     }
     for w in 0..workers {
