@@ -58,6 +58,9 @@ pub enum StartError {
         /// Why.
         source: std::io::Error,
     },
+    /// A proxy worker thread (or its runtime) could not start.
+    #[error("cannot start proxy worker: {0}")]
+    Worker(std::io::Error),
 }
 
 /// Builds a runtime from config, carrying over issuers (and their fetched
@@ -86,7 +89,9 @@ pub fn build_runtime(
         crate::config::DEFAULT_TOKEN_CACHE_CAPACITY,
         crate::config::DEFAULT_MAX_TOKEN_BYTES,
     ));
-    let upstream = crate::proxy::client::upstream_client(&cfg.upstream)?;
+    // As many pools as workers started with the server (a reload keeps them).
+    let workers = prev.map_or_else(|| proxy_workers(&cfg), |p| p.upstream.workers());
+    let upstream = crate::proxy::client::UpstreamPools::new(&cfg.upstream, workers)?;
     // The DPoP replay cache and nonce key outlive the config.
     let binder = crate::binding::Binder::new(&cfg, prev.map(|p| &p.binder));
     let browser = crate::session::Browser::new(&cfg, prev.and_then(|p| p.browser.as_deref()))
@@ -478,24 +483,18 @@ pub async fn start_with(cfg: Config, metrics: Arc<Metrics>) -> Result<RunningSer
     let (tx, rx) = watch::channel(false);
     let limit = Arc::new(Semaphore::new(cfg.proxy.max_connections));
     let mut tasks = JoinSet::new();
-    tasks.spawn(accept_loop(
-        shared.clone(),
-        tls_listener,
-        true,
-        limit.clone(),
-        rx.clone(),
-        cfg.clone(),
-    ));
-    if let Some(l) = plain_listener {
-        tasks.spawn(accept_loop(
-            shared.clone(),
-            l,
-            false,
-            limit,
-            rx.clone(),
-            cfg.clone(),
-        ));
+    let mut proxy_listeners = vec![(proxy_addr, tls_listener, true)];
+    if let (Some(l), Some(a)) = (plain_listener, plain_addr) {
+        proxy_listeners.push((a, l, false));
     }
+    let workers = shared.proxy.runtime.load().upstream.workers();
+    let ctx = WorkerContext {
+        shared: shared.clone(),
+        limit,
+        shutdown: rx.clone(),
+        cfg: cfg.clone(),
+    };
+    spawn_workers(&ctx, proxy_listeners, workers, &mut tasks)?;
     if let Some(rx_ssf) = feeds.ssf.clone().filter(|r| r.cfg.poll_url.is_some()) {
         tasks.spawn(crate::feeds::ssf::poll_loop(
             feeds.clone(),
@@ -529,6 +528,88 @@ pub async fn start_with(cfg: Config, metrics: Arc<Metrics>) -> Result<RunningSer
         shutdown: tx,
         tasks,
     })
+}
+
+/// Proxy worker threads for `[listener] workers` (0: one per available core).
+fn proxy_workers(cfg: &Config) -> usize {
+    match cfg.listener.workers {
+        0 => std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
+        n => n,
+    }
+}
+
+/// What every proxy worker's accept loops share.
+struct WorkerContext {
+    shared: Arc<Shared>,
+    limit: Arc<Semaphore>,
+    shutdown: watch::Receiver<bool>,
+    cfg: Arc<Config>,
+}
+
+/// Starts the proxy workers, thread per core: each an OS thread running a
+/// single-threaded runtime that accepts from every proxy listener (one
+/// shared socket, a duplicate fd per worker) and serves what it accepted to
+/// the end, with its own upstream pool. A request never changes thread, so
+/// there is no cross-thread wakeup per request, which on a multi-thread
+/// runtime cost about a quarter of the CPU. One task per worker on the
+/// caller's runtime finishes when the worker has drained.
+fn spawn_workers(
+    ctx: &WorkerContext,
+    listeners: Vec<(SocketAddr, TcpListener, bool)>,
+    workers: usize,
+    tasks: &mut JoinSet<()>,
+) -> Result<(), StartError> {
+    let mut std_listeners = Vec::with_capacity(listeners.len());
+    for (addr, l, tls) in listeners {
+        let l = l
+            .into_std()
+            .map_err(|source| StartError::Bind { addr, source })?;
+        std_listeners.push((addr, l, tls));
+    }
+    for w in 0..workers {
+        let mut mine = Vec::with_capacity(std_listeners.len());
+        for (addr, l, tls) in &std_listeners {
+            let l = l.try_clone().map_err(|source| StartError::Bind {
+                addr: *addr,
+                source,
+            })?;
+            mine.push((l, *tls));
+        }
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(StartError::Worker)?;
+        let (done, finished) = tokio::sync::oneshot::channel::<()>();
+        let (shared, limit) = (ctx.shared.clone(), ctx.limit.clone());
+        let (shutdown, cfg) = (ctx.shutdown.clone(), ctx.cfg.clone());
+        std::thread::Builder::new()
+            .name(format!("portcullis-w{w}"))
+            .spawn(move || {
+                crate::proxy::client::enter_worker(w);
+                runtime.block_on(async move {
+                    let mut loops = JoinSet::new();
+                    for (l, tls) in mine {
+                        match TcpListener::from_std(l) {
+                            Ok(l) => {
+                                let (shared, limit) = (shared.clone(), limit.clone());
+                                let (shutdown, cfg) = (shutdown.clone(), cfg.clone());
+                                loops.spawn(accept_loop(shared, l, tls, limit, shutdown, cfg));
+                            }
+                            Err(e) => tracing::error!(error = %e, "worker cannot watch listener"),
+                        }
+                    }
+                    while loops.join_next().await.is_some() {}
+                });
+                // Dropping the runtime ends what outlived the drain timeout.
+                drop(runtime);
+                drop(done);
+            })
+            .map_err(StartError::Worker)?;
+        tasks.spawn(async move {
+            let _ = finished.await;
+        });
+    }
+    Ok(())
 }
 
 fn local_addr(l: &TcpListener, fallback: SocketAddr) -> SocketAddr {

@@ -282,6 +282,10 @@ pub struct ListenerConfig {
     /// addresses and take over while this one drains (zero-downtime upgrade).
     #[serde(default)]
     pub reuse_port: bool,
+    /// Proxy worker threads, each accepting and serving its own connections
+    /// with its own upstream pool; 0 = one per available core.
+    #[serde(default)]
+    pub workers: usize,
 }
 
 /// The proxy listener and its limits.

@@ -77,8 +77,8 @@ pub struct Runtime {
     pub auth: Arc<Authenticator>,
     /// Token binding: DPoP, certificates, devices.
     pub binder: Binder,
-    /// Upstream client (connection pool).
-    pub upstream: client::UpstreamClient,
+    /// Upstream clients (a connection pool per worker thread).
+    pub upstream: client::UpstreamPools,
     /// Identity headers stripped from client requests.
     pub stripped: Vec<HeaderName>,
     /// Signs the identity assertion for apps (`[assertion]`), and serves its JWKS.
@@ -750,7 +750,7 @@ impl Proxy {
         // Body errors are tagged: a malformed chunk is the client's fault (400).
         let body = body.map_err(admit::ClientBodyError);
         let body: ProxyBody = match limit {
-            Some(l) => Limited::new(body, l as usize).boxed_unsync(),
+            Some(l) => Limited::new(Linger(Some(body)), l as usize).boxed_unsync(),
             None => body
                 .map_err(|e| Box::new(e) as client::BoxError)
                 .boxed_unsync(),
@@ -897,7 +897,7 @@ struct RequestPlace<'a> {
 }
 
 fn rt_upstream(rt: &Runtime) -> &client::UpstreamClient {
-    &rt.upstream
+    rt.upstream.here()
 }
 
 fn content_length<B>(req: &Request<B>) -> Option<u64> {
@@ -905,6 +905,65 @@ fn content_length<B>(req: &Request<B>) -> Option<u64> {
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|s| s.parse().ok())
+}
+
+/// Most of a refused request body read and thrown away after the refusal.
+const LINGER_MAX_BYTES: usize = 8 << 20;
+/// Longest a refused request body is read after the refusal.
+const LINGER_TIME: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A request body that, dropped before its end (the size limit tripped, the
+/// upstream failed), keeps being read and discarded for a bounded time and
+/// size, so the client can finish sending and then read the refusal: closing
+/// a connection with unread data resets it, and the client loses the 413
+/// (nginx's lingering close). On a multi-threaded server this race is real.
+struct Linger<B: hyper::body::Body + Send + Unpin + 'static>(Option<B>);
+
+impl<B: hyper::body::Body + Send + Unpin + 'static> hyper::body::Body for Linger<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        match self.get_mut().0.as_mut() {
+            Some(b) => std::pin::Pin::new(b).poll_frame(cx),
+            None => std::task::Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.as_ref().is_none_or(B::is_end_stream)
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.0
+            .as_ref()
+            .map_or_else(|| hyper::body::SizeHint::with_exact(0), B::size_hint)
+    }
+}
+
+impl<B: hyper::body::Body + Send + Unpin + 'static> Drop for Linger<B> {
+    fn drop(&mut self) {
+        let Some(mut body) = self.0.take().filter(|b| !b.is_end_stream()) else {
+            return;
+        };
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        handle.spawn(tokio::time::timeout(LINGER_TIME, async move {
+            let mut read = 0usize;
+            while read < LINGER_MAX_BYTES {
+                match body.frame().await {
+                    Some(Ok(f)) => {
+                        read += f.data_ref().map_or(0, bytes::Buf::remaining);
+                    }
+                    _ => break,
+                }
+            }
+        }));
+    }
 }
 
 fn is_body_limit(e: &(dyn std::error::Error + 'static)) -> bool {
