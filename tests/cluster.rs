@@ -213,6 +213,77 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    /// Replica `i`'s records (devices, identities, revocations, groups,
+    /// sessions) from its own database, without the local version numbers.
+    fn records(&self, i: usize) -> std::collections::BTreeMap<String, Value> {
+        let db = self.pki.path().join(format!("r{i}.db"));
+        let conn = rusqlite::Connection::open_with_flags(
+            &db,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .unwrap();
+        conn.busy_timeout(Duration::from_secs(5)).unwrap();
+        let mut out = std::collections::BTreeMap::new();
+        for (table, key) in [
+            ("devices", "id"),
+            ("identities", "subject"),
+            ("revocations", "target || ':' || key"),
+            ("groups", "id"),
+            ("sessions", "id_hash"),
+        ] {
+            let mut st = conn
+                .prepare(&format!("SELECT {key}, body FROM {table}"))
+                .unwrap();
+            let rows = st
+                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+                .unwrap();
+            for row in rows {
+                let (k, body) = row.unwrap();
+                let mut v: Value = serde_json::from_str(&body).unwrap();
+                if let Some(o) = v.as_object_mut() {
+                    o.remove("version");
+                }
+                out.insert(format!("{table}/{k}"), v);
+            }
+        }
+        out
+    }
+
+    /// A meta value from replica `i`'s database.
+    fn meta(&self, i: usize, key: &str) -> Option<String> {
+        let db = self.pki.path().join(format!("r{i}.db"));
+        let conn = rusqlite::Connection::open_with_flags(
+            &db,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .unwrap();
+        conn.busy_timeout(Duration::from_secs(5)).unwrap();
+        conn.query_row("SELECT v FROM meta WHERE k = ?1", [key], |r| r.get(0))
+            .ok()
+    }
+}
+
+/// Pauses (SIGSTOP) or resumes (SIGCONT) a replica process.
+fn signal(pid: u32, sig: &str) {
+    let st = std::process::Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success(), "kill {sig} {pid}");
+}
+
+/// The records bucket's completeness marker.
+async fn marker(js: &async_nats::jetstream::Context) -> u64 {
+    let kv = js.get_key_value("PORTCULLIS_EVENTS_RECORDS").await.unwrap();
+    kv.get(portcullis::posture::cluster::records::MARKER_KEY)
+        .await
+        .unwrap()
+        .and_then(|v| serde_json::from_slice::<Value>(&v).ok())
+        .and_then(|v| v["pos"].as_u64())
+        .unwrap_or(0)
+}
+
 async fn send(
     admin: SocketAddr,
     method: &str,
@@ -480,6 +551,156 @@ async fn nats_and_replica_crashes_lose_nothing_and_apply_nothing_twice() {
         let (n, distinct, _) = c.logged(i);
         assert_eq!((n, distinct), (want, want), "r{i}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_replica_starts_from_the_records_bucket_and_the_stream_tail() {
+    let mut c = Cluster::start().await;
+    let nc = async_nats::connect(c.nats.url()).await.unwrap();
+    let js = async_nats::jetstream::new(nc);
+
+    // History: lost and compliant devices, a joiner and a leaver, spread
+    // over the three replicas.
+    let mut history = 0u64;
+    for k in 0..12 {
+        let (st, body) = if k % 3 == 0 {
+            c.mdm_lost(k % 3, &format!("h-{k}"), &format!("hd-{k}"))
+                .await
+        } else {
+            (
+                c.mdm_compliance(k % 3, &format!("h-{k}"), &format!("hd-{k}"))
+                    .await,
+                Value::Null,
+            )
+        };
+        assert_eq!(st, StatusCode::ACCEPTED, "{body}");
+        history += 1;
+    }
+    let sub = "leaver@acme.example";
+    let (st, v) = c
+        .scim(
+            1,
+            "POST",
+            "/Users",
+            json!({"schemas": [USER], "userName": sub, "active": true, "externalId": "00u9"}),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    let id = v["id"].as_str().unwrap().to_owned();
+    let (st, v) = c
+        .scim(
+            2,
+            "PATCH",
+            &format!("/Users/{id}"),
+            json!({"schemas": [PATCH_OP], "Operations": [{"op": "replace", "value": {"active": false}}]}),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let mut stream = js.get_stream("PORTCULLIS_EVENTS").await.unwrap();
+    let last = stream.info().await.unwrap().state.last_sequence;
+    history += 2;
+
+    // Every replica applied it all and the bucket is complete up to it.
+    eventually("every replica to apply the history", || {
+        let ok = (0..3).all(|i| c.logged(i).2 == last);
+        async move { ok }
+    })
+    .await;
+    eventually("the records bucket to be complete", || async {
+        marker(&js).await >= last
+    })
+    .await;
+    // The history leaves the stream: a replica that replayed from sequence
+    // 1 would see none of it.
+    stream.purge().sequence(last + 1).await.unwrap();
+    assert_eq!(
+        stream.info().await.unwrap().state.first_sequence,
+        last + 1,
+        "history purged"
+    );
+
+    // The tail: events the bucket does not hold yet (the full replicas are
+    // paused, so nobody writes them there), one of them on a known device.
+    let pids: Vec<u32> = (0..3).map(|i| c.r(i).pid()).collect();
+    for p in &pids {
+        signal(*p, "-STOP");
+    }
+    let now = portcullis::util::now_unix_ms();
+    let tail: Vec<String> = vec!["hd-1".into(), "tail-a".into(), "tail-b".into()];
+    for (j, dev) in tail.iter().enumerate() {
+        let body = json!({"v": 1, "replica": "rx", "accepted_ms": now, "event": {
+            "id": format!("tail-{j}"), "feed": "admin", "kind": "admin.device-lost", "origin_ms": now,
+            "changes": [{"type": "device", "id": dev, "patch": {"lifecycle": "lost"}}]}});
+        js.publish("portcullis.events.admin", body.to_string().into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let end = last + tail.len() as u64;
+
+    // A fourth replica with an empty store starts from the bucket and the tail.
+    let cfg = replica_config(&c, 3, "full");
+    c.replicas.push(Some(ServeProcess::spawn(&cfg).await));
+    for p in &pids {
+        signal(*p, "-CONT");
+    }
+    eventually("every replica to reach the end of the stream", || {
+        let ok = (0..4).all(|i| c.logged(i).2 == end);
+        async move { ok }
+    })
+    .await;
+    let boot: Value = serde_json::from_str(&c.meta(3, "nats.bootstrap").unwrap()).unwrap();
+    assert_eq!(
+        boot["pos"].as_u64(),
+        Some(last),
+        "r3 started at the marker: {boot}"
+    );
+    // It applied the tail only (nothing from sequence 1), each event once.
+    let tail_n = tail.len() as u64;
+    assert_eq!(
+        c.logged(3),
+        (tail_n, tail_n, end),
+        "r3 applied the tail only"
+    );
+    for i in 0..3 {
+        assert_eq!(
+            c.logged(i),
+            (history + tail_n, history + tail_n, end),
+            "r{i}"
+        );
+    }
+    // The same picture everywhere.
+    eventually("the same records at every replica", || {
+        let want = c.records(0);
+        let ok = (1..4).all(|i| c.records(i) == want);
+        async move { ok }
+    })
+    .await;
+    let all = c.records(3);
+    assert!(all.contains_key("devices/hd-0") && all.contains_key("devices/tail-b"));
+    // And the same decisions.
+    for (dev, ok) in [
+        ("hd-0", false),
+        ("hd-1", false),
+        ("hd-2", true),
+        ("tail-a", false),
+    ] {
+        let t = c.token("someone", dev, None);
+        let (st, fwd) = c.request(3, &t, &[]).await;
+        assert_eq!(!refused(st) && fwd, ok, "{dev}: {st}");
+    }
+    let t = c.token(sub, "hd-5", None);
+    let (st, fwd) = c.request(3, &t, &[]).await;
+    assert!(refused(st) && !fwd, "the leaver at r3: {st}");
+    // A new change reaches the new replica through the stream as usual.
+    let (st, _) = c.mdm_lost(0, "after-boot", "hd-2").await;
+    assert_eq!(st, StatusCode::ACCEPTED);
+    let t = c.token("someone", "hd-2", None);
+    eventually("r3 to refuse a device lost after it started", || async {
+        refused(c.request(3, &t, &[]).await.0)
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
