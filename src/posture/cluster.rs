@@ -46,6 +46,10 @@ const MAX_STREAM_BATCH: usize = 1024;
 const HEALTH_TICK: Duration = Duration::from_millis(200);
 /// Longest wait between two attempts to re-create the consumer.
 const MAX_RETRY: Duration = Duration::from_secs(2);
+/// Most records merged into one round of bucket writes.
+const RECORDS_MERGE: usize = 65_536;
+/// Bucket writes in flight at once from one replica.
+const RECORDS_CONCURRENCY: usize = 64;
 /// The key of the format marker in the meta bucket.
 const FORMAT_KEY: &str = "format";
 
@@ -475,37 +479,60 @@ async fn check_format(meta: &kv::Store, stream: &str) -> Result<(), ClusterError
     Ok(())
 }
 
-/// Writes applied records to the records bucket, in order, off the apply path.
+/// Writes applied records to the records bucket, off the apply path: the
+/// updates waiting are merged (the latest state of each record wins), the
+/// merged records written concurrently, then the marker moved to the last
+/// merged position (every record changed up to it is now in the bucket).
 async fn publish_records(
     me: std::sync::Weak<Cluster>,
     mut rx: tokio::sync::mpsc::Receiver<RecordsUpdate>,
 ) {
     let mut behind_logged = false;
-    while let Some(u) = rx.recv().await {
+    while let Some(first) = rx.recv().await {
         let Some(c) = me.upgrade() else { return };
-        for (key, value) in u.items {
-            if let Err(e) = records::cas_put(&c.records, &key, u.pos, value).await {
-                c.records_gap.store(true, Ordering::Release);
-                tracing::warn!(error = %e, "records bucket write failed; another replica writes it too");
+        let mut pos = first.pos;
+        let mut merged: std::collections::HashMap<String, (u64, Bytes)> =
+            std::collections::HashMap::new();
+        let mut next = Some(first);
+        while let Some(u) = next.take() {
+            pos = u.pos;
+            for (key, value) in u.items {
+                merged.insert(key, (u.pos, value));
+            }
+            if merged.len() < RECORDS_MERGE {
+                next = rx.try_recv().ok();
             }
         }
-        // Drained: every record up to `u.pos` is in the bucket.
-        if rx.is_empty() && !c.records_gap.load(Ordering::Acquire) {
-            match records::advance_marker(&c.records, c.records_from, u.pos).await {
-                Ok(()) => {}
-                Err(records::MarkerError::Behind(m)) => {
-                    if !behind_logged {
-                        behind_logged = true;
-                        tracing::warn!(
-                            marker = m,
-                            started_at = c.records_from,
-                            "the records bucket's marker is behind this replica's start; another replica moves it"
-                        );
-                    }
+        let failed = futures_util::stream::iter(merged)
+            .map(|(key, (p, value))| {
+                let kv = &c.records;
+                async move { records::cas_put(kv, &key, p, value).await }
+            })
+            .buffer_unordered(RECORDS_CONCURRENCY)
+            .filter_map(|r| async move { r.err() })
+            .collect::<Vec<_>>()
+            .await;
+        if let Some(e) = failed.first() {
+            c.records_gap.store(true, Ordering::Release);
+            tracing::warn!(error = %e, failed = failed.len(), "records bucket writes failed; this replica no longer moves the marker");
+        }
+        if c.records_gap.load(Ordering::Acquire) {
+            continue;
+        }
+        match records::advance_marker(&c.records, c.records_from, pos).await {
+            Ok(()) => {}
+            Err(records::MarkerError::Behind(m)) => {
+                if !behind_logged {
+                    behind_logged = true;
+                    tracing::warn!(
+                        marker = m,
+                        started_at = c.records_from,
+                        "the records bucket's marker is behind this replica's start; another replica moves it"
+                    );
                 }
-                Err(records::MarkerError::Nats(e)) => {
-                    tracing::warn!(error = %e, "records marker not moved");
-                }
+            }
+            Err(records::MarkerError::Nats(e)) => {
+                tracing::warn!(error = %e, "records marker not moved");
             }
         }
     }
