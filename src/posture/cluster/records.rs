@@ -472,3 +472,43 @@ pub async fn follow_devices(
     }
     Ok(())
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn stored<T: Serialize>(pos: u64, record: Option<&T>) -> Vec<u8> {
+        serde_json::to_vec(&Stored { pos, record }).unwrap()
+    }
+
+    #[test]
+    fn a_picture_keeps_records_and_floors_only_past_its_marker() {
+        let mut p = Picture {
+            pos: 10,
+            ..Default::default()
+        };
+        let d = Device {
+            id: "d1".into(),
+            ..Default::default()
+        };
+        p.add(&device_key("d1"), &stored(7, Some(&d)));
+        p.add(&device_key("d2"), &stored(12, Some(&d)));
+        // An ended session later than the marker: no record, but a floor.
+        p.add(&session_key("abc"), &stored::<SessionRecord>(15, None));
+        p.add(MARKER_KEY, br#"{"pos":10}"#);
+        p.add(&group_key("g"), b"not json");
+        assert_eq!(p.devices.len(), 2);
+        assert!(p.sessions.is_empty());
+        assert_eq!(p.bad, 1);
+        assert_eq!(p.floors.get(&device_key("d2")), Some(&12));
+        assert_eq!(p.floors.get(&session_key("abc")), Some(&15));
+        assert!(!p.floors.contains_key(&device_key("d1")));
+        assert_eq!(p.floors_until(), 15);
+        let ended = Change::Session {
+            id_hash: "abc".into(),
+            record: None,
+        };
+        assert_eq!(change_key(&ended), session_key("abc"));
+    }
+}
