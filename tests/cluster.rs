@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::nats::NatsServer;
 use common::*;
+use futures_util::StreamExt;
 use http::StatusCode;
 use http_body_util::{BodyExt, Full};
 use portcullis::demo::pki::SigningKey;
@@ -37,8 +38,14 @@ struct Cluster {
 }
 
 fn replica_config(c: &Cluster, i: usize, cache: &str) -> PathBuf {
+    replica_config_with(c, i, cache, "")
+}
+
+/// A replica's config; `extra` goes before the bearer route (more issuers,
+/// `[browser]`, more routes).
+fn replica_config_with(c: &Cluster, i: usize, cache: &str, extra: &str) -> PathBuf {
     let routes = format!(
-        "[[routes]]\nname = \"app\"\npath_prefix = \"/\"\nupstream = \"{}\"\nauth = \"bearer\"\n",
+        "{extra}\n[[routes]]\nname = \"app\"\npath_prefix = \"/\"\nupstream = \"{}\"\nauth = \"bearer\"\n",
         c.upstream.url()
     );
     let body = base_config(ISS, r#"jwks_file = "jwks.json""#, &routes).replace(
@@ -211,6 +218,77 @@ impl Cluster {
             .unwrap_or(0);
         (n, distinct, pos)
     }
+}
+
+impl Cluster {
+    /// Replica `i`'s records (devices, identities, revocations, groups,
+    /// sessions) from its own database, without the local version numbers.
+    fn records(&self, i: usize) -> std::collections::BTreeMap<String, Value> {
+        let db = self.pki.path().join(format!("r{i}.db"));
+        let conn = rusqlite::Connection::open_with_flags(
+            &db,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .unwrap();
+        conn.busy_timeout(Duration::from_secs(5)).unwrap();
+        let mut out = std::collections::BTreeMap::new();
+        for (table, key) in [
+            ("devices", "id"),
+            ("identities", "subject"),
+            ("revocations", "target || ':' || key"),
+            ("groups", "id"),
+            ("sessions", "id_hash"),
+        ] {
+            let mut st = conn
+                .prepare(&format!("SELECT {key}, body FROM {table}"))
+                .unwrap();
+            let rows = st
+                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+                .unwrap();
+            for row in rows {
+                let (k, body) = row.unwrap();
+                let mut v: Value = serde_json::from_str(&body).unwrap();
+                if let Some(o) = v.as_object_mut() {
+                    o.remove("version");
+                }
+                out.insert(format!("{table}/{k}"), v);
+            }
+        }
+        out
+    }
+
+    /// A meta value from replica `i`'s database.
+    fn meta(&self, i: usize, key: &str) -> Option<String> {
+        let db = self.pki.path().join(format!("r{i}.db"));
+        let conn = rusqlite::Connection::open_with_flags(
+            &db,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .unwrap();
+        conn.busy_timeout(Duration::from_secs(5)).unwrap();
+        conn.query_row("SELECT v FROM meta WHERE k = ?1", [key], |r| r.get(0))
+            .ok()
+    }
+}
+
+/// Pauses (SIGSTOP) or resumes (SIGCONT) a replica process.
+fn signal(pid: u32, sig: &str) {
+    let st = std::process::Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success(), "kill {sig} {pid}");
+}
+
+/// The records bucket's completeness marker.
+async fn marker(js: &async_nats::jetstream::Context) -> u64 {
+    let kv = js.get_key_value("PORTCULLIS_EVENTS_RECORDS").await.unwrap();
+    kv.get(portcullis::posture::cluster::records::MARKER_KEY)
+        .await
+        .unwrap()
+        .and_then(|v| serde_json::from_slice::<Value>(&v).ok())
+        .and_then(|v| v["pos"].as_u64())
+        .unwrap_or(0)
 }
 
 async fn send(
@@ -480,6 +558,429 @@ async fn nats_and_replica_crashes_lose_nothing_and_apply_nothing_twice() {
         let (n, distinct, _) = c.logged(i);
         assert_eq!((n, distinct), (want, want), "r{i}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_replica_starts_from_the_records_bucket_and_the_stream_tail() {
+    let mut c = Cluster::start().await;
+    let nc = async_nats::connect(c.nats.url()).await.unwrap();
+    let js = async_nats::jetstream::new(nc);
+
+    // History: lost and compliant devices, a joiner and a leaver, spread
+    // over the three replicas.
+    let mut history = 0u64;
+    for k in 0..12 {
+        let (st, body) = if k % 3 == 0 {
+            c.mdm_lost(k % 3, &format!("h-{k}"), &format!("hd-{k}"))
+                .await
+        } else {
+            (
+                c.mdm_compliance(k % 3, &format!("h-{k}"), &format!("hd-{k}"))
+                    .await,
+                Value::Null,
+            )
+        };
+        assert_eq!(st, StatusCode::ACCEPTED, "{body}");
+        history += 1;
+    }
+    let sub = "leaver@acme.example";
+    let (st, v) = c
+        .scim(
+            1,
+            "POST",
+            "/Users",
+            json!({"schemas": [USER], "userName": sub, "active": true, "externalId": "00u9"}),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    let id = v["id"].as_str().unwrap().to_owned();
+    let (st, v) = c
+        .scim(
+            2,
+            "PATCH",
+            &format!("/Users/{id}"),
+            json!({"schemas": [PATCH_OP], "Operations": [{"op": "replace", "value": {"active": false}}]}),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let mut stream = js.get_stream("PORTCULLIS_EVENTS").await.unwrap();
+    let last = stream.info().await.unwrap().state.last_sequence;
+    history += 2;
+
+    // Every replica applied it all and the bucket is complete up to it.
+    eventually("every replica to apply the history", || {
+        let ok = (0..3).all(|i| c.logged(i).2 == last);
+        async move { ok }
+    })
+    .await;
+    eventually("the records bucket to be complete", || async {
+        marker(&js).await >= last
+    })
+    .await;
+    // The history leaves the stream: a replica that replayed from sequence
+    // 1 would see none of it.
+    stream.purge().sequence(last + 1).await.unwrap();
+    assert_eq!(
+        stream.info().await.unwrap().state.first_sequence,
+        last + 1,
+        "history purged"
+    );
+
+    // The tail: events the bucket does not hold yet (the full replicas are
+    // paused, so nobody writes them there), one of them on a known device.
+    let pids: Vec<u32> = (0..3).map(|i| c.r(i).pid()).collect();
+    for p in &pids {
+        signal(*p, "-STOP");
+    }
+    let now = portcullis::util::now_unix_ms();
+    let tail: Vec<String> = vec!["hd-1".into(), "tail-a".into(), "tail-b".into()];
+    for (j, dev) in tail.iter().enumerate() {
+        let body = json!({"v": 1, "replica": "rx", "accepted_ms": now, "event": {
+            "id": format!("tail-{j}"), "feed": "admin", "kind": "admin.device-lost", "origin_ms": now,
+            "changes": [{"type": "device", "id": dev, "patch": {"lifecycle": "lost"}}]}});
+        js.publish("portcullis.events.admin", body.to_string().into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let end = last + tail.len() as u64;
+
+    // A fourth replica with an empty store starts from the bucket and the tail.
+    let cfg = replica_config(&c, 3, "full");
+    c.replicas.push(Some(ServeProcess::spawn(&cfg).await));
+    for p in &pids {
+        signal(*p, "-CONT");
+    }
+    eventually("every replica to reach the end of the stream", || {
+        let ok = (0..4).all(|i| c.logged(i).2 == end);
+        async move { ok }
+    })
+    .await;
+    let boot: Value = serde_json::from_str(&c.meta(3, "nats.bootstrap").unwrap()).unwrap();
+    assert_eq!(
+        boot["pos"].as_u64(),
+        Some(last),
+        "r3 started at the marker: {boot}"
+    );
+    // It applied the tail only (nothing from sequence 1), each event once.
+    let tail_n = tail.len() as u64;
+    assert_eq!(
+        c.logged(3),
+        (tail_n, tail_n, end),
+        "r3 applied the tail only"
+    );
+    for i in 0..3 {
+        assert_eq!(
+            c.logged(i),
+            (history + tail_n, history + tail_n, end),
+            "r{i}"
+        );
+    }
+    // The same picture everywhere.
+    eventually("the same records at every replica", || {
+        let want = c.records(0);
+        let ok = (1..4).all(|i| c.records(i) == want);
+        async move { ok }
+    })
+    .await;
+    let all = c.records(3);
+    assert!(all.contains_key("devices/hd-0") && all.contains_key("devices/tail-b"));
+    // And the same decisions.
+    for (dev, ok) in [
+        ("hd-0", false),
+        ("hd-1", false),
+        ("hd-2", true),
+        ("tail-a", false),
+    ] {
+        let t = c.token("someone", dev, None);
+        let (st, fwd) = c.request(3, &t, &[]).await;
+        assert_eq!(!refused(st) && fwd, ok, "{dev}: {st}");
+    }
+    let t = c.token(sub, "hd-5", None);
+    let (st, fwd) = c.request(3, &t, &[]).await;
+    assert!(refused(st) && !fwd, "the leaver at r3: {st}");
+    // A new change reaches the new replica through the stream as usual.
+    let (st, _) = c.mdm_lost(0, "after-boot", "hd-2").await;
+    assert_eq!(st, StatusCode::ACCEPTED);
+    let t = c.token("someone", "hd-2", None);
+    eventually("r3 to refuse a device lost after it started", || async {
+        refused(c.request(3, &t, &[]).await.0)
+    })
+    .await;
+}
+
+/// The demo OpenID provider on loopback, for browser logins.
+struct DemoIdp {
+    url: String,
+}
+
+impl DemoIdp {
+    async fn start() -> Self {
+        use hyper::body::Incoming;
+        use portcullis::demo::oidc::DemoProvider;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let key = std::sync::Arc::new(SigningKey::es256("idp-1").unwrap());
+        let provider = std::sync::Arc::new(DemoProvider::new(
+            url.clone(),
+            key.clone(),
+            "s3cret-for-tests".into(),
+        ));
+        let jwks = json!({ "keys": [key.jwk] }).to_string();
+        tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (provider, jwks) = (provider.clone(), jwks.clone());
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req: http::Request<Incoming>| {
+                        let (provider, jwks) = (provider.clone(), jwks.clone());
+                        async move {
+                            let r = match (req.method().as_str(), req.uri().path()) {
+                                ("GET", "/.well-known/openid-configuration") => {
+                                    http::Response::new(Full::new(Bytes::from(
+                                        provider.discovery().to_string(),
+                                    )))
+                                }
+                                ("GET", "/jwks.json") => {
+                                    http::Response::new(Full::new(Bytes::from(jwks)))
+                                }
+                                ("GET", "/authorize") => provider.authorize(&req),
+                                ("GET", "/login") => provider.login(&req),
+                                ("POST", "/token") => provider.token(req).await,
+                                _ => provider.end_session(),
+                            };
+                            Ok::<_, std::convert::Infallible>(r)
+                        }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                    .await;
+                });
+            }
+        });
+        Self { url }
+    }
+
+    /// Clicks through the IdP's login page for `sub`; returns the redirect
+    /// back to the proxy's callback.
+    async fn login(&self, authorize_url: &str, sub: &str) -> String {
+        let plain = |url: String| async move {
+            let c =
+                hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                    .build_http::<Full<Bytes>>();
+            let resp = tokio::time::timeout(
+                DEADLINE,
+                c.request(
+                    http::Request::get(url)
+                        .body(Full::new(Bytes::new()))
+                        .unwrap(),
+                ),
+            )
+            .await
+            .unwrap()
+            .unwrap();
+            let (p, b) = resp.into_parts();
+            (p.status, p.headers, b.collect().await.unwrap().to_bytes())
+        };
+        let (st, _, body) = plain(authorize_url.to_owned()).await;
+        assert_eq!(st, StatusCode::OK, "authorize page");
+        let body = String::from_utf8_lossy(&body).into_owned();
+        let rid = body
+            .split("rid=")
+            .nth(1)
+            .and_then(|r| r.split(['&', '"']).next())
+            .unwrap()
+            .to_owned();
+        let q = form_urlencoded::Serializer::new(String::new())
+            .append_pair("rid", &rid)
+            .append_pair("sub", sub)
+            .append_pair("mfa", "0")
+            .finish();
+        let (st, h, _) = plain(format!("{}/login?{q}", self.url)).await;
+        assert_eq!(st, StatusCode::SEE_OTHER, "login click");
+        h["location"].to_str().unwrap().to_owned()
+    }
+}
+
+/// A browser at one replica: a TLS connection and a cookie jar.
+struct Browser {
+    conn: TlsConn,
+    jar: std::collections::BTreeMap<String, String>,
+}
+
+impl Browser {
+    async fn open(c: &Cluster, i: usize, jar: std::collections::BTreeMap<String, String>) -> Self {
+        let addr = SocketAddr::from(([127, 0, 0, 1], c.r(i).proxy.port()));
+        Self {
+            conn: TlsConn::connect(addr, "localhost", &c.pki.ca_pem, None)
+                .await
+                .unwrap(),
+            jar,
+        }
+    }
+
+    async fn send(
+        &mut self,
+        method: &str,
+        path: &str,
+        extra: &[(&str, &str)],
+    ) -> (StatusCode, http::HeaderMap) {
+        let cookies = self
+            .jar
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join("; ");
+        let mut headers = extra.to_vec();
+        if !cookies.is_empty() {
+            headers.push(("cookie", &cookies));
+        }
+        let (st, h, _) = self.conn.send(method, path, &headers).await.unwrap();
+        for v in h.get_all("set-cookie") {
+            let v = v.to_str().unwrap();
+            let (pair, attrs) = v.split_once(';').unwrap_or((v, ""));
+            let (k, val) = pair.split_once('=').unwrap();
+            if attrs.contains("Max-Age=0") {
+                self.jar.remove(k);
+            } else {
+                self.jar.insert(k.to_owned(), val.to_owned());
+            }
+        }
+        (st, h)
+    }
+
+    async fn page(&mut self, path: &str) -> StatusCode {
+        self.send("GET", path, &[("accept", "text/html")]).await.0
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_browser_session_is_honoured_and_ended_at_every_replica() {
+    let mut c = Cluster::start_with(&[]).await;
+    let idp = DemoIdp::start().await;
+    std::fs::write(c.pki.path().join("client-secret"), "s3cret-for-tests").unwrap();
+    let extra = format!(
+        r#"
+[[issuers]]
+name = "idp"
+issuer = "{url}"
+audiences = ["https://api.test"]
+algorithms = ["ES256"]
+discovery_url = "{url}/.well-known/openid-configuration"
+min_refresh_interval_s = 0
+
+[browser]
+issuer = "idp"
+client_id = "{client}"
+client_secret_file = "client-secret"
+
+[[routes]]
+name = "web"
+path_prefix = "/web"
+upstream = "{app}"
+auth = "browser"
+"#,
+        url = idp.url,
+        client = portcullis::demo::oidc::DEMO_CLIENT_ID,
+        app = c.upstream.url()
+    );
+    for i in 0..3 {
+        let cfg = replica_config_with(&c, i, "full", &extra);
+        c.replicas.push(Some(ServeProcess::spawn(&cfg).await));
+    }
+
+    // Log in at replica 1 (index 0), through the IdP, as a browser does.
+    let mut b = Browser::open(&c, 0, Default::default()).await;
+    let (st, h) = b.send("GET", "/web/page", &[("accept", "text/html")]).await;
+    assert_eq!(st, StatusCode::FOUND, "no session: off to log in");
+    let authorize = h["location"].to_str().unwrap().to_owned();
+    assert!(authorize.starts_with(&idp.url), "{authorize}");
+    let back = idp.login(&authorize, "carol@partner.example").await;
+    let callback = format!(
+        "/.portcullis/{}",
+        back.split_once("/.portcullis/").unwrap().1
+    );
+    let (st, _) = b.send("GET", &callback, &[("accept", "text/html")]).await;
+    assert_eq!(st, StatusCode::SEE_OTHER, "callback");
+    let cookie = portcullis::session::cookie::SESSION_COOKIE;
+    assert!(b.jar.contains_key(cookie));
+    let before = c.upstream.count();
+    assert_eq!(b.page("/web/page").await, StatusCode::OK);
+    assert!(c.upstream.count() > before);
+
+    // The same cookie is honoured at replicas 2 and 3: the session came
+    // through the stream. The app sees the session's subject.
+    let jar = b.jar.clone();
+    for i in 1..3 {
+        let mut other = Browser::open(&c, i, jar.clone()).await;
+        let start = Instant::now();
+        while other.page("/web/x").await != StatusCode::OK {
+            assert!(start.elapsed() < DEADLINE, "r{i} to honour the session");
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        let seen = c.upstream.last();
+        assert_eq!(
+            seen.headers["x-portcullis-subject"].to_str().unwrap(),
+            "carol@partner.example",
+            "r{i}"
+        );
+    }
+
+    // Logged out at replica 2: refused at replicas 1 and 3 (a login
+    // redirect, and nothing reaches the app).
+    let mut at2 = Browser::open(&c, 1, jar.clone()).await;
+    let origin = format!("https://{}", at2.conn.host);
+    let (st, _) = at2
+        .send("POST", "/.portcullis/logout", &[("origin", &origin)])
+        .await;
+    assert_eq!(st, StatusCode::SEE_OTHER, "logout");
+    assert!(!at2.jar.contains_key(cookie));
+    for i in [0, 2] {
+        let mut old = Browser::open(&c, i, jar.clone()).await;
+        let start = Instant::now();
+        while old.page("/web/y").await != StatusCode::FOUND {
+            assert!(
+                start.elapsed() < DEADLINE,
+                "r{i} to refuse the ended session"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        let before = c.upstream.count();
+        assert_eq!(old.page("/web/z").await, StatusCode::FOUND, "r{i}");
+        assert_eq!(c.upstream.count(), before, "r{i}: nothing reached the app");
+    }
+    // Every replica holds no session record any more, and the bucket says so.
+    for i in 0..3 {
+        eventually(&format!("r{i} to drop the record"), || {
+            let n = c
+                .records(i)
+                .keys()
+                .filter(|k| k.starts_with("sessions/"))
+                .count();
+            async move { n == 0 }
+        })
+        .await;
+    }
+    let nc = async_nats::connect(c.nats.url()).await.unwrap();
+    let kv = async_nats::jetstream::new(nc)
+        .get_key_value("PORTCULLIS_EVENTS_RECORDS")
+        .await
+        .unwrap();
+    let hash = portcullis::session::cookie::id_hash(&jar[cookie]);
+    let key = portcullis::posture::cluster::records::session_key(&hash);
+    eventually("the bucket to hold the ended session", || async {
+        kv.get(&key)
+            .await
+            .unwrap()
+            .and_then(|v| serde_json::from_slice::<Value>(&v).ok())
+            .is_some_and(|v| v["record"].is_null() && v["pos"].as_u64() > Some(0))
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -843,11 +1344,14 @@ async fn bench_sidecar() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(1_000_000);
     let c = Cluster::start_with(&["full"]).await;
-    // Fill the records bucket with `n` devices, as full replicas write them.
+    // Fill the records bucket with `n` devices, as full replicas write them:
+    // publishes pipelined, at most 16k acknowledgements in flight.
     let nc = async_nats::connect(c.nats.url()).await.unwrap();
     let js = async_nats::jetstream::new(nc);
+    let nats_pid = c.nats.pid().unwrap();
+    let nats_rss0 = rss_kib(nats_pid);
     let start = Instant::now();
-    let mut acks = Vec::with_capacity(4096);
+    let mut acks = futures_util::stream::FuturesUnordered::new();
     for k in 0..n {
         let d = portcullis::posture::model::Device {
             id: format!("sc-{k:07}"),
@@ -863,19 +1367,22 @@ async fn bench_sidecar() {
             "$KV.PORTCULLIS_EVENTS_RECORDS.{}",
             portcullis::posture::cluster::records::device_key(&d.id)
         );
-        acks.push(js.publish(subj, v.into()).await.unwrap());
-        if acks.len() == 4096 {
-            for a in acks.drain(..) {
-                a.await.unwrap();
-            }
+        acks.push(std::future::IntoFuture::into_future(
+            js.publish(subj, v.into()).await.unwrap(),
+        ));
+        while acks.len() >= 16_384 {
+            acks.next().await.unwrap().unwrap();
         }
     }
-    for a in acks.drain(..) {
-        a.await.unwrap();
+    while let Some(a) = acks.next().await {
+        a.unwrap();
     }
+    let fill_s = start.elapsed().as_secs_f64();
     println!(
-        "loaded {n} device records into the bucket in {:.1} s",
-        start.elapsed().as_secs_f64()
+        "loaded {n} device records into the bucket in {fill_s:.1} s ({:.0}/s); nats-server RSS {} MiB before, {} MiB after",
+        n as f64 / fill_s,
+        nats_rss0 / 1024,
+        rss_kib(nats_pid) / 1024
     );
 
     let lazy_cfg = replica_config(&c, 9, "lazy");
@@ -902,12 +1409,64 @@ async fn bench_sidecar() {
     }
     let rss1 = sc.rss_kib();
     println!(
-        "sidecar with {n} devices in the bucket: RSS {} MiB at start, {} MiB after {touch} distinct devices; request with a cache miss p50 {:.0} µs p99 {:.0} µs, hit p50 {:.0} µs p99 {:.0} µs (miss - hit = one KV get)",
+        "sidecar with {n} devices in the bucket: RSS {} MiB at start, {} MiB after {touch} distinct devices; request with a cache miss p50 {:.0} µs p99 {:.0} µs, hit p50 {:.0} µs p99 {:.0} µs (miss - hit = one KV get); nats-server RSS {} MiB",
         rss0 / 1024,
         rss1 / 1024,
         pct(&mut miss, 0.5),
         pct(&mut miss, 0.99),
         pct(&mut hit, 0.5),
-        pct(&mut hit, 0.99)
+        pct(&mut hit, 0.99),
+        rss_kib(nats_pid) / 1024
     );
+    drop(sc);
+
+    // A new full replica over the same bucket: it loads every record (the
+    // marker says the bucket is complete at position 1) instead of
+    // replaying a stream.
+    if std::env::var("SIDECAR_BOOT").is_ok_and(|v| v == "1") {
+        let kv = js.get_key_value("PORTCULLIS_EVENTS_RECORDS").await.unwrap();
+        kv.put(
+            portcullis::posture::cluster::records::MARKER_KEY,
+            r#"{"pos":1}"#.into(),
+        )
+        .await
+        .unwrap();
+        let cfg = replica_config(&c, 8, "full");
+        let addr_file = cfg.with_extension("addrs.json");
+        let t = Instant::now();
+        let mut child = std::process::Command::new(binary())
+            .args(["serve", "--config"])
+            .arg(&cfg)
+            .arg("--addr-file")
+            .arg(&addr_file)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        while !addr_file.exists() {
+            assert!(child.try_wait().unwrap().is_none(), "full replica exited");
+            assert!(
+                t.elapsed() < Duration::from_secs(600),
+                "full replica did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let boot_s = t.elapsed().as_secs_f64();
+        println!(
+            "a new full replica over {n} records in the bucket: serving after {boot_s:.1} s (loaded from the bucket, committed to its SQLite store), RSS {} MiB",
+            rss_kib(child.id()) / 1024
+        );
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+/// Resident set size of a process, KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
 }

@@ -8,6 +8,10 @@
 //! window) and by the apply path (event id already in the log, stream
 //! sequence at or below the position).
 //!
+//! A new full replica (nothing applied yet) does not replay the whole
+//! stream: it loads the records bucket (see [`records`]) and consumes from
+//! the bucket's marker + 1.
+//!
 //! The DPoP replay cache is shared through a KV bucket whose entries age out
 //! with the proof window: `create` fails when another replica has already
 //! spent the `(jkt, jti)`.
@@ -42,6 +46,10 @@ const MAX_STREAM_BATCH: usize = 1024;
 const HEALTH_TICK: Duration = Duration::from_millis(200);
 /// Longest wait between two attempts to re-create the consumer.
 const MAX_RETRY: Duration = Duration::from_secs(2);
+/// Most records merged into one round of bucket writes.
+const RECORDS_MERGE: usize = 65_536;
+/// Bucket writes in flight at once from one replica.
+const RECORDS_CONCURRENCY: usize = 64;
 /// The key of the format marker in the meta bucket.
 const FORMAT_KEY: &str = "format";
 
@@ -144,6 +152,13 @@ pub struct Cluster {
     records_tx: Option<tokio::sync::mpsc::Sender<RecordsUpdate>>,
     /// Lazy replicas: which devices are held.
     lazy: Option<Arc<LazyDevices>>,
+    /// Full replicas: the stream position this replica started at; it wrote
+    /// every record changed after it, so it may move the bucket's marker
+    /// from there on.
+    records_from: u64,
+    /// Set once a records write was dropped or failed: this replica no
+    /// longer vouches for the marker.
+    records_gap: AtomicBool,
     snapshot: Arc<Snapshot>,
     /// When this replica last knew it was connected and consuming (ms).
     last_sync_ms: AtomicU64,
@@ -218,6 +233,9 @@ impl Cluster {
             let (tx, rx) = tokio::sync::mpsc::channel(records::QUEUE);
             (Some(tx), Some(rx))
         };
+        if !lazy && posture.stream_position() == 0 && posture.snapshot().version() == 0 {
+            bootstrap(&js, &records, cfg, posture).await?;
+        }
         let snapshot = posture.snapshot().clone();
         let me = Arc::new(Self {
             client,
@@ -227,6 +245,8 @@ impl Cluster {
             records,
             records_tx,
             lazy: lazy.then(|| Arc::new(LazyDevices::new(cfg.cache_capacity, snapshot.clone()))),
+            records_from: posture.stream_position(),
+            records_gap: AtomicBool::new(false),
             snapshot,
             last_sync_ms: AtomicU64::new(crate::util::now_unix_ms()),
             consuming: AtomicBool::new(false),
@@ -255,12 +275,13 @@ impl Cluster {
     }
 
     /// Queues the records a committed batch changed for the records bucket
-    /// (never blocks the writer: a full queue drops and counts).
+    /// (never blocks the writer: a full queue drops and counts, and this
+    /// replica stops moving the bucket's marker).
     pub fn records_changed(&self, update: RecordsUpdate) {
         if let Some(tx) = &self.records_tx
-            && !update.items.is_empty()
             && tx.try_send(update).is_err()
         {
+            self.records_gap.store(true, Ordering::Release);
             self.metrics
                 .cluster_bad_messages
                 .get_or_create(&ReasonLabel {
@@ -458,16 +479,60 @@ async fn check_format(meta: &kv::Store, stream: &str) -> Result<(), ClusterError
     Ok(())
 }
 
-/// Writes applied records to the records bucket, in order, off the apply path.
+/// Writes applied records to the records bucket, off the apply path: the
+/// updates waiting are merged (the latest state of each record wins), the
+/// merged records written concurrently, then the marker moved to the last
+/// merged position (every record changed up to it is now in the bucket).
 async fn publish_records(
     me: std::sync::Weak<Cluster>,
     mut rx: tokio::sync::mpsc::Receiver<RecordsUpdate>,
 ) {
-    while let Some(u) = rx.recv().await {
+    let mut behind_logged = false;
+    while let Some(first) = rx.recv().await {
         let Some(c) = me.upgrade() else { return };
-        for (key, value) in u.items {
-            if let Err(e) = records::cas_put(&c.records, &key, u.pos, value).await {
-                tracing::warn!(error = %e, "records bucket write failed; another replica writes it too");
+        let mut pos = first.pos;
+        let mut merged: std::collections::HashMap<String, (u64, Bytes)> =
+            std::collections::HashMap::new();
+        let mut next = Some(first);
+        while let Some(u) = next.take() {
+            pos = u.pos;
+            for (key, value) in u.items {
+                merged.insert(key, (u.pos, value));
+            }
+            if merged.len() < RECORDS_MERGE {
+                next = rx.try_recv().ok();
+            }
+        }
+        let failed = futures_util::stream::iter(merged)
+            .map(|(key, (p, value))| {
+                let kv = &c.records;
+                async move { records::cas_put(kv, &key, p, value).await }
+            })
+            .buffer_unordered(RECORDS_CONCURRENCY)
+            .filter_map(|r| async move { r.err() })
+            .collect::<Vec<_>>()
+            .await;
+        if let Some(e) = failed.first() {
+            c.records_gap.store(true, Ordering::Release);
+            tracing::warn!(error = %e, failed = failed.len(), "records bucket writes failed; this replica no longer moves the marker");
+        }
+        if c.records_gap.load(Ordering::Acquire) {
+            continue;
+        }
+        match records::advance_marker(&c.records, c.records_from, pos).await {
+            Ok(()) => {}
+            Err(records::MarkerError::Behind(m)) => {
+                if !behind_logged {
+                    behind_logged = true;
+                    tracing::warn!(
+                        marker = m,
+                        started_at = c.records_from,
+                        "the records bucket's marker is behind this replica's start; another replica moves it"
+                    );
+                }
+            }
+            Err(records::MarkerError::Nats(e)) => {
+                tracing::warn!(error = %e, "records marker not moved");
             }
         }
     }
@@ -484,6 +549,7 @@ async fn follow(me: std::sync::Weak<Cluster>) {
             r = records::follow(&c.records, snap, "sub.>") => r,
             r = records::follow(&c.records, snap, "rev.>") => r,
             r = records::follow(&c.records, snap, "grp.>") => r,
+            r = records::follow(&c.records, snap, "ses.>") => r,
             r = async {
                 match &c.lazy {
                     Some(l) => records::follow_devices(&c.records, snap, l).await,
@@ -498,6 +564,81 @@ async fn follow(me: std::sync::Weak<Cluster>) {
         drop(c);
         tokio::time::sleep(MAX_RETRY).await;
     }
+}
+
+/// Starts an empty full replica from the records bucket: reads the marker,
+/// then every record (the latest value of each key), and commits them with
+/// the marker as its position, so the consumer goes on from the marker + 1.
+/// Without a marker the replica replays the stream from the start.
+async fn bootstrap(
+    js: &jetstream::Context,
+    bucket: &kv::Store,
+    cfg: &NatsConfig,
+    posture: &Posture,
+) -> Result<(), ClusterError> {
+    let started = Instant::now();
+    // INVARIANT: the marker is read before the records, so every record
+    // changed at or below it is seen at that label or a later one.
+    let marker = records::read_marker(bucket)
+        .await
+        .map_err(|e| nats_err("records marker", e))?;
+    if marker == 0 {
+        return Ok(());
+    }
+    let mut stream = js
+        .get_stream(&cfg.stream)
+        .await
+        .map_err(|e| nats_err("stream", e))?;
+    let first = stream
+        .info()
+        .await
+        .map_err(|e| nats_err("stream", e))?
+        .state
+        .first_sequence;
+    if first > marker + 1 {
+        return Err(ClusterError::Nats(format!(
+            "the records bucket is complete up to stream sequence {marker}, but stream `{}` starts at {first}: messages in between are gone, so this replica cannot build the picture",
+            cfg.stream
+        )));
+    }
+    let mut picture = records::Picture {
+        pos: marker,
+        ..Default::default()
+    };
+    let mut watch = bucket
+        .watch_with_history(">")
+        .await
+        .map_err(|e| nats_err("records bucket", e))?;
+    let wait = Duration::from_millis(cfg.ack_timeout_ms.max(1000));
+    loop {
+        let e = match tokio::time::timeout(wait, watch.next()).await {
+            Ok(Some(Ok(e))) => e,
+            Ok(Some(Err(e))) => return Err(nats_err("records bucket", e)),
+            Ok(None) => break,
+            Err(_) => return Err(ClusterError::Nats("records bucket: read timed out".into())),
+        };
+        if e.operation == kv::Operation::Put {
+            picture.add(&e.key, &e.value);
+        }
+        if e.delta == 0 {
+            break;
+        }
+    }
+    let (n, floors, bad) = (picture.len(), picture.floors.len(), picture.bad);
+    posture
+        .bootstrap(picture)
+        .await
+        .map_err(|e| nats_err("records bucket", e))?;
+    tracing::info!(
+        replica = %cfg.replica,
+        position = marker,
+        records = n,
+        floors,
+        skipped = bad,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "started from the records bucket; the stream is consumed from the position + 1"
+    );
+    Ok(())
 }
 
 /// Samples the connection: the snapshot is as fresh as the last moment the

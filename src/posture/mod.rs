@@ -61,6 +61,25 @@ pub enum IngestError {
 /// stream sequence applied), committed with the records it produced.
 pub const STREAM_POSITION_KEY: &str = "nats.stream_seq";
 
+/// The meta key of a replica's start from the records bucket
+/// ([`BootstrapMeta`]), committed with the loaded records.
+pub const BOOTSTRAP_KEY: &str = "nats.bootstrap";
+
+/// What a start from the records bucket leaves behind, so a restart keeps
+/// local sequence numbers above the loaded records' and keeps skipping what
+/// the loaded records already hold.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct BootstrapMeta {
+    /// The stream position the records were loaded at (the marker).
+    pub pos: u64,
+    /// The local sequence number the loaded records carry.
+    pub seq: u64,
+    /// Floors still in force (KV key → stream position); emptied once the
+    /// position passes the highest.
+    #[serde(default)]
+    pub floors: HashMap<String, u64>,
+}
+
 /// One message of the cluster stream, as the consumer hands it to the writer.
 #[derive(Debug, Clone)]
 pub struct StreamItem {
@@ -94,6 +113,10 @@ enum Job {
     },
     Stream {
         items: Vec<StreamItem>,
+        reply: oneshot::Sender<Result<(), IngestError>>,
+    },
+    Bootstrap {
+        picture: Box<cluster::records::Picture>,
         reply: oneshot::Sender<Result<(), IngestError>>,
     },
 }
@@ -207,6 +230,17 @@ impl Posture {
                 snapshot.put_session(&id, Some(Arc::new(s)));
             }
         })?;
+        let boot: BootstrapMeta = store
+            .get_meta(BOOTSTRAP_KEY)?
+            .map(|v| {
+                serde_json::from_str(&v)
+                    .map_err(|_| StoreError::Corrupt(format!("{BOOTSTRAP_KEY}: `{v}`")))
+            })
+            .transpose()?
+            .unwrap_or_default();
+        // Loaded records carry the bootstrap's sequence number; the log may
+        // not have reached it yet.
+        let last_seq = last_seq.max(boot.seq);
         snapshot.set_version(last_seq);
         let stream_pos = store
             .get_meta(STREAM_POSITION_KEY)?
@@ -244,6 +278,8 @@ impl Posture {
             snapshot,
             next_seq: last_seq + 1,
             stream_pos,
+            floors_until: boot.floors.values().copied().max().unwrap_or(0),
+            boot,
             posture: Arc::downgrade(&me),
         };
         std::thread::Builder::new()
@@ -410,6 +446,21 @@ impl Posture {
         let (reply, rx) = oneshot::channel();
         self.jobs
             .send(Job::Stream { items, reply })
+            .await
+            .map_err(|_| IngestError::Closed)?;
+        rx.await.map_err(|_| IngestError::Closed)?
+    }
+
+    /// Starts an empty replica from the records bucket: commits the
+    /// picture's records and its position in one transaction (refused unless
+    /// this replica has applied nothing yet).
+    pub async fn bootstrap(&self, picture: cluster::records::Picture) -> Result<(), IngestError> {
+        let (reply, rx) = oneshot::channel();
+        self.jobs
+            .send(Job::Bootstrap {
+                picture: Box::new(picture),
+                reply,
+            })
             .await
             .map_err(|_| IngestError::Closed)?;
         rx.await.map_err(|_| IngestError::Closed)?
@@ -596,6 +647,10 @@ struct Writer {
     next_seq: u64,
     /// The last cluster stream sequence committed (0 without a cluster).
     stream_pos: u64,
+    /// The start from the records bucket, if any (with its floors).
+    boot: BootstrapMeta,
+    /// The highest floor (0: none in force).
+    floors_until: u64,
     posture: std::sync::Weak<Posture>,
 }
 
@@ -673,6 +728,12 @@ impl Writer {
                     Job::SetMeta { key, value, reply } => {
                         let _ = reply.send(self.store.set_meta(&key, &value));
                     }
+                    Job::Bootstrap { picture, reply } => {
+                        if !applies.is_empty() {
+                            self.apply(std::mem::take(&mut applies));
+                        }
+                        let _ = reply.send(self.bootstrap(*picture));
+                    }
                 }
                 if n_events < MAX_BATCH_EVENTS {
                     next = rx.try_recv().ok();
@@ -681,6 +742,97 @@ impl Writer {
             if !applies.is_empty() {
                 self.apply(applies);
             }
+        }
+    }
+
+    fn bootstrap(&mut self, mut p: cluster::records::Picture) -> Result<(), IngestError> {
+        if self.stream_pos != 0 || self.next_seq != 1 {
+            return Err(IngestError::Store(StoreError::Db(
+                "this replica already holds state; it does not start from the records bucket"
+                    .into(),
+            )));
+        }
+        // One local sequence number for the whole picture: later changes
+        // get higher ones, so versions stay monotonic per record.
+        let seq = self.next_seq;
+        for d in &mut p.devices {
+            d.version = seq;
+        }
+        for i in &mut p.identities {
+            i.version = seq;
+        }
+        for r in &mut p.revocations {
+            r.version = seq;
+        }
+        for g in &mut p.groups {
+            g.version = seq;
+        }
+        let meta = BootstrapMeta {
+            pos: p.pos,
+            seq,
+            floors: std::mem::take(&mut p.floors),
+        };
+        let encoded = serde_json::to_string(&meta)
+            .map_err(|e| IngestError::Store(StoreError::Db(e.to_string())))?;
+        let batch = CommitBatch {
+            events: Vec::new(),
+            devices: p.devices,
+            identities: p.identities,
+            revocations: p.revocations,
+            groups: p
+                .groups
+                .into_iter()
+                .map(|g| (g.id.clone(), Some(g)))
+                .collect(),
+            sessions: p
+                .sessions
+                .into_iter()
+                .map(|s| (s.id_hash.clone(), Some(s)))
+                .collect(),
+            meta: vec![
+                (STREAM_POSITION_KEY.to_owned(), p.pos.to_string()),
+                (BOOTSTRAP_KEY.to_owned(), encoded),
+            ],
+        };
+        self.store.commit(&batch)?;
+        self.snapshot
+            .reserve(batch.devices.len() as u64, batch.identities.len() as u64);
+        for d in batch.devices {
+            self.snapshot.put_device(Arc::new(d));
+        }
+        for i in batch.identities {
+            self.snapshot.put_identity(Arc::new(i));
+        }
+        for r in batch.revocations {
+            self.snapshot.put_revocation(Arc::new(r));
+        }
+        for (id, g) in batch.groups {
+            self.snapshot.put_group(&id, g.map(Arc::new));
+        }
+        for (id, s) in batch.sessions {
+            self.snapshot.put_session(&id, s.map(Arc::new));
+        }
+        self.next_seq = seq + 1;
+        self.snapshot.set_version(seq);
+        self.stream_pos = meta.pos;
+        self.floors_until = meta.floors.values().copied().max().unwrap_or(0);
+        self.boot = meta;
+        if let Some(p) = self.posture.upgrade() {
+            p.stream_applied.send_replace(self.stream_pos);
+        }
+        Ok(())
+    }
+
+    /// True when the record a change touches already holds stream message
+    /// `seq` (loaded from the records bucket at a later label).
+    fn below_floor(&self, seq: Option<u64>, change: &Change) -> bool {
+        match seq {
+            Some(s) if s <= self.floors_until => self
+                .boot
+                .floors
+                .get(&cluster::records::change_key(change))
+                .is_some_and(|f| s <= *f),
+            _ => false,
         }
     }
 
@@ -757,6 +909,11 @@ impl Writer {
                     }
                 };
                 for change in &ev.changes {
+                    if self.below_floor(job.stream_seq, change) {
+                        // Already in the record loaded from the bucket.
+                        applied = true;
+                        continue;
+                    }
                     match change {
                         Change::Device { id, patch } => {
                             let cur = devices
@@ -920,6 +1077,17 @@ impl Writer {
                 .meta
                 .push((STREAM_POSITION_KEY.to_owned(), stream_pos.to_string()));
         }
+        let floors_done = self.floors_until > 0 && stream_pos >= self.floors_until;
+        if floors_done {
+            let done = BootstrapMeta {
+                pos: self.boot.pos,
+                seq: self.boot.seq,
+                floors: HashMap::new(),
+            };
+            if let Ok(v) = serde_json::to_string(&done) {
+                batch.meta.push((BOOTSTRAP_KEY.to_owned(), v));
+            }
+        }
         if failed.is_none() && (!batch.events.is_empty() || !batch.meta.is_empty()) {
             batch.devices = devices.values().cloned().collect();
             batch.identities = identities.values().cloned().collect();
@@ -963,6 +1131,7 @@ impl Writer {
                 identities.values(),
                 revocations.values(),
                 groups.iter().map(|(k, v)| (k, v.as_ref())),
+                sessions.iter().map(|(k, v)| (k, v.as_ref())),
             ));
         }
         // Publish: pending control windows first, then records,
@@ -999,6 +1168,10 @@ impl Writer {
         }
         let moved = stream_pos != self.stream_pos;
         self.stream_pos = stream_pos;
+        if floors_done {
+            self.floors_until = 0;
+            self.boot.floors.clear();
+        }
         if let Some(p) = &posture
             && moved
         {

@@ -5,7 +5,17 @@
 //! replaces a record labelled with a later position (compare-and-set on the
 //! KV revision), so replicas that apply at different speeds converge on the
 //! newest state. Lazy replicas read devices on demand and follow every other
-//! record (identities, revocations, groups) with KV watchers.
+//! record (identities, revocations, groups, browser sessions) with KV
+//! watchers.
+//!
+//! The key `meta.pos` ([`MARKER_KEY`]) says how far the bucket is complete:
+//! every record changed at a stream position at or below it is in the bucket,
+//! at that label or a later one. A full replica that starts with an empty
+//! local store loads the bucket ([`Picture`]) and consumes the stream from
+//! the marker + 1 instead of replaying the whole stream; records the bucket
+//! already holds at a later label than the marker become *floors*: a stream
+//! message at or below a record's floor is already in that record and is not
+//! applied to it again.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,8 +26,15 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 
+use std::collections::HashMap;
+
 use crate::posture::Snapshot;
+use crate::posture::event::Change;
 use crate::posture::model::{Device, Group, Identity, Revocation, RevocationTarget};
+use crate::posture::session::SessionRecord;
+
+/// The key of the completeness marker (`{"pos": <stream position>}`).
+pub const MARKER_KEY: &str = "meta.pos";
 
 /// Most record batches waiting to be written before new ones are dropped
 /// (and counted); another full replica writes the same records.
@@ -60,6 +77,28 @@ pub fn revocation_key(target: RevocationTarget, key: &str) -> String {
 pub fn group_key(id: &str) -> String {
     format!("grp.{}", b64(id))
 }
+/// KV key of a browser session (by the hash of its id).
+pub fn session_key(id_hash: &str) -> String {
+    format!("ses.{}", b64(id_hash))
+}
+
+/// The KV key of the record a change touches (the key of its floor).
+pub fn change_key(c: &Change) -> String {
+    match c {
+        Change::Device { id, .. } => device_key(id),
+        Change::Identity { subject, .. } => identity_key(subject),
+        Change::Group { id, .. } => group_key(id),
+        Change::Session { id_hash, .. } => session_key(id_hash),
+        Change::Revoke { target, key } => revocation_key(*target, key),
+    }
+}
+
+fn unb64(s: &str) -> Option<String> {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(s)
+        .ok()
+        .and_then(|raw| String::from_utf8(raw).ok())
+}
 
 /// The records one committed batch changed, encoded for the bucket.
 #[derive(Debug, Default)]
@@ -84,6 +123,7 @@ impl RecordsUpdate {
         identities: impl Iterator<Item = &'a Identity>,
         revocations: impl Iterator<Item = &'a Revocation>,
         groups: impl Iterator<Item = (&'a String, Option<&'a Group>)>,
+        sessions: impl Iterator<Item = (&'a String, Option<&'a SessionRecord>)>,
     ) -> Self {
         let mut items = Vec::new();
         items.extend(devices.filter_map(|d| Some((device_key(&d.id), enc(pos, Some(d))?))));
@@ -95,6 +135,7 @@ impl RecordsUpdate {
                 .filter_map(|r| Some((revocation_key(r.target, &r.key), enc(pos, Some(r))?))),
         );
         items.extend(groups.filter_map(|(id, g)| Some((group_key(id), enc(pos, g)?))));
+        items.extend(sessions.filter_map(|(id, s)| Some((session_key(id), enc(pos, s)?))));
         Self { pos, items }
     }
 }
@@ -145,11 +186,174 @@ pub fn apply_watched(snapshot: &Snapshot, key: &str, value: &[u8]) {
         }
     } else if let Some(enc_id) = key.strip_prefix("grp.")
         && let Ok(s) = serde_json::from_slice::<Stored<Group>>(value)
-        && let Ok(raw) = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(enc_id)
-        && let Ok(id) = String::from_utf8(raw)
+        && let Some(id) = unb64(enc_id)
     {
         snapshot.put_group(&id, s.record.map(Arc::new));
+    } else if let Some(enc_id) = key.strip_prefix("ses.")
+        && let Ok(s) = serde_json::from_slice::<Stored<SessionRecord>>(value)
+        && let Some(id) = unb64(enc_id)
+    {
+        snapshot.put_session(&id, s.record.map(Arc::new));
     }
+}
+
+/// The bucket's picture, loaded by a new full replica: the records, the
+/// marker position it starts from, and the floors of records labelled later.
+#[derive(Debug, Default)]
+pub struct Picture {
+    /// The marker: the stream position the replica continues after.
+    pub pos: u64,
+    /// Devices.
+    pub devices: Vec<Device>,
+    /// Identities.
+    pub identities: Vec<Identity>,
+    /// Revocations.
+    pub revocations: Vec<Revocation>,
+    /// Groups (deleted ones are only floors).
+    pub groups: Vec<Group>,
+    /// Browser sessions (ended ones are only floors).
+    pub sessions: Vec<SessionRecord>,
+    /// KV key → label, for records labelled after `pos`.
+    pub floors: HashMap<String, u64>,
+    /// Entries that did not decode (counted, skipped).
+    pub bad: u64,
+}
+
+impl Picture {
+    /// The highest floor (the stream position up to which floors matter).
+    pub fn floors_until(&self) -> u64 {
+        self.floors.values().copied().max().unwrap_or(0)
+    }
+
+    /// Records held.
+    pub fn len(&self) -> usize {
+        self.devices.len()
+            + self.identities.len()
+            + self.revocations.len()
+            + self.groups.len()
+            + self.sessions.len()
+    }
+
+    /// True when no record is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Adds one bucket entry (the marker and unknown keys are ignored).
+    pub fn add(&mut self, key: &str, value: &[u8]) {
+        fn take<T: serde::de::DeserializeOwned>(
+            pic: &mut Picture,
+            key: &str,
+            value: &[u8],
+        ) -> Option<T> {
+            match serde_json::from_slice::<Stored<T>>(value) {
+                Ok(s) => {
+                    if s.pos > pic.pos {
+                        pic.floors.insert(key.to_owned(), s.pos);
+                    }
+                    s.record
+                }
+                Err(_) => {
+                    pic.bad += 1;
+                    None
+                }
+            }
+        }
+        let Some((kind, rest)) = key.split_once('.') else {
+            return;
+        };
+        match kind {
+            "dev" => {
+                if let Some(d) = take::<Device>(self, key, value) {
+                    self.devices.push(d);
+                }
+            }
+            "sub" => {
+                if let Some(i) = take::<Identity>(self, key, value) {
+                    self.identities.push(i);
+                }
+            }
+            "rev" => {
+                if let Some(r) = take::<Revocation>(self, key, value) {
+                    self.revocations.push(r);
+                }
+            }
+            "grp" => {
+                let g = take::<Group>(self, key, value);
+                if let (Some(mut g), Some(id)) = (g, unb64(rest)) {
+                    g.id = id;
+                    self.groups.push(g);
+                }
+            }
+            "ses" => {
+                if let Some(s) = take::<SessionRecord>(self, key, value) {
+                    self.sessions.push(s);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Reads the marker (0: none yet).
+pub async fn read_marker(kv: &kv::Store) -> Result<u64, String> {
+    Ok(kv
+        .get(MARKER_KEY)
+        .await
+        .map_err(|e| e.to_string())?
+        .and_then(|v| serde_json::from_slice::<PosOnly>(&v).ok())
+        .map_or(0, |p| p.pos))
+}
+
+/// Why the marker was not moved.
+#[derive(Debug)]
+pub enum MarkerError {
+    /// The marker is below `from`: changes between them may be missing
+    /// from the bucket, and this replica cannot vouch for them.
+    Behind(u64),
+    /// NATS failed.
+    Nats(String),
+}
+
+/// Moves the marker to `pos` when it is at or above `from` (this replica
+/// wrote every record changed after `from`), never backwards.
+pub async fn advance_marker(kv: &kv::Store, from: u64, pos: u64) -> Result<(), MarkerError> {
+    let value = Bytes::from(format!("{{\"pos\":{pos}}}"));
+    for _ in 0..CAS_ATTEMPTS {
+        let cur = kv
+            .entry(MARKER_KEY)
+            .await
+            .map_err(|e| MarkerError::Nats(e.to_string()))?;
+        match cur {
+            Some(e) if e.operation == kv::Operation::Put => {
+                let m = serde_json::from_slice::<PosOnly>(&e.value).map_or(0, |p| p.pos);
+                if m >= pos {
+                    return Ok(());
+                }
+                if m < from {
+                    return Err(MarkerError::Behind(m));
+                }
+                if kv
+                    .update(MARKER_KEY, value.clone(), e.revision)
+                    .await
+                    .is_ok()
+                {
+                    return Ok(());
+                }
+            }
+            _ => {
+                if from > 0 {
+                    return Err(MarkerError::Behind(0));
+                }
+                match kv.create(MARKER_KEY, value.clone()).await {
+                    Ok(_) => return Ok(()),
+                    Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
+                    Err(e) => return Err(MarkerError::Nats(e.to_string())),
+                }
+            }
+        }
+    }
+    Err(MarkerError::Nats("too many concurrent writers".into()))
 }
 
 /// Follows every identity, revocation and group (history first, then
@@ -260,20 +464,51 @@ pub async fn follow_devices(
     let mut w = kv.watch("dev.>").await.map_err(|e| e.to_string())?;
     while let Some(e) = w.next().await {
         let e = e.map_err(|e| e.to_string())?;
-        let Some(id) = e
-            .key
-            .strip_prefix("dev.")
-            .and_then(|k| {
-                base64::engine::general_purpose::URL_SAFE_NO_PAD
-                    .decode(k)
-                    .ok()
-            })
-            .and_then(|raw| String::from_utf8(raw).ok())
-        else {
+        let Some(id) = e.key.strip_prefix("dev.").and_then(unb64) else {
             continue;
         };
         let value = (e.operation == kv::Operation::Put).then_some(&e.value[..]);
         lazy.offer(snapshot, &id, value, true);
     }
     Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn stored<T: Serialize>(pos: u64, record: Option<&T>) -> Vec<u8> {
+        serde_json::to_vec(&Stored { pos, record }).unwrap()
+    }
+
+    #[test]
+    fn a_picture_keeps_records_and_floors_only_past_its_marker() {
+        let mut p = Picture {
+            pos: 10,
+            ..Default::default()
+        };
+        let d = Device {
+            id: "d1".into(),
+            ..Default::default()
+        };
+        p.add(&device_key("d1"), &stored(7, Some(&d)));
+        p.add(&device_key("d2"), &stored(12, Some(&d)));
+        // An ended session later than the marker: no record, but a floor.
+        p.add(&session_key("abc"), &stored::<SessionRecord>(15, None));
+        p.add(MARKER_KEY, br#"{"pos":10}"#);
+        p.add(&group_key("g"), b"not json");
+        assert_eq!(p.devices.len(), 2);
+        assert!(p.sessions.is_empty());
+        assert_eq!(p.bad, 1);
+        assert_eq!(p.floors.get(&device_key("d2")), Some(&12));
+        assert_eq!(p.floors.get(&session_key("abc")), Some(&15));
+        assert!(!p.floors.contains_key(&device_key("d1")));
+        assert_eq!(p.floors_until(), 15);
+        let ended = Change::Session {
+            id_hash: "abc".into(),
+            record: None,
+        };
+        assert_eq!(change_key(&ended), session_key("abc"));
+    }
 }
