@@ -818,6 +818,21 @@ impl Writer {
                             sessions.insert(id_hash.clone(), record.as_deref().cloned());
                             applied = true;
                         }
+                        Change::SessionDbsc { id_hash, dbsc } => {
+                            // Applied to the record as it stands now (this
+                            // batch first), never to a copy a writer read earlier.
+                            let current = match sessions.get(id_hash) {
+                                Some(r) => r.clone(),
+                                None => self.snapshot.session(id_hash).map(|r| (*r).clone()),
+                            };
+                            let Some(current) = current else {
+                                // The session ended first: nothing to bind.
+                                continue;
+                            };
+                            sessions
+                                .insert(id_hash.clone(), Some(current.with_dbsc((**dbsc).clone())));
+                            applied = true;
+                        }
                         Change::Revoke { target, key } => {
                             // Credentials issued up to acceptance are revoked; a
                             // late (out-of-order) revocation only reaches back to
@@ -974,10 +989,20 @@ impl Writer {
                 p.pending.insert(k, pend);
             }
         }
-        let changed = posture.as_ref().and_then(|p| {
+        let mut changed = posture.as_ref().and_then(|p| {
             p.notify
                 .collect(devices.keys(), identities.keys(), revocations.keys())
         });
+        // An ended browser session is named by its principal's `jti`, so
+        // live connections riding on it are decided again (and cut) at once.
+        if let Some(c) = changed.as_mut() {
+            c.sessions.extend(
+                sessions
+                    .iter()
+                    .filter(|(_, r)| r.is_none())
+                    .map(|(h, _)| session::principal_jti(h)),
+            );
+        }
         for (_, d) in devices {
             self.snapshot.put_device(Arc::new(d));
         }
