@@ -771,3 +771,184 @@ async fn a_bound_session_survives_a_restart_with_its_key() {
     assert_eq!(assertion_claims(&seen)["binding"], "dbsc");
     assert_eq!(assertion_claims(&seen)["sub"], "alice@example.com");
 }
+
+/// A child process killed (by its own handle) when the test ends.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Reads the next JSON line of the script, bounded by `DEADLINE`.
+async fn next_json(
+    lines: &Arc<std::sync::Mutex<std::io::Lines<std::io::BufReader<std::process::ChildStdout>>>>,
+    stderr: &std::path::Path,
+) -> serde_json::Value {
+    let l = lines.clone();
+    let line = tokio::time::timeout(
+        DEADLINE * 2,
+        tokio::task::spawn_blocking(move || l.lock().unwrap().next()),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        panic!(
+            "dbsc.mjs said nothing in time; stderr: {}",
+            std::fs::read_to_string(stderr).unwrap_or_default()
+        )
+    })
+    .unwrap();
+    let line = line.and_then(Result::ok).unwrap_or_else(|| {
+        panic!(
+            "dbsc.mjs ended early; stderr: {}",
+            std::fs::read_to_string(stderr).unwrap_or_default()
+        )
+    });
+    serde_json::from_str(&line).unwrap_or_else(|_| panic!("not JSON: {line}"))
+}
+
+/// Headless Debian Chromium with software DBSC keys: it registers on the
+/// login's offer, and after a posture change the proxy's forced re-proof
+/// makes it refresh with a proof the proxy verifies. The test CA is trusted
+/// through a throw-away NSS db in a temporary HOME (Chromium registers only
+/// over https it trusts).
+#[tokio::test]
+async fn headless_chromium_registers_and_refreshes_its_session() {
+    use std::io::{BufRead, Write};
+    use std::process::{Command, Stdio};
+
+    let js = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/js");
+    assert!(
+        js.join("node_modules/puppeteer-core").is_dir(),
+        "tests/js/node_modules is missing: run scripts/test.sh (it runs `npm ci` in tests/js)"
+    );
+    let e = env().await;
+    let server = portcullis::server::start(e.cfg.clone()).await.unwrap();
+    let posture = server.shared.posture.clone();
+
+    // A throw-away NSS db that trusts the test CA.
+    let home = tempfile::tempdir().unwrap();
+    let nssdb = home.path().join(".pki/nssdb");
+    std::fs::create_dir_all(&nssdb).unwrap();
+    let db = format!("sql:{}", nssdb.display());
+    let ok = Command::new("certutil")
+        .args(["-N", "-d", &db, "--empty-password"])
+        .status()
+        .unwrap();
+    assert!(ok.success(), "certutil -N");
+    let ok = Command::new("certutil")
+        .args([
+            "-A",
+            "-d",
+            &db,
+            "-t",
+            "C,,",
+            "-n",
+            "portcullis-test-ca",
+            "-i",
+        ])
+        .arg(e.pki.path().join("ca.pem"))
+        .status()
+        .unwrap();
+    assert!(ok.success(), "certutil -A");
+
+    let app_url = format!("https://127.0.0.1:{}/app/", server.proxy_addr.port());
+    let plan = home.path().join("plan.json");
+    std::fs::write(
+        &plan,
+        json!({
+            "app_url": app_url,
+            "chromium": "/usr/bin/chromium",
+            "home": home.path(),
+            "timeout_ms": 20_000,
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let stderr = home.path().join("dbsc.stderr");
+    let mut child = Child(
+        Command::new("node")
+            .arg(js.join("dbsc.mjs"))
+            .arg(&plan)
+            .current_dir(&js)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let lines = Arc::new(std::sync::Mutex::new(
+        std::io::BufReader::new(child.0.stdout.take().unwrap()).lines(),
+    ));
+
+    // 1. Login and registration.
+    let out = next_json(&lines, &stderr).await;
+    assert_eq!(out["phase"], "registered", "{out:#}");
+    let sub = out["sub"].as_str().unwrap().to_owned();
+    let sessions = posture.snapshot().sessions_where(|s| s.subject == sub);
+    let [session] = sessions.as_slice() else {
+        panic!("one session for {sub}: {sessions:?}")
+    };
+    let stored = session.dbsc.clone().expect("Chromium registered a key");
+    assert_eq!(session.binding.as_str(), "dbsc");
+    assert!(
+        matches!(stored["alg"].as_str(), Some("ES256" | "RS256")),
+        "{stored}"
+    );
+    let created = out["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e.get("creationEventDetails").is_some())
+        .cloned()
+        .unwrap();
+    assert_eq!(created["succeeded"], true, "{created:#}");
+
+    // 2. A posture change of the subject: the proxy demands a fresh proof,
+    // Chromium refreshes with its key, the page loads.
+    posture
+        .ingest(vec![person("chromium-1", &sub, &["changed"])])
+        .await
+        .unwrap();
+    let count = e.app.count();
+    writeln!(child.0.stdin.as_mut().unwrap(), "go").unwrap();
+    let out = next_json(&lines, &stderr).await;
+    assert_eq!(out["phase"], "done", "{out:#}");
+    assert_eq!(out["status"], 200, "{out:#}");
+    let refreshed = out["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e.get("refreshEventDetails").is_some())
+        .next_back()
+        .cloned()
+        .unwrap();
+    assert_eq!(refreshed["succeeded"], true, "{refreshed:#}");
+    // The proxy verified a proof by the registered key (in memory), and the
+    // app got the page once, bound.
+    let rt = server.shared.proxy.runtime.load();
+    let live = rt.browser.as_ref().unwrap().live(&session.id_hash).unwrap();
+    assert!(
+        live.last_proof.load(std::sync::atomic::Ordering::Relaxed) > 0,
+        "a refresh proof verified"
+    );
+    // (Chromium also asks for /favicon.ico; that is bound too.)
+    let pages: Vec<common::Seen> = e.app.seen.lock().unwrap()[count..]
+        .iter()
+        .filter(|s| s.path == "/app/")
+        .cloned()
+        .collect();
+    assert_eq!(
+        pages.len(),
+        1,
+        "the page reached the app once, after the refresh"
+    );
+    assert_eq!(assertion_claims(&pages[0])["binding"], "dbsc");
+    assert_eq!(
+        posture.snapshot().session(&session.id_hash).unwrap().dbsc,
+        Some(stored),
+        "the refresh kept the registered key"
+    );
+}
