@@ -921,8 +921,7 @@ async fn headless_chromium_registers_and_refreshes_its_session() {
         .as_array()
         .unwrap()
         .iter()
-        .filter(|e| e.get("refreshEventDetails").is_some())
-        .next_back()
+        .rfind(|e| e.get("refreshEventDetails").is_some())
         .cloned()
         .unwrap();
     assert_eq!(refreshed["succeeded"], true, "{refreshed:#}");
