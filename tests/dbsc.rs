@@ -308,6 +308,11 @@ struct Env {
 }
 
 async fn env() -> Env {
+    env_with("").await
+}
+
+/// The environment with more `[[routes]]` ahead of the catch-all `web`.
+async fn env_with(routes: &str) -> Env {
     let pki = TestPki::new();
     let idp = Idp::start().await;
     let app = Upstream::start().await;
@@ -358,6 +363,7 @@ active_kid = "assert-1"
 kid = "assert-1"
 private_key_file = "assert.pem"
 
+{routes}
 [[routes]]
 name = "web"
 path_prefix = "/"
@@ -950,4 +956,83 @@ async fn headless_chromium_registers_and_refreshes_its_session() {
         Some(stored),
         "the refresh kept the registered key"
     );
+}
+
+/// Logout (and any other end of a session) reaches live connections at once:
+/// the change notice names the session, and its WebSocket is cut.
+#[tokio::test]
+async fn logout_cuts_the_sessions_live_connections() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+    let ws = common::live::RecordingWs::start().await;
+    let e = env_with(&format!(
+        "[[routes]]\nname = \"ws\"\npath_prefix = \"/ws\"\nupstream = \"http://{}\"\nauth = \"browser\"\n",
+        ws.addr
+    ))
+    .await;
+    let server = portcullis::server::start(e.cfg.clone()).await.unwrap();
+    let mut b = Browser::open(server.proxy_addr, &e.pki).await;
+    b.login(&e.idp, "alice@example.com").await;
+    b.register(&SigningKey::es256("browser").unwrap()).await;
+    let cookies = b
+        .jar
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join("; ");
+
+    // A WebSocket on the session (with its bound cookie).
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::CertificateDer::pem_slice_iter(e.pki.ca_pem.as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(server.proxy_addr)
+        .await
+        .unwrap();
+    let stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .unwrap();
+    let mut req = format!("wss://localhost:{}/ws/alice", server.proxy_addr.port())
+        .into_client_request()
+        .unwrap();
+    req.headers_mut().insert("cookie", cookies.parse().unwrap());
+    let (mut sock, resp) =
+        tokio::time::timeout(DEADLINE, tokio_tungstenite::client_async(req, stream))
+            .await
+            .unwrap()
+            .unwrap();
+    assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
+    sock.send(Message::text("hello")).await.unwrap();
+    let echoed = tokio::time::timeout(DEADLINE, sock.next()).await.unwrap();
+    assert!(matches!(echoed, Some(Ok(Message::Text(t))) if t.as_str() == "hello"));
+
+    // Logout on another connection: the socket is cut at once.
+    let origin = format!("https://{}", b.conn.host);
+    let (s, _, _) = b
+        .send("POST", "/.portcullis/logout", &[("origin", &origin)])
+        .await;
+    assert_eq!(s, StatusCode::SEE_OTHER);
+    common::wait_until("the upstream side to be closed", || {
+        ws.close_for("/ws/alice").is_some()
+    })
+    .await;
+    loop {
+        match tokio::time::timeout(DEADLINE, sock.next()).await.unwrap() {
+            Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+            Some(Ok(Message::Text(t))) => panic!("data after the cut: {t}"),
+            Some(Ok(_)) => continue,
+        }
+    }
 }
