@@ -1036,3 +1036,44 @@ async fn logout_cuts_the_sessions_live_connections() {
         }
     }
 }
+
+/// The registration and a rewrite of the whole session record from a copy
+/// read before it (a `shorten` cap racing the registration) never undo each
+/// other: DBSC state has its own change in the store.
+#[tokio::test]
+async fn a_stale_session_rewrite_keeps_the_dbsc_key() {
+    let e = env().await;
+    let server = portcullis::server::start(e.cfg.clone()).await.unwrap();
+    let posture = server.shared.posture.clone();
+    let mut b = Browser::open(server.proxy_addr, &e.pki).await;
+    b.login(&e.idp, "alice@example.com").await;
+    let hash = b.session_hash();
+    let before = posture.snapshot().session(&hash).unwrap();
+    let key = SigningKey::es256("browser").unwrap();
+    b.register(&key).await;
+    // The cap, computed from the copy read before the registration.
+    let mut capped = (*before).clone();
+    capped.expires_s = capped.created_s + 900;
+    posture
+        .ingest(vec![PostureEvent {
+            id: "stale-cap".into(),
+            feed: Feed::Session,
+            kind: "session.shorten".into(),
+            origin_ms: portcullis::util::now_unix_ms(),
+            changes: vec![Change::Session {
+                id_hash: hash.clone(),
+                record: Some(Box::new(capped)),
+            }],
+        }])
+        .await
+        .unwrap();
+    let now = posture.snapshot().session(&hash).unwrap();
+    assert_eq!(now.expires_s, now.created_s + 900, "the cap is kept");
+    assert_eq!(now.binding.as_str(), "dbsc", "and so is the key");
+    assert_eq!(
+        now.dbsc.as_ref().unwrap()["thumbprint"],
+        key.thumbprint().unwrap()
+    );
+    assert_eq!(b.get("/app/").await.0, StatusCode::OK);
+    assert_eq!(assertion_claims(&e.app.last())["binding"], "dbsc");
+}

@@ -13,9 +13,10 @@ pub const DEFAULT_BROWSER_SCOPES: &[&str] = &["openid"];
 /// Offer DBSC registration after a login (browsers without DBSC ignore it).
 pub const DEFAULT_DBSC: bool = true;
 /// Lifetime of a DBSC bound cookie (seconds).
-pub const DEFAULT_DBSC_COOKIE_TTL_S: u64 = crate::session::dbsc::DEFAULT_BOUND_COOKIE_TTL_S;
-/// Lifetime of a DBSC challenge (seconds).
-pub const DEFAULT_DBSC_CHALLENGE_TTL_S: u64 = crate::session::dbsc::DEFAULT_CHALLENGE_TTL_S;
+pub const DEFAULT_DBSC_COOKIE_TTL_S: u64 = 300;
+/// Lifetime of a DBSC challenge (seconds): longer than the cookie, so a
+/// challenge cached at one refresh still works at the next.
+pub const DEFAULT_DBSC_CHALLENGE_TTL_S: u64 = 600;
 /// Algorithm of the `private_key_jwt` client assertion.
 pub const DEFAULT_CLIENT_KEY_ALG: &str = "ES256";
 

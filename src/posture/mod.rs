@@ -815,7 +815,23 @@ impl Writer {
                             // Sessions have one writer (the proxy that owns
                             // the cookie exchange): last write wins, and a
                             // delete is final within the batch.
-                            sessions.insert(id_hash.clone(), record.as_deref().cloned());
+                            let mut rec = record.as_deref().cloned();
+                            // DBSC state has its own writer (`SessionDbsc`): a
+                            // whole-record rewrite from a copy read before the
+                            // key was registered (a `shorten` cap) keeps it.
+                            // Only a delete (or a new session) drops it.
+                            if let Some(r) = rec.as_mut().filter(|r| r.dbsc.is_none()) {
+                                let dbsc = match sessions.get(id_hash) {
+                                    Some(cur) => cur.as_ref().and_then(|c| c.dbsc.clone()),
+                                    None => {
+                                        self.snapshot.session(id_hash).and_then(|c| c.dbsc.clone())
+                                    }
+                                };
+                                if let Some(d) = dbsc {
+                                    *r = r.with_dbsc(d);
+                                }
+                            }
+                            sessions.insert(id_hash.clone(), rec);
                             applied = true;
                         }
                         Change::SessionDbsc { id_hash, dbsc } => {

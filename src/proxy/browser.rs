@@ -167,10 +167,15 @@ impl Proxy {
                 let now = crate::util::now_unix();
                 let peer = fresh_peer(conn, now)?;
                 let cert = peer.map(|p| (p, rt.binder.certificate_device(Some(p)).ok().flatten()));
-                let r = b
+                let mut r = b
                     .callback(&req, cert, &rt.auth, &self.posture)
                     .await
                     .map_err(Denial::Login)?;
+                // DBSC is offered over https only (a plain-HTTP listener may
+                // exist; browsers refuse DBSC there anyway).
+                if conn.tls.is_none() {
+                    r.dbsc_offer = None;
+                }
                 Ok(redirect_response(&r, &ctx.id))
             }
             (Method::GET, paths::LOGOUT) => Ok(logout_page(&ctx.id)),

@@ -50,10 +50,10 @@ pub const BOUND_COOKIE: &str = "__Host-portcullis-bound";
 /// Its attributes, as the session instructions and `Set-Cookie` both state them.
 pub const BOUND_COOKIE_ATTRIBUTES: &str = "Path=/; Secure; HttpOnly; SameSite=Lax";
 /// Default lifetime of a bound cookie, seconds.
-pub const DEFAULT_BOUND_COOKIE_TTL_S: u64 = 300;
+pub const DEFAULT_BOUND_COOKIE_TTL_S: u64 = crate::config::DEFAULT_DBSC_COOKIE_TTL_S;
 /// Default lifetime of a challenge, seconds (longer than the cookie, so a
 /// challenge cached at one refresh still works at the next).
-pub const DEFAULT_CHALLENGE_TTL_S: u64 = 600;
+pub const DEFAULT_CHALLENGE_TTL_S: u64 = crate::config::DEFAULT_DBSC_CHALLENGE_TTL_S;
 /// Largest proof accepted, bytes.
 pub const MAX_PROOF_BYTES: usize = 8 * 1024;
 /// Challenges remembered against replay.
