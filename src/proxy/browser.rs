@@ -289,7 +289,9 @@ fn bound_cookie_refusal(
     tracing::info!(
         request_id,
         error = %error,
-        skipped = skipped.and_then(|v| v.to_str().ok()).map(|v| &v[..v.len().min(64)]),
+        skipped = skipped
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.get(..64).unwrap_or(v)),
         "dbsc bound cookie refused"
     );
     let location = req
