@@ -3,6 +3,9 @@
 //! reused), with 100 000 sessions held. This is what a browser request costs
 //! on top of phases 4–5, in place of the bearer token check.
 //!
+//! `session/cookie+lookup+bound` adds the DBSC bound-cookie check (one
+//! HMAC) of a session with a registered key.
+//!
 //! Run: `cargo bench --bench session`. Target: ≤ 1 µs median.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -114,6 +117,42 @@ auth = "browser"
                     .authenticate(black_box(&headers), &auth, &snapshot, now)
                     .unwrap(),
             )
+        })
+    });
+
+    // A DBSC-bound session: the same, plus its bound cookie.
+    let id = &ids[777];
+    let bound = record(id, now).with_dbsc(serde_json::json!({
+        "session_identifier": "s-1", "alg": "ES256", "jwk": key.public_jwk(),
+        "thumbprint": key.thumbprint().unwrap(), "registered_s": now, "last_proof_s": now,
+    }));
+    snapshot.put_session(&bound.id_hash.clone(), Some(Arc::new(bound)));
+    let now_ms = portcullis::util::now_unix_ms();
+    let cookie = browser.dbsc.bound_cookie(&id_hash(id), now_ms);
+    let mut headers = http::HeaderMap::new();
+    headers.insert(
+        http::header::COOKIE,
+        format!(
+            "theme=dark; {SESSION_COOKIE}={id}; {}={cookie}",
+            portcullis::session::dbsc::BOUND_COOKIE
+        )
+        .parse()
+        .unwrap(),
+    );
+    let live = browser
+        .authenticate(&headers, &auth, &snapshot, now)
+        .unwrap()
+        .unwrap();
+    browser
+        .check_bound(&live, &headers, now_ms - 1000, now_ms)
+        .unwrap();
+    c.bench_function("session/cookie+lookup+bound", |b| {
+        b.iter(|| {
+            let live = browser
+                .authenticate(black_box(&headers), &auth, &snapshot, now)
+                .unwrap()
+                .unwrap();
+            black_box(browser.check_bound(&live, &headers, now_ms - 1000, now_ms))
         })
     });
 }

@@ -40,15 +40,18 @@ pub enum BindingKind {
     Mtls,
     /// Bound to a DPoP key.
     Dpop,
+    /// A browser session whose DBSC key refreshed its bound cookie.
+    Dbsc,
 }
 
 impl BindingKind {
-    /// `none`, `mtls` or `dpop`: the `x-portcullis-binding` value.
+    /// `none`, `mtls`, `dpop` or `dbsc`: the `x-portcullis-binding` value.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::None => "none",
             Self::Mtls => "mtls",
             Self::Dpop => "dpop",
+            Self::Dbsc => "dbsc",
         }
     }
 }

@@ -10,6 +10,13 @@ pub const DEFAULT_SESSION_MAX_S: u64 = 8 * 3600;
 pub const DEFAULT_LOGIN_TIMEOUT_S: u64 = 600;
 /// Scopes asked for at login.
 pub const DEFAULT_BROWSER_SCOPES: &[&str] = &["openid"];
+/// Offer DBSC registration after a login (browsers without DBSC ignore it).
+pub const DEFAULT_DBSC: bool = true;
+/// Lifetime of a DBSC bound cookie (seconds).
+pub const DEFAULT_DBSC_COOKIE_TTL_S: u64 = 300;
+/// Lifetime of a DBSC challenge (seconds): longer than the cookie, so a
+/// challenge cached at one refresh still works at the next.
+pub const DEFAULT_DBSC_CHALLENGE_TTL_S: u64 = 600;
 /// Algorithm of the `private_key_jwt` client assertion.
 pub const DEFAULT_CLIENT_KEY_ALG: &str = "ES256";
 
@@ -58,4 +65,16 @@ pub struct BrowserConfig {
     /// HMAC, shared by replicas; default: a fresh key per process.
     #[serde(default)]
     pub cookie_key_file: Option<PathBuf>,
+    /// Offer DBSC (Device Bound Session Credentials) after a login on
+    /// sessions no client certificate binds.
+    #[serde(default = "d_dbsc")]
+    pub dbsc: bool,
+    /// Lifetime of a DBSC bound cookie (seconds); a refresh with a proof
+    /// renews it.
+    #[serde(default = "d_dbsc_cookie_ttl_s")]
+    pub dbsc_cookie_ttl_s: u64,
+    /// How long a DBSC challenge can be answered (seconds); longer than the
+    /// cookie, so the challenge cached at one refresh serves the next.
+    #[serde(default = "d_dbsc_challenge_ttl_s")]
+    pub dbsc_challenge_ttl_s: u64,
 }

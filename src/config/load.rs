@@ -192,10 +192,18 @@ impl Config {
             ("session_idle_s", b.session_idle_s),
             ("session_max_s", b.session_max_s),
             ("login_timeout_s", b.login_timeout_s),
+            ("dbsc_cookie_ttl_s", b.dbsc_cookie_ttl_s),
+            ("dbsc_challenge_ttl_s", b.dbsc_challenge_ttl_s),
         ] {
             if v == 0 {
                 return Err(self.invalid(format!("browser.{k}"), "must be at least 1"));
             }
+        }
+        if b.dbsc_challenge_ttl_s < b.dbsc_cookie_ttl_s {
+            return Err(self.invalid(
+                "browser.dbsc_challenge_ttl_s",
+                "must be at least `dbsc_cookie_ttl_s` (a cached challenge serves the next refresh)",
+            ));
         }
         Ok(())
     }

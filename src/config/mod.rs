@@ -684,6 +684,15 @@ fn d_session_max_s() -> u64 {
 fn d_login_timeout_s() -> u64 {
     DEFAULT_LOGIN_TIMEOUT_S
 }
+fn d_dbsc() -> bool {
+    DEFAULT_DBSC
+}
+fn d_dbsc_cookie_ttl_s() -> u64 {
+    DEFAULT_DBSC_COOKIE_TTL_S
+}
+fn d_dbsc_challenge_ttl_s() -> u64 {
+    DEFAULT_DBSC_CHALLENGE_TTL_S
+}
 fn d_browser_scopes() -> Vec<String> {
     DEFAULT_BROWSER_SCOPES
         .iter()

@@ -143,6 +143,16 @@ pub enum Change {
         /// The new state; `None` deletes it.
         record: Option<Box<crate::posture::session::SessionRecord>>,
     },
+    /// Register a DBSC key on an existing browser session. Its own change,
+    /// applied to the record as stored when the batch is applied, so a
+    /// concurrent rewrite of the session (a `shorten` cap) and the
+    /// registration never undo each other (last writer wins on whole records).
+    SessionDbsc {
+        /// Hex SHA-256 of the session id.
+        id_hash: String,
+        /// The binding as `session::dbsc::DbscBinding` serialises it.
+        dbsc: Box<serde_json::Value>,
+    },
     /// Revoke every credential of a subject, device or session issued before
     /// the event was accepted.
     Revoke {
@@ -160,7 +170,9 @@ impl Change {
             Change::Device { id, .. } => format!("device:{id}"),
             Change::Identity { subject, .. } => format!("subject:{subject}"),
             Change::Group { id, .. } => format!("group:{id}"),
-            Change::Session { id_hash, .. } => format!("browser-session:{id_hash}"),
+            Change::Session { id_hash, .. } | Change::SessionDbsc { id_hash, .. } => {
+                format!("browser-session:{id_hash}")
+            }
             Change::Revoke { target, key } => format!("{}:{key}", target.as_str()),
         }
     }
@@ -283,6 +295,14 @@ impl PostureEvent {
                     check_list("aliases", &patch.remove_aliases)?;
                 }
                 Change::Revoke { key, .. } => check_key("revocation key", key)?,
+                Change::SessionDbsc { id_hash, dbsc } => {
+                    check_key("session id hash", id_hash)?;
+                    if !dbsc.is_object() {
+                        return Err(EventError::Invalid(
+                            "session DBSC state is not an object".into(),
+                        ));
+                    }
+                }
                 Change::Session { id_hash, record } => {
                     check_key("session id hash", id_hash)?;
                     if let Some(r) = record {

@@ -972,7 +972,38 @@ impl Writer {
                             // Sessions have one writer (the proxy that owns
                             // the cookie exchange): last write wins, and a
                             // delete is final within the batch.
-                            sessions.insert(id_hash.clone(), record.as_deref().cloned());
+                            let mut rec = record.as_deref().cloned();
+                            // DBSC state has its own writer (`SessionDbsc`): a
+                            // whole-record rewrite from a copy read before the
+                            // key was registered (a `shorten` cap) keeps it.
+                            // Only a delete (or a new session) drops it.
+                            if let Some(r) = rec.as_mut().filter(|r| r.dbsc.is_none()) {
+                                let dbsc = match sessions.get(id_hash) {
+                                    Some(cur) => cur.as_ref().and_then(|c| c.dbsc.clone()),
+                                    None => {
+                                        self.snapshot.session(id_hash).and_then(|c| c.dbsc.clone())
+                                    }
+                                };
+                                if let Some(d) = dbsc {
+                                    *r = r.with_dbsc(d);
+                                }
+                            }
+                            sessions.insert(id_hash.clone(), rec);
+                            applied = true;
+                        }
+                        Change::SessionDbsc { id_hash, dbsc } => {
+                            // Applied to the record as it stands now (this
+                            // batch first), never to a copy a writer read earlier.
+                            let current = match sessions.get(id_hash) {
+                                Some(r) => r.clone(),
+                                None => self.snapshot.session(id_hash).map(|r| (*r).clone()),
+                            };
+                            let Some(current) = current else {
+                                // The session ended first: nothing to bind.
+                                continue;
+                            };
+                            sessions
+                                .insert(id_hash.clone(), Some(current.with_dbsc((**dbsc).clone())));
                             applied = true;
                         }
                         Change::Revoke { target, key } => {
@@ -1143,10 +1174,20 @@ impl Writer {
                 p.pending.insert(k, pend);
             }
         }
-        let changed = posture.as_ref().and_then(|p| {
+        let mut changed = posture.as_ref().and_then(|p| {
             p.notify
                 .collect(devices.keys(), identities.keys(), revocations.keys())
         });
+        // An ended browser session is named by its principal's `jti`, so
+        // live connections riding on it are decided again (and cut) at once.
+        if let Some(c) = changed.as_mut() {
+            c.sessions.extend(
+                sessions
+                    .iter()
+                    .filter(|(_, r)| r.is_none())
+                    .map(|(h, _)| session::principal_jti(h)),
+            );
+        }
         for (_, d) in devices {
             self.snapshot.put_device(Arc::new(d));
         }

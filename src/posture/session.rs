@@ -83,3 +83,23 @@ impl SessionRecord {
         now < self.expires_s && now < last_seen.saturating_add(self.idle_timeout_s)
     }
 }
+
+/// The `jti` of the principal a session becomes (`session:` + the first 32
+/// hex digits of its id hash): live connections on the session carry it,
+/// and change notices name a deleted session by it.
+pub fn principal_jti(id_hash: &str) -> String {
+    format!("session:{}", &id_hash[..id_hash.len().min(32)])
+}
+
+impl SessionRecord {
+    /// The record with a registered DBSC key: `binding` becomes `dbsc`
+    /// unless a client certificate already binds the session.
+    pub fn with_dbsc(&self, dbsc: serde_json::Value) -> SessionRecord {
+        let mut r = self.clone();
+        r.dbsc = Some(dbsc);
+        if r.binding == SessionBinding::None {
+            r.binding = SessionBinding::Dbsc;
+        }
+        r
+    }
+}

@@ -16,7 +16,9 @@ use super::{ConnInfo, Denial, Proxy, ProxyBody, RequestCtx, Runtime, fresh_peer}
 use crate::binding::{Binding, BindingKind};
 use crate::policy::PolicyRefusal;
 use crate::route::Route;
-use crate::session::{self, Browser, LiveSession, LoginError, SessionBinding, paths};
+use crate::session::dbsc::{self, DbscError};
+use crate::session::{self, Browser, DbscFailure, DbscOutcome, LiveSession, LoginError};
+use crate::session::{SessionBinding, paths};
 
 impl Proxy {
     /// Phases 2–5 on a session: cookie → session → principal; the session's
@@ -49,9 +51,10 @@ impl Proxy {
         };
         ctx.auth = Some(session::authenticated(&live));
         ctx.session = Some(live.clone());
-        // 3. bind: a certificate-bound session only on its certificate.
-        // (DBSC, session::dbsc: a session with a registered key needs its
-        // fresh bound cookie here.)
+        // 3. bind: a certificate-bound session only on its certificate; a
+        // DBSC-bound one only with its bound cookie (checked below, once
+        // phase 4 has the subject's and device's records: a change of
+        // either demands a fresh proof).
         let binding = session_binding(&live, conn, now)?;
         // 4. resolve, with the lifecycle baseline always on for sessions: a
         // leaver or a lost device ends the session, whatever policies say.
@@ -70,6 +73,17 @@ impl Proxy {
             Ok(r) => r,
             Err(d) => return Err(self.end_session(b, ctx, &live, d).await),
         };
+        // 3 (DBSC). The bound cookie must postdate the last change of the
+        // session's subject and device.
+        let not_before_ms = resolved
+            .identity
+            .as_ref()
+            .map_or(0, |i| i.updated_ms)
+            .max(resolved.device.as_ref().map_or(0, |d| d.updated_ms));
+        let now_ms = crate::util::now_unix_ms();
+        if let Err(e) = b.check_bound(&live, req.headers(), not_before_ms, now_ms) {
+            return Err(bound_cookie_refusal(req, e, api, &ctx.id));
+        }
         ctx.resolved = Some(resolved);
         // 5. decide
         let Some(engine) = engine else {
@@ -153,10 +167,15 @@ impl Proxy {
                 let now = crate::util::now_unix();
                 let peer = fresh_peer(conn, now)?;
                 let cert = peer.map(|p| (p, rt.binder.certificate_device(Some(p)).ok().flatten()));
-                let r = b
+                let mut r = b
                     .callback(&req, cert, &rt.auth, &self.posture)
                     .await
                     .map_err(Denial::Login)?;
+                // DBSC is offered over https only (a plain-HTTP listener may
+                // exist; browsers refuse DBSC there anyway).
+                if conn.tls.is_none() {
+                    r.dbsc_offer = None;
+                }
                 Ok(redirect_response(&r, &ctx.id))
             }
             (Method::GET, paths::LOGOUT) => Ok(logout_page(&ctx.id)),
@@ -183,7 +202,21 @@ impl Proxy {
                 );
                 Ok(resp)
             }
-            // `/.portcullis/dbsc/…` (registration, refresh) is session::dbsc's.
+            (Method::POST, dbsc::REGISTER_PATH) => {
+                ctx.audience = Audience::Api;
+                let out = b
+                    .dbsc_register(req.headers(), &rt.auth, &self.posture)
+                    .await
+                    .map_err(dbsc_denial)?;
+                Ok(dbsc_response(&out, &ctx.id))
+            }
+            (Method::POST, dbsc::REFRESH_PATH) => {
+                ctx.audience = Audience::Api;
+                let out = b
+                    .dbsc_refresh(req.headers(), &rt.auth, &self.posture)
+                    .map_err(dbsc_denial)?;
+                Ok(dbsc_response(&out, &ctx.id))
+            }
             _ => Err(Denial::NoRoute),
         }
     }
@@ -225,6 +258,13 @@ fn session_binding(live: &Arc<LiveSession>, conn: &ConnInfo, now: u64) -> Result
                 dpop_replay_key: None,
             })
         }
+        // The bound cookie itself is checked after phase 4 (see above).
+        SessionBinding::Dbsc if r.dbsc.is_some() => Ok(Binding {
+            kind: BindingKind::Dbsc,
+            device: None,
+            workload: None,
+            dpop_replay_key: None,
+        }),
         SessionBinding::None | SessionBinding::Dbsc => Ok(Binding {
             kind: BindingKind::None,
             device: None,
@@ -232,6 +272,118 @@ fn session_binding(live: &Arc<LiveSession>, conn: &ConnInfo, now: u64) -> Result
             dpop_replay_key: None,
         }),
     }
+}
+
+/// A DBSC-bound session's request without a valid bound cookie. A browser
+/// gets the draft's forced re-proof: 307 to the same URL with the bound
+/// cookie expired, so a DBSC browser refreshes with a proof before it
+/// follows (unless it says it skipped the refresh: then, and for API
+/// clients, 401). The upstream sees nothing either way.
+fn bound_cookie_refusal(
+    req: &Request<Incoming>,
+    error: DbscError,
+    api: bool,
+    request_id: &str,
+) -> Denial {
+    let skipped = req.headers().get(dbsc::SKIPPED_HEADER);
+    tracing::info!(
+        request_id,
+        error = %error,
+        skipped = skipped
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.get(..64).unwrap_or(v)),
+        "dbsc bound cookie refused"
+    );
+    let location = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str())
+        .and_then(crate::session::cookie::safe_return_path);
+    let reproof = match (api, skipped, location) {
+        (false, None, Some(l)) => Some(Box::new(crate::session::Redirect {
+            status: StatusCode::TEMPORARY_REDIRECT,
+            location: l.to_owned(),
+            cookies: vec![dbsc::Dbsc::expire_bound_cookie()],
+            dbsc_offer: None,
+        })),
+        _ => None,
+    };
+    Denial::BoundCookie { error, reproof }
+}
+
+/// A refused DBSC registration or refresh.
+fn dbsc_denial(f: DbscFailure) -> Denial {
+    match f {
+        DbscFailure::NoSession => Denial::SessionRequired,
+        DbscFailure::Proof(e) => Denial::DbscProof(e),
+        DbscFailure::Store => Denial::Login(LoginError::Store),
+    }
+}
+
+/// The answer of the DBSC endpoints (no-store, never framed, never shared
+/// cross-origin: no CORS headers at all).
+fn dbsc_response(out: &DbscOutcome, request_id: &str) -> Response<ProxyBody> {
+    let (status, body, cookie, challenge) = match out {
+        DbscOutcome::Registered {
+            instructions,
+            set_cookie,
+        } => (
+            StatusCode::OK,
+            instructions.to_string(),
+            Some(set_cookie),
+            None,
+        ),
+        DbscOutcome::Challenge(c) => (StatusCode::FORBIDDEN, String::new(), None, Some(c)),
+        DbscOutcome::Refreshed {
+            set_cookie,
+            challenge,
+        } => (
+            StatusCode::OK,
+            String::new(),
+            Some(set_cookie),
+            Some(challenge),
+        ),
+        DbscOutcome::Terminate => (
+            StatusCode::OK,
+            dbsc::terminate_instructions().to_string(),
+            None,
+            None,
+        ),
+    };
+    let json = !body.is_empty();
+    let mut resp = Response::new(
+        Full::new(Bytes::from(body))
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert("x-frame-options", HeaderValue::from_static("DENY"));
+    h.insert(
+        "cross-origin-resource-policy",
+        HeaderValue::from_static("same-origin"),
+    );
+    if json {
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+    }
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        h.insert("x-request-id", v);
+    }
+    if let Some(c) = cookie
+        && let Ok(v) = HeaderValue::from_str(c)
+    {
+        h.append(header::SET_COOKIE, v);
+    }
+    if let Some(c) = challenge
+        && let Ok(v) = HeaderValue::from_str(c)
+    {
+        h.insert(dbsc::CHALLENGE_HEADER, v);
+    }
+    resp
 }
 
 /// Reads a bounded request body (back-channel logout).
@@ -265,6 +417,11 @@ pub fn redirect_response(r: &crate::session::Redirect, request_id: &str) -> Resp
         if let Ok(v) = HeaderValue::from_str(c) {
             h.append(header::SET_COOKIE, v);
         }
+    }
+    if let Some(o) = &r.dbsc_offer
+        && let Ok(v) = HeaderValue::from_str(o)
+    {
+        h.insert(dbsc::REGISTRATION_HEADER, v);
     }
     resp
 }

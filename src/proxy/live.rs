@@ -86,6 +86,8 @@ pub struct Seed {
     binding: Option<Binding>,
     /// `context.session.binding` of a browser session (`None` for bearer tokens).
     session_binding: Option<&'static str>,
+    /// The browser session's id hash: the connection ends with the session.
+    session_hash: Option<String>,
     method: http::Method,
     peer: IpAddr,
     request_id: String,
@@ -126,6 +128,7 @@ impl Seed {
             route,
             binding: ctx.binding.clone(),
             session_binding: ctx.session.as_ref().map(|s| s.record.binding.as_str()),
+            session_hash: ctx.session.as_ref().map(|s| s.record.id_hash.clone()),
             method: method.clone(),
             peer: conn.peer.ip(),
             request_id: ctx.id.clone(),
@@ -852,6 +855,13 @@ impl Proxy {
         let now = crate::util::now_unix();
         if now >= s.expires_s {
             return Some("expired");
+        }
+        // Logout, back-channel logout, a leaver's or a lost device's end:
+        // the session record is gone, and so is what the connection rode on.
+        if let Some(h) = &s.session_hash
+            && self.posture.snapshot().session(h).is_none()
+        {
+            return Some("session_ended");
         }
         live.deadline_s.store(s.expires_s, Ordering::Release);
         self.live

@@ -115,6 +115,20 @@ pub enum Denial {
     /// A login callback, logout or back-channel logout was refused.
     #[error("{0}")]
     Login(crate::session::LoginError),
+    /// A DBSC-bound session without a valid bound cookie: the browser must
+    /// refresh with a proof of its key first. `reproof`: for a browser, the
+    /// 307 to the same URL that expires the bound cookie (the draft's
+    /// forced re-proof); API clients get 401.
+    #[error("{error}")]
+    BoundCookie {
+        /// What is wrong with the bound cookie.
+        error: crate::session::dbsc::DbscError,
+        /// The re-proof redirect, for browsers.
+        reproof: Option<Box<crate::session::Redirect>>,
+    },
+    /// A DBSC registration or refresh proof was refused.
+    #[error("{0}")]
+    DbscProof(crate::session::dbsc::DbscError),
 }
 
 impl Denial {
@@ -161,6 +175,12 @@ impl Denial {
             Denial::SessionCookie(_) => StatusCode::BAD_REQUEST,
             Denial::SessionBindingMismatch => StatusCode::FORBIDDEN,
             Denial::Login(e) => e.status(),
+            Denial::BoundCookie {
+                reproof: Some(r), ..
+            } => r.status,
+            // Any 4xx but 403 ends the attempt in the browser (DBSC §1.7);
+            // 403 is reserved for "sign this new challenge".
+            Denial::BoundCookie { .. } | Denial::DbscProof(_) => StatusCode::UNAUTHORIZED,
         }
     }
 
@@ -198,6 +218,7 @@ impl Denial {
             Denial::SessionCookie(_) => "invalid_session_cookie",
             Denial::SessionBindingMismatch => "session_binding_mismatch",
             Denial::Login(e) => e.code(),
+            Denial::BoundCookie { error, .. } | Denial::DbscProof(error) => error.code(),
         }
     }
 
@@ -232,6 +253,8 @@ impl Denial {
             | Denial::SessionCookie(_)
             | Denial::SessionBindingMismatch
             | Denial::Login(_)
+            | Denial::BoundCookie { .. }
+            | Denial::DbscProof(_)
             | Denial::NoRoute => "deny",
             Denial::LoginRequired(_) => "login",
             Denial::Policy(p) => p.action(),
@@ -370,7 +393,11 @@ pub fn respond_to(
     let Audience::Browser { clear_session } = audience else {
         return respond(d, request_id, dpop_algs);
     };
-    if let Denial::LoginRequired(r) = d {
+    if let Denial::LoginRequired(r)
+    | Denial::BoundCookie {
+        reproof: Some(r), ..
+    } = d
+    {
         return super::browser::redirect_response(r, request_id);
     }
     let title = page_title(d);

@@ -187,6 +187,14 @@ impl LoginSigner {
     pub fn pkce_challenge(verifier: &str) -> String {
         B64.encode(crate::util::sha256(verifier.as_bytes()))
     }
+
+    /// A secret for another use, derived from this key (DBSC), so replicas
+    /// sharing the cookie key share it and the two uses never mix.
+    pub fn derive(&self, label: &str) -> Vec<u8> {
+        hmac::sign(&self.key, format!("derive.{label}").as_bytes())
+            .as_ref()
+            .to_vec()
+    }
 }
 
 /// The `Set-Cookie` for a sealed pre-login cookie.

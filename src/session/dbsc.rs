@@ -15,8 +15,9 @@
 //!   the key from the registration proof's `jwk` header (or, for the older
 //!   draft, a payload `jwk`/`key`), then pinned: a refresh proof must verify
 //!   with the registered key and algorithm.
-//! - A bound cookie carries when it was issued, so the session layer can
-//!   demand a fresh proof at once after a posture change (`not_before`).
+//! - A bound cookie carries when it was issued (milliseconds), so the
+//!   session layer can demand a fresh proof at once after a posture change
+//!   (`not_before`), even one in the same second as the last refresh.
 //!
 //! This room never logs a proof, a challenge, a cookie or a session id.
 
@@ -49,10 +50,10 @@ pub const BOUND_COOKIE: &str = "__Host-portcullis-bound";
 /// Its attributes, as the session instructions and `Set-Cookie` both state them.
 pub const BOUND_COOKIE_ATTRIBUTES: &str = "Path=/; Secure; HttpOnly; SameSite=Lax";
 /// Default lifetime of a bound cookie, seconds.
-pub const DEFAULT_BOUND_COOKIE_TTL_S: u64 = 300;
+pub const DEFAULT_BOUND_COOKIE_TTL_S: u64 = crate::config::DEFAULT_DBSC_COOKIE_TTL_S;
 /// Default lifetime of a challenge, seconds (longer than the cookie, so a
 /// challenge cached at one refresh still works at the next).
-pub const DEFAULT_CHALLENGE_TTL_S: u64 = 600;
+pub const DEFAULT_CHALLENGE_TTL_S: u64 = crate::config::DEFAULT_DBSC_CHALLENGE_TTL_S;
 /// Largest proof accepted, bytes.
 pub const MAX_PROOF_BYTES: usize = 8 * 1024;
 /// Challenges remembered against replay.
@@ -102,6 +103,36 @@ pub enum DbscError {
     /// The bound cookie expired, or predates a required fresh proof.
     #[error("the session's bound cookie expired")]
     ExpiredCookie,
+    /// The session already has a registered key (one key per session).
+    #[error("this session already has a registered DBSC key")]
+    AlreadyBound,
+    /// The session has no registered key, or another DBSC session id.
+    #[error("no DBSC session of this browser session")]
+    UnknownSession,
+}
+
+impl DbscError {
+    /// Stable code for bodies and metrics.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::MissingCookie | Self::BadCookie | Self::ExpiredCookie => "dbsc_refresh_required",
+            Self::AlreadyBound => "dbsc_already_registered",
+            Self::UnknownSession => "dbsc_unknown_session",
+            _ => "invalid_dbsc_proof",
+        }
+    }
+
+    /// True when a fresh challenge lets the browser try again (the draft's
+    /// 403 + `Secure-Session-Challenge`); other refusals end the attempt.
+    pub fn wants_challenge(&self) -> bool {
+        matches!(
+            self,
+            Self::MissingProof
+                | Self::WrongChallenge
+                | Self::StaleChallenge
+                | Self::ReplayedChallenge
+        )
+    }
 }
 
 /// What a session record keeps about its DBSC binding.
@@ -192,6 +223,11 @@ impl Dbsc {
     /// Lifetime of a bound cookie, seconds.
     pub fn cookie_ttl_s(&self) -> u64 {
         self.cookie_ttl_s
+    }
+
+    /// Lifetime of a challenge, seconds.
+    pub fn challenge_ttl_s(&self) -> u64 {
+        self.challenge_ttl_s
     }
 
     /// `kind | session tag (16) | issued (8) | random (16)` + MAC, base64url.
@@ -325,17 +361,17 @@ impl Dbsc {
         self.redeem(p.jti()?, Step::Refresh, session_hash, now)
     }
 
-    /// A fresh bound-cookie value (a new value every time: browsers treat
-    /// an unchanged value as a failed refresh).
-    pub fn bound_cookie(&self, session_hash: &str, now: u64) -> String {
-        self.seal(b'c', session_hash, now)
+    /// A fresh bound-cookie value issued at `now_ms` (a new value every
+    /// time: browsers treat an unchanged value as a failed refresh).
+    pub fn bound_cookie(&self, session_hash: &str, now_ms: u64) -> String {
+        self.seal(b'c', session_hash, now_ms)
     }
 
     /// The `Set-Cookie` value for a fresh bound cookie.
-    pub fn set_bound_cookie(&self, session_hash: &str, now: u64) -> String {
+    pub fn set_bound_cookie(&self, session_hash: &str, now_ms: u64) -> String {
         format!(
             "{BOUND_COOKIE}={}; {BOUND_COOKIE_ATTRIBUTES}; Max-Age={}",
-            self.bound_cookie(session_hash, now),
+            self.bound_cookie(session_hash, now_ms),
             self.cookie_ttl_s
         )
     }
@@ -346,24 +382,28 @@ impl Dbsc {
     }
 
     /// Checks the bound cookie of a request on a DBSC-bound session: made
-    /// here, for this session, not expired, and issued at or after
-    /// `not_before` (the last change that demands a fresh proof, such as a
-    /// posture change of the session's device).
+    /// here, for this session, not expired, and issued after `not_before_ms`
+    /// (the last change that demands a fresh proof, such as a posture change
+    /// of the session's subject or device). Times in milliseconds.
     pub fn check_bound_cookie(
         &self,
         value: Option<&str>,
         session_hash: &str,
-        not_before: u64,
-        now: u64,
+        not_before_ms: u64,
+        now_ms: u64,
     ) -> Result<(), DbscError> {
         let value = value.ok_or(DbscError::MissingCookie)?;
         let issued = self
             .open(value, b'c', session_hash)
             .ok_or(DbscError::BadCookie)?;
-        if issued > now + 5 {
+        if issued > now_ms + 5_000 {
             return Err(DbscError::BadCookie);
         }
-        if now >= issued + self.cookie_ttl_s || issued < not_before {
+        // INVARIANT: a cookie minted in the same millisecond as a change is
+        // refused too (`<=`): the change may have been applied after it.
+        if now_ms >= issued.saturating_add(self.cookie_ttl_s.saturating_mul(1000))
+            || (not_before_ms > 0 && issued <= not_before_ms)
+        {
             return Err(DbscError::ExpiredCookie);
         }
         Ok(())
@@ -562,6 +602,7 @@ mod tests {
     const SESSION: &str = "hash-of-session-a";
     const OTHER: &str = "hash-of-session-b";
     const NOW: u64 = 1_800_000_000;
+    const NOW_MS: u64 = NOW * 1000;
 
     fn dbsc() -> Dbsc {
         Dbsc::new(b"a test secret of enough length!!", 300, 600)
@@ -843,28 +884,40 @@ mod tests {
     #[test]
     fn bound_cookie_is_per_session_expires_and_honours_not_before() {
         let d = dbsc();
-        let set = d.set_bound_cookie(SESSION, NOW);
+        let set = d.set_bound_cookie(SESSION, NOW_MS);
         assert!(set.starts_with("__Host-portcullis-bound="));
         assert!(set.ends_with("; Path=/; Secure; HttpOnly; SameSite=Lax; Max-Age=300"));
-        let v = d.bound_cookie(SESSION, NOW);
-        assert_ne!(v, d.bound_cookie(SESSION, NOW), "a new value every time");
-        d.check_bound_cookie(Some(&v), SESSION, 0, NOW + 299)
+        let v = d.bound_cookie(SESSION, NOW_MS);
+        assert_ne!(v, d.bound_cookie(SESSION, NOW_MS), "a new value every time");
+        d.check_bound_cookie(Some(&v), SESSION, 0, (NOW + 299) * 1000)
             .unwrap();
         assert_eq!(
-            d.check_bound_cookie(Some(&v), SESSION, 0, NOW + 300),
+            d.check_bound_cookie(Some(&v), SESSION, 0, (NOW + 300) * 1000),
             Err(DbscError::ExpiredCookie)
         );
         assert_eq!(
-            d.check_bound_cookie(None, SESSION, 0, NOW),
+            d.check_bound_cookie(None, SESSION, 0, NOW_MS),
             Err(DbscError::MissingCookie)
         );
         assert_eq!(
-            d.check_bound_cookie(Some(&v), OTHER, 0, NOW),
+            d.check_bound_cookie(Some(&v), OTHER, 0, NOW_MS),
             Err(DbscError::BadCookie)
         );
-        // A posture change at NOW + 10 demands a cookie issued since.
+        // A posture change at NOW + 10 demands a cookie issued since, even
+        // in the same second (and the same millisecond) as the change.
         assert_eq!(
-            d.check_bound_cookie(Some(&v), SESSION, NOW + 10, NOW + 11),
+            d.check_bound_cookie(Some(&v), SESSION, (NOW + 10) * 1000, (NOW + 11) * 1000),
+            Err(DbscError::ExpiredCookie)
+        );
+        assert_eq!(
+            d.check_bound_cookie(Some(&v), SESSION, NOW_MS + 500, NOW_MS + 600),
+            Err(DbscError::ExpiredCookie)
+        );
+        let fresh = d.bound_cookie(SESSION, NOW_MS + 501);
+        d.check_bound_cookie(Some(&fresh), SESSION, NOW_MS + 500, NOW_MS + 600)
+            .unwrap();
+        assert_eq!(
+            d.check_bound_cookie(Some(&v), SESSION, NOW_MS, NOW_MS + 1),
             Err(DbscError::ExpiredCookie)
         );
         // Tampered, forged, a challenge passed off as a cookie, oversized.
@@ -872,22 +925,22 @@ mod tests {
         t[3] ^= 1;
         let t = String::from_utf8(t).unwrap();
         assert_eq!(
-            d.check_bound_cookie(Some(&t), SESSION, 0, NOW),
+            d.check_bound_cookie(Some(&t), SESSION, 0, NOW_MS),
             Err(DbscError::BadCookie)
         );
         let c = d.challenge(Step::Refresh, SESSION, NOW);
         assert_eq!(
-            d.check_bound_cookie(Some(&c), SESSION, 0, NOW),
+            d.check_bound_cookie(Some(&c), SESSION, 0, NOW_MS),
             Err(DbscError::BadCookie)
         );
         let other = Dbsc::new(b"another secret, another proxy!!!", 300, 600);
-        let f = other.bound_cookie(SESSION, NOW);
+        let f = other.bound_cookie(SESSION, NOW_MS);
         assert_eq!(
-            d.check_bound_cookie(Some(&f), SESSION, 0, NOW),
+            d.check_bound_cookie(Some(&f), SESSION, 0, NOW_MS),
             Err(DbscError::BadCookie)
         );
         assert_eq!(
-            d.check_bound_cookie(Some(&"x".repeat(500)), SESSION, 0, NOW),
+            d.check_bound_cookie(Some(&"x".repeat(500)), SESSION, 0, NOW_MS),
             Err(DbscError::BadCookie)
         );
         assert!(Dbsc::expire_bound_cookie().contains("Max-Age=0"));

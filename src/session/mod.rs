@@ -135,6 +135,8 @@ pub struct Redirect {
     pub location: String,
     /// `Set-Cookie` values.
     pub cookies: Vec<String>,
+    /// A `Secure-Session-Registration` offer (after a completed login).
+    pub dbsc_offer: Option<String>,
 }
 
 /// A live session: the durable record, the principal built from it once,
@@ -147,6 +149,62 @@ pub struct LiveSession {
     pub token: Arc<VerifiedToken>,
     /// Last request, s since epoch (in memory; not written on each request).
     pub last_seen: AtomicU64,
+    /// The registered DBSC key, parsed once from the record (`None` when
+    /// none is registered, or the stored one is unreadable: then every
+    /// refresh fails and the session cannot be used, fail closed).
+    pub dbsc: Option<dbsc::DbscBinding>,
+    /// Last verified DBSC proof, s since epoch (in memory).
+    pub last_proof: AtomicU64,
+}
+
+impl LiveSession {
+    /// `context.session.dbsc_state`: `none` (no key registered) or `bound`.
+    pub fn dbsc_state(&self) -> &'static str {
+        if self.record.dbsc.is_some() {
+            "bound"
+        } else {
+            "none"
+        }
+    }
+}
+
+/// What a DBSC registration or refresh comes to (the proxy writes the
+/// response; the statuses follow the draft, shared reference §1.6–1.8).
+#[derive(Debug)]
+pub enum DbscOutcome {
+    /// 200: the session instructions JSON and the first bound cookie.
+    Registered {
+        /// Session instructions.
+        instructions: serde_json::Value,
+        /// `Set-Cookie` of the bound cookie.
+        set_cookie: String,
+    },
+    /// 403 + `Secure-Session-Challenge`: sign this challenge and retry.
+    Challenge(String),
+    /// 200: a rotated bound cookie and the challenge for the next refresh.
+    Refreshed {
+        /// `Set-Cookie` of the bound cookie.
+        set_cookie: String,
+        /// `Secure-Session-Challenge` for the next refresh.
+        challenge: String,
+    },
+    /// 200 `{"continue": false}`: the browser's DBSC session ends (the
+    /// proxy session ended, or the browser names a DBSC session it has not).
+    Terminate,
+}
+
+/// Why a DBSC registration or refresh was refused.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum DbscFailure {
+    /// No usable session cookie (registration needs a logged-in session).
+    #[error("no browser session")]
+    NoSession,
+    /// The proof or the request failed a check.
+    #[error("{0}")]
+    Proof(dbsc::DbscError),
+    /// The store did not take the registration.
+    #[error("the session could not be stored")]
+    Store,
 }
 
 /// Browser login state shared by every browser route of one runtime.
@@ -159,6 +217,9 @@ pub struct Browser {
     used_states: Cache<String, ()>,
     used_logout_jtis: Cache<String, ()>,
     live: papaya::HashMap<String, Arc<LiveSession>, foldhash::fast::RandomState>,
+    /// DBSC: challenges, proofs and bound cookies (always present, so
+    /// sessions bound earlier keep working when the offer is turned off).
+    pub dbsc: Arc<dbsc::Dbsc>,
     device_claim: String,
     started_s: u64,
 }
@@ -259,7 +320,23 @@ impl Browser {
                     .map_err(|_| OidcError::Client("no randomness for the cookie key".into()))?,
             ),
         };
+        let dbsc = match previous {
+            Some(p)
+                if Arc::ptr_eq(&p.signer, &signer)
+                    && p.dbsc.cookie_ttl_s() == b.dbsc_cookie_ttl_s
+                    && p.dbsc.challenge_ttl_s() == b.dbsc_challenge_ttl_s =>
+            {
+                // Same key and lifetimes: keep the replay cache too.
+                p.dbsc.clone()
+            }
+            _ => Arc::new(dbsc::Dbsc::new(
+                &signer.derive("dbsc"),
+                b.dbsc_cookie_ttl_s,
+                b.dbsc_challenge_ttl_s,
+            )),
+        };
         Ok(Some(Self {
+            dbsc,
             rp: RelyingParty::new(b, issuer)?,
             device_claim: b
                 .device_claim
@@ -311,8 +388,15 @@ impl Browser {
                 };
                 // A replaced record (step-up, cap) keeps the live idle clock.
                 let seen = previous.map_or(0, |p| p.last_seen.load(Ordering::Relaxed));
+                let dbsc = record
+                    .dbsc
+                    .as_ref()
+                    .and_then(|v| serde_json::from_value(v.clone()).ok());
+                let proof = previous.map_or(0, |p| p.last_proof.load(Ordering::Relaxed));
                 let s = Arc::new(LiveSession {
                     last_seen: AtomicU64::new(record.last_seen_s.max(self.started_s).max(seen)),
+                    last_proof: AtomicU64::new(proof),
+                    dbsc,
                     record,
                     token,
                 });
@@ -378,6 +462,7 @@ impl Browser {
             status: StatusCode::FOUND,
             location,
             cookies: vec![cookie::set_login(&sealed, self.cfg.login_timeout_s)],
+            dbsc_offer: None,
         })
     }
 
@@ -517,13 +602,20 @@ impl Browser {
             binding = binding.as_str(),
             "browser session created"
         );
+        // DBSC is offered where nothing stronger binds the session (a
+        // client certificate does); browsers without DBSC ignore the header.
+        let dbsc_offer = (self.cfg.dbsc && binding == SessionBinding::None)
+            .then(|| self.dbsc.registration_header(&hash, now));
         Ok(Redirect {
             status: StatusCode::SEE_OTHER,
             location: st.return_to,
             cookies: vec![
                 cookie::set_session(&id),
                 cookie::clear(cookie::LOGIN_COOKIE),
+                // A bound cookie of a previous session is of no use now.
+                dbsc::Dbsc::expire_bound_cookie(),
             ],
+            dbsc_offer,
         })
     }
 
@@ -639,7 +731,11 @@ impl Browser {
         Ok(Redirect {
             status: StatusCode::SEE_OTHER,
             location,
-            cookies: vec![cookie::clear(cookie::SESSION_COOKIE)],
+            cookies: vec![
+                cookie::clear(cookie::SESSION_COOKIE),
+                dbsc::Dbsc::expire_bound_cookie(),
+            ],
+            dbsc_offer: None,
         })
     }
 
@@ -725,6 +821,172 @@ impl Browser {
     }
 }
 
+impl Browser {
+    /// The live session of a DBSC request (the main session cookie rides
+    /// along on registration and refresh: both are same-origin POSTs).
+    fn dbsc_session(
+        &self,
+        headers: &HeaderMap,
+        auth: &Authenticator,
+        posture: &Posture,
+        now: u64,
+    ) -> Option<Arc<LiveSession>> {
+        self.authenticate(headers, auth, posture.snapshot(), now)
+            .ok()
+            .flatten()
+    }
+
+    /// DBSC registration (`POST /.portcullis/dbsc/register`): the proof must
+    /// answer a registration challenge this proxy offered to this session at
+    /// login, signed by the key in its `jwk` header (ES256 or RS256). The key
+    /// is stored in the session record through the store (its own change,
+    /// so no concurrent rewrite of the session loses it); the answer is the
+    /// session instructions and the first bound cookie.
+    pub async fn dbsc_register(
+        &self,
+        headers: &HeaderMap,
+        auth: &Authenticator,
+        posture: &Posture,
+    ) -> Result<DbscOutcome, DbscFailure> {
+        let now_ms = crate::util::now_unix_ms();
+        let now = now_ms / 1000;
+        let live = self
+            .dbsc_session(headers, auth, posture, now)
+            .ok_or(DbscFailure::NoSession)?;
+        let r = &live.record;
+        if r.dbsc.is_some() || r.binding != SessionBinding::None {
+            return Err(DbscFailure::Proof(dbsc::DbscError::AlreadyBound));
+        }
+        let proof = proof_header(headers)?;
+        let binding = self
+            .dbsc
+            .verify_registration(&proof, &r.id_hash, now)
+            .map_err(DbscFailure::Proof)?;
+        let value = serde_json::to_value(&binding).map_err(|_| DbscFailure::Store)?;
+        session_event(
+            posture,
+            "session.dbsc-register",
+            &r.id_hash,
+            vec![Change::SessionDbsc {
+                id_hash: r.id_hash.clone(),
+                dbsc: Box::new(value),
+            }],
+        )
+        .await
+        .map_err(|_| DbscFailure::Store)?;
+        // The session may have ended meanwhile; then nothing was bound.
+        let stored = posture.snapshot().session(&r.id_hash);
+        if stored.as_ref().and_then(|s| s.dbsc.as_ref()).is_none() {
+            return Err(DbscFailure::NoSession);
+        }
+        tracing::info!(
+            session = %&r.id_hash[..16],
+            alg = %binding.alg,
+            "dbsc key registered"
+        );
+        Ok(DbscOutcome::Registered {
+            instructions: dbsc::session_instructions(&binding.session_identifier),
+            set_cookie: self.dbsc.set_bound_cookie(&r.id_hash, now_ms),
+        })
+    }
+
+    /// DBSC refresh (`POST /.portcullis/dbsc/refresh`): without a proof, or
+    /// with one over a stale, unknown or used challenge, a fresh challenge
+    /// (403); with a proof by the registered key over a fresh challenge of
+    /// this session, a rotated bound cookie and the next challenge. A
+    /// session that ended answers `{"continue": false}`. Nothing is written
+    /// to the store: the key does not change, the proof time is kept in memory.
+    pub fn dbsc_refresh(
+        &self,
+        headers: &HeaderMap,
+        auth: &Authenticator,
+        posture: &Posture,
+    ) -> Result<DbscOutcome, DbscFailure> {
+        let now_ms = crate::util::now_unix_ms();
+        let now = now_ms / 1000;
+        let id = headers
+            .get(dbsc::SESSION_ID_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(dbsc::parse_sf_string)
+            .ok_or(DbscFailure::Proof(dbsc::DbscError::UnknownSession))?;
+        let Some(live) = self.dbsc_session(headers, auth, posture, now) else {
+            return Ok(DbscOutcome::Terminate);
+        };
+        let Some(binding) = live.dbsc.as_ref().filter(|b| b.session_identifier == id) else {
+            return Ok(DbscOutcome::Terminate);
+        };
+        let hash = &live.record.id_hash;
+        let challenge = || self.dbsc.challenge_header(&id, hash, now);
+        let proof = match proof_header(headers) {
+            Ok(p) => p,
+            Err(DbscFailure::Proof(e)) if e.wants_challenge() => {
+                return Ok(DbscOutcome::Challenge(challenge()));
+            }
+            Err(e) => return Err(e),
+        };
+        match self.dbsc.verify_refresh(&proof, binding, hash, now) {
+            Ok(()) => {
+                live.last_proof.fetch_max(now, Ordering::Relaxed);
+                Ok(DbscOutcome::Refreshed {
+                    set_cookie: self.dbsc.set_bound_cookie(hash, now_ms),
+                    challenge: challenge(),
+                })
+            }
+            Err(e) if e.wants_challenge() => {
+                tracing::info!(session = %&hash[..16], error = %e, "dbsc refresh: new challenge");
+                Ok(DbscOutcome::Challenge(challenge()))
+            }
+            Err(e) => {
+                tracing::warn!(session = %&hash[..16], error = %e, "dbsc refresh refused");
+                Err(DbscFailure::Proof(e))
+            }
+        }
+    }
+
+    /// Phase 3 for a DBSC-bound session: its bound cookie must be one this
+    /// proxy minted for this session after a proof, unexpired, and newer
+    /// than the last change of the session's subject or device
+    /// (`not_before_ms`, so a posture change demands a fresh proof at once).
+    /// Sessions without a registered key pass.
+    pub fn check_bound(
+        &self,
+        live: &LiveSession,
+        headers: &HeaderMap,
+        not_before_ms: u64,
+        now_ms: u64,
+    ) -> Result<(), dbsc::DbscError> {
+        if live.record.dbsc.is_none() {
+            return Ok(());
+        }
+        let values = cookie::cookie_values(headers, dbsc::BOUND_COOKIE);
+        let value = match values.as_slice() {
+            [] => None,
+            [v] => Some(*v),
+            _ => return Err(dbsc::DbscError::BadCookie),
+        };
+        self.dbsc
+            .check_bound_cookie(value, &live.record.id_hash, not_before_ms, now_ms)
+    }
+}
+
+/// The `Secure-Session-Response` proof, unquoted.
+fn proof_header(headers: &HeaderMap) -> Result<String, DbscFailure> {
+    let mut all = headers.get_all(dbsc::RESPONSE_HEADER).iter();
+    let (v, None) = (all.next(), all.next()) else {
+        return Err(DbscFailure::Proof(dbsc::DbscError::Malformed));
+    };
+    let Some(v) = v else {
+        return Err(DbscFailure::Proof(dbsc::DbscError::MissingProof));
+    };
+    if v.len() > dbsc::MAX_PROOF_BYTES + 2 {
+        return Err(DbscFailure::Proof(dbsc::DbscError::Malformed));
+    }
+    v.to_str()
+        .ok()
+        .and_then(dbsc::parse_sf_string)
+        .ok_or(DbscFailure::Proof(dbsc::DbscError::Malformed))
+}
+
 /// Writes one session event through the apply path.
 async fn session_event(
     posture: &Posture,
@@ -757,7 +1019,7 @@ pub fn principal(r: &SessionRecord, auth: &Authenticator) -> Option<Arc<Verified
         exp: r.expires_s,
         nbf: None,
         iat: Some(r.created_s),
-        jti: Some(format!("session:{}", &r.id_hash[..r.id_hash.len().min(32)])),
+        jti: Some(record::principal_jti(&r.id_hash)),
         sid: r.idp_sid.clone(),
         acr: r.acr.clone(),
         amr: Some(r.amr.clone()).filter(|a| !a.is_empty()),
