@@ -178,7 +178,10 @@ impl Proxy {
                 }
                 Ok(redirect_response(&r, &ctx.id))
             }
-            (Method::GET, paths::LOGOUT) => Ok(logout_page(&ctx.id)),
+            (Method::GET, paths::LOGOUT) => Ok(logout_page(
+                &ctx.id,
+                b.end_session_origin().await.as_deref(),
+            )),
             (Method::POST, paths::LOGOUT) => {
                 let r = b.logout(&req, &self.posture).await.map_err(Denial::Login)?;
                 Ok(redirect_response(&r, &ctx.id))
@@ -427,14 +430,16 @@ pub fn redirect_response(r: &crate::session::Redirect, request_id: &str) -> Resp
 }
 
 /// The page at `GET /.portcullis/logout`: one button that POSTs.
-pub(crate) fn logout_page(request_id: &str) -> Response<ProxyBody> {
+/// `idp_origin` is the IdP's end-session origin: the POST answers with a
+/// redirect there, and `form-action` governs that redirect too.
+pub(crate) fn logout_page(request_id: &str, idp_origin: Option<&str>) -> Response<ProxyBody> {
     let body = "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
 <meta name=\"viewport\" content=\"width=device-width\"><title>Sign out</title></head>\
 <body><main><h1>Sign out</h1><form method=\"post\" action=\"/.portcullis/logout\">\
 <button type=\"submit\">Sign out</button></form></main></body></html>\n";
-    super::rescue::html_page(
-        Bytes::from_static(body.as_bytes()),
-        "default-src 'none'; form-action 'self'",
-        request_id,
-    )
+    let csp = match idp_origin {
+        Some(o) => format!("default-src 'none'; form-action 'self' {o}"),
+        None => "default-src 'none'; form-action 'self'".to_owned(),
+    };
+    super::rescue::html_page(Bytes::from_static(body.as_bytes()), &csp, request_id)
 }

@@ -52,6 +52,46 @@ pub fn strip_identity(headers: &mut HeaderMap, names: &[HeaderName]) {
     }
 }
 
+/// Removes the proxy's own cookies (`names`) from every `Cookie` line, so the
+/// app never holds the browser's session or bound cookie: a leaked app log or
+/// a compromised app must not yield a credential for the proxy. Lines left
+/// empty go; other cookies pass unchanged, in order.
+pub fn strip_own_cookies(headers: &mut HeaderMap, names: &[&str]) {
+    let own = |pair: &str| {
+        let name = pair.split_once('=').map_or(pair, |(n, _)| n).trim();
+        names.contains(&name)
+    };
+    let lines = headers.get_all(header::COOKIE);
+    if !lines
+        .iter()
+        .any(|v| v.to_str().map_or(true, |s| s.split(';').any(own)))
+    {
+        return;
+    }
+    let kept: Vec<HeaderValue> = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| {
+            // A line that is not visible ASCII cannot be parsed into cookies
+            // safely; it goes whole rather than pass a cookie unexamined.
+            let s = v.to_str().ok()?;
+            let rest: Vec<&str> = s
+                .split(';')
+                .map(str::trim)
+                .filter(|p| !p.is_empty() && !own(p))
+                .collect();
+            if rest.is_empty() {
+                return None;
+            }
+            HeaderValue::from_str(&rest.join("; ")).ok()
+        })
+        .collect();
+    headers.remove(header::COOKIE);
+    for v in kept {
+        headers.append(header::COOKIE, v);
+    }
+}
+
 /// The protocol an `Upgrade` request asks for, when it is a real HTTP/1.1
 /// upgrade (`Connection: upgrade` plus `Upgrade: …`).
 pub fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
@@ -163,6 +203,7 @@ pub fn drop_underscored(
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     fn map(names: &[&str]) -> HeaderMap {
@@ -189,6 +230,42 @@ mod tests {
         ]);
         strip_identity(&mut h, &stripped);
         assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["accept"]);
+    }
+
+    #[test]
+    fn own_cookies_never_reach_the_app() {
+        let own = ["__Host-portcullis-session", "__Host-portcullis-bound"];
+        let mut h = HeaderMap::new();
+        h.append(
+            header::COOKIE,
+            HeaderValue::from_static("a=1; __Host-portcullis-session=s3cr3t; b=2"),
+        );
+        h.append(
+            header::COOKIE,
+            HeaderValue::from_static("__Host-portcullis-bound=x"),
+        );
+        h.append(header::COOKIE, HeaderValue::from_static("c=3"));
+        strip_own_cookies(&mut h, &own);
+        let lines: Vec<_> = h
+            .get_all(header::COOKIE)
+            .iter()
+            .map(|v| v.to_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(lines, ["a=1; b=2", "c=3"]);
+        // A look-alike name is another cookie, kept; no Cookie line: nothing changes.
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::COOKIE,
+            HeaderValue::from_static("__Host-portcullis-sessionx=1"),
+        );
+        strip_own_cookies(&mut h, &own);
+        assert_eq!(
+            h.get(header::COOKIE).unwrap(),
+            "__Host-portcullis-sessionx=1"
+        );
+        let mut h = HeaderMap::new();
+        strip_own_cookies(&mut h, &own);
+        assert!(h.is_empty());
     }
 
     #[test]

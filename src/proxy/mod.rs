@@ -1181,6 +1181,7 @@ fn prepare_upstream_request<B>(
 
     let h = req.headers_mut();
     headers::strip_identity(h, &rt.stripped);
+    headers::strip_own_cookies(h, crate::session::OWN_COOKIES);
     h.remove(header::HOST);
     if !rt.config.proxy.forward_authorization {
         h.remove(header::AUTHORIZATION);

@@ -476,7 +476,7 @@ pub fn respond(d: &Denial, request_id: &str, dpop_algs: &str) -> Response<ProxyB
 
 /// A small HTML page the proxy itself serves: no caching, a strict CSP, the
 /// request id.
-pub(crate) fn html_page(body: Bytes, csp: &'static str, request_id: &str) -> Response<ProxyBody> {
+pub(crate) fn html_page(body: Bytes, csp: &str, request_id: &str) -> Response<ProxyBody> {
     let mut resp = Response::new(
         Full::new(body)
             .map_err(|never| match never {})
@@ -488,7 +488,10 @@ pub(crate) fn html_page(body: Bytes, csp: &'static str, request_id: &str) -> Res
         HeaderValue::from_static("text/html; charset=utf-8"),
     );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    h.insert("content-security-policy", HeaderValue::from_static(csp));
+    // A CSP that is not a valid header value (it never is: callers build it
+    // from constants and a checked origin) falls back to the strictest one.
+    let csp = HeaderValue::from_str(csp).unwrap_or(HeaderValue::from_static("default-src 'none'"));
+    h.insert("content-security-policy", csp);
     if let Ok(v) = HeaderValue::from_str(request_id) {
         h.insert("x-request-id", v);
     }

@@ -27,6 +27,13 @@ use crate::config::BrowserConfig;
 use crate::posture::Posture;
 use crate::posture::event::{Change, Feed, PostureEvent};
 pub use cookie::CookieError;
+
+/// The proxy's own cookies; stripped from every request before it goes upstream.
+pub const OWN_COOKIES: &[&str] = &[
+    cookie::SESSION_COOKIE,
+    cookie::LOGIN_COOKIE,
+    dbsc::BOUND_COOKIE,
+];
 pub use oidc::{OidcError, RelyingParty};
 pub use record::{SessionBinding, SessionRecord};
 
@@ -688,6 +695,26 @@ impl Browser {
     /// The live session for an id hash, if a request used it since start.
     pub fn live(&self, id_hash: &str) -> Option<Arc<LiveSession>> {
         self.live.pin().get(id_hash).cloned()
+    }
+
+    /// The origin (`scheme://host[:port]`) of the IdP's `end_session_endpoint`,
+    /// for the sign-out page's `form-action`: browsers apply it to the redirect
+    /// that follows the form's POST, so `'self'` alone blocks the IdP's sign-out.
+    pub async fn end_session_origin(&self) -> Option<String> {
+        let m = self.rp.metadata().await.ok()?;
+        let uri: http::Uri = m.end_session_endpoint.as_deref()?.parse().ok()?;
+        let scheme = uri.scheme_str()?;
+        let authority = uri.authority()?.as_str();
+        // Only a plain origin goes into a CSP header: no userinfo, nothing a
+        // header value or a CSP source list would read as a separator.
+        let clean = |x: &str| {
+            !x.is_empty()
+                && x.bytes().all(|b| {
+                    b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']')
+                })
+        };
+        (matches!(scheme, "https" | "http") && clean(authority))
+            .then(|| format!("{scheme}://{authority}"))
     }
 
     /// RP-initiated logout: a same-origin POST deletes the session, clears

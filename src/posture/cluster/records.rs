@@ -88,7 +88,9 @@ pub fn change_key(c: &Change) -> String {
         Change::Device { id, .. } => device_key(id),
         Change::Identity { subject, .. } => identity_key(subject),
         Change::Group { id, .. } => group_key(id),
-        Change::Session { id_hash, .. } => session_key(id_hash),
+        Change::Session { id_hash, .. } | Change::SessionDbsc { id_hash, .. } => {
+            session_key(id_hash)
+        }
         Change::Revoke { target, key } => revocation_key(*target, key),
     }
 }
