@@ -869,3 +869,252 @@ pub fn findings(inp: &Inputs<'_>) -> Vec<Finding> {
     });
     out
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::posture::model::Lifecycle;
+
+    const NOW: u64 = 1_800_000_000_000;
+    const T: u64 = NOW - 3_600_000;
+
+    fn ident(sub: &str, f: impl FnOnce(&mut Identity)) -> Arc<Identity> {
+        let mut i = Identity {
+            subject: sub.into(),
+            ..Identity::default()
+        };
+        f(&mut i);
+        Arc::new(i)
+    }
+
+    fn row(sub: &str, dev: &str, route: &str, last: u64, fwd: u64) -> RouteRow {
+        RouteRow {
+            subject: sub.into(),
+            device: Some(dev.into()),
+            route: route.into(),
+            decision: if fwd == last { "allow" } else { "deny" }.into(),
+            first_ms: T - 10_000,
+            last_ms: last,
+            last_request: format!("req-{last}"),
+            last_forwarded_ms: fwd,
+            last_forwarded_request: format!("req-{fwd}"),
+            count: 1,
+            workload: false,
+        }
+    }
+
+    fn token(sub: &str, iat_s: u64, exp_s: u64, last: u64) -> TokenRow {
+        TokenRow {
+            hash: "ab".repeat(32),
+            subject: sub.into(),
+            device: None,
+            iat_s: Some(iat_s),
+            exp_s,
+            first_ms: last,
+            last_ms: last,
+            last_request: "req-tok".into(),
+            last_forwarded_ms: last,
+            last_forwarded_request: "req-tok".into(),
+            workload: false,
+        }
+    }
+
+    struct World {
+        ids: Vec<Arc<Identity>>,
+        devs: Vec<Arc<Device>>,
+        routes: Vec<RouteRow>,
+        tokens: Vec<TokenRow>,
+        feeds: BTreeMap<String, FeedSeen>,
+        cfg: AccessConfig,
+    }
+
+    impl World {
+        fn new() -> Self {
+            Self {
+                ids: vec![],
+                devs: vec![],
+                routes: vec![],
+                tokens: vec![],
+                feeds: BTreeMap::new(),
+                cfg: AccessConfig::default(),
+            }
+        }
+
+        fn run(&self) -> Vec<Finding> {
+            let sens: HashMap<String, Sensitivity> = [
+                ("payroll".to_owned(), Sensitivity::Critical),
+                ("wiki".to_owned(), Sensitivity::Low),
+            ]
+            .into();
+            findings(&Inputs {
+                identities: &self.ids,
+                devices: &self.devs,
+                sessions: &[],
+                routes: &self.routes,
+                tokens: &self.tokens,
+                feeds: &self.feeds,
+                history: &HashMap::new(),
+                sensitivity: &sens,
+                started_ms: NOW - 10_000_000,
+                now_ms: NOW,
+                config: &self.cfg,
+            })
+        }
+
+        fn kinds(&self) -> Vec<FindingKind> {
+            self.run().into_iter().map(|f| f.kind).collect()
+        }
+    }
+
+    #[test]
+    fn leaver_with_access_after_termination_is_critical_and_refused_use_is_medium() {
+        let mut w = World::new();
+        w.ids.push(ident("ann", |i| {
+            i.status = IdentityStatus::Terminated;
+            i.field_ms.insert("status".into(), T);
+        }));
+        w.routes.push(row("ann", "d1", "wiki", T + 5, T + 5));
+        let f = w.run();
+        assert_eq!(f[0].kind, FindingKind::LeaverAccess);
+        assert_eq!(f[0].severity, Severity::Critical);
+        assert!(
+            f[0].evidence
+                .request_ids
+                .contains(&format!("req-{}", T + 5))
+        );
+        w.routes[0] = row("ann", "d1", "wiki", T + 5, T - 5);
+        assert_eq!(w.run()[0].severity, Severity::Medium);
+        w.routes[0] = row("ann", "d1", "wiki", T - 5, T - 5);
+        assert!(w.run().is_empty());
+    }
+
+    #[test]
+    fn lost_device_noncompliant_posture_and_shared_device() {
+        let mut w = World::new();
+        w.devs.push(Arc::new(Device {
+            id: "d1".into(),
+            lifecycle: Lifecycle::Lost,
+            field_ms: [("lifecycle".to_owned(), T)].into(),
+            ..Device::default()
+        }));
+        w.ids
+            .push(ident("bo", |i| i.entitlements = vec!["pay".into()]));
+        w.routes.push(row("bo", "d1", "payroll", T + 9, T + 9));
+        let k = w.kinds();
+        assert!(k.contains(&FindingKind::DeadDeviceAccess), "{k:?}");
+        assert!(
+            k.contains(&FindingKind::PostureWithoutPermissionChange),
+            "{k:?}"
+        );
+        // Only low routes: no posture finding.
+        w.routes[0].route = "wiki".into();
+        assert!(
+            !w.kinds()
+                .contains(&FindingKind::PostureWithoutPermissionChange)
+        );
+
+        let mut w = World::new();
+        w.devs.push(Arc::new(Device {
+            id: "kiosk".into(),
+            ..Device::default()
+        }));
+        for u in ["a", "b", "c"] {
+            w.routes.push(row(u, "kiosk", "wiki", NOW - 5, NOW - 5));
+        }
+        assert_eq!(w.kinds(), vec![FindingKind::SharedDevice]);
+        w.routes.pop();
+        assert!(w.kinds().is_empty());
+    }
+
+    #[test]
+    fn mover_tokens_issued_before_the_group_change_still_used() {
+        let mut w = World::new();
+        w.ids.push(ident("cy", |i| {
+            i.groups = vec!["Eng".into()];
+            i.field_ms.insert("groups".into(), T);
+        }));
+        w.tokens
+            .push(token("cy", T / 1000 - 60, NOW / 1000 + 600, T + 1000));
+        assert_eq!(w.kinds(), vec![FindingKind::MoverStaleTokens]);
+        // A token issued after the move is fine.
+        w.tokens[0].iat_s = Some(T / 1000 + 1);
+        assert!(w.kinds().is_empty());
+    }
+
+    #[test]
+    fn workload_owner_left_old_credential_and_lost_device() {
+        let mut w = World::new();
+        w.ids.push(ident("owner", |i| {
+            i.status = IdentityStatus::Terminated;
+            i.aliases = vec!["scim:42".into()];
+        }));
+        w.ids.push(ident("svc", |i| {
+            i.scim = Some(serde_json::json!({
+                "userType": "Service",
+                crate::config::DEFAULT_OWNER_ATTRIBUTE.rsplit_once(':').unwrap().0: {"manager": {"value": "42"}}
+            }));
+            i.devices = vec!["d9".into()];
+        }));
+        w.devs.push(Arc::new(Device {
+            id: "d9".into(),
+            lifecycle: Lifecycle::Wiped,
+            ..Device::default()
+        }));
+        w.tokens.push(token(
+            "svc",
+            NOW / 1000 - 100 * 86_400,
+            NOW / 1000 + 60,
+            NOW - 10,
+        ));
+        let k = w.kinds();
+        for want in [
+            FindingKind::WorkloadOwnerLeft,
+            FindingKind::WorkloadCredentialOld,
+            FindingKind::WorkloadOnDeadDevice,
+        ] {
+            assert!(k.contains(&want), "{want:?} missing from {k:?}");
+        }
+    }
+
+    #[test]
+    fn contractor_past_end_date_from_the_scim_attribute() {
+        let mut w = World::new();
+        w.ids.push(ident("dee", |i| {
+            i.scim = Some(serde_json::json!({
+                "userType": "contractor",
+                "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User": {"endDate": "2020-01-31"}
+            }));
+        }));
+        let f = w.run();
+        assert_eq!(f.len(), 1);
+        assert_eq!(f[0].kind, FindingKind::ContractorPastEnd);
+        assert!(f[0].evidence.times[0].contains("2020-01-31T23:59:59"));
+        w.ids[0] = ident("dee", |i| {
+            i.scim = Some(
+                serde_json::json!({"userType": "contractor", "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User": {"endDate": "2999-01-01"}}),
+            );
+        });
+        assert!(w.run().is_empty());
+    }
+
+    #[test]
+    fn silent_feed_only_when_configured_and_past_its_interval() {
+        let mut w = World::new();
+        w.feeds.insert(
+            "intune".into(),
+            FeedSeen {
+                last_accepted_ms: NOW - 7_200_000,
+                last_event_id: "intune:1".into(),
+                events: 1,
+            },
+        );
+        assert!(w.run().is_empty());
+        w.cfg.feed_intervals.insert("intune".into(), 3600);
+        let f = w.run();
+        assert_eq!(f[0].kind, FindingKind::FeedSilent);
+        assert_eq!(f[0].evidence.event_ids, vec!["intune:1".to_owned()]);
+        w.cfg.feed_intervals.insert("intune".into(), 10_000);
+        assert!(w.run().is_empty());
+    }
+}
