@@ -352,6 +352,56 @@ fn field_time(field_ms: &BTreeMap<String, u64>, fields: &[&str], fallback: u64) 
         .unwrap_or(fallback)
 }
 
+/// 7. A device with several distinct users active on it.
+fn shared_device(
+    out: &mut Vec<Finding>,
+    id: &str,
+    ownership: Option<Ownership>,
+    rows: &[&RouteRow],
+    names: &Names<'_>,
+    active_since: u64,
+    cfg: &AccessConfig,
+) {
+    let mut active: BTreeSet<&str> = BTreeSet::new();
+    let mut reqs = Vec::new();
+    for r in rows
+        .iter()
+        .filter(|r| r.last_forwarded_ms >= active_since && r.last_forwarded_ms > 0)
+    {
+        if active.insert(names.canonical(&r.subject)) {
+            reqs.push(r.last_forwarded_request.clone());
+        }
+    }
+    if active.len() >= cfg.shared_device_threshold {
+        let declared = ownership == Some(Ownership::Shared);
+        out.push(Finding {
+            kind: FindingKind::SharedDevice,
+            severity: if declared { Severity::Low } else { Severity::Medium },
+            subject: None,
+            device: Some(id.to_owned()),
+            routes: Vec::new(),
+            feed: None,
+            summary: format!(
+                "device `{id}` has {} active users ({}){}",
+                active.len(),
+                active.iter().copied().collect::<Vec<_>>().join(", "),
+                if declared { ", and is declared shared" } else { "" }
+            ),
+            evidence: Evidence {
+                event_ids: Vec::new(),
+                request_ids: reqs,
+                times: vec![format!("window: since {}", at(active_since))],
+                credentials: Vec::new(),
+            },
+            fix: if declared {
+                "a declared shared device: require step-up and short sessions per user".into()
+            } else {
+                "find out why several people use one device; mark it shared in the MDM (and require per-user step-up) or reassign it".into()
+            },
+        });
+    }
+}
+
 /// Every finding, most severe first.
 pub fn findings(inp: &Inputs<'_>) -> Vec<Finding> {
     let names = Names::new(inp.identities);
@@ -786,44 +836,20 @@ pub fn findings(inp: &Inputs<'_>) -> Vec<Finding> {
             }
         }
 
-        // 7. shared device
-        let mut active: BTreeSet<&str> = BTreeSet::new();
-        let mut reqs = Vec::new();
-        for r in rows
-            .iter()
-            .filter(|r| r.last_forwarded_ms >= active_since && r.last_forwarded_ms > 0)
-        {
-            if active.insert(names.canonical(&r.subject)) {
-                reqs.push(r.last_forwarded_request.clone());
-            }
-        }
-        if active.len() >= cfg.shared_device_threshold {
-            let declared = d.ownership == Ownership::Shared;
-            out.push(Finding {
-                kind: FindingKind::SharedDevice,
-                severity: if declared { Severity::Low } else { Severity::Medium },
-                subject: None,
-                device: Some(id.to_owned()),
-                routes: Vec::new(),
-                feed: None,
-                summary: format!(
-                    "device `{id}` has {} active users ({}){}",
-                    active.len(),
-                    active.iter().copied().collect::<Vec<_>>().join(", "),
-                    if declared { ", and is declared shared" } else { "" }
-                ),
-                evidence: Evidence {
-                    event_ids: Vec::new(),
-                    request_ids: reqs,
-                    times: vec![format!("window: since {}", at(active_since))],
-                    credentials: Vec::new(),
-                },
-                fix: if declared {
-                    "a declared shared device: require step-up and short sessions per user".into()
-                } else {
-                    "find out why several people use one device; mark it shared in the MDM (and require per-user step-up) or reassign it".into()
-                },
-            });
+        shared_device(
+            &mut out,
+            id,
+            Some(d.ownership),
+            rows,
+            &names,
+            active_since,
+            cfg,
+        );
+    }
+    // 7. devices no feed describes can be shared too.
+    for (id, rows) in &rows_by_device {
+        if !devices.contains_key(id) {
+            shared_device(&mut out, id, None, rows, &names, active_since, cfg);
         }
     }
 

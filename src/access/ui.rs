@@ -81,7 +81,7 @@ pub fn chart(h: &FeedHealth) -> String {
     let mut s = String::new();
     let _ = write!(
         s,
-        "<svg class=\"window-chart\" data-feed=\"{f}\" xmlns=\"http://www.w3.org/2000/svg\" width=\"{W}\" height=\"{H}\" viewBox=\"0 0 {W} {H}\" role=\"img\" aria-label=\"control window distribution for {f}\">\
+        "<svg class=\"window-chart\" data-feed=\"{f}\" width=\"{W}\" height=\"{H}\" viewBox=\"0 0 {W} {H}\" role=\"img\" aria-label=\"control window distribution for {f}\">\
 <title>control window distribution: {f}</title>\
 <line x1=\"{PAD}\" y1=\"{y0}\" x2=\"{W}\" y2=\"{y0}\" stroke=\"#8893a0\"/>",
         f = esc(&h.feed),
