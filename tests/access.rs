@@ -574,7 +574,8 @@ async fn feed_silent_beyond_its_expected_interval() {
     assert_eq!(mdm["expected_interval_s"], 1);
 }
 
-#[tokio::test]
+// The CLI child talks to this process's admin listener: more than one thread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn filters_shapes_cli_and_restart() {
     let mut e = Env::start("").await;
     e.user("fay@example.com", json!({ "department": "Ops" }))

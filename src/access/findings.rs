@@ -525,7 +525,13 @@ pub fn findings(inp: &Inputs<'_>) -> Vec<Finding> {
         // 4. mover
         if i.status == IdentityStatus::Active {
             let tm = field_time(&i.field_ms, &["groups", "entitlements"], 0);
-            if tm > 0 {
+            // The joiner's own event sets groups too: only a later change is a move.
+            let joined = inp
+                .history
+                .get(&key)
+                .filter(|h| h.len() < super::report::EVIDENCE_EVENTS)
+                .and_then(|h| h.iter().map(|e| e.event.origin_ms).min());
+            if tm > 0 && joined.is_none_or(|j| j < tm) {
                 let stale: Vec<&&TokenRow> = tokens
                     .iter()
                     .filter(|tk| {
