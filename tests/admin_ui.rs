@@ -69,7 +69,13 @@ impl Env {
         e
     }
 
-    async fn admin(&self, method: Method, path: &str, token: Option<&str>, body: String) -> (StatusCode, http::HeaderMap, String) {
+    async fn admin(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: String,
+    ) -> (StatusCode, http::HeaderMap, String) {
         let mut b = Request::builder()
             .method(method)
             .uri(format!("http://{}{path}", self.server.admin_addr))
@@ -77,13 +83,21 @@ impl Env {
         if let Some(t) = token {
             b = b.header("authorization", format!("Bearer {t}"));
         }
-        let resp = tokio::time::timeout(DEADLINE, self.http.request(b.body(Full::new(Bytes::from(body))).unwrap()))
-            .await
-            .unwrap()
-            .unwrap();
+        let resp = tokio::time::timeout(
+            DEADLINE,
+            self.http
+                .request(b.body(Full::new(Bytes::from(body))).unwrap()),
+        )
+        .await
+        .unwrap()
+        .unwrap();
         let (parts, body) = resp.into_parts();
         let body = body.collect().await.unwrap().to_bytes();
-        (parts.status, parts.headers, String::from_utf8_lossy(&body).into_owned())
+        (
+            parts.status,
+            parts.headers,
+            String::from_utf8_lossy(&body).into_owned(),
+        )
     }
 
     async fn proxied(&self, sub: &str, device: &str) -> StatusCode {
@@ -101,7 +115,11 @@ impl Env {
     async fn seed(&self) {
         assert_eq!(self.proxied("ivy", "ivy-mac").await, StatusCode::OK);
         for (id, dev, body) in [
-            ("c-1", "ivy-mac", json!({ "compliance": "compliant", "lifecycle": "enrolled" })),
+            (
+                "c-1",
+                "ivy-mac",
+                json!({ "compliance": "compliant", "lifecycle": "enrolled" }),
+            ),
             ("l-1", "lost-pc", json!({ "lifecycle": "lost" })),
         ] {
             let mut ev = json!({ "event_id": id, "device_id": dev, "occurred_at": portcullis::util::now_unix_ms() });
@@ -109,7 +127,12 @@ impl Env {
                 ev[k] = v.clone();
             }
             let (st, _, b) = self
-                .admin(Method::POST, "/mdm/v1/acme/events", Some(MDM_SECRET), ev.to_string())
+                .admin(
+                    Method::POST,
+                    "/mdm/v1/acme/events",
+                    Some(MDM_SECRET),
+                    ev.to_string(),
+                )
                 .await;
             assert_eq!(st, StatusCode::ACCEPTED, "{b}");
         }
@@ -131,32 +154,56 @@ async fn operator_page_needs_the_token_and_sets_a_strict_csp() {
         assert!(h.contains_key("www-authenticate"));
         assert!(!body.contains("ivy"), "{body}");
     }
-    let (st, h, page) = e.admin(Method::GET, "/admin/ui", Some(ADMIN_TOKEN), String::new()).await;
+    let (st, h, page) = e
+        .admin(Method::GET, "/admin/ui", Some(ADMIN_TOKEN), String::new())
+        .await;
     assert_eq!(st, StatusCode::OK);
     assert!(h["content-type"].to_str().unwrap().starts_with("text/html"));
     assert_eq!(h["cache-control"], "no-store");
     assert_eq!(h["x-content-type-options"], "nosniff");
     let csp = h["content-security-policy"].to_str().unwrap();
-    for d in ["default-src 'none'", "script-src 'none'", "frame-ancestors 'none'", "base-uri 'none'"] {
+    for d in [
+        "default-src 'none'",
+        "script-src 'none'",
+        "frame-ancestors 'none'",
+        "base-uri 'none'",
+    ] {
         assert!(csp.contains(d), "{csp}");
     }
     // The one inline style carries the CSP's nonce; nothing else is inline.
-    let nonce = csp.split("'nonce-").nth(1).unwrap().split('\'').next().unwrap();
+    let nonce = csp
+        .split("'nonce-")
+        .nth(1)
+        .unwrap()
+        .split('\'')
+        .next()
+        .unwrap();
     assert!(page.contains(&format!("<style nonce=\"{nonce}\">")));
     assert_eq!(page.matches("<style").count(), 1);
-    assert!(!page.contains(" style="), "inline style attributes would need 'unsafe-inline'");
+    assert!(
+        !page.contains(" style="),
+        "inline style attributes would need 'unsafe-inline'"
+    );
     // No script, no external asset, no URL at all.
     assert!(!page.to_lowercase().contains("<script"));
-    assert!(!page.contains("http://") && !page.contains("https://") && !page.contains("//"), "external URL in the page");
+    assert!(
+        !page.contains("http://") && !page.contains("https://") && !page.contains("//"),
+        "external URL in the page"
+    );
     // The chart, the findings table, feed health and the picture.
-    assert!(page.contains("<svg class=\"window-chart\" data-feed=\"mdm\""), "{page}");
+    assert!(
+        page.contains("<svg class=\"window-chart\" data-feed=\"mdm\""),
+        "{page}"
+    );
     assert!(page.contains("<table id=\"findings\">"));
     assert!(page.contains("data-kind=\"dead_device_access\""));
     assert!(page.contains("<table id=\"feeds\">") && page.contains("<table id=\"picture\">"));
     // Subjects are data: escaped, never markup.
     assert!(page.contains("&lt;b&gt;jo&lt;/b&gt;") && !page.contains("<b>jo</b>"));
     // A nonce is fresh per response.
-    let (_, h2, _) = e.admin(Method::GET, "/admin/ui", Some(ADMIN_TOKEN), String::new()).await;
+    let (_, h2, _) = e
+        .admin(Method::GET, "/admin/ui", Some(ADMIN_TOKEN), String::new())
+        .await;
     assert_ne!(h2["content-security-policy"], h["content-security-policy"]);
 }
 
@@ -182,17 +229,37 @@ async fn operator_page_renders_in_headless_chromium_with_chart_and_findings() {
     .await
     .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: Value = serde_json::from_str(stdout.trim()).unwrap();
     assert_eq!(v["status"], 200, "{v}");
     assert_eq!(v["title"], "portcullis · access");
     let charts = v["charts"].as_array().unwrap();
-    let mdm = charts.iter().find(|c| c["feed"] == "mdm").unwrap_or_else(|| panic!("no mdm chart: {v}"));
+    let mdm = charts
+        .iter()
+        .find(|c| c["feed"] == "mdm")
+        .unwrap_or_else(|| panic!("no mdm chart: {v}"));
     assert!(mdm["bars"].as_u64().unwrap() > 1, "{mdm}");
-    let windows: u64 = mdm["counts"].as_array().unwrap().iter().map(|c| c.as_u64().unwrap()).sum();
+    let windows: u64 = mdm["counts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_u64().unwrap())
+        .sum();
     assert!(windows >= 1, "{mdm}");
-    assert!(mdm["height"].as_f64().unwrap() > 50.0, "the chart is drawn: {mdm}");
-    let findings: Vec<&str> = v["findings"].as_array().unwrap().iter().map(|f| f.as_str().unwrap()).collect();
+    assert!(
+        mdm["height"].as_f64().unwrap() > 50.0,
+        "the chart is drawn: {mdm}"
+    );
+    let findings: Vec<&str> = v["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f.as_str().unwrap())
+        .collect();
     assert!(findings.contains(&"dead_device_access"), "{v}");
     for t in ["findings", "feeds", "picture"] {
         assert!(v["tables"].as_array().unwrap().contains(&json!(t)), "{v}");
@@ -202,10 +269,17 @@ async fn operator_page_renders_in_headless_chromium_with_chart_and_findings() {
     // Nothing loaded from anywhere else, and no CSP violation.
     let admin = format!("http://{}/", e.server.admin_addr);
     for r in v["other_requests"].as_array().unwrap() {
-        assert!(r.as_str().unwrap().starts_with(&admin), "external request: {r}");
+        assert!(
+            r.as_str().unwrap().starts_with(&admin),
+            "external request: {r}"
+        );
     }
     assert!(
-        !v["console"].as_array().unwrap().iter().any(|m| m.as_str().unwrap().contains("Content Security Policy")),
+        !v["console"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m.as_str().unwrap().contains("Content Security Policy")),
         "{v}"
     );
 }
