@@ -723,3 +723,44 @@ async fn filters_shapes_cli_and_restart() {
     assert_eq!(r["subjects"][0]["routes"][0]["last_request"], r1.as_str());
     assert_eq!(r["subjects"][0]["tokens"].as_array().unwrap().len(), 1);
 }
+
+#[test]
+fn check_names_the_access_key_that_is_wrong() {
+    let pki = TestPki::new();
+    pki.issuer_key("k1");
+    let routes =
+        "[[routes]]\nname = \"app\"\nupstream = \"http://127.0.0.1:9\"\nauth = \"bearer\"\n";
+    let base = base_config(ISS, r#"jwks_file = "jwks.json""#, routes);
+    for (name, access, needle) in [
+        (
+            "threshold.toml",
+            "shared_device_threshold = 1",
+            "access.shared_device_threshold",
+        ),
+        (
+            "feed.toml",
+            "[access.feed_intervals]\nkandji = 60",
+            "access.feed_intervals.kandji",
+        ),
+        ("bound.toml", "max_entries = 0", "access.max_entries"),
+        ("typo.toml", "max_entrys = 5", "max_entrys"),
+    ] {
+        let body = base.replace("[log]", &format!("[access]\n{access}\n\n[log]"));
+        let p = pki.write_config(name, &body);
+        let out = std::process::Command::new(binary())
+            .args(["check", "--config"])
+            .arg(&p)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!out.status.success(), "{name}: check passed: {text}");
+        assert!(
+            text.contains(needle),
+            "{name}: `{needle}` not named: {text}"
+        );
+    }
+}
