@@ -7,6 +7,7 @@
 //! owns listeners and lifecycle, `admin` the admin listener, `cli` and
 //! `demo` the outside view.
 
+pub mod access;
 pub mod admin;
 pub mod authn;
 pub mod binding;

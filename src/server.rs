@@ -220,6 +220,10 @@ impl Shared {
         .inspect_err(|_| self.policy_reloaded(false))?;
         self.tls.store(tls);
         self.feeds.store(feeds);
+        self.proxy
+            .access
+            .memory
+            .set_bounds(rt.config.access.max_entries, rt.config.access.max_tokens);
         self.proxy.runtime.store(Arc::new(rt));
         if let Some(e) = &engine {
             self.policy_reloaded(true);
@@ -509,6 +513,22 @@ pub async fn start_with(cfg: Config, metrics: Arc<Metrics>) -> Result<RunningSer
         ));
     }
     tasks.spawn(policy_watch_loop(shared.clone(), rx.clone()));
+    // The access memory's tables live in the store's database; without them
+    // the picture still works, from memory only.
+    match shared.proxy.access.attach_store(&cfg.store.path) {
+        Ok(store) => {
+            let proxy = shared.proxy.clone();
+            tasks.spawn(crate::access::store::flush_loop(
+                store,
+                shared.proxy.access.memory.clone(),
+                move || Duration::from_millis(proxy.runtime.load().config.access.flush_interval_ms),
+                rx.clone(),
+            ));
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "access memory is not durable: its tables did not open")
+        }
+    }
     tasks.spawn(crate::proxy::live::redecide_loop(
         shared.proxy.clone(),
         rx.clone(),

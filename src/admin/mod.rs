@@ -114,10 +114,102 @@ fn explain(shared: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>
     }
 }
 
+/// `GET /admin/v1/access?subject=…&device=…&route=…&finding=…&format=json|csv|table`
+/// and `GET /admin/ui` (same filters): the access picture and its findings
+/// (admin API token). A filter that matches nothing gives an empty picture.
+async fn access(shared: &AdminState, req: &Request<Incoming>, ui: bool) -> Response<Full<Bytes>> {
+    use crate::feeds::{error, json};
+    let rt = shared.proxy.runtime.load_full();
+    if let Some(refusal) =
+        crate::feeds::admin::api_token_refusal(&rt.config, &shared.proxy.metrics, req)
+    {
+        return refusal;
+    }
+    if req.method() != http::Method::GET {
+        return error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "GET only",
+        );
+    }
+    let (filter, format) =
+        match crate::access::report::Filter::parse_query(req.uri().query().unwrap_or("")) {
+            Ok(x) => x,
+            Err(m) => return error(StatusCode::BAD_REQUEST, "invalid_request", m),
+        };
+    let report = crate::access::report::build(
+        &shared.proxy.access,
+        &shared.posture,
+        &rt.config,
+        &shared.proxy.metrics.encode(),
+        &filter,
+    )
+    .await;
+    let typed = |body: String, ct: &'static str| {
+        let mut r = text(StatusCode::OK, body);
+        r.headers_mut()
+            .insert(header::CONTENT_TYPE, header::HeaderValue::from_static(ct));
+        r.headers_mut().insert(
+            header::CACHE_CONTROL,
+            header::HeaderValue::from_static("no-store"),
+        );
+        r
+    };
+    if ui {
+        let mut nonce = [0u8; 16];
+        if aws_lc_rs::rand::fill(&mut nonce).is_err() {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "no randomness for the page nonce",
+            );
+        }
+        let nonce = hex::encode(nonce);
+        let mut r = typed(
+            crate::access::ui::page(&report, &nonce),
+            "text/html; charset=utf-8",
+        );
+        let h = r.headers_mut();
+        if let Ok(v) = header::HeaderValue::from_str(&crate::access::ui::csp(&nonce)) {
+            h.insert(header::CONTENT_SECURITY_POLICY, v);
+        }
+        h.insert(
+            header::X_CONTENT_TYPE_OPTIONS,
+            header::HeaderValue::from_static("nosniff"),
+        );
+        h.insert(
+            header::REFERRER_POLICY,
+            header::HeaderValue::from_static("no-referrer"),
+        );
+        h.insert(
+            header::X_FRAME_OPTIONS,
+            header::HeaderValue::from_static("DENY"),
+        );
+        return r;
+    }
+    match format {
+        crate::access::report::Format::Json => match serde_json::to_value(&report) {
+            Ok(v) => json(StatusCode::OK, &v),
+            Err(_) => error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "the report did not serialize",
+            ),
+        },
+        crate::access::report::Format::Csv => typed(report.to_csv(), "text/csv; charset=utf-8"),
+        crate::access::report::Format::Table => {
+            typed(report.to_table(), "text/plain; charset=utf-8")
+        }
+    }
+}
+
 async fn handle(shared: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let path = req.uri().path();
     if path == "/admin/v1/explain" {
         return explain(shared, &req);
+    }
+    if path == "/admin/v1/access" || path == "/admin/ui" {
+        return access(shared, &req, path == "/admin/ui").await;
     }
     if path.starts_with("/admin/v1/")
         || path == "/ssf/push"

@@ -142,6 +142,9 @@ pub struct VerifiedToken {
     pub claims: Claims,
     /// The device named by the issuer's device claim, if any.
     pub device: Option<String>,
+    /// SHA-256 of the token (the cache key), for the access memory; `None`
+    /// for a browser session's principal.
+    pub hash: Option<[u8; 32]>,
     /// The identity headers for the upstream, built once per verified token
     /// (a cached token's requests clone them: a reference count, no copy).
     pub headers: TokenHeaders,
@@ -405,16 +408,17 @@ impl Authenticator {
             }
         };
         let headers = TokenHeaders::of(&claims, &issuer.cfg.name, device.as_deref());
+        let hash = crate::util::sha256(token.as_bytes());
         let verified = Arc::new(VerifiedToken {
             issuer,
             key,
             claims,
             device,
+            hash: Some(hash),
             headers,
         });
         check_times(&verified, now)?;
-        self.cache
-            .insert(crate::util::sha256(token.as_bytes()), verified.clone());
+        self.cache.insert(hash, verified.clone());
         Ok(verified)
     }
 }

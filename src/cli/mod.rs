@@ -1,5 +1,5 @@
 //! The command line: `serve`, `check`, `demo`, `policy test`, `policy
-//! replay`, `explain`.
+//! replay`, `explain`, `access-report`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -74,6 +74,31 @@ pub enum Command {
         /// `binding=dpop`, `client_id=…`, `ip=…`.
         #[arg(long = "fact", value_name = "KEY=VALUE")]
         facts: Vec<String>,
+    },
+    /// Print the current access picture and its stale-access findings, read
+    /// from a running proxy's admin API (`GET /admin/v1/access`).
+    AccessReport {
+        /// The running proxy's config file (for the admin address and token).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Admin listener address, when the config's is port 0 or not reachable as written.
+        #[arg(long)]
+        admin: Option<std::net::SocketAddr>,
+        /// `table`, `json` or `csv`.
+        #[arg(long, default_value = "table")]
+        format: String,
+        /// Only this subject (or alias).
+        #[arg(long)]
+        subject: Option<String>,
+        /// Only this device.
+        #[arg(long)]
+        device: Option<String>,
+        /// Only this route.
+        #[arg(long)]
+        route: Option<String>,
+        /// Only this finding kind (`leaver_access`, `feed_silent`, …).
+        #[arg(long)]
+        finding: Option<String>,
     },
 }
 
@@ -150,7 +175,74 @@ pub fn main() -> ExitCode {
             }
             run_async(explain(config, q))
         }
+        Command::AccessReport {
+            config,
+            admin,
+            format,
+            subject,
+            device,
+            route,
+            finding,
+        } => {
+            if crate::access::report::Format::parse(&format).is_none() {
+                eprintln!("error: --format `{format}` is not table, json or csv");
+                return ExitCode::FAILURE;
+            }
+            let filter = crate::access::Filter {
+                subject,
+                device,
+                route,
+                finding,
+            };
+            run_async(access_report(config, admin, filter.to_query(&format)))
+        }
     }
+}
+
+/// `portcullis access-report`: reads the picture through the admin API
+/// with the config's `admin.api_token`, and prints it as the proxy renders it.
+async fn access_report(
+    config: PathBuf,
+    admin: Option<std::net::SocketAddr>,
+    query: String,
+) -> Result<(), String> {
+    use http_body_util::BodyExt;
+    let cfg = Config::load(&config).map_err(|e| e.to_string())?;
+    let token = cfg
+        .admin
+        .api_token
+        .as_deref()
+        .ok_or("access-report needs admin.api_token in the config")?;
+    let mut addr = admin.unwrap_or(cfg.admin.listen);
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let req = http::Request::get(format!("http://{addr}/admin/v1/access?{query}"))
+        .header(http::header::AUTHORIZATION, format!("Bearer {token}"))
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .map_err(|e| e.to_string())?;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http();
+    let resp = client
+        .request(req)
+        .await
+        .map_err(|e| format!("admin listener {addr}: {e}"))?;
+    let status = resp.status();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    if !status.is_success() {
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+        return Err(format!(
+            "{status}: {}",
+            v["error_description"].as_str().unwrap_or("")
+        ));
+    }
+    print!("{}", String::from_utf8_lossy(&body));
+    Ok(())
 }
 
 fn policy_test(dir: &std::path::Path) -> ExitCode {

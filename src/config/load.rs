@@ -286,6 +286,7 @@ impl Config {
         self.validate_feeds()?;
         self.validate_browser()?;
         self.validate_assertion()?;
+        self.validate_access()?;
 
         let mut route_names = HashSet::new();
         let mut matchers = HashSet::new();

@@ -14,12 +14,14 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+mod access;
 mod assertion;
 mod browser;
 mod feeds;
 mod load;
 mod policy;
 mod store;
+pub use access::*;
 pub use assertion::*;
 pub use browser::*;
 pub use feeds::*;
@@ -223,6 +225,9 @@ pub struct Config {
     /// OpenTelemetry traces over OTLP/HTTP; off when absent.
     #[serde(default)]
     pub tracing: Option<TracingConfig>,
+    /// The access memory and the stale-access findings (`[access]`).
+    #[serde(default)]
+    pub access: AccessConfig,
     /// Where this config was read from (not part of the file).
     #[serde(skip)]
     pub source: PathBuf,

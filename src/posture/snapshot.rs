@@ -214,6 +214,11 @@ impl Snapshot {
         self.identities.pin().values().cloned().collect()
     }
 
+    /// Every device (unordered; for reports, never the request path).
+    pub fn devices(&self) -> Vec<Arc<Device>> {
+        self.devices.pin().values().cloned().collect()
+    }
+
     /// Installs (`Some`) or removes (`None`) a group (after it was made durable).
     pub fn put_group(&self, id: &str, g: Option<Arc<Group>>) {
         match g {

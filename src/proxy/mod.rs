@@ -21,7 +21,9 @@
 //! 6. forward       header hygiene, stream both ways, upgrades;
 //!                  tunnels and still-streaming bodies are live      (live.rs)
 //!                  connections: re-decided on change, cut if refused
-//! 7. record        metrics and access line
+//! 7. record        metrics and access line; the access memory      (access/)
+//!                  (last decision per subject, device, route; token
+//!                  seen by hash)
 //! ```
 //!
 //! Every refusal is a [`Denial`], turned into a response in one place
@@ -151,6 +153,8 @@ pub struct Proxy {
     pub policy: crate::policy::PolicyHandle,
     /// Live connections (upgrades, streaming responses), re-decided on change.
     pub live: Arc<live::Registry>,
+    /// What the proxy remembers of access (phase 7 writes, reports read).
+    pub access: Arc<crate::access::Access>,
     ids: RequestIds,
 }
 
@@ -195,8 +199,13 @@ impl Proxy {
         metrics: Arc<Metrics>,
         posture: Arc<crate::posture::Posture>,
     ) -> Self {
+        let access = Arc::new(crate::access::Access::new(
+            &runtime.config.access,
+            Some(metrics.clone()),
+        ));
         Self {
             runtime: ArcSwap::from_pointee(runtime),
+            access,
             live: Arc::new(live::Registry::new(posture.snapshot().clone(), &metrics)),
             metrics,
             posture,
@@ -234,11 +243,17 @@ impl Proxy {
             .then(|| req.uri().path().to_owned());
         // The assertion's JWKS is the proxy's own document: answered before routing.
         let jwks = assertion::serve_jwks(rt.assertion.as_deref(), &req);
+        let mut refused: Option<&'static str> = None;
         let resp = match jwks {
             Some(r) => r,
             None => match self.pipeline(&rt, &mut ctx, req, &conn).await {
                 Ok(r) => r,
                 Err(d) => {
+                    refused = Some(match d.action() {
+                        // A refusal that is not a decision (upstream failure, bad framing).
+                        "allow" => "error",
+                        a => a,
+                    });
                     self.metrics
                         .decisions
                         .get_or_create(&ActionLabel {
@@ -259,6 +274,7 @@ impl Proxy {
             },
         };
         self.record(&ctx, &method, path.as_deref(), &conn, resp.status());
+        self.remember(&ctx, refused);
         if let Some(t) = ctx.trace.take() {
             let decision = ctx.decision.as_ref().map(|d| d.action.as_str());
             t.finish(
@@ -837,6 +853,53 @@ impl Proxy {
             None => body.boxed_unsync(),
         };
         Ok(Response::from_parts(parts, body))
+    }
+
+    /// Phase 7: remembers the decision for the access picture: the subject
+    /// (or workload), the device the request resolved to, the route, and the
+    /// token by its hash. Lock-free; no I/O (a background task persists it).
+    fn remember(&self, ctx: &RequestCtx, refused: Option<&'static str>) {
+        let Some(route) = ctx.route.as_deref() else {
+            return;
+        };
+        let decision =
+            refused.unwrap_or_else(|| ctx.decision.as_ref().map_or("allow", |d| d.action.as_str()));
+        let workload_id;
+        let (subject, token) = match (
+            &ctx.auth,
+            ctx.binding.as_ref().and_then(|b| b.workload.as_ref()),
+        ) {
+            (Some(a), _) => (a.token.claims.sub.as_str(), Some(&a.token)),
+            (None, Some(w)) => {
+                workload_id = w.to_string();
+                (workload_id.as_str(), None)
+            }
+            (None, None) => return,
+        };
+        let device = ctx
+            .resolved
+            .as_ref()
+            .and_then(|r| r.device_id.as_deref())
+            .or_else(|| ctx.binding.as_ref().and_then(|b| b.device.as_deref()))
+            .or_else(|| token.and_then(|t| t.device.as_deref()));
+        let workload = token.is_none()
+            || ctx.binding.as_ref().is_some_and(|b| b.workload.is_some())
+            || token.is_some_and(|t| t.claims.client_id.as_deref() == Some(subject));
+        self.access.memory.record(&crate::access::Observed {
+            subject,
+            device,
+            route: &route.name,
+            decision,
+            request_id: &ctx.id,
+            workload,
+            token: token.and_then(|t| {
+                t.hash.map(|hash| crate::access::TokenSeen {
+                    hash,
+                    iat: t.claims.iat,
+                    exp: t.claims.exp,
+                })
+            }),
+        });
     }
 
     /// Phase 7: metrics and the access line.

@@ -1059,6 +1059,7 @@ pub fn principal(r: &SessionRecord, auth: &Authenticator) -> Option<Arc<Verified
         key: crate::authn::jwks::VerifyKey::session_marker(),
         claims,
         device: r.device.clone(),
+        hash: None,
         headers,
         issuer,
     }))

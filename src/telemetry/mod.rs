@@ -128,6 +128,11 @@ pub struct Metrics {
     pub policy_shadow_divergences: Family<ShadowLabel, Counter>,
     /// Audit lines dropped because the writer fell behind.
     pub policy_audit_dropped: Counter,
+    /// Access-memory rows evicted or not taken at the bound, by kind
+    /// (`route_rows`, `tokens`, `dropped`).
+    pub access_evicted: Family<ResultLabel, Counter>,
+    /// Access-memory rows held, by kind (`route_rows`, `tokens`).
+    pub access_entries: Family<ResultLabel, Gauge>,
     /// Live connections (upgrades, streaming responses) open now, by kind.
     pub live_connections: Family<LiveKindLabel, Gauge>,
     /// Live connections cut by a re-decision, by reason.
@@ -314,7 +319,21 @@ impl Metrics {
             "Time of the cluster-wide DPoP replay check (one JetStream KV create)",
             cluster_dpop_check_seconds.clone(),
         );
+        let access_evicted = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "access_evicted",
+            "Access-memory rows evicted (oldest first) or not taken at the bound, by kind",
+            access_evicted.clone(),
+        );
+        let access_entries = Family::<ResultLabel, Gauge>::default();
+        registry.register(
+            "access_entries",
+            "Access-memory rows held, by kind",
+            access_entries.clone(),
+        );
         Self {
+            access_evicted,
+            access_entries,
             live_connections,
             live_connections_cut,
             cluster_stream_lag_seconds,

@@ -1,0 +1,600 @@
+//! The in-memory access memory the request path writes to: one row per
+//! (subject, device, route) with its last decision, and one per token seen
+//! (by hash) with `iat`, `exp` and the last use. Lock-free maps (papaya);
+//! a known row is updated with atomic stores only.
+
+use std::collections::BTreeMap;
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use serde::{Deserialize, Serialize};
+
+use crate::telemetry::{Metrics, ResultLabel};
+
+type Map<K, V> = papaya::HashMap<K, V, foldhash::fast::RandomState>;
+
+/// The decisions a row remembers, in a byte (index into [`DECISIONS`]).
+pub const DECISIONS: [&str; 9] = [
+    "none", "allow", "shorten", "restrict", "step_up", "deny", "revoke", "login", "error",
+];
+
+fn decision_code(d: &str) -> u8 {
+    DECISIONS
+        .iter()
+        .position(|x| *x == d)
+        .map_or(8, |i| i as u8)
+}
+
+/// True for the decisions that let the request reach the app.
+pub fn forwarded(decision: &str) -> bool {
+    matches!(decision, "allow" | "shorten" | "restrict")
+}
+
+/// A token as phase 7 saw it: the hash the token cache keys it by, never the token.
+#[derive(Debug, Clone, Copy)]
+pub struct TokenSeen {
+    /// SHA-256 of the token.
+    pub hash: [u8; 32],
+    /// `iat`, seconds.
+    pub iat: Option<u64>,
+    /// `exp`, seconds.
+    pub exp: u64,
+}
+
+/// One decided request, as phase 7 hands it over.
+#[derive(Debug, Clone, Copy)]
+pub struct Observed<'a> {
+    /// The subject (token `sub`, session subject, or workload SPIFFE id).
+    pub subject: &'a str,
+    /// The device the request resolved to.
+    pub device: Option<&'a str>,
+    /// The matched route.
+    pub route: &'a str,
+    /// `allow`, `shorten`, `restrict`, `step_up`, `deny`, `revoke`, `login`, `error`.
+    pub decision: &'a str,
+    /// The request id.
+    pub request_id: &'a str,
+    /// True for a workload (SPIFFE certificate or client-credentials token).
+    pub workload: bool,
+    /// The bearer token, when one authenticated the request.
+    pub token: Option<TokenSeen>,
+}
+
+/// What is remembered of one (subject, device, route).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteRow {
+    /// Subject.
+    pub subject: String,
+    /// Device, if the request resolved one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    /// Route name.
+    pub route: String,
+    /// The last decision.
+    pub decision: String,
+    /// First seen, ms since epoch.
+    pub first_ms: u64,
+    /// Last seen, ms since epoch.
+    pub last_ms: u64,
+    /// Request id of the last request.
+    pub last_request: String,
+    /// Last request that reached the app, ms (0 = never).
+    pub last_forwarded_ms: u64,
+    /// Its request id.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub last_forwarded_request: String,
+    /// Requests counted.
+    pub count: u64,
+    /// A workload's request.
+    #[serde(default)]
+    pub workload: bool,
+}
+
+/// What is remembered of one token (never the token itself).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRow {
+    /// Hex SHA-256 of the token.
+    pub hash: String,
+    /// Subject.
+    pub subject: String,
+    /// Device it was used from (the last one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    /// `iat`, seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iat_s: Option<u64>,
+    /// `exp`, seconds.
+    pub exp_s: u64,
+    /// First use, ms.
+    pub first_ms: u64,
+    /// Last use, ms.
+    pub last_ms: u64,
+    /// Request id of the last use.
+    pub last_request: String,
+    /// Last use that reached the app, ms (0 = never).
+    pub last_forwarded_ms: u64,
+    /// Its request id.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub last_forwarded_request: String,
+    /// A workload's token (client credentials).
+    #[serde(default)]
+    pub workload: bool,
+}
+
+/// Last request ids are kept as the counter of this process's ids; a row
+/// restored from the store keeps the id it was written with until reused.
+#[derive(Debug, Default)]
+struct Stamp {
+    ms: AtomicU64,
+    req: AtomicU64,
+}
+
+#[derive(Debug)]
+struct RouteEntry {
+    subject: Box<str>,
+    device: Option<Box<str>>,
+    route: Box<str>,
+    workload: bool,
+    first_ms: u64,
+    decision: AtomicU8,
+    count: AtomicU64,
+    last: Stamp,
+    forwarded: Stamp,
+    restored: Option<(Box<str>, Box<str>)>,
+    dirty: AtomicBool,
+}
+
+#[derive(Debug)]
+struct TokenEntry {
+    subject: Box<str>,
+    device: Option<Box<str>>,
+    iat: Option<u64>,
+    exp: u64,
+    workload: bool,
+    first_ms: u64,
+    last: Stamp,
+    forwarded: Stamp,
+    restored: Option<(Box<str>, Box<str>)>,
+    dirty: AtomicBool,
+}
+
+/// The last event a feed delivered, from the event log.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FeedSeen {
+    /// When the proxy accepted its newest event, ms.
+    pub last_accepted_ms: u64,
+    /// That event's id.
+    pub last_event_id: String,
+    /// Events seen since the log began.
+    pub events: u64,
+}
+
+/// Changed rows handed to the flusher.
+#[derive(Debug, Default)]
+pub struct Dirty {
+    /// Route rows.
+    pub routes: Vec<RouteRow>,
+    /// Token rows.
+    pub tokens: Vec<TokenRow>,
+}
+
+/// Rows evicted by [`AccessMemory::trim`], to delete from the store too.
+#[derive(Debug, Default)]
+pub struct Evicted {
+    /// (subject, device, route).
+    pub routes: Vec<(String, Option<String>, String)>,
+    /// Token hashes (hex).
+    pub tokens: Vec<String>,
+}
+
+/// The access memory: bounded, lock-free on the request path.
+pub struct AccessMemory {
+    routes: Map<u64, Arc<RouteEntry>>,
+    tokens: Map<[u8; 32], Arc<TokenEntry>>,
+    key_hasher: foldhash::fast::FixedState,
+    prefix: OnceLock<Box<str>>,
+    max_routes: AtomicU64,
+    max_tokens: AtomicU64,
+    metrics: Option<Arc<Metrics>>,
+    /// Feed name → its newest event, kept by the flusher.
+    feeds: Mutex<BTreeMap<String, FeedSeen>>,
+    /// When this process started remembering, ms.
+    pub started_ms: u64,
+}
+
+impl std::fmt::Debug for AccessMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AccessMemory")
+            .field("routes", &self.routes.len())
+            .field("tokens", &self.tokens.len())
+            .finish()
+    }
+}
+
+/// The counter part of a request id `prefix-%016x`, and its prefix.
+fn split_request_id(id: &str) -> Option<(&str, u64)> {
+    let (p, n) = id.rsplit_once('-')?;
+    Some((p, u64::from_str_radix(n, 16).ok()?))
+}
+
+fn now_ms() -> u64 {
+    crate::util::now_unix_ms()
+}
+
+impl AccessMemory {
+    /// An empty memory with these bounds.
+    pub fn new(max_routes: usize, max_tokens: usize, metrics: Option<Arc<Metrics>>) -> Self {
+        Self {
+            routes: Map::default(),
+            tokens: Map::default(),
+            key_hasher: foldhash::fast::FixedState::with_seed(0x5eed_acce55),
+            prefix: OnceLock::new(),
+            max_routes: AtomicU64::new(max_routes as u64),
+            max_tokens: AtomicU64::new(max_tokens as u64),
+            metrics,
+            feeds: Mutex::new(BTreeMap::new()),
+            started_ms: now_ms(),
+        }
+    }
+
+    /// Applies new bounds (on reload); the next trim enforces them.
+    pub fn set_bounds(&self, max_routes: usize, max_tokens: usize) {
+        self.max_routes.store(max_routes as u64, Ordering::Relaxed);
+        self.max_tokens.store(max_tokens as u64, Ordering::Relaxed);
+    }
+
+    fn count(&self, what: &'static str) {
+        if let Some(m) = &self.metrics {
+            m.access_evicted
+                .get_or_create(&ResultLabel { result: what })
+                .inc();
+        }
+    }
+
+    /// Phase 7: remembers one decided request. A known row costs a map
+    /// lookup and a few atomic stores; at twice the bound new rows are not
+    /// taken (counted) until the flusher trims.
+    pub fn record(&self, o: &Observed<'_>) {
+        let now = now_ms();
+        let req = match split_request_id(o.request_id) {
+            Some((p, n)) => {
+                if self.prefix.get().is_none() {
+                    let _ = self.prefix.set(p.into());
+                }
+                n
+            }
+            None => 0,
+        };
+        let code = decision_code(o.decision);
+        let fwd = forwarded(o.decision);
+        let key = self.key_hasher.hash_one((o.subject, o.device, o.route));
+        let routes = self.routes.pin();
+        let entry = match routes.get(&key) {
+            Some(e) => e,
+            None => {
+                if routes.len() as u64 >= 2 * self.max_routes.load(Ordering::Relaxed) {
+                    self.count("dropped");
+                    return;
+                }
+                routes.get_or_insert_with(key, || {
+                    Arc::new(RouteEntry {
+                        subject: o.subject.into(),
+                        device: o.device.map(Into::into),
+                        route: o.route.into(),
+                        workload: o.workload,
+                        first_ms: now,
+                        decision: AtomicU8::new(0),
+                        count: AtomicU64::new(0),
+                        last: Stamp::default(),
+                        forwarded: Stamp::default(),
+                        restored: None,
+                        dirty: AtomicBool::new(true),
+                    })
+                })
+            }
+        };
+        // A 64-bit hash collision names another row: leave that row alone.
+        if &*entry.subject == o.subject
+            && entry.device.as_deref() == o.device
+            && &*entry.route == o.route
+        {
+            entry.decision.store(code, Ordering::Relaxed);
+            entry.count.fetch_add(1, Ordering::Relaxed);
+            entry.last.ms.store(now, Ordering::Relaxed);
+            entry.last.req.store(req, Ordering::Relaxed);
+            if fwd {
+                entry.forwarded.ms.store(now, Ordering::Relaxed);
+                entry.forwarded.req.store(req, Ordering::Relaxed);
+            }
+            entry.dirty.store(true, Ordering::Release);
+        }
+        if let Some(t) = o.token {
+            let tokens = self.tokens.pin();
+            let entry = match tokens.get(&t.hash) {
+                Some(e) => e,
+                None => {
+                    if tokens.len() as u64 >= 2 * self.max_tokens.load(Ordering::Relaxed) {
+                        self.count("dropped");
+                        return;
+                    }
+                    tokens.get_or_insert_with(t.hash, || {
+                        Arc::new(TokenEntry {
+                            subject: o.subject.into(),
+                            device: o.device.map(Into::into),
+                            iat: t.iat,
+                            exp: t.exp,
+                            workload: o.workload,
+                            first_ms: now,
+                            last: Stamp::default(),
+                            forwarded: Stamp::default(),
+                            restored: None,
+                            dirty: AtomicBool::new(true),
+                        })
+                    })
+                }
+            };
+            entry.last.ms.store(now, Ordering::Relaxed);
+            entry.last.req.store(req, Ordering::Relaxed);
+            if fwd {
+                entry.forwarded.ms.store(now, Ordering::Relaxed);
+                entry.forwarded.req.store(req, Ordering::Relaxed);
+            }
+            entry.dirty.store(true, Ordering::Release);
+        }
+    }
+
+    fn request_id(&self, n: u64, restored: Option<&str>) -> String {
+        if n == 0 {
+            return restored.unwrap_or_default().to_owned();
+        }
+        let p = self.prefix.get().map_or("", |p| p);
+        format!("{p}-{n:016x}")
+    }
+
+    fn route_row(&self, e: &RouteEntry) -> RouteRow {
+        let (rl, rf) = e
+            .restored
+            .as_ref()
+            .map_or((None, None), |(a, b)| (Some(&**a), Some(&**b)));
+        RouteRow {
+            subject: e.subject.to_string(),
+            device: e.device.as_deref().map(str::to_owned),
+            route: e.route.to_string(),
+            decision: DECISIONS
+                .get(usize::from(e.decision.load(Ordering::Relaxed)))
+                .copied()
+                .unwrap_or("error")
+                .to_owned(),
+            first_ms: e.first_ms,
+            last_ms: e.last.ms.load(Ordering::Relaxed),
+            last_request: self.request_id(e.last.req.load(Ordering::Relaxed), rl),
+            last_forwarded_ms: e.forwarded.ms.load(Ordering::Relaxed),
+            last_forwarded_request: self.request_id(e.forwarded.req.load(Ordering::Relaxed), rf),
+            count: e.count.load(Ordering::Relaxed),
+            workload: e.workload,
+        }
+    }
+
+    fn token_row(&self, hash: &[u8; 32], e: &TokenEntry) -> TokenRow {
+        let (rl, rf) = e
+            .restored
+            .as_ref()
+            .map_or((None, None), |(a, b)| (Some(&**a), Some(&**b)));
+        TokenRow {
+            hash: hex::encode(hash),
+            subject: e.subject.to_string(),
+            device: e.device.as_deref().map(str::to_owned),
+            iat_s: e.iat,
+            exp_s: e.exp,
+            first_ms: e.first_ms,
+            last_ms: e.last.ms.load(Ordering::Relaxed),
+            last_request: self.request_id(e.last.req.load(Ordering::Relaxed), rl),
+            last_forwarded_ms: e.forwarded.ms.load(Ordering::Relaxed),
+            last_forwarded_request: self.request_id(e.forwarded.req.load(Ordering::Relaxed), rf),
+            workload: e.workload,
+        }
+    }
+
+    /// Every route row (unordered).
+    pub fn route_rows(&self) -> Vec<RouteRow> {
+        self.routes
+            .pin()
+            .values()
+            .map(|e| self.route_row(e))
+            .collect()
+    }
+
+    /// Every token row (unordered).
+    pub fn token_rows(&self) -> Vec<TokenRow> {
+        self.tokens
+            .pin()
+            .iter()
+            .map(|(h, e)| self.token_row(h, e))
+            .collect()
+    }
+
+    /// Takes the rows changed since the last call (clearing their mark).
+    pub fn take_dirty(&self) -> Dirty {
+        let mut d = Dirty::default();
+        for e in self.routes.pin().values() {
+            if e.dirty.swap(false, Ordering::AcqRel) {
+                d.routes.push(self.route_row(e));
+            }
+        }
+        for (h, e) in self.tokens.pin().iter() {
+            if e.dirty.swap(false, Ordering::AcqRel) {
+                d.tokens.push(self.token_row(h, e));
+            }
+        }
+        d
+    }
+
+    /// Evicts the least recently seen rows beyond the bounds; returns them.
+    pub fn trim(&self) -> Evicted {
+        let mut out = Evicted::default();
+        let max = self.max_routes.load(Ordering::Relaxed) as usize;
+        let routes = self.routes.pin();
+        if routes.len() > max {
+            let mut all: Vec<(u64, u64)> = routes
+                .iter()
+                .map(|(k, e)| (e.last.ms.load(Ordering::Relaxed), *k))
+                .collect();
+            all.sort_unstable();
+            let n = all.len().saturating_sub(max);
+            for (_, k) in all.into_iter().take(n) {
+                if let Some(e) = routes.remove(&k) {
+                    out.routes.push((
+                        e.subject.to_string(),
+                        e.device.as_deref().map(str::to_owned),
+                        e.route.to_string(),
+                    ));
+                    self.count("route_rows");
+                }
+            }
+        }
+        let max = self.max_tokens.load(Ordering::Relaxed) as usize;
+        let tokens = self.tokens.pin();
+        if tokens.len() > max {
+            let mut all: Vec<(u64, [u8; 32])> = tokens
+                .iter()
+                .map(|(k, e)| (e.last.ms.load(Ordering::Relaxed), *k))
+                .collect();
+            all.sort_unstable();
+            let n = all.len().saturating_sub(max);
+            for (_, k) in all.into_iter().take(n) {
+                if tokens.remove(&k).is_some() {
+                    out.tokens.push(hex::encode(k));
+                    self.count("tokens");
+                }
+            }
+        }
+        if let Some(m) = &self.metrics {
+            m.access_entries
+                .get_or_create(&ResultLabel {
+                    result: "route_rows",
+                })
+                .set(routes.len() as i64);
+            m.access_entries
+                .get_or_create(&ResultLabel { result: "tokens" })
+                .set(tokens.len() as i64);
+        }
+        out
+    }
+
+    /// Puts back a row read from the store (on start); never marks it dirty.
+    pub fn restore_route(&self, r: RouteRow) {
+        let key =
+            self.key_hasher
+                .hash_one((r.subject.as_str(), r.device.as_deref(), r.route.as_str()));
+        let e = RouteEntry {
+            subject: r.subject.into(),
+            device: r.device.map(Into::into),
+            route: r.route.into(),
+            workload: r.workload,
+            first_ms: r.first_ms,
+            decision: AtomicU8::new(decision_code(&r.decision)),
+            count: AtomicU64::new(r.count),
+            last: Stamp {
+                ms: AtomicU64::new(r.last_ms),
+                req: AtomicU64::new(0),
+            },
+            forwarded: Stamp {
+                ms: AtomicU64::new(r.last_forwarded_ms),
+                req: AtomicU64::new(0),
+            },
+            restored: Some((r.last_request.into(), r.last_forwarded_request.into())),
+            dirty: AtomicBool::new(false),
+        };
+        self.routes.pin().insert(key, Arc::new(e));
+    }
+
+    /// Puts back a token row read from the store (on start).
+    pub fn restore_token(&self, r: TokenRow) {
+        let mut hash = [0u8; 32];
+        if hex::decode_to_slice(&r.hash, &mut hash).is_err() {
+            return;
+        }
+        let e = TokenEntry {
+            subject: r.subject.into(),
+            device: r.device.map(Into::into),
+            iat: r.iat_s,
+            exp: r.exp_s,
+            workload: r.workload,
+            first_ms: r.first_ms,
+            last: Stamp {
+                ms: AtomicU64::new(r.last_ms),
+                req: AtomicU64::new(0),
+            },
+            forwarded: Stamp {
+                ms: AtomicU64::new(r.last_forwarded_ms),
+                req: AtomicU64::new(0),
+            },
+            restored: Some((r.last_request.into(), r.last_forwarded_request.into())),
+            dirty: AtomicBool::new(false),
+        };
+        self.tokens.pin().insert(hash, Arc::new(e));
+    }
+
+    /// Records a feed's newest event (from the event-log tail).
+    pub fn feed_seen(&self, feed: &str, accepted_ms: u64, event_id: &str, added: u64) {
+        if let Ok(mut m) = self.feeds.lock() {
+            let f = m.entry(feed.to_owned()).or_default();
+            if accepted_ms >= f.last_accepted_ms {
+                f.last_accepted_ms = accepted_ms;
+                f.last_event_id = event_id.to_owned();
+            }
+            f.events += added;
+        }
+    }
+
+    /// Every feed's newest event.
+    pub fn feeds(&self) -> BTreeMap<String, FeedSeen> {
+        self.feeds.lock().map(|m| m.clone()).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn obs<'a>(sub: &'a str, route: &'a str, decision: &'a str, id: &'a str) -> Observed<'a> {
+        Observed {
+            subject: sub,
+            device: Some("d1"),
+            route,
+            decision,
+            request_id: id,
+            workload: false,
+            token: Some(TokenSeen {
+                hash: [7; 32],
+                iat: Some(10),
+                exp: 20,
+            }),
+        }
+    }
+
+    #[test]
+    fn remembers_last_decision_and_request_and_trims_oldest() {
+        let m = AccessMemory::new(2, 10, None);
+        m.record(&obs("alice", "app", "allow", "abc-0000000000000001"));
+        m.record(&obs("alice", "app", "deny", "abc-0000000000000002"));
+        let rows = m.route_rows();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].decision, "deny");
+        assert_eq!(rows[0].count, 2);
+        assert_eq!(rows[0].last_request, "abc-0000000000000002");
+        assert_eq!(rows[0].last_forwarded_request, "abc-0000000000000001");
+        let t = m.token_rows();
+        assert_eq!(t.len(), 1);
+        assert_eq!(t[0].hash, hex::encode([7u8; 32]));
+        assert_eq!(m.take_dirty().routes.len(), 1);
+        assert!(m.take_dirty().routes.is_empty());
+        m.record(&obs("bob", "app", "allow", "abc-0000000000000003"));
+        m.record(&obs("carol", "app", "allow", "abc-0000000000000004"));
+        let ev = m.trim();
+        assert_eq!(ev.routes.len(), 1);
+        assert_eq!(m.route_rows().len(), 2);
+    }
+}
