@@ -20,11 +20,13 @@ mod feeds;
 mod load;
 mod policy;
 mod store;
+mod transmit;
 pub use assertion::*;
 pub use browser::*;
 pub use feeds::*;
 pub use policy::*;
 pub use store::*;
+pub use transmit::*;
 
 /// Default limit on the bytes of one request's header block.
 pub const DEFAULT_MAX_HEADER_BYTES: usize = 128 * 1024;
@@ -223,6 +225,9 @@ pub struct Config {
     /// OpenTelemetry traces over OTLP/HTTP; off when absent.
     #[serde(default)]
     pub tracing: Option<TracingConfig>,
+    /// Shared Signals transmitter and signed webhooks; off when absent.
+    #[serde(default)]
+    pub transmitter: Option<TransmitterConfig>,
     /// Where this config was read from (not part of the file).
     #[serde(skip)]
     pub source: PathBuf,
