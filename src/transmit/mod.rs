@@ -37,7 +37,6 @@ use rusqlite::Connection;
 use serde_json::json;
 
 use crate::config::{Config, ConfigError, TransmitterConfig};
-use crate::posture::event::PostureEvent;
 use keys::SetSigner;
 use outbox::{DbError, NewRow, Stream};
 use signals::Naming;
@@ -383,16 +382,9 @@ impl Transmitter {
             let iat = crate::util::now_unix();
             let mut new = Vec::new();
             let mut hooks = 0;
-            for r in rows.iter().filter(|r| !r.body.is_empty()) {
-                let Ok(ev) = serde_json::from_str::<PostureEvent>(&r.body) else {
-                    tracing::warn!(
-                        seq = r.seq,
-                        "transmitter: unreadable event in the log; skipped"
-                    );
-                    continue;
-                };
-                let src = signals::source_issuer(&ev);
-                for sig in signals::signals(&ev, &self.naming) {
+            for ev in rows.iter().filter_map(|r| r.event.as_ref()) {
+                let src = signals::source_issuer(ev);
+                for sig in signals::signals(ev, &self.naming) {
                     for (s, subs) in streams.iter().zip(&subjects) {
                         if !self.stream_wants(s, subs, src, &sig) {
                             continue;

@@ -356,15 +356,16 @@ pub fn insert(
 pub struct LogRow {
     /// Its `seq`.
     pub seq: i64,
-    /// The event (JSON).
-    pub body: String,
+    /// The event, when it changed something (applied or partial) and reads back.
+    pub event: Option<crate::posture::event::PostureEvent>,
 }
 
-/// Events after `cursor` that changed something (applied or partial).
+/// Events after `cursor`; `event` is set for those that changed something.
 pub fn events_after(conn: &Connection, cursor: i64, limit: usize) -> Result<Vec<LogRow>, DbError> {
     let mut st = conn
         .prepare_cached(
-            "SELECT seq, body, outcome FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+            "SELECT seq, id, feed, kind, origin_ms, outcome, body FROM events
+             WHERE seq > ?1 ORDER BY seq LIMIT ?2",
         )
         .map_err(db)?;
     let rows = st
@@ -373,20 +374,38 @@ pub fn events_after(conn: &Connection, cursor: i64, limit: usize) -> Result<Vec<
                 r.get::<_, i64>(0)?,
                 r.get::<_, String>(1)?,
                 r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, i64>(4)?,
+                r.get::<_, String>(5)?,
+                r.get::<_, String>(6)?,
             ))
         })
         .map_err(db)?;
     let mut out = Vec::new();
     for r in rows {
-        let (seq, body, outcome) = r.map_err(db)?;
+        let (seq, id, feed, kind, origin_ms, outcome, body) = r.map_err(db)?;
         // Held, stale and duplicate events changed nothing; the seq still
-        // moves the cursor (an empty body is skipped by the caller).
-        let body = if outcome == "applied" || outcome == "partial" {
-            body
+        // moves the cursor.
+        let event = if outcome == "applied" || outcome == "partial" {
+            let feed = serde_json::from_value(Value::String(feed)).ok();
+            let changes = serde_json::from_str(&body).ok();
+            match (feed, changes) {
+                (Some(feed), Some(changes)) => Some(crate::posture::event::PostureEvent {
+                    id,
+                    feed,
+                    kind,
+                    origin_ms: origin_ms.max(0) as u64,
+                    changes,
+                }),
+                _ => {
+                    tracing::warn!(seq, "transmitter: unreadable event in the log; skipped");
+                    None
+                }
+            }
         } else {
-            String::new()
+            None
         };
-        out.push(LogRow { seq, body });
+        out.push(LogRow { seq, event });
     }
     Ok(out)
 }
