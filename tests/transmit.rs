@@ -409,7 +409,10 @@ async fn feed_events_reach_the_receiver_as_sets_that_jose_verifies() {
     mdm_lost(admin, "evt-lost-1", "mac-7").await;
     let sets = wait_for("two SETs for the lost device", || {
         let s = rx.seen("/events");
-        (s.len() >= 2).then_some(s)
+        let t: Vec<String> = s.iter().map(|g| event_type(&g.body)).collect();
+        (t.contains(&format!("{CAEP}device-compliance-change"))
+            && t.contains(&format!("{CAEP}session-revoked")))
+        .then_some(s)
     })
     .await;
     let types: Vec<String> = sets.iter().map(|g| event_type(&g.body)).collect();

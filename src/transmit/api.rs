@@ -238,22 +238,22 @@ impl Transmitter {
         }
     }
 
-    fn parse_delivery(v: Option<&Value>) -> Result<Delivery, AdminResponse> {
+    fn parse_delivery(v: Option<&Value>) -> Result<Delivery, String> {
         let Some(d) = v else {
-            return Err(bad(format!(
+            return Err(format!(
                 "`delivery` is required: only push ({PUSH_METHOD}) is supported"
-            )));
+            ));
         };
         let method = d.get("method").and_then(Value::as_str).unwrap_or("");
         if method != PUSH_METHOD {
-            return Err(bad(format!(
+            return Err(format!(
                 "delivery method `{}` is not supported (only {PUSH_METHOD})",
                 method.chars().take(64).collect::<String>()
-            )));
+            ));
         }
         let url = d.get("endpoint_url").and_then(Value::as_str).unwrap_or("");
         if !https_or_loopback(url) {
-            return Err(bad(
+            return Err(String::from(
                 "`delivery.endpoint_url` must be an https URL (http only on loopback)",
             ));
         }
@@ -261,7 +261,7 @@ impl Transmitter {
             None | Some(Value::Null) => None,
             Some(Value::String(a)) if http::HeaderValue::from_str(a).is_ok() => Some(a.clone()),
             Some(_) => {
-                return Err(bad(
+                return Err(String::from(
                     "`delivery.authorization_header` must be a header value",
                 ));
             }
@@ -273,25 +273,27 @@ impl Transmitter {
         })
     }
 
-    fn parse_requested(v: Option<&Value>) -> Result<Vec<String>, AdminResponse> {
+    fn parse_requested(v: Option<&Value>) -> Result<Vec<String>, String> {
         match v {
             None | Some(Value::Null) => Ok(Vec::new()),
             Some(Value::Array(a)) if a.len() <= 64 => a
                 .iter()
                 .map(|e| e.as_str().map(str::to_owned))
                 .collect::<Option<Vec<_>>>()
-                .ok_or_else(|| bad("`events_requested` must be an array of strings")),
-            Some(_) => Err(bad(
+                .ok_or_else(|| "`events_requested` must be an array of strings".to_owned()),
+            Some(_) => Err(String::from(
                 "`events_requested` must be an array of at most 64 strings",
             )),
         }
     }
 
-    fn parse_description(v: Option<&Value>) -> Result<Option<String>, AdminResponse> {
+    fn parse_description(v: Option<&Value>) -> Result<Option<String>, String> {
         match v {
             None | Some(Value::Null) => Ok(None),
             Some(Value::String(s)) if s.len() <= 1024 => Ok(Some(s.clone())),
-            Some(_) => Err(bad("`description` must be a string of at most 1024 bytes")),
+            Some(_) => Err(String::from(
+                "`description` must be a string of at most 1024 bytes",
+            )),
         }
     }
 
@@ -309,15 +311,15 @@ impl Transmitter {
     ) -> AdminResponse {
         let delivery = match Self::parse_delivery(body.get("delivery")) {
             Ok(d) => d,
-            Err(r) => return r,
+            Err(m) => return bad(m),
         };
         let requested = match Self::parse_requested(body.get("events_requested")) {
             Ok(r) => r,
-            Err(r) => return r,
+            Err(m) => return bad(m),
         };
         let description = match Self::parse_description(body.get("description")) {
             Ok(d) => d,
-            Err(r) => return r,
+            Err(m) => return bad(m),
         };
         let s = Stream {
             stream_id: super::random_id(),
@@ -391,20 +393,20 @@ impl Transmitter {
         if replace || body.contains_key("delivery") {
             s.delivery = match Self::parse_delivery(body.get("delivery")) {
                 Ok(d) => d,
-                Err(r) => return r,
+                Err(m) => return bad(m),
             };
         }
         if replace || body.contains_key("events_requested") {
             s.events_requested = match Self::parse_requested(body.get("events_requested")) {
                 Ok(r) => r,
-                Err(r) => return r,
+                Err(m) => return bad(m),
             };
             s.events_delivered = Self::delivered(&s.events_requested);
         }
         if replace || body.contains_key("description") {
             s.description = match Self::parse_description(body.get("description")) {
                 Ok(d) => d,
-                Err(r) => return r,
+                Err(m) => return bad(m),
             };
         }
         let s2 = s.clone();

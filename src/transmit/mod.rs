@@ -184,6 +184,43 @@ pub fn jti_for(target: &str, event_id: &str, event_type: &str, key: &str) -> Str
     digest(&[target, event_id, event_type, key])
 }
 
+/// What one SET says.
+#[derive(Debug, Clone, Copy)]
+pub struct SetInput<'a> {
+    /// `iss`.
+    pub iss: &'a str,
+    /// `aud`.
+    pub aud: &'a str,
+    /// `jti`.
+    pub jti: &'a str,
+    /// `iat`.
+    pub iat: u64,
+    /// `txn`, shared by the SETs of one cause.
+    pub txn: Option<&'a str>,
+    /// `sub_id`.
+    pub sub_id: &'a serde_json::Value,
+    /// The one event type.
+    pub event_type: &'a str,
+    /// Its event object.
+    pub event: &'a serde_json::Value,
+}
+
+/// The claims of a SET (SSF §4): no `sub`, no `exp`, exactly one event.
+pub fn set_claims(i: &SetInput<'_>) -> serde_json::Value {
+    let mut c = json!({
+        "iss": i.iss,
+        "aud": i.aud,
+        "jti": i.jti,
+        "iat": i.iat,
+        "sub_id": i.sub_id,
+        "events": { i.event_type: i.event },
+    });
+    if let (Some(t), Some(o)) = (i.txn, c.as_object_mut()) {
+        o.insert("txn".into(), json!(t));
+    }
+    c
+}
+
 fn random_id() -> String {
     let mut b = [0u8; 16];
     let _ = aws_lc_rs::rand::fill(&mut b);
@@ -286,31 +323,6 @@ impl Transmitter {
         .map_err(|e| DbError(e.to_string()))?
     }
 
-    /// The claims of a SET for `stream`.
-    pub fn set_claims(
-        &self,
-        aud: &str,
-        jti: &str,
-        iat: u64,
-        txn: Option<&str>,
-        sub_id: &serde_json::Value,
-        event_type: &str,
-        event: &serde_json::Value,
-    ) -> serde_json::Value {
-        let mut c = json!({
-            "iss": self.cfg.issuer,
-            "aud": aud,
-            "jti": jti,
-            "iat": iat,
-            "sub_id": sub_id,
-            "events": { event_type: event },
-        });
-        if let (Some(t), Some(o)) = (txn, c.as_object_mut()) {
-            o.insert("txn".into(), json!(t));
-        }
-        c
-    }
-
     /// Signs the SET for one signal: what the outbox stores and a benchmark measures.
     pub fn sign_signal(
         &self,
@@ -322,15 +334,16 @@ impl Transmitter {
         let target = format!("stream:{}", stream.stream_id);
         let jti = jti_for(&target, event_id, &sig.event_type, &sig.key);
         let txn = digest(&[event_id]);
-        let claims = self.set_claims(
-            &stream.aud,
-            &jti,
+        let claims = set_claims(&SetInput {
+            iss: &self.cfg.issuer,
+            aud: &stream.aud,
+            jti: &jti,
             iat,
-            Some(&txn),
-            &sig.sub_id,
-            &sig.event_type,
-            &sig.event,
-        );
+            txn: Some(&txn),
+            sub_id: &sig.sub_id,
+            event_type: &sig.event_type,
+            event: &sig.event,
+        });
         Ok((jti, self.signer.sign(&claims)?))
     }
 
@@ -457,15 +470,16 @@ impl Transmitter {
         event: serde_json::Value,
     ) -> Result<(), DbError> {
         let jti = random_id();
-        let claims = self.set_claims(
-            &s.aud,
-            &jti,
-            crate::util::now_unix(),
-            None,
-            &json!({"format": "opaque", "id": s.stream_id}),
+        let claims = set_claims(&SetInput {
+            iss: &self.cfg.issuer,
+            aud: &s.aud,
+            jti: &jti,
+            iat: crate::util::now_unix(),
+            txn: None,
+            sub_id: &json!({"format": "opaque", "id": s.stream_id}),
             event_type,
-            &event,
-        );
+            event: &event,
+        });
         let body = self
             .signer
             .sign(&claims)
@@ -571,7 +585,12 @@ impl Transmitter {
             let me = self.clone();
             tokio::spawn(async move {
                 let target = row.target.clone();
-                me.deliver(row, stream).await;
+                let id = row.id;
+                // INVARIANT: a finished attempt is recorded before its target
+                // leaves `inflight`, so this read sees it.
+                if let Ok(true) = me.db(move |_, c| outbox::is_pending(c, id)).await {
+                    me.deliver(row, stream).await;
+                }
                 if let Ok(mut f) = me.inflight.lock() {
                     f.remove(&target);
                 }

@@ -204,7 +204,7 @@ pub fn streams(conn: &Connection, receiver: Option<&str>) -> Result<Vec<Stream>,
         .map_err(db)?;
     let mut out = Vec::new();
     for b in rows {
-        if let Some(s) = serde_json::from_str(&b.map_err(db)?).ok() {
+        if let Ok(s) = serde_json::from_str(&b.map_err(db)?) {
             out.push(s);
         }
     }
@@ -480,6 +480,19 @@ pub fn finish(
     )
     .map_err(db)?;
     Ok(())
+}
+
+/// Whether a row is still waiting for delivery (a dispatcher that read the
+/// queue before the previous attempt finished must not send it again).
+pub fn is_pending(conn: &Connection, id: i64) -> Result<bool, DbError> {
+    conn.query_row(
+        "SELECT state = 'pending' FROM tx_outbox WHERE id = ?1",
+        params![id],
+        |r| r.get(0),
+    )
+    .optional()
+    .map(|v| v.unwrap_or(false))
+    .map_err(db)
 }
 
 /// Undelivered rows, all targets.
