@@ -24,4 +24,5 @@ pub mod session;
 pub mod store;
 pub mod telemetry;
 pub mod tls;
+pub mod transmit;
 pub mod util;

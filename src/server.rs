@@ -50,6 +50,9 @@ pub enum StartError {
     /// The OTLP trace exporter could not start.
     #[error("tracing: {0}")]
     Tracing(#[from] crate::telemetry::trace::TraceError),
+    /// The Shared Signals transmitter could not start.
+    #[error("transmitter: {0}")]
+    Transmit(#[from] crate::transmit::TransmitError),
     /// A listener could not bind.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -533,10 +536,18 @@ pub async fn start_with(cfg: Config, metrics: Arc<Metrics>) -> Result<RunningSer
         shared.proxy.clone(),
         rx.clone(),
     ));
+    // The transmitter opens its tables after the posture store (the event
+    // log exists) and before any listener accepts a feed event, so its cursor
+    // starts at the end of the log and misses nothing accepted from now on.
+    let transmitter = crate::transmit::Transmitter::from_config(&cfg)?;
+    if let Some(t) = &transmitter {
+        tasks.spawn(t.clone().run(shared.posture.clone(), rx.clone()));
+    }
     let admin = Arc::new(crate::admin::AdminState {
         proxy: shared.proxy.clone(),
         posture: shared.posture.clone(),
         feeds: shared.feeds.clone(),
+        transmitter,
     });
     tasks.spawn(crate::admin::serve(admin, admin_listener, rx));
     tracing::info!(%proxy_addr, ?plain_addr, %admin_addr, "portcullis listening");

@@ -26,6 +26,8 @@ pub struct AdminState {
     pub posture: Arc<crate::posture::Posture>,
     /// Feed receivers, swapped on reload.
     pub feeds: Arc<arc_swap::ArcSwap<crate::feeds::FeedContext>>,
+    /// The Shared Signals transmitter, with `[transmitter]` (fixed at start).
+    pub transmitter: Option<Arc<crate::transmit::Transmitter>>,
 }
 
 impl std::fmt::Debug for AdminState {
@@ -211,6 +213,11 @@ async fn handle(shared: &AdminState, req: Request<Incoming>) -> Response<Full<By
     if path == "/admin/v1/access" || path == "/admin/ui" {
         return access(shared, &req, path == "/admin/ui").await;
     }
+    if let Some(t) = &shared.transmitter
+        && crate::transmit::api::owns(path)
+    {
+        return t.handle(req).await;
+    }
     if path.starts_with("/admin/v1/")
         || path == "/ssf/push"
         || path.starts_with("/scim/v2")
@@ -262,7 +269,13 @@ async fn handle(shared: &AdminState, req: Request<Incoming>) -> Response<Full<By
                 );
                 return r;
             }
-            let mut r = text(StatusCode::OK, shared.proxy.metrics.encode());
+            let mut body = shared.proxy.metrics.encode();
+            if let Some(t) = &shared.transmitter {
+                // One exposition: the first `# EOF` goes, the transmitter's ends it.
+                body.truncate(body.trim_end().trim_end_matches("# EOF").len());
+                body.push_str(&t.metrics.encode());
+            }
+            let mut r = text(StatusCode::OK, body);
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
                 header::HeaderValue::from_static(

@@ -1,5 +1,5 @@
 //! The command line: `serve`, `check`, `demo`, `policy test`, `policy
-//! replay`, `explain`, `access-report`.
+//! replay`, `explain`, `access-report`, `verify-window`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -7,6 +7,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use crate::config::Config;
+
+pub mod verify_window;
 
 /// portcullis: an identity-aware reverse proxy.
 #[derive(Debug, Parser)]
@@ -100,6 +102,10 @@ pub enum Command {
         #[arg(long)]
         finding: Option<String>,
     },
+    /// Measure the control window of a live deployment: change a test
+    /// device's or subject's state through a feed, probe a protected route
+    /// until access changes, print the window, restore the state.
+    VerifyWindow(verify_window::VerifyWindowArgs),
 }
 
 /// `portcullis policy …`.
@@ -150,6 +156,26 @@ pub fn main() -> ExitCode {
                     json,
                 },
         } => policy_replay(&audit, &policies, json),
+        Command::VerifyWindow(args) => {
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("error: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match rt.block_on(verify_window::run(args)) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::FAILURE,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
         Command::Explain {
             config,
             subject,
@@ -375,6 +401,9 @@ pub fn check_config(path: &std::path::Path) -> Result<Config, String> {
     crate::proxy::client::upstream_client(&cfg.upstream)
         .map_err(|e| format!("{}: upstream.ca: {e}", path.display()))?;
     crate::proxy::assertion::Signer::from_config(&cfg).map_err(|e| e.to_string())?;
+    if let Some(t) = &cfg.transmitter {
+        crate::transmit::keys::SetSigner::from_config(&cfg, t).map_err(|e| e.to_string())?;
+    }
     if let Some(p) = &cfg.policy {
         crate::policy::load_dir(&p.dir)
             .map_err(|e| format!("{}: policy.dir: {e}", path.display()))?;

@@ -69,6 +69,7 @@ impl Config {
             }
         }
         self.resolve_assertion_paths(base);
+        self.resolve_transmitter_paths(base);
         if let Some(p) = self.feeds.ssf.as_mut().and_then(|s| s.jwks_file.as_mut()) {
             abs(p);
         }
@@ -287,6 +288,7 @@ impl Config {
         self.validate_browser()?;
         self.validate_assertion()?;
         self.validate_access()?;
+        self.validate_transmitter()?;
 
         let mut route_names = HashSet::new();
         let mut matchers = HashSet::new();

@@ -22,11 +22,13 @@ mod load;
 mod policy;
 mod store;
 pub use access::*;
+mod transmit;
 pub use assertion::*;
 pub use browser::*;
 pub use feeds::*;
 pub use policy::*;
 pub use store::*;
+pub use transmit::*;
 
 /// Default limit on the bytes of one request's header block.
 pub const DEFAULT_MAX_HEADER_BYTES: usize = 128 * 1024;
@@ -228,6 +230,9 @@ pub struct Config {
     /// The access memory and the stale-access findings (`[access]`).
     #[serde(default)]
     pub access: AccessConfig,
+    /// Shared Signals transmitter and signed webhooks; off when absent.
+    #[serde(default)]
+    pub transmitter: Option<TransmitterConfig>,
     /// Where this config was read from (not part of the file).
     #[serde(skip)]
     pub source: PathBuf,
