@@ -132,6 +132,9 @@ struct Stamp {
 
 #[derive(Debug)]
 struct RouteEntry {
+    /// A second, independent hash of (subject, device, route): the row's
+    /// identity check without touching its three strings (cache misses).
+    check: u64,
     subject: Box<str>,
     device: Option<Box<str>>,
     route: Box<str>,
@@ -193,6 +196,7 @@ pub struct AccessMemory {
     routes: Map<u64, Arc<RouteEntry>>,
     tokens: Map<[u8; 32], Arc<TokenEntry>>,
     key_hasher: foldhash::fast::FixedState,
+    check_hasher: foldhash::fast::FixedState,
     prefix: OnceLock<Box<str>>,
     max_routes: AtomicU64,
     max_tokens: AtomicU64,
@@ -229,6 +233,7 @@ impl AccessMemory {
             routes: Map::default(),
             tokens: Map::default(),
             key_hasher: foldhash::fast::FixedState::with_seed(0x5eed_acce55),
+            check_hasher: foldhash::fast::FixedState::with_seed(0xc4ec_b0a7_7e11_0f5e),
             prefix: OnceLock::new(),
             max_routes: AtomicU64::new(max_routes as u64),
             max_tokens: AtomicU64::new(max_tokens as u64),
@@ -269,6 +274,7 @@ impl AccessMemory {
         let code = decision_code(o.decision);
         let fwd = forwarded(o.decision);
         let key = self.key_hasher.hash_one((o.subject, o.device, o.route));
+        let check = self.check_hasher.hash_one((o.subject, o.device, o.route));
         let routes = self.routes.pin();
         let entry = match routes.get(&key) {
             Some(e) => e,
@@ -279,6 +285,7 @@ impl AccessMemory {
                 }
                 routes.get_or_insert_with(key, || {
                     Arc::new(RouteEntry {
+                        check,
                         subject: o.subject.into(),
                         device: o.device.map(Into::into),
                         route: o.route.into(),
@@ -294,11 +301,9 @@ impl AccessMemory {
                 })
             }
         };
-        // A 64-bit hash collision names another row: leave that row alone.
-        if &*entry.subject == o.subject
-            && entry.device.as_deref() == o.device
-            && &*entry.route == o.route
-        {
+        // A 64-bit key collision names another row: leave that row alone
+        // (the two independent hashes together are 128 bits).
+        if entry.check == check {
             entry.decision.store(code, Ordering::Relaxed);
             entry.count.fetch_add(1, Ordering::Relaxed);
             entry.last.ms.store(now, Ordering::Relaxed);
@@ -487,7 +492,11 @@ impl AccessMemory {
         let key =
             self.key_hasher
                 .hash_one((r.subject.as_str(), r.device.as_deref(), r.route.as_str()));
+        let check =
+            self.check_hasher
+                .hash_one((r.subject.as_str(), r.device.as_deref(), r.route.as_str()));
         let e = RouteEntry {
+            check,
             subject: r.subject.into(),
             device: r.device.map(Into::into),
             route: r.route.into(),
