@@ -516,6 +516,11 @@ pub async fn start_with(cfg: Config, metrics: Arc<Metrics>) -> Result<RunningSer
         ));
     }
     tasks.spawn(policy_watch_loop(shared.clone(), rx.clone()));
+    // Phase 7 only queues what it saw; this applies it to the access rows.
+    tasks.spawn(crate::access::memory::drain_loop(
+        shared.proxy.access.memory.clone(),
+        rx.clone(),
+    ));
     // The access memory's tables live in the store's database; without them
     // the picture still works, from memory only.
     match shared.proxy.access.attach_store(&cfg.store.path) {
