@@ -364,11 +364,7 @@ impl Transmitter {
         body: serde_json::Map<String, Value>,
         replace: bool,
     ) -> AdminResponse {
-        let Some(id) = body
-            .get("stream_id")
-            .and_then(Value::as_str)
-            .map(str::to_owned)
-        else {
+        let Some(id) = stream_id(&body) else {
             return bad("`stream_id` is required");
         };
         let mut s = match self.owned(rx, id).await {
@@ -451,11 +447,7 @@ impl Transmitter {
         rx: &ReceiverConfig,
         body: serde_json::Map<String, Value>,
     ) -> AdminResponse {
-        let Some(id) = body
-            .get("stream_id")
-            .and_then(Value::as_str)
-            .map(str::to_owned)
-        else {
+        let Some(id) = stream_id(&body) else {
             return bad("`stream_id` is required");
         };
         let status = body.get("status").and_then(Value::as_str).unwrap_or("");
@@ -511,11 +503,7 @@ impl Transmitter {
         body: serde_json::Map<String, Value>,
         add: bool,
     ) -> AdminResponse {
-        let Some(id) = body
-            .get("stream_id")
-            .and_then(Value::as_str)
-            .map(str::to_owned)
-        else {
+        let Some(id) = stream_id(&body) else {
             return bad("`stream_id` is required");
         };
         let subject = match body.get("subject") {
@@ -550,11 +538,7 @@ impl Transmitter {
         rx: &ReceiverConfig,
         body: serde_json::Map<String, Value>,
     ) -> AdminResponse {
-        let Some(id) = body
-            .get("stream_id")
-            .and_then(Value::as_str)
-            .map(str::to_owned)
-        else {
+        let Some(id) = stream_id(&body) else {
             return bad("`stream_id` is required");
         };
         let state = match body.get("state") {
@@ -599,4 +583,11 @@ impl Transmitter {
             Err(e) => internal(e),
         }
     }
+}
+
+/// The request body's `stream_id`.
+fn stream_id(body: &serde_json::Map<String, Value>) -> Option<String> {
+    body.get("stream_id")
+        .and_then(Value::as_str)
+        .map(str::to_owned)
 }

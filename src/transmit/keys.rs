@@ -52,36 +52,6 @@ impl std::fmt::Debug for SetSigner {
     }
 }
 
-/// Splits a PKCS#1 RSAPublicKey DER (SEQUENCE { n INTEGER, e INTEGER }) into
-/// big-endian `n` and `e` without leading zero bytes.
-fn rsa_components(der: &[u8]) -> Option<(&[u8], &[u8])> {
-    fn read_len(b: &[u8]) -> Option<(usize, &[u8])> {
-        let (&first, rest) = b.split_first()?;
-        if first < 0x80 {
-            return Some((first as usize, rest));
-        }
-        let n = (first & 0x7f) as usize;
-        if n == 0 || n > 4 || rest.len() < n {
-            return None;
-        }
-        let len = rest[..n].iter().fold(0usize, |a, b| (a << 8) | *b as usize);
-        Some((len, &rest[n..]))
-    }
-    fn read_tlv(b: &[u8], tag: u8) -> Option<(&[u8], &[u8])> {
-        let (&t, rest) = b.split_first()?;
-        if t != tag {
-            return None;
-        }
-        let (len, rest) = read_len(rest)?;
-        (rest.len() >= len).then(|| rest.split_at(len))
-    }
-    let (seq, _) = read_tlv(der, 0x30)?;
-    let (n, rest) = read_tlv(seq, 0x02)?;
-    let (e, _) = read_tlv(rest, 0x02)?;
-    let strip = |x: &[u8]| x.iter().take_while(|b| **b == 0).count();
-    Some((&n[strip(n)..], &e[strip(e)..]))
-}
-
 impl SetSigner {
     /// The signer of `[transmitter]`, reading its key files.
     pub fn from_config(cfg: &Config, t: &TransmitterConfig) -> Result<Self, ConfigError> {
@@ -120,7 +90,7 @@ impl SetSigner {
                 if rsa.public_modulus_len() < 256 {
                     return Err(bad("RSA keys must have at least 2048 bits".into()));
                 }
-                let (n, e) = rsa_components(rsa.public_key().as_ref())
+                let (n, e) = crate::util::rsa_components(rsa.public_key().as_ref())
                     .ok_or_else(|| bad("unexpected RSA public key encoding".into()))?;
                 let jwk = serde_json::json!({
                     "kty": "RSA", "use": "sig", "alg": "RS256", "kid": kid,

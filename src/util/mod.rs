@@ -121,6 +121,42 @@ pub fn percent_decode(s: &str) -> Option<String> {
         .map(|c| c.into_owned())
 }
 
+/// Splits a PKCS#1 RSAPublicKey DER (SEQUENCE { n INTEGER, e INTEGER }) into
+/// big-endian `n` and `e` without leading zero bytes (for an RSA JWK: the
+/// demo issuer's keys and the SET signer's).
+pub fn rsa_components(der: &[u8]) -> Option<(&[u8], &[u8])> {
+    fn read_len(b: &[u8]) -> Option<(usize, &[u8])> {
+        let (&first, rest) = b.split_first()?;
+        if first < 0x80 {
+            return Some((first as usize, rest));
+        }
+        let n = (first & 0x7f) as usize;
+        if n == 0 || n > 4 || rest.len() < n {
+            return None;
+        }
+        let len = rest[..n]
+            .iter()
+            .fold(0usize, |acc, b| (acc << 8) | *b as usize);
+        Some((len, &rest[n..]))
+    }
+    fn read_tlv(b: &[u8], tag: u8) -> Option<(&[u8], &[u8])> {
+        let (&t, rest) = b.split_first()?;
+        if t != tag {
+            return None;
+        }
+        let (len, rest) = read_len(rest)?;
+        if rest.len() < len {
+            return None;
+        }
+        Some(rest.split_at(len))
+    }
+    let (seq, _) = read_tlv(der, 0x30)?;
+    let (n, rest) = read_tlv(seq, 0x02)?;
+    let (e, _) = read_tlv(rest, 0x02)?;
+    let strip = |x: &'_ [u8]| -> usize { x.iter().take_while(|b| **b == 0).count() };
+    Some((&n[strip(n)..], &e[strip(e)..]))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
