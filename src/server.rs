@@ -624,6 +624,14 @@ fn spawn_workers(
                 crate::proxy::client::enter_worker(w);
                 runtime.block_on(async move {
                     let mut loops = JoinSet::new();
+                    // Keeps a near timer armed; see WORKER_TICK.
+                    let ticker = tokio::spawn(async {
+                        let mut tick = tokio::time::interval(WORKER_TICK);
+                        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                        loop {
+                            tick.tick().await;
+                        }
+                    });
                     for (l, tls) in mine {
                         match TcpListener::from_std(l) {
                             Ok(l) => {
@@ -635,6 +643,7 @@ fn spawn_workers(
                         }
                     }
                     while loops.join_next().await.is_some() {}
+                    ticker.abort();
                 });
                 // Dropping the runtime ends what outlived the drain timeout.
                 drop(runtime);
@@ -647,6 +656,15 @@ fn spawn_workers(
     }
     Ok(())
 }
+
+/// Period of each worker's idle ticker. Every request arms timers (hyper's
+/// header-read timeout, the route's upstream timeout); arming one that falls
+/// due before the time driver's next planned wake-up makes tokio wake the
+/// driver through its eventfd (a `write`, then an extra `epoll_wait`
+/// return), which at load was half a wake-up per request. With a tick always
+/// pending, no request timer of a second or more is ever the earliest, and
+/// the cost is one wake-up per second per worker.
+const WORKER_TICK: Duration = Duration::from_secs(1);
 
 fn local_addr(l: &TcpListener, fallback: SocketAddr) -> SocketAddr {
     l.local_addr().unwrap_or(fallback)

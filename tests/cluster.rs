@@ -983,6 +983,57 @@ auth = "browser"
     .await;
 }
 
+/// One ingest bigger than the JetStream context's in-flight publish permits
+/// (5,000) is made durable, acknowledged and applied, instead of waiting
+/// for a permit it holds itself until the ack timeout turns it into a 503.
+/// An Intune Graph page (up to 32 MiB) can carry that many devices.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_ingest_larger_than_the_publish_window_is_acknowledged_and_applied() {
+    use portcullis::posture::event::{Change, DevicePatch, PostureEvent};
+    use portcullis::posture::journal::Outcome;
+    use portcullis::posture::model::{Compliance, Feed};
+    let c = Cluster::start_with(&[]).await;
+    let cfg = replica_config(&c, 0, "full");
+    let server = portcullis::server::start(cfg).await.unwrap();
+    let now = portcullis::util::now_unix_ms();
+    let n = 6_000;
+    let events: Vec<PostureEvent> = (0..n)
+        .map(|k| PostureEvent {
+            id: format!("big-batch:{k}"),
+            feed: Feed::Intune,
+            kind: "intune.device".into(),
+            origin_ms: now,
+            changes: vec![Change::Device {
+                id: format!("bb-{k:05}"),
+                patch: DevicePatch {
+                    compliance: Some(Compliance::Compliant),
+                    ..Default::default()
+                },
+            }],
+        })
+        .collect();
+    let posture = &server.shared.posture;
+    let out = tokio::time::timeout(Duration::from_secs(30), posture.ingest(events))
+        .await
+        .expect("the ingest ends")
+        .expect("the batch is acknowledged, not refused");
+    assert_eq!(out.len(), n);
+    assert!(
+        out.iter().all(|o| *o == Outcome::Applied),
+        "every event applied once"
+    );
+    let snap = posture.snapshot();
+    for k in [0, 4_999, 5_000, n - 1] {
+        let d = snap.device(&format!("bb-{k:05}")).expect("device applied");
+        assert_eq!(d.compliance, Compliance::Compliant);
+    }
+    // JetStream holds each event once.
+    let nc = async_nats::connect(c.nats.url()).await.unwrap();
+    let js = async_nats::jetstream::new(nc);
+    let mut stream = js.get_stream("PORTCULLIS_EVENTS").await.unwrap();
+    assert_eq!(stream.info().await.unwrap().state.messages, n as u64);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lazy_sidecar_reads_devices_on_demand_and_follows_changes() {
     let c = Cluster::start_with(&["full", "lazy"]).await;
@@ -1345,7 +1396,10 @@ async fn bench_sidecar() {
         .unwrap_or(1_000_000);
     let c = Cluster::start_with(&["full"]).await;
     // Fill the records bucket with `n` devices, as full replicas write them:
-    // publishes pipelined, at most 16k acknowledgements in flight.
+    // publishes pipelined, at most 4k acknowledgements in flight. (Each
+    // unresolved acknowledgement holds one of the context's 5,000 in-flight
+    // permits: holding more than that waits forever for a permit, which is
+    // how this bench used to hang.)
     let nc = async_nats::connect(c.nats.url()).await.unwrap();
     let js = async_nats::jetstream::new(nc);
     let nats_pid = c.nats.pid().unwrap();
@@ -1370,9 +1424,13 @@ async fn bench_sidecar() {
         acks.push(std::future::IntoFuture::into_future(
             js.publish(subj, v.into()).await.unwrap(),
         ));
-        while acks.len() >= 16_384 {
+        while acks.len() >= 4_096 {
             acks.next().await.unwrap().unwrap();
         }
+        assert!(
+            start.elapsed() < Duration::from_secs(1_200),
+            "bucket fill too slow: {k} of {n} in 20 min"
+        );
     }
     while let Some(a) = acks.next().await {
         a.unwrap();
@@ -1440,11 +1498,18 @@ async fn bench_sidecar() {
             .arg("--addr-file")
             .arg(&addr_file)
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
+            .stderr(std::fs::File::create(cfg.with_extension("log")).unwrap())
             .spawn()
             .unwrap();
         while !addr_file.exists() {
-            assert!(child.try_wait().unwrap().is_none(), "full replica exited");
+            if let Some(st) = child.try_wait().unwrap() {
+                let log = std::fs::read_to_string(cfg.with_extension("log")).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                panic!(
+                    "full replica exited ({st}); its log ends:\n{}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
+            }
             assert!(
                 t.elapsed() < Duration::from_secs(600),
                 "full replica did not start"

@@ -40,6 +40,9 @@
 #                      measure on a busy machine (use a small CONNS; wall-clock
 #                      numbers of portcullis are meaningless then)
 #   PORTCULLIS_POLICY  extra keys for portcullis's [policy] table (experiments)
+#   STRACE_DIR         when set: strace -c -f every peer's processes during its
+#                      measured runs, syscall counts per request into this dir
+#                      (counts only: ptrace makes every timing meaningless)
 #   BASE_PORT=18080    first port tried when picking free loopback ports
 #   KEEP_TMP=1         keep the scratch directory (configs, logs) after the run
 #
@@ -64,6 +67,7 @@ RATE_CONNS=${RATE_CONNS:-50}
 BASE_PORT=${BASE_PORT:-18080}
 KEEP_TMP=${KEEP_TMP:-0}
 PROFILE_DIR=${PROFILE_DIR:-}
+STRACE_DIR=${STRACE_DIR:-}
 FILL_TIMEOUT=${FILL_TIMEOUT:-300}
 CALLGRIND=${CALLGRIND:-0}
 
@@ -659,6 +663,16 @@ measure() {   # round, mode, peer
             2>"$PROFILE_DIR/perf-$mode-$round.log" &
         perf_pid=$!
     fi
+    local strace_pid=""
+    if [[ -n $STRACE_DIR ]]; then
+        mkdir -p "$STRACE_DIR"
+        local sargs=()
+        for p in "${pids[@]}"; do sargs+=(-p "$p"); done
+        timeout -s INT --kill-after=5 $(( DURATION + 1 )) strace -q -c -f "${sargs[@]}" \
+            -o "$STRACE_DIR/strace-$mode-$name-$round.raw" &
+        strace_pid=$!
+        sleep 0.5
+    fi
     local cg=0
     if [[ $CALLGRIND == 1 && $name == portcullis ]]; then
         cg=1
@@ -671,6 +685,9 @@ measure() {   # round, mode, peer
     if (( cg )); then
         # "Totals: Ir" then one "Th N <count>" line per thread.
         ir=$(callgrind_control -e Ir "$root" | awk '$1 == "Th" { gsub(/,/, "", $NF); s += $NF } END { printf "%.0f", s }')
+    fi
+    if [[ -n $strace_pid ]]; then
+        wait "$strace_pid" || true
     fi
     if [[ -n $perf_pid ]]; then
         wait "$perf_pid" || log "perf record exited with $?"
@@ -707,6 +724,12 @@ measure() {   # round, mode, peer
     local note="round $round, $key: $reqs req, $rps req/s, p50 $p50 ms, p99 $p99 ms, $cpu_us CPU-us/req; upstream: $up_reqs req on $(( up_conns - 1 )) new connections, $up_us CPU-us/req"
     if [[ $name == portcullis ]]; then
         note+="; token cache +$(( h1 - h0 )) hits +$(( m1 - m0 )) misses; decision cache +$(( ph1 - ph0 )) hits +$(( pm1 - pm0 )) misses"
+    fi
+    if [[ -n $strace_pid ]]; then
+        local sf="$STRACE_DIR/strace-$mode-$name-$round"
+        awk -v n="$reqs" '$1 ~ /^[0-9.]+$/ && NF >= 5 { c = $4; name = $NF; if (name != "total") printf "%-20s %8.3f per request\n", name, c / n }' \
+            "$sf.raw" | sort -k2 -nr > "$sf.txt" || true
+        note+="; syscalls/req $(awk '{ s += $2 } END { printf "%.2f", s }' "$sf.txt") ($sf.txt)"
     fi
     if [[ -n $ir ]]; then
         note+="; callgrind: $ir Ir = $(awk -v i="$ir" -v n="$reqs" 'BEGIN { printf "%.0f", i / n }') Ir/req"

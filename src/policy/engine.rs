@@ -110,8 +110,8 @@ pub struct Engine {
     /// Keyed by a keyed 128-bit hash, already uniform: moka's own hashing of
     /// the key is the cheap foldhash, not SipHash.
     cache: Cache<u128, Arc<Cached>, foldhash::fast::RandomState>,
-    k1: RandomState,
-    k2: RandomState,
+    /// The key of that hash (SipHash-1-3, 128-bit output, one pass).
+    sip_key: (u64, u64),
 }
 
 impl std::fmt::Debug for Engine {
@@ -165,8 +165,11 @@ impl Engine {
             settings,
             audit,
             cache,
-            k1: RandomState::new(),
-            k2: RandomState::new(),
+            // Key material from the OS-seeded std hasher keys.
+            sip_key: (
+                RandomState::new().hash_one(1u8),
+                RandomState::new().hash_one(2u8),
+            ),
         }
     }
 
@@ -249,7 +252,9 @@ impl Engine {
             peer: f.peer,
             snapshot_age_s: f.resolved.snapshot_age_s,
         };
-        (u128::from(self.k1.hash_one(&parts)) << 64) | u128::from(self.k2.hash_one(&parts))
+        let mut h = siphasher::sip128::SipHasher13::new_with_keys(self.sip_key.0, self.sip_key.1);
+        parts.hash(&mut h);
+        siphasher::sip128::Hasher128::finish128(&h).as_u128()
     }
 
     fn shadow_for(&self, route: &str) -> Option<&Arc<CompiledSet>> {

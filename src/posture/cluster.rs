@@ -50,6 +50,12 @@ const MAX_RETRY: Duration = Duration::from_secs(2);
 const RECORDS_MERGE: usize = 65_536;
 /// Bucket writes in flight at once from one replica.
 const RECORDS_CONCURRENCY: usize = 64;
+/// Event publishes awaiting JetStream's acknowledgement at once, well under
+/// the context's in-flight permits.
+const ACKS_IN_FLIGHT: usize = 1024;
+/// Bound on each JetStream request while a new replica loads the records
+/// bucket (a consumer over every key).
+const BOOTSTRAP_TIMEOUT: Duration = Duration::from_secs(120);
 /// The key of the format marker in the meta bucket.
 const FORMAT_KEY: &str = "format";
 
@@ -234,6 +240,24 @@ impl Cluster {
             (Some(tx), Some(rx))
         };
         if !lazy && posture.stream_position() == 0 && posture.snapshot().version() == 0 {
+            // Creating a last-per-subject consumer over a large bucket takes
+            // the server seconds, far beyond the ack timeout that bounds a
+            // feed's wait (and JetStream API requests take the connection's
+            // request timeout): a connection of its own, for the start only.
+            let boot = async_nats::ConnectOptions::new()
+                .name(format!("portcullis-{}-bootstrap", cfg.replica))
+                .connection_timeout(Duration::from_millis(cfg.ack_timeout_ms))
+                .request_timeout(Some(BOOTSTRAP_TIMEOUT))
+                .connect(cfg.url.as_str())
+                .await
+                .map_err(|e| nats_err("connect", e))?;
+            let js = jetstream::ContextBuilder::new()
+                .timeout(BOOTSTRAP_TIMEOUT)
+                .build(boot);
+            let records = js
+                .get_key_value(format!("{}_RECORDS", cfg.stream))
+                .await
+                .map_err(|e| nats_err("records bucket", e))?;
             bootstrap(&js, &records, cfg, posture).await?;
         }
         let snapshot = posture.snapshot().clone();
@@ -352,8 +376,18 @@ impl Cluster {
         }
         let accepted_ms = crate::util::now_unix_ms();
         let work = async {
-            let mut acks = Vec::with_capacity(events.len());
+            let mut out = Vec::with_capacity(events.len());
+            let mut acks =
+                std::collections::VecDeque::with_capacity(events.len().min(ACKS_IN_FLIGHT));
             for ev in events {
+                // An unresolved acknowledgement holds one of the JetStream
+                // context's in-flight permits (5,000 by default): waiting
+                // for a new permit while holding them all would never end.
+                if acks.len() >= ACKS_IN_FLIGHT {
+                    let a: jetstream::context::PublishAckFuture =
+                        acks.pop_front().expect("acks is not empty");
+                    out.push(ack_of(a.await)?);
+                }
                 let env = Envelope {
                     v: FORMAT_VERSION,
                     replica: self.cfg.replica.clone(),
@@ -365,19 +399,15 @@ impl Cluster {
                 let mut headers = async_nats::HeaderMap::new();
                 headers.insert(async_nats::header::NATS_MESSAGE_ID, ev.id.as_str());
                 let subject = format!("{}.{}", self.cfg.subject_prefix, ev.feed.as_str());
-                acks.push(
+                acks.push_back(
                     self.js
                         .publish_with_headers(subject, headers, Bytes::from(body))
                         .await
                         .map_err(|e| IngestError::Unavailable(format!("publish: {e}")))?,
                 );
             }
-            let mut out = Vec::with_capacity(acks.len());
             for a in acks {
-                let ack = a
-                    .await
-                    .map_err(|e| IngestError::Unavailable(format!("no acknowledgement: {e}")))?;
-                out.push((ack.sequence, ack.duplicate));
+                out.push(ack_of(a.await)?);
             }
             Ok(out)
         };
@@ -425,6 +455,14 @@ impl Cluster {
 }
 
 /// Gets or creates a KV bucket.
+/// A publish acknowledgement as (stream sequence, seen before).
+fn ack_of(
+    a: Result<jetstream::publish::PublishAck, jetstream::context::PublishError>,
+) -> Result<(u64, bool), IngestError> {
+    let ack = a.map_err(|e| IngestError::Unavailable(format!("no acknowledgement: {e}")))?;
+    Ok((ack.sequence, ack.duplicate))
+}
+
 async fn bucket(
     js: &jetstream::Context,
     name: &str,
@@ -608,12 +646,17 @@ async fn bootstrap(
     let mut watch = bucket
         .watch_with_history(">")
         .await
-        .map_err(|e| nats_err("records bucket", e))?;
+        .map_err(|e| nats_err("records bucket: watch", e))?;
     let wait = Duration::from_millis(cfg.ack_timeout_ms.max(1000));
     loop {
         let e = match tokio::time::timeout(wait, watch.next()).await {
             Ok(Some(Ok(e))) => e,
-            Ok(Some(Err(e))) => return Err(nats_err("records bucket", e)),
+            Ok(Some(Err(e))) => {
+                return Err(nats_err(
+                    &format!("records bucket: after {} records", picture.len()),
+                    e,
+                ));
+            }
             Ok(None) => break,
             Err(_) => return Err(ClusterError::Nats("records bucket: read timed out".into())),
         };
