@@ -226,10 +226,11 @@ impl AccessStore {
     }
 }
 
-/// One flush step: trim, write what changed, tail the event log.
-fn step(store: &Mutex<AccessStore>, mem: &AccessMemory) {
+/// One flush step: trim, write what changed (`all`: every changed row, not
+/// only those due), tail the event log.
+fn step(store: &Mutex<AccessStore>, mem: &AccessMemory, all: bool) {
     let ev = mem.trim();
-    let dirty = mem.take_dirty();
+    let dirty = mem.take_dirty(crate::util::now_unix_ms(), all);
     let Ok(mut s) = store.lock() else {
         return;
     };
@@ -262,7 +263,7 @@ pub async fn flush_loop(
             _ = shutdown.changed() => true,
         };
         let (s, m) = (store.clone(), mem.clone());
-        let _ = tokio::task::spawn_blocking(move || step(&s, &m)).await;
+        let _ = tokio::task::spawn_blocking(move || step(&s, &m, stop)).await;
         if stop {
             break;
         }
@@ -273,5 +274,5 @@ pub async fn flush_loop(
 /// and feeds without waiting a tick).
 pub async fn flush_now(store: &Arc<Mutex<AccessStore>>, mem: &Arc<AccessMemory>) {
     let (s, m) = (store.clone(), mem.clone());
-    let _ = tokio::task::spawn_blocking(move || step(&s, &m)).await;
+    let _ = tokio::task::spawn_blocking(move || step(&s, &m, true)).await;
 }

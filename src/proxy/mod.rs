@@ -1243,6 +1243,9 @@ fn prepare_upstream_request<B>(
     *req.version_mut() = Version::HTTP_11;
 
     let h = req.headers_mut();
+    // Room for the forwarding and identity headers added below at once,
+    // instead of growing (and re-hashing) the client's small map step by step.
+    h.reserve(16);
     headers::strip_identity(h, &rt.stripped);
     headers::strip_own_cookies(h, crate::session::OWN_COOKIES);
     h.remove(header::HOST);
