@@ -383,9 +383,9 @@ impl Cluster {
                 // An unresolved acknowledgement holds one of the JetStream
                 // context's in-flight permits (5,000 by default): waiting
                 // for a new permit while holding them all would never end.
-                if acks.len() >= ACKS_IN_FLIGHT {
-                    let a: jetstream::context::PublishAckFuture =
-                        acks.pop_front().expect("acks is not empty");
+                if acks.len() >= ACKS_IN_FLIGHT
+                    && let Some(a) = acks.pop_front()
+                {
                     out.push(ack_of(a.await)?);
                 }
                 let env = Envelope {
