@@ -232,18 +232,38 @@ async fn access_report(
     admin: Option<std::net::SocketAddr>,
     query: String,
 ) -> Result<(), String> {
+    let body = admin_get(
+        &config,
+        admin,
+        "access-report",
+        &format!("/admin/v1/access?{query}"),
+    )
+    .await?;
+    print!("{}", String::from_utf8_lossy(&body));
+    Ok(())
+}
+
+/// GET on the admin API (at `admin`, else the config's `admin.listen`, an
+/// unspecified address meaning loopback) with the config's
+/// `admin.api_token`; the body of a 2xx, else the error's description.
+async fn admin_get(
+    config: &std::path::Path,
+    admin: Option<std::net::SocketAddr>,
+    command: &str,
+    path_and_query: &str,
+) -> Result<bytes::Bytes, String> {
     use http_body_util::BodyExt;
-    let cfg = Config::load(&config).map_err(|e| e.to_string())?;
+    let cfg = Config::load(config).map_err(|e| e.to_string())?;
     let token = cfg
         .admin
         .api_token
         .as_deref()
-        .ok_or("access-report needs admin.api_token in the config")?;
+        .ok_or_else(|| format!("{command} needs admin.api_token in the config"))?;
     let mut addr = admin.unwrap_or(cfg.admin.listen);
     if addr.ip().is_unspecified() {
         addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
     }
-    let req = http::Request::get(format!("http://{addr}/admin/v1/access?{query}"))
+    let req = http::Request::get(format!("http://{addr}{path_and_query}"))
         .header(http::header::AUTHORIZATION, format!("Bearer {token}"))
         .body(http_body_util::Full::new(bytes::Bytes::new()))
         .map_err(|e| e.to_string())?;
@@ -267,8 +287,7 @@ async fn access_report(
             v["error_description"].as_str().unwrap_or("")
         ));
     }
-    print!("{}", String::from_utf8_lossy(&body));
-    Ok(())
+    Ok(body)
 }
 
 fn policy_test(dir: &std::path::Path) -> ExitCode {
@@ -328,48 +347,18 @@ fn url_encode(s: &str) -> String {
 }
 
 async fn explain(config: PathBuf, q: Vec<(String, String)>) -> Result<(), String> {
-    use http_body_util::BodyExt;
-    let cfg = Config::load(&config).map_err(|e| e.to_string())?;
-    let token = cfg
-        .admin
-        .api_token
-        .as_deref()
-        .ok_or("explain needs admin.api_token in the config")?;
-    let mut addr = cfg.admin.listen;
-    if addr.ip().is_unspecified() {
-        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
-    }
     let query: Vec<String> = q
         .iter()
         .map(|(k, v)| format!("{}={}", url_encode(k), url_encode(v)))
         .collect();
-    let req = http::Request::get(format!(
-        "http://{addr}/admin/v1/explain?{}",
-        query.join("&")
-    ))
-    .header(http::header::AUTHORIZATION, format!("Bearer {token}"))
-    .body(http_body_util::Full::new(bytes::Bytes::new()))
-    .map_err(|e| e.to_string())?;
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http();
-    let resp = client
-        .request(req)
-        .await
-        .map_err(|e| format!("admin listener {addr}: {e}"))?;
-    let status = resp.status();
-    let body = resp
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| e.to_string())?
-        .to_bytes();
+    let body = admin_get(
+        &config,
+        None,
+        "explain",
+        &format!("/admin/v1/explain?{}", query.join("&")),
+    )
+    .await?;
     let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
-    if !status.is_success() {
-        return Err(format!(
-            "{status}: {}",
-            v["error_description"].as_str().unwrap_or("")
-        ));
-    }
     println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
     Ok(())
 }
