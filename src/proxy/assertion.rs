@@ -16,12 +16,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use aws_lc_rs::rand::SystemRandom;
-use aws_lc_rs::signature::{self, EcdsaKeyPair, KeyPair};
+use aws_lc_rs::signature::{self, EcdsaKeyPair};
 use base64::Engine;
 use bytes::Bytes;
 use http::header::{HeaderMap, HeaderValue};
-use rustls_pki_types::PrivateKeyDer;
-use rustls_pki_types::pem::PemObject;
 use serde::Serialize;
 
 use crate::config::{ASSERTION_HEADER, ASSERTION_JWKS_PATH, AssertionConfig, Config, ConfigError};
@@ -205,15 +203,13 @@ impl Signer {
         let Some(a) = &cfg.assertion else {
             return Ok(None);
         };
-        let mut keys = Vec::with_capacity(a.keys.len());
-        for (i, k) in a.keys.iter().enumerate() {
-            let pem = std::fs::read(&k.private_key_file).map_err(|e| ConfigError::Invalid {
-                file: cfg.source.clone(),
-                key: format!("assertion.keys[{i}].private_key_file"),
-                message: format!("`{}`: {e}", k.private_key_file.display()),
-            })?;
-            keys.push((k.kid.clone(), pem));
-        }
+        let keys = crate::util::read_key_files(
+            cfg,
+            "assertion",
+            a.keys
+                .iter()
+                .map(|k| (k.kid.as_str(), k.private_key_file.as_path())),
+        )?;
         Self::new(a, &keys)
             .map(|s| Some(Arc::new(s)))
             .map_err(|e| ConfigError::Invalid {
@@ -237,25 +233,13 @@ impl Signer {
                 kid: kid.clone(),
                 message,
             };
-            let der = match PrivateKeyDer::from_pem_slice(pem) {
-                Ok(PrivateKeyDer::Pkcs8(der)) => der,
-                Ok(_) => return Err(bad("not a PKCS#8 key (`BEGIN PRIVATE KEY`)".into())),
-                Err(e) => return Err(bad(format!("not a PEM private key: {e}"))),
-            };
+            let der = crate::util::pkcs8_der(pem).map_err(bad)?;
             let pair = EcdsaKeyPair::from_pkcs8(
                 &signature::ECDSA_P256_SHA256_FIXED_SIGNING,
                 der.secret_pkcs8_der(),
             )
             .map_err(|e| bad(format!("not a P-256 key: {e}")))?;
-            let point = pair.public_key().as_ref();
-            // INVARIANT: an uncompressed P-256 point is 0x04 || x(32) || y(32).
-            if point.len() != 65 || point[0] != 4 {
-                return Err(bad("unexpected P-256 public key encoding".into()));
-            }
-            jwks.push(serde_json::json!({
-                "kty": "EC", "crv": "P-256", "use": "sig", "alg": "ES256", "kid": kid,
-                "x": B64.encode(&point[1..33]), "y": B64.encode(&point[33..65]),
-            }));
+            jwks.push(crate::util::p256_jwk(kid, &pair).map_err(bad)?);
             if Some(kid.as_str()) == active_kid {
                 let header = serde_json::json!({"alg": "ES256", "typ": "JWT", "kid": kid});
                 active = Some(SigningKeyEntry {

@@ -8,8 +8,6 @@ use aws_lc_rs::signature::{self, EcdsaKeyPair, KeyPair, RsaKeyPair};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use bytes::Bytes;
-use rustls_pki_types::PrivateKeyDer;
-use rustls_pki_types::pem::PemObject;
 
 use crate::config::{Config, ConfigError, TransmitterConfig};
 
@@ -55,15 +53,13 @@ impl std::fmt::Debug for SetSigner {
 impl SetSigner {
     /// The signer of `[transmitter]`, reading its key files.
     pub fn from_config(cfg: &Config, t: &TransmitterConfig) -> Result<Self, ConfigError> {
-        let mut keys = Vec::with_capacity(t.keys.len());
-        for (i, k) in t.keys.iter().enumerate() {
-            let pem = std::fs::read(&k.private_key_file).map_err(|e| ConfigError::Invalid {
-                file: cfg.source.clone(),
-                key: format!("transmitter.keys[{i}].private_key_file"),
-                message: format!("`{}`: {e}", k.private_key_file.display()),
-            })?;
-            keys.push((k.kid.clone(), pem));
-        }
+        let keys = crate::util::read_key_files(
+            cfg,
+            "transmitter",
+            t.keys
+                .iter()
+                .map(|k| (k.kid.as_str(), k.private_key_file.as_path())),
+        )?;
         Self::new(t.active_kid.as_deref(), &keys).map_err(|e| ConfigError::Invalid {
             file: cfg.source.clone(),
             key: "transmitter.keys".into(),
@@ -81,11 +77,7 @@ impl SetSigner {
                 kid: kid.clone(),
                 message,
             };
-            let der = match PrivateKeyDer::from_pem_slice(pem) {
-                Ok(PrivateKeyDer::Pkcs8(der)) => der,
-                Ok(_) => return Err(bad("not a PKCS#8 key (`BEGIN PRIVATE KEY`)".into())),
-                Err(e) => return Err(bad(format!("not a PEM private key: {e}"))),
-            };
+            let der = crate::util::pkcs8_der(pem).map_err(bad)?;
             let (pair, jwk, alg) = if let Ok(rsa) = RsaKeyPair::from_pkcs8(der.secret_pkcs8_der()) {
                 if rsa.public_modulus_len() < 256 {
                     return Err(bad("RSA keys must have at least 2048 bits".into()));
@@ -103,15 +95,7 @@ impl SetSigner {
                     der.secret_pkcs8_der(),
                 )
                 .map_err(|e| bad(format!("neither RSA nor P-256: {e}")))?;
-                let point = ec.public_key().as_ref();
-                // INVARIANT: an uncompressed P-256 point is 0x04 || x(32) || y(32).
-                if point.len() != 65 || point[0] != 4 {
-                    return Err(bad("unexpected P-256 public key encoding".into()));
-                }
-                let jwk = serde_json::json!({
-                    "kty": "EC", "crv": "P-256", "use": "sig", "alg": "ES256", "kid": kid,
-                    "x": B64.encode(&point[1..33]), "y": B64.encode(&point[33..65]),
-                });
+                let jwk = crate::util::p256_jwk(kid, &ec).map_err(bad)?;
                 (Pair::Ec(ec), jwk, "ES256")
             };
             jwks.push(jwk);

@@ -157,6 +157,58 @@ pub fn rsa_components(der: &[u8]) -> Option<(&[u8], &[u8])> {
     Some((&n[strip(n)..], &e[strip(e)..]))
 }
 
+/// Reads the signing-key files a config section names
+/// (`{section}.keys[i].private_key_file`) as `(kid, PEM)`: the identity
+/// assertion's keys and the SET signer's.
+pub fn read_key_files<'a>(
+    cfg: &crate::config::Config,
+    section: &str,
+    keys: impl IntoIterator<Item = (&'a str, &'a std::path::Path)>,
+) -> Result<Vec<(String, Vec<u8>)>, crate::config::ConfigError> {
+    keys.into_iter()
+        .enumerate()
+        .map(|(i, (kid, path))| {
+            std::fs::read(path)
+                .map(|pem| (kid.to_owned(), pem))
+                .map_err(|e| crate::config::ConfigError::Invalid {
+                    file: cfg.source.clone(),
+                    key: format!("{section}.keys[{i}].private_key_file"),
+                    message: format!("`{}`: {e}", path.display()),
+                })
+        })
+        .collect()
+}
+
+/// The PKCS#8 DER of a `BEGIN PRIVATE KEY` PEM; the error says what it was instead.
+pub fn pkcs8_der(pem: &[u8]) -> Result<rustls_pki_types::PrivatePkcs8KeyDer<'static>, String> {
+    use rustls_pki_types::PrivateKeyDer;
+    use rustls_pki_types::pem::PemObject;
+    match PrivateKeyDer::from_pem_slice(pem) {
+        Ok(PrivateKeyDer::Pkcs8(der)) => Ok(der),
+        Ok(_) => Err("not a PKCS#8 key (`BEGIN PRIVATE KEY`)".into()),
+        Err(e) => Err(format!("not a PEM private key: {e}")),
+    }
+}
+
+/// The public JWK (ES256, `use: sig`) of a P-256 signing key.
+pub fn p256_jwk(
+    kid: &str,
+    pair: &aws_lc_rs::signature::EcdsaKeyPair,
+) -> Result<serde_json::Value, String> {
+    use aws_lc_rs::signature::KeyPair;
+    use base64::Engine as _;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+    let point = pair.public_key().as_ref();
+    // INVARIANT: an uncompressed P-256 point is 0x04 || x(32) || y(32).
+    if point.len() != 65 || point[0] != 4 {
+        return Err("unexpected P-256 public key encoding".into());
+    }
+    Ok(serde_json::json!({
+        "kty": "EC", "crv": "P-256", "use": "sig", "alg": "ES256", "kid": kid,
+        "x": B64.encode(&point[1..33]), "y": B64.encode(&point[33..65]),
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
