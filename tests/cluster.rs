@@ -710,103 +710,6 @@ async fn a_new_replica_starts_from_the_records_bucket_and_the_stream_tail() {
     .await;
 }
 
-/// The demo OpenID provider on loopback, for browser logins.
-struct DemoIdp {
-    url: String,
-}
-
-impl DemoIdp {
-    async fn start() -> Self {
-        use hyper::body::Incoming;
-        use portcullis::demo::oidc::DemoProvider;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let key = std::sync::Arc::new(SigningKey::es256("idp-1").unwrap());
-        let provider = std::sync::Arc::new(DemoProvider::new(
-            url.clone(),
-            key.clone(),
-            "s3cret-for-tests".into(),
-        ));
-        let jwks = json!({ "keys": [key.jwk] }).to_string();
-        tokio::spawn(async move {
-            loop {
-                let Ok((tcp, _)) = listener.accept().await else {
-                    continue;
-                };
-                let (provider, jwks) = (provider.clone(), jwks.clone());
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |req: http::Request<Incoming>| {
-                        let (provider, jwks) = (provider.clone(), jwks.clone());
-                        async move {
-                            let r = match (req.method().as_str(), req.uri().path()) {
-                                ("GET", "/.well-known/openid-configuration") => {
-                                    http::Response::new(Full::new(Bytes::from(
-                                        provider.discovery().to_string(),
-                                    )))
-                                }
-                                ("GET", "/jwks.json") => {
-                                    http::Response::new(Full::new(Bytes::from(jwks)))
-                                }
-                                ("GET", "/authorize") => provider.authorize(&req),
-                                ("GET", "/login") => provider.login(&req),
-                                ("POST", "/token") => provider.token(req).await,
-                                _ => provider.end_session(),
-                            };
-                            Ok::<_, std::convert::Infallible>(r)
-                        }
-                    });
-                    let _ = hyper_util::server::conn::auto::Builder::new(
-                        hyper_util::rt::TokioExecutor::new(),
-                    )
-                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
-                    .await;
-                });
-            }
-        });
-        Self { url }
-    }
-
-    /// Clicks through the IdP's login page for `sub`; returns the redirect
-    /// back to the proxy's callback.
-    async fn login(&self, authorize_url: &str, sub: &str) -> String {
-        let plain = |url: String| async move {
-            let c =
-                hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                    .build_http::<Full<Bytes>>();
-            let resp = tokio::time::timeout(
-                DEADLINE,
-                c.request(
-                    http::Request::get(url)
-                        .body(Full::new(Bytes::new()))
-                        .unwrap(),
-                ),
-            )
-            .await
-            .unwrap()
-            .unwrap();
-            let (p, b) = resp.into_parts();
-            (p.status, p.headers, b.collect().await.unwrap().to_bytes())
-        };
-        let (st, _, body) = plain(authorize_url.to_owned()).await;
-        assert_eq!(st, StatusCode::OK, "authorize page");
-        let body = String::from_utf8_lossy(&body).into_owned();
-        let rid = body
-            .split("rid=")
-            .nth(1)
-            .and_then(|r| r.split(['&', '"']).next())
-            .unwrap()
-            .to_owned();
-        let q = form_urlencoded::Serializer::new(String::new())
-            .append_pair("rid", &rid)
-            .append_pair("sub", sub)
-            .append_pair("mfa", "0")
-            .finish();
-        let (st, h, _) = plain(format!("{}/login?{q}", self.url)).await;
-        assert_eq!(st, StatusCode::SEE_OTHER, "login click");
-        h["location"].to_str().unwrap().to_owned()
-    }
-}
-
 /// A browser at one replica: a TLS connection and a cookie jar.
 struct Browser {
     conn: TlsConn,
@@ -862,7 +765,7 @@ impl Browser {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_browser_session_is_honoured_and_ended_at_every_replica() {
     let mut c = Cluster::start_with(&[]).await;
-    let idp = DemoIdp::start().await;
+    let idp = common::demo_idp::DemoIdp::start().await;
     std::fs::write(c.pki.path().join("client-secret"), "s3cret-for-tests").unwrap();
     let extra = format!(
         r#"

@@ -9,117 +9,24 @@
 mod common;
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::sync::Arc;
 
 use base64::Engine;
 use bytes::Bytes;
+use common::demo_idp::DemoIdp as Idp;
 use common::{DEADLINE, TestPki, TlsConn, Upstream};
-use http::{Request, StatusCode};
-use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use portcullis::demo::oidc::{DEMO_CLIENT_ID, DemoProvider};
+use http::StatusCode;
+use portcullis::demo::oidc::DEMO_CLIENT_ID;
 use portcullis::demo::pki::SigningKey;
 use portcullis::posture::event::{Change, Feed, IdentityPatch, PostureEvent};
 use portcullis::posture::model::{IdentityKind, IdentityStatus};
 use portcullis::session::cookie::{SESSION_COOKIE, id_hash};
 use portcullis::session::dbsc::BOUND_COOKIE;
 use serde_json::json;
-use tokio::net::TcpListener;
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::URL_SAFE_NO_PAD;
 const REGISTER: &str = "/.portcullis/dbsc/register";
 const REFRESH: &str = "/.portcullis/dbsc/refresh";
-
-/// The OpenID provider (the demo's minimal one) on loopback.
-struct Idp {
-    url: String,
-    secret: String,
-}
-
-impl Idp {
-    async fn start() -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let key = Arc::new(SigningKey::es256("idp-1").unwrap());
-        let secret = "s3cret-for-tests".to_owned();
-        let provider = Arc::new(DemoProvider::new(url.clone(), key.clone(), secret.clone()));
-        let jwks = json!({ "keys": [key.jwk] }).to_string();
-        tokio::spawn(async move {
-            loop {
-                let Ok((tcp, _)) = listener.accept().await else {
-                    continue;
-                };
-                let provider = provider.clone();
-                let jwks = jwks.clone();
-                tokio::spawn(async move {
-                    let svc = service_fn(move |req: Request<Incoming>| {
-                        let provider = provider.clone();
-                        let jwks = jwks.clone();
-                        async move {
-                            let r = match (req.method().as_str(), req.uri().path()) {
-                                ("GET", "/.well-known/openid-configuration") => {
-                                    http::Response::new(Full::new(Bytes::from(
-                                        provider.discovery().to_string(),
-                                    )))
-                                }
-                                ("GET", "/jwks.json") => {
-                                    http::Response::new(Full::new(Bytes::from(jwks)))
-                                }
-                                ("GET", "/authorize") => provider.authorize(&req),
-                                ("GET", "/login") => provider.login(&req),
-                                ("POST", "/token") => provider.token(req).await,
-                                _ => provider.end_session(),
-                            };
-                            Ok::<_, Infallible>(r)
-                        }
-                    });
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(tcp), svc)
-                        .await;
-                });
-            }
-        });
-        Self { url, secret }
-    }
-
-    /// Clicks the IdP's login for `sub`; returns the redirect to the callback.
-    async fn login(&self, authorize_url: &str, sub: &str) -> String {
-        let (status, _, body) = plain_get(authorize_url).await;
-        assert_eq!(status, StatusCode::OK, "authorize page");
-        let body = String::from_utf8_lossy(&body).into_owned();
-        let rid = body
-            .split("rid=")
-            .nth(1)
-            .and_then(|r| r.split(['&', '"']).next())
-            .expect("login page names the request")
-            .to_owned();
-        let q = form_urlencoded::Serializer::new(String::new())
-            .append_pair("rid", &rid)
-            .append_pair("sub", sub)
-            .append_pair("mfa", "0")
-            .finish();
-        let (status, h, _) = plain_get(&format!("{}/login?{q}", self.url)).await;
-        assert_eq!(status, StatusCode::SEE_OTHER, "login click");
-        header(&h, "location")
-    }
-}
-
-async fn plain_get(url: &str) -> (StatusCode, http::HeaderMap, Bytes) {
-    let c = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
-        .build_http::<Full<Bytes>>();
-    let resp = tokio::time::timeout(
-        DEADLINE,
-        c.request(Request::get(url).body(Full::new(Bytes::new())).unwrap()),
-    )
-    .await
-    .unwrap()
-    .unwrap();
-    let (p, b) = resp.into_parts();
-    (p.status, p.headers, b.collect().await.unwrap().to_bytes())
-}
 
 fn header(h: &http::HeaderMap, name: &str) -> String {
     h.get(name)

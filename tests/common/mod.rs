@@ -687,4 +687,5 @@ impl TlsConn {
         self.send("GET", path, headers).await.unwrap()
     }
 }
+pub mod demo_idp;
 pub mod idp;
