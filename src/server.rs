@@ -625,11 +625,15 @@ fn spawn_workers(
                 runtime.block_on(async move {
                     let mut loops = JoinSet::new();
                     // Keeps a near timer armed; see WORKER_TICK.
-                    let ticker = tokio::spawn(async {
+                    // Each tick also closes this worker's expired idle
+                    // upstream connections.
+                    let proxy = shared.proxy.clone();
+                    let ticker = tokio::spawn(async move {
                         let mut tick = tokio::time::interval(WORKER_TICK);
                         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                         loop {
                             tick.tick().await;
+                            proxy.runtime.load().upstream.here().prune();
                         }
                     });
                     for (l, tls) in mine {

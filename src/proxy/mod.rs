@@ -842,7 +842,6 @@ impl Proxy {
         let (mut parts, body) = resp.into_parts();
         headers::remove_hop_by_hop(&mut parts.headers);
         set_request_id(&mut parts.headers, &ctx.id);
-        let body = body.map_err(|e| Box::new(e) as client::BoxError);
         // A body already complete never streams; the others register only
         // once they have nothing ready (see `live::LiveBody`).
         let seed = (!hyper::body::Body::is_end_stream(&body))
@@ -850,7 +849,7 @@ impl Proxy {
             .flatten();
         let body = match seed {
             Some(seed) => live::LiveBody::new(body, seed, self.live.clone()).boxed_unsync(),
-            None => body.boxed_unsync(),
+            None => body,
         };
         Ok(Response::from_parts(parts, body))
     }
@@ -959,7 +958,7 @@ struct RequestPlace<'a> {
     trace_id: Option<String>,
 }
 
-fn rt_upstream(rt: &Runtime) -> &client::UpstreamClient {
+fn rt_upstream(rt: &Runtime) -> &client::Pool {
     rt.upstream.here()
 }
 

@@ -1,0 +1,290 @@
+//! The upstream connection pool, seen from a hand-written HTTP/1.1 upstream
+//! on loopback that counts the connections it accepts and answers each path
+//! in its own way (keep-alive, `Connection: close`, a silent close, a big
+//! body, no body). Clients are real TLS connections to the proxy.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use common::*;
+use http::StatusCode;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+/// A raw HTTP/1.1 upstream. Paths:
+/// - `/keep`: `200 ok`, keep-alive;
+/// - `/close`: `200 ok` with `Connection: close`, then closes;
+/// - `/drop`: `200 ok` that looks keep-alive, then closes without saying so;
+/// - `/big`: 1 MiB body, keep-alive;
+/// - `/empty`: `204`, keep-alive.
+struct RawUpstream {
+    addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    requests: Arc<AtomicUsize>,
+}
+
+const BIG: usize = 1 << 20;
+
+impl RawUpstream {
+    async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let requests = Arc::new(AtomicUsize::new(0));
+        let (a, r) = (accepted.clone(), requests.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                a.fetch_add(1, Ordering::SeqCst);
+                let r = r.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    loop {
+                        // One request head (the proxy sends GET/HEAD without a body here).
+                        let end = loop {
+                            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                                break i + 4;
+                            }
+                            match tcp.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        };
+                        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                        buf.drain(..end);
+                        r.fetch_add(1, Ordering::SeqCst);
+                        let mut words = head.split(' ');
+                        let method = words.next().unwrap_or("").to_owned();
+                        let path = words.next().unwrap_or("").to_owned();
+                        let reply: Vec<u8> = match path.as_str() {
+                            "/close" => b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok".to_vec(),
+                            "/big" => {
+                                let mut v = format!("HTTP/1.1 200 OK\r\nContent-Length: {BIG}\r\n\r\n").into_bytes();
+                                if method != "HEAD" {
+                                    v.resize(v.len() + BIG, b'x');
+                                }
+                                v
+                            }
+                            "/empty" => b"HTTP/1.1 204 No Content\r\n\r\n".to_vec(),
+                            _ if method == "HEAD" => b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n".to_vec(),
+                            _ => b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".to_vec(),
+                        };
+                        if tcp.write_all(&reply).await.is_err() {
+                            return;
+                        }
+                        if path == "/close" || path == "/drop" {
+                            let _ = tcp.shutdown().await;
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Self {
+            addr,
+            accepted,
+            requests,
+        }
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+struct Setup {
+    pki: TestPki,
+    upstream: RawUpstream,
+    server: portcullis::server::RunningServer,
+}
+
+async fn setup() -> Setup {
+    let pki = TestPki::new();
+    let upstream = RawUpstream::start().await;
+    let (rsa, _, _) = keys();
+    let jwks = serde_json::json!({ "keys": [rsa.jwk] }).to_string();
+    std::fs::write(pki.path().join("jwks.json"), jwks).unwrap();
+    let routes = format!(
+        r#"
+[[routes]]
+name = "app"
+path_prefix = "/"
+upstream = "http://{}"
+auth = "public"
+"#,
+        upstream.addr
+    );
+    let cfg = pki.write_config(
+        "p.toml",
+        &base_config("https://idp.test", r#"jwks_file = "jwks.json""#, &routes),
+    );
+    let server = portcullis::server::start(cfg).await.unwrap();
+    Setup {
+        pki,
+        upstream,
+        server,
+    }
+}
+
+async fn conn(s: &Setup) -> TlsConn {
+    let ca = std::fs::read_to_string(s.pki.path().join("ca.pem")).unwrap();
+    TlsConn::connect(s.server.proxy_addr, "localhost", &ca, None)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequential_requests_share_one_upstream_connection() {
+    let s = setup().await;
+    let mut c = conn(&s).await;
+    for i in 0..100 {
+        let (status, _, body) = c.get("/keep", &[]).await;
+        assert_eq!(status, StatusCode::OK, "request {i}");
+        assert_eq!(&body[..], b"ok");
+    }
+    assert_eq!(
+        s.upstream.accepted(),
+        1,
+        "one client, one upstream connection"
+    );
+    assert_eq!(s.upstream.requests.load(Ordering::SeqCst), 100);
+    s.server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_clients_open_no_more_connections_than_they_use() {
+    let s = setup().await;
+    let mut clients = Vec::new();
+    for _ in 0..10 {
+        clients.push(conn(&s).await);
+    }
+    for round in 0..3 {
+        let mut tasks = tokio::task::JoinSet::new();
+        for mut c in clients.drain(..) {
+            tasks.spawn(async move {
+                for _ in 0..20 {
+                    let (status, _, body) = c.get("/keep", &[]).await;
+                    assert_eq!(status, StatusCode::OK);
+                    assert_eq!(&body[..], b"ok");
+                }
+                c
+            });
+        }
+        while let Some(c) = tasks.join_next().await {
+            clients.push(c.unwrap());
+        }
+        assert!(
+            s.upstream.accepted() <= 10,
+            "round {round}: {} upstream connections for 10 clients",
+            s.upstream.accepted()
+        );
+    }
+    assert_eq!(s.upstream.requests.load(Ordering::SeqCst), 600);
+    s.server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_the_upstream_closes_are_not_reused() {
+    let s = setup().await;
+    let mut c = conn(&s).await;
+    for i in 0..20 {
+        let path = if i % 2 == 0 { "/close" } else { "/drop" };
+        let (status, _, body) = c.get(path, &[]).await;
+        assert_eq!(status, StatusCode::OK, "request {i} to {path}");
+        assert_eq!(&body[..], b"ok");
+    }
+    // Each answer ended its connection, announced or not.
+    assert_eq!(s.upstream.accepted(), 20);
+    // And a keep-alive one after them is reused again.
+    for _ in 0..5 {
+        assert_eq!(c.get("/keep", &[]).await.0, StatusCode::OK);
+    }
+    assert_eq!(s.upstream.accepted(), 21);
+    s.server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_abandoned_midway_never_leaks_into_the_next_one() {
+    let s = setup().await;
+    {
+        // Reads the head and a little of a 1 MiB body, then goes away.
+        let ca = std::fs::read_to_string(s.pki.path().join("ca.pem")).unwrap();
+        let mut tls = raw_tls(&s, &ca).await;
+        tls.write_all(b"GET /big HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            .await
+            .unwrap();
+        let mut got = vec![0u8; 16 * 1024];
+        let mut n = 0;
+        while n < 8 * 1024 {
+            let k = tokio::time::timeout(DEADLINE, tls.read(&mut got[n..]))
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(k > 0, "proxy closed early");
+            n += k;
+        }
+        assert!(got.starts_with(b"HTTP/1.1 200"));
+    }
+    // Whatever worker takes the next clients, each answer is whole and its own.
+    for _ in 0..4 {
+        let mut c = conn(&s).await;
+        for _ in 0..5 {
+            let (status, _, body) = c.get("/keep", &[]).await;
+            assert_eq!(status, StatusCode::OK);
+            assert_eq!(&body[..], b"ok");
+        }
+    }
+    s.server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodiless_responses_give_their_connection_back() {
+    let s = setup().await;
+    let mut c = conn(&s).await;
+    for _ in 0..10 {
+        let (status, _, body) = c.get("/empty", &[]).await;
+        assert_eq!(status, StatusCode::NO_CONTENT);
+        assert!(body.is_empty());
+        let (status, h, body) = c.send("HEAD", "/big", &[]).await.unwrap();
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(h["content-length"], BIG.to_string().as_str());
+        assert!(body.is_empty());
+        assert_eq!(c.get("/keep", &[]).await.2.as_ref(), b"ok");
+    }
+    assert_eq!(s.upstream.accepted(), 1);
+    s.server.shutdown().await;
+}
+
+/// A bare TLS stream (ALPN http/1.1) to the proxy, for exact bytes.
+async fn raw_tls(
+    s: &Setup,
+    ca_pem: &str,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(s.server.proxy_addr)
+        .await
+        .unwrap();
+    tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .unwrap()
+}
