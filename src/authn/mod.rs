@@ -213,7 +213,16 @@ pub struct Authenticator {
     /// Keyed by the token's SHA-256, already uniform: moka's own hashing of
     /// the key is the cheap foldhash, not SipHash.
     cache: Cache<[u8; 32], Arc<VerifiedToken>, foldhash::fast::RandomState>,
+    /// This authenticator's id in each thread's front of `cache`
+    /// ([`crate::util::front`]); 0 when the cache has no capacity.
+    front: u64,
     max_token_bytes: usize,
+}
+
+thread_local! {
+    /// This thread's front of the verified-token cache.
+    static TOKENS: std::cell::RefCell<crate::util::front::Front<[u8; 32], Arc<VerifiedToken>>> =
+        const { std::cell::RefCell::new(crate::util::front::Front::new()) };
 }
 
 impl std::fmt::Debug for Authenticator {
@@ -239,6 +248,11 @@ impl Authenticator {
                 .map(|i| (i.cfg.issuer.clone(), i))
                 .collect(),
             cache,
+            front: if cache_capacity > 0 {
+                crate::util::front::new_owner()
+            } else {
+                0
+            },
             max_token_bytes,
         }
     }
@@ -332,12 +346,36 @@ impl Authenticator {
             return Some(Err(AuthError::TooLarge(self.max_token_bytes)));
         }
         let hash = crate::util::sha256(token.as_bytes());
-        let hit = self.cache.get(&hash)?;
+        let bits = crate::util::front::bits_of(&hash);
+        let hit = match self.front_get(bits, &hash) {
+            Some(hit) => hit,
+            None => {
+                let hit = self.cache.get(&hash)?;
+                self.front_put(bits, hash, &hit);
+                hit
+            }
+        };
         if !hit.issuer.still_publishes(&hit.key) {
             self.cache.invalidate(&hash);
+            if self.front != 0 {
+                TOKENS.with_borrow_mut(|f| f.remove(self.front, bits, &hash));
+            }
             return None;
         }
         Some(check_times(&hit, now).map(|()| hit))
+    }
+
+    fn front_get(&self, bits: u64, hash: &[u8; 32]) -> Option<Arc<VerifiedToken>> {
+        if self.front == 0 {
+            return None;
+        }
+        TOKENS.with_borrow(|f| f.get(self.front, bits, hash))
+    }
+
+    fn front_put(&self, bits: u64, hash: [u8; 32], hit: &Arc<VerifiedToken>) {
+        if self.front != 0 {
+            TOKENS.with_borrow_mut(|f| f.put(self.front, bits, hash, hit.clone()));
+        }
     }
 
     /// Verifies a token, using the cache when it can. `allowed` limits the
@@ -419,6 +457,7 @@ impl Authenticator {
         });
         check_times(&verified, now)?;
         self.cache.insert(hash, verified.clone());
+        self.front_put(crate::util::front::bits_of(&hash), hash, &verified);
         Ok(verified)
     }
 }

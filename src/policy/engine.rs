@@ -82,6 +82,15 @@ struct Cached {
     decision: Arc<Decision>,
     shadow: Option<Arc<Decision>>,
     inputs: Arc<Inputs>,
+    /// When the shared cache's TTL ends for this entry (Unix ms): a copy in
+    /// a thread's front is not used past it either.
+    expires_ms: u64,
+}
+
+thread_local! {
+    /// This thread's front of the decision cache ([`crate::util::front`]).
+    static DECISIONS: std::cell::RefCell<crate::util::front::Front<u128, Arc<Cached>>> =
+        const { std::cell::RefCell::new(crate::util::front::Front::new()) };
 }
 
 /// What [`Engine::decide`] returns.
@@ -112,6 +121,9 @@ pub struct Engine {
     cache: Cache<u128, Arc<Cached>, foldhash::fast::RandomState>,
     /// The key of that hash (SipHash-1-3, 128-bit output, one pass).
     sip_key: (u64, u64),
+    /// This engine's id in each thread's front of `cache`; 0 when the cache
+    /// has no capacity or no TTL.
+    front: u64,
 }
 
 impl std::fmt::Debug for Engine {
@@ -159,12 +171,18 @@ impl Engine {
             .max_capacity(settings.cache_capacity)
             .time_to_live(settings.cache_ttl)
             .build_with_hasher(foldhash::fast::RandomState::default());
+        let front = if settings.cache_capacity > 0 && !settings.cache_ttl.is_zero() {
+            crate::util::front::new_owner()
+        } else {
+            0
+        };
         Self {
             set,
             shadow,
             settings,
             audit,
             cache,
+            front,
             // Key material from the OS-seeded std hasher keys.
             sip_key: (
                 RandomState::new().hash_one(1u8),
@@ -269,7 +287,18 @@ impl Engine {
     /// else by evaluating the set.
     pub fn decide(&self, f: &RequestFacts<'_>, now_s: u64) -> Outcome {
         let key = self.key(f);
-        if let Some(c) = self.cache.get(&key) {
+        let bits = key as u64;
+        let now_ms = crate::util::now_unix_ms();
+        let front = (self.front != 0)
+            .then(|| DECISIONS.with_borrow(|d| d.get(self.front, bits, &key)))
+            .flatten()
+            .filter(|c| now_ms < c.expires_ms);
+        let cached = front.or_else(|| {
+            let c = self.cache.get(&key)?;
+            self.front_put(bits, key, &c);
+            Some(c)
+        });
+        if let Some(c) = cached {
             return Outcome {
                 decision: c.decision.clone(),
                 shadow: c.shadow.clone(),
@@ -282,19 +311,26 @@ impl Engine {
         let shadow = self
             .shadow_for(f.route)
             .map(|s| Arc::new(s.evaluate(&inputs)));
-        self.cache.insert(
-            key,
-            Arc::new(Cached {
-                decision: decision.clone(),
-                shadow: shadow.clone(),
-                inputs: inputs.clone(),
-            }),
-        );
+        let ttl_ms = u64::try_from(self.settings.cache_ttl.as_millis()).unwrap_or(u64::MAX);
+        let c = Arc::new(Cached {
+            decision: decision.clone(),
+            shadow: shadow.clone(),
+            inputs: inputs.clone(),
+            expires_ms: now_ms.saturating_add(ttl_ms),
+        });
+        self.front_put(bits, key, &c);
+        self.cache.insert(key, c);
         Outcome {
             decision,
             shadow,
             inputs,
             cache_hit: false,
+        }
+    }
+
+    fn front_put(&self, bits: u64, key: u128, c: &Arc<Cached>) {
+        if self.front != 0 {
+            DECISIONS.with_borrow_mut(|d| d.put(self.front, bits, key, c.clone()));
         }
     }
 
