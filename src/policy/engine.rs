@@ -288,11 +288,12 @@ impl Engine {
     pub fn decide(&self, f: &RequestFacts<'_>, now_s: u64) -> Outcome {
         let key = self.key(f);
         let bits = key as u64;
-        let now_ms = crate::util::now_unix_ms();
+        // `now_s` is whole seconds: a front copy is used only while even
+        // the end of that second is before its expiry (never past the TTL).
         let front = (self.front != 0)
             .then(|| DECISIONS.with_borrow(|d| d.get(self.front, bits, &key)))
             .flatten()
-            .filter(|c| now_ms < c.expires_ms);
+            .filter(|c| now_s.saturating_add(1).saturating_mul(1000) <= c.expires_ms);
         let cached = front.or_else(|| {
             let c = self.cache.get(&key)?;
             self.front_put(bits, key, &c);
@@ -312,6 +313,7 @@ impl Engine {
             .shadow_for(f.route)
             .map(|s| Arc::new(s.evaluate(&inputs)));
         let ttl_ms = u64::try_from(self.settings.cache_ttl.as_millis()).unwrap_or(u64::MAX);
+        let now_ms = crate::util::now_unix_ms();
         let c = Arc::new(Cached {
             decision: decision.clone(),
             shadow: shadow.clone(),

@@ -5,22 +5,23 @@
 //! reference counts and the recording of the read for its eviction policy
 //! touch several cache lines that other threads write, which under 10k
 //! distinct tokens cost about 8% of a request. A worker (one thread, see
-//! `server.rs`) first looks in its own small array, indexed by bits of the
-//! key, which is already a uniform hash (SHA-256, keyed SipHash): one slot,
-//! one comparison, no lock and no shared write but the value's reference
-//! count.
+//! `server.rs`) first looks in its own small array, indexed by bits of a
+//! hash of the key: one slot, one exact comparison of the key, no lock and
+//! no shared write but the value's reference count.
 //!
 //! It never changes what a lookup means. Every hit is checked exactly as a
 //! hit in the shared cache is (the callers do that), a slot belongs to one
 //! owner (one authenticator, one policy engine: a reload makes a new owner,
 //! and a worker seeing a new owner starts empty), and an owner whose shared
-//! cache has no capacity never uses a front. Memory is bounded: `SLOTS`
-//! entries per thread and cache, allocated on first use.
+//! cache has no capacity never uses a front. Memory is bounded: `N` slots
+//! per thread and cache (a power of two), allocated on first use.
 
+use std::borrow::Borrow;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// Slots per thread and cache (a power of two). With 10k keys spread
-/// uniformly, about three quarters of lookups hit.
+/// Default slots per thread and cache. With 10k keys used uniformly, about
+/// three quarters of lookups hit (a slot holds the last of the keys that
+/// map to it: with k keys per slot on average, (1 - e^-k) / k hit).
 pub const SLOTS: usize = 1 << 14;
 
 /// A fresh owner id: one per authenticator or engine, never reused.
@@ -29,16 +30,21 @@ pub fn new_owner() -> u64 {
     NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
-/// One thread's front: `SLOTS` slots of key and value, for one owner at a time.
+/// One thread's front: `N` slots of key and value (`N` a power of two),
+/// for one owner at a time.
 #[derive(Debug)]
-pub struct Front<K, V> {
+pub struct Front<K, V, const N: usize = SLOTS> {
     owner: u64,
     slots: Vec<Option<(K, V)>>,
 }
 
-impl<K: Eq, V: Clone> Front<K, V> {
+impl<K: Eq, V: Clone, const N: usize> Front<K, V, N> {
+    const POWER_OF_TWO: () = assert!(N.is_power_of_two());
+
     /// An empty front (no memory until the first insert).
     pub const fn new() -> Self {
+        #[allow(clippy::let_unit_value)]
+        let () = Self::POWER_OF_TWO;
         Self {
             owner: 0,
             slots: Vec::new(),
@@ -47,12 +53,15 @@ impl<K: Eq, V: Clone> Front<K, V> {
 
     /// The value under `key`, if this thread holds it for `owner`; `bits`
     /// are uniform bits of the key (they pick the slot).
-    pub fn get(&self, owner: u64, bits: u64, key: &K) -> Option<V> {
+    pub fn get<Q: ?Sized + Eq>(&self, owner: u64, bits: u64, key: &Q) -> Option<V>
+    where
+        K: Borrow<Q>,
+    {
         if self.owner != owner {
             return None;
         }
-        match self.slots.get(slot(bits)) {
-            Some(Some((k, v))) if k == key => Some(v.clone()),
+        match self.slots.get(slot::<N>(bits)) {
+            Some(Some((k, v))) if k.borrow() == key => Some(v.clone()),
             _ => None,
         }
     }
@@ -62,43 +71,37 @@ impl<K: Eq, V: Clone> Front<K, V> {
         if self.owner != owner || self.slots.is_empty() {
             self.owner = owner;
             self.slots.clear();
-            self.slots.resize_with(SLOTS, || None);
+            self.slots.resize_with(N, || None);
         }
-        if let Some(s) = self.slots.get_mut(slot(bits)) {
+        if let Some(s) = self.slots.get_mut(slot::<N>(bits)) {
             *s = Some((key, value));
         }
     }
 
     /// Forgets `key` (if its slot holds it).
-    pub fn remove(&mut self, owner: u64, bits: u64, key: &K) {
+    pub fn remove<Q: ?Sized + Eq>(&mut self, owner: u64, bits: u64, key: &Q)
+    where
+        K: Borrow<Q>,
+    {
         if self.owner != owner {
             return;
         }
-        if let Some(s) = self.slots.get_mut(slot(bits))
-            && s.as_ref().is_some_and(|(k, _)| k == key)
+        if let Some(s) = self.slots.get_mut(slot::<N>(bits))
+            && s.as_ref().is_some_and(|(k, _)| k.borrow() == key)
         {
             *s = None;
         }
     }
 }
 
-impl<K: Eq, V: Clone> Default for Front<K, V> {
+impl<K: Eq, V: Clone, const N: usize> Default for Front<K, V, N> {
     fn default() -> Self {
         Self::new()
     }
 }
 
-fn slot(bits: u64) -> usize {
-    (bits as usize) & (SLOTS - 1)
-}
-
-/// The low 64 bits of a hash that is already uniform, as slot bits.
-pub fn bits_of(hash: &[u8]) -> u64 {
-    let mut b = [0u8; 8];
-    for (d, s) in b.iter_mut().zip(hash) {
-        *d = *s;
-    }
-    u64::from_le_bytes(b)
+fn slot<const N: usize>(bits: u64) -> usize {
+    (bits as usize) & (N - 1)
 }
 
 #[cfg(test)]
@@ -134,8 +137,11 @@ mod tests {
     }
 
     #[test]
-    fn bits_take_the_first_eight_bytes() {
-        assert_eq!(bits_of(&[1, 0, 0, 0, 0, 0, 0, 0, 9]), 1);
-        assert_eq!(bits_of(&[1, 2]), 0x0201);
+    fn keys_compare_whole_by_borrow() {
+        let mut f: Front<Box<[u8]>, u32, 8> = Front::new();
+        f.put(1, 3, Box::from(&b"token-a"[..]), 1);
+        assert_eq!(f.get(1, 3, &b"token-a"[..]), Some(1));
+        assert_eq!(f.get(1, 3, &b"token-b"[..]), None);
+        assert_eq!(f.get(1, 3, &b"token-"[..]), None);
     }
 }
