@@ -14,8 +14,11 @@
 # ratio to nginx per mode. See deploy/load/README.md.
 #
 # Knobs (environment):
-#   DURATION=15        seconds of each measured run
-#   WARMUP=3           seconds of the warm-up run before each measured run
+#   DURATION=15        seconds of each measured window
+#   WARMUP=3           seconds of warm-up before it: each (mode, peer) is one
+#                      load run of WARMUP + DURATION seconds on the same
+#                      client connections; only its last DURATION seconds
+#                      are measured (the steady state: no reconnects)
 #   ROUNDS=1           measure every (mode, peer) this many times
 #   MODES="h1 h1-10k h2 rate"   which modes (any subset, in this order)
 #                        h1      wrk, HTTP/1.1, one token
@@ -599,8 +602,8 @@ run_load() {
 }
 
 # parse_load mode, output -> "requests seconds req/s p50_ms p99_ms errors"
-parse_load() {
-    local mode=$1 out=$2
+parse_load() {   # mode, output[, window start in µs since the epoch: h2load latencies from then]
+    local mode=$1 out=$2 from=${3:-0}
     case $mode in
         h1|h1-10k)
             local reqs secs rps p50 p99 non2xx sockerr
@@ -626,7 +629,7 @@ parse_load() {
             [[ -n $secs && -n $rps && -n $done && -s $out.log ]] || { cat "$out" >&2; die "cannot parse h2load output $out"; }
             local p50 p99 non2xx
             non2xx=$(awk '$2 < 200 || $2 > 399 { bad++ } END { print bad + 0 }' "$out.log")
-            read -r p50 p99 < <(awk '{ print $3 }' "$out.log" | sort -n | awk '{ d[NR] = $1 }
+            read -r p50 p99 < <(awk -v from="$from" '$1 >= from { print $3 }' "$out.log" | sort -n | awk '{ d[NR] = $1 }
                 END { printf "%.3f %.3f\n", d[int(NR * 0.50) + 1] / 1000, d[int(NR * 0.99) + 1] / 1000 }')
             echo "$done $secs $rps $p50 $p99 $(( non2xx + done - ok ))"
             ;;
@@ -643,14 +646,20 @@ measure() {   # round, mode, peer
         log "round $round, $mode, $name: sending each of the $TOKENS tokens once (fills the caches)"
         run_load h1-10k-fill 0 "$url" "$TMP/load-fill-$name-$round.txt"
     fi
-    if (( WARMUP > 0 )); then
-        log "round $round, $mode, $name: warm-up ${WARMUP}s"
-        run_load "$mode" "$WARMUP" "$url" "$TMP/load-$mode-$name-$round-warmup.txt"
-    fi
+    # One load run of WARMUP + DURATION seconds on the same client
+    # connections: the measured window is its last DURATION seconds, so it
+    # sees the steady state (no reconnects; every peer's upstream pool as
+    # the warm-up left it).
     mapfile -t pids < <(proc_pids "$root")
-    log "round $round, $mode, $name: measuring ${DURATION}s"
-    local t0 t1 u0 u1 s0 s1 h0=0 h1=0 m0=0 m1=0 ph0=0 ph1=0 pm0=0 pm1=0
+    log "round $round, $mode, $name: ${WARMUP}s warm-up, then measuring ${DURATION}s (one run)"
+    run_load "$mode" $(( WARMUP + DURATION )) "$url" "$out" &
+    local load_pid=$!
+    sleep "$WARMUP"
+    local t0 t1 u0 u1 s0 s1 h0=0 h1=0 m0=0 m1=0 ph0=0 ph1=0 pm0=0 pm1=0 w0 w1
+    # The window opens: wall clock, upstream counters and CPU ticks together.
+    w0=$(date +%s%6N)
     s0=$(upstream_stub)
+    t0=$(cpu_ticks "${pids[@]}"); u0=$(cpu_ticks $(proc_pids "$UP_PID"))
     if [[ $name == portcullis ]]; then
         h0=$(metric portcullis_token_cache_hits_total); m0=$(metric portcullis_token_cache_misses_total)
         ph0=$(metric portcullis_policy_cache_hits_total); pm0=$(metric portcullis_policy_cache_misses_total)
@@ -678,9 +687,9 @@ measure() {   # round, mode, peer
         cg=1
         callgrind_control -z "$root" >/dev/null || die "callgrind_control -z failed"
     fi
-    t0=$(cpu_ticks "${pids[@]}"); u0=$(cpu_ticks $(proc_pids "$UP_PID"))
-    run_load "$mode" "$DURATION" "$url" "$out"
+    wait "$load_pid" || die "$key: the load run failed"
     t1=$(cpu_ticks "${pids[@]}"); u1=$(cpu_ticks $(proc_pids "$UP_PID"))
+    w1=$(date +%s%6N)
     local ir=""
     if (( cg )); then
         # "Totals: Ir" then one "Th N <count>" line per thread.
@@ -703,8 +712,15 @@ measure() {   # round, mode, peer
     fi
     s1=$(upstream_stub)
 
+    # Requests and seconds of the window: the upstream's request count
+    # (every proxied request reaches it once), and the wall clock. Latency:
+    # h2load's per-request log from the window's start; wrk's distribution
+    # covers its whole run (warm-up included).
     local reqs secs rps p50 p99 bad
-    read -r reqs secs rps p50 p99 bad < <(parse_load "$mode" "$out")
+    read -r _ _ _ p50 p99 bad < <(parse_load "$mode" "$out" "$w0")
+    reqs=$(( ${s1#* } - ${s0#* } - 1 ))   # minus the stub_status request itself
+    secs=$(awk -v a="$w0" -v b="$w1" 'BEGIN { printf "%.3f", (b - a) / 1e6 }')
+    rps=$(awk -v n="$reqs" -v s="$secs" 'BEGIN { printf "%.0f", n / s }')
     (( reqs > 0 )) || die "$key: no requests completed"
     [[ $bad == 0 ]] || log "$key: WARNING: non-2xx / errors: $bad"
 
@@ -712,7 +728,7 @@ measure() {   # round, mode, peer
     cpu_us=$(awk -v t="$ticks" -v hz="$CLK_TCK" -v n="$reqs" 'BEGIN { printf "%.1f", t / hz * 1e6 / n }')
     up_us=$(awk -v t=$(( u1 - u0 )) -v hz="$CLK_TCK" -v n="$reqs" 'BEGIN { printf "%.1f", t / hz * 1e6 / n }')
     up_conns=$(( ${s1% *} - ${s0% *} ))
-    up_reqs=$(( ${s1#* } - ${s0#* } - 1 ))   # minus the stub_status request itself
+    up_reqs=$reqs
 
     TOT_REQS[$key]=$(( ${TOT_REQS[$key]:-0} + reqs ))
     TOT_TICKS[$key]=$(( ${TOT_TICKS[$key]:-0} + ticks ))
