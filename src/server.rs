@@ -1063,7 +1063,10 @@ async fn serve_http<I>(
         let shared = shared.clone();
         async move {
             let h1 = req.version() < hyper::Version::HTTP_2;
-            let mut resp = proxy.handle(req, info).await;
+            // Boxed: the request's future is a few KiB, and hyper moves
+            // the service future (for h2, into a task spawned per stream,
+            // several copies); a box makes those moves a pointer's.
+            let mut resp = Box::pin(proxy.handle(req, info)).await;
             // Draining: tell HTTP/1 clients to take their next request elsewhere.
             if h1 && shared.draining.load(Ordering::Relaxed) {
                 resp.headers_mut().insert(

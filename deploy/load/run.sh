@@ -37,6 +37,8 @@
 #                      ${CARGO_TARGET_DIR:-<repo>/target} and use release/portcullis
 #   PORTCULLIS_EXTRA   extra TOML appended to portcullis's config (experiments)
 #   PROFILE_DIR        when set: perf record -e cpu-clock -g portcullis during
+#                      (PERF_CALLGRAPH="--call-graph dwarf" for stacks through
+#                      code without frame pointers)
 #                      each of its measured runs, reports (text) into this dir
 #   CALLGRIND=1        run portcullis under valgrind --tool=callgrind and report
 #                      instructions (Ir) per request for its runs: a repeatable
@@ -667,7 +669,7 @@ measure() {   # round, mode, peer
     local perf_pid=""
     if [[ -n $PROFILE_DIR && $name == portcullis ]]; then
         # Sampling (cpu-clock: no hardware counters needed), call graphs.
-        timeout --kill-after=5 $(( DURATION + 30 )) perf record -q -e cpu-clock -g \
+        timeout --kill-after=5 $(( DURATION + 30 )) perf record -q -e cpu-clock ${PERF_CALLGRAPH:--g} \
             -p "$root" -o "$PROFILE_DIR/perf-$mode-$round.data" -- sleep "$DURATION" \
             2>"$PROFILE_DIR/perf-$mode-$round.log" &
         perf_pid=$!

@@ -413,7 +413,9 @@ impl Authenticator {
         let now = crate::util::now_unix();
         let (token, cache_hit) = match self.check_cached(token, now) {
             Some(r) => (r?, true),
-            None => (self.verify_uncached(token, now).await?, false),
+            // The cold path (signature, perhaps a JWKS fetch) is boxed:
+            // its state does not bloat every request's future.
+            None => (Box::pin(self.verify_uncached(token, now)).await?, false),
         };
         if !allowed.is_empty() && !allowed.iter().any(|n| *n == token.issuer.cfg.name) {
             return Err(AuthError::IssuerNotAllowed);

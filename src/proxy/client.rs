@@ -223,7 +223,9 @@ impl Pool {
                 }
             }
         }
-        let mut sender = self.connect(&scheme, &authority).await?;
+        // Boxed: connecting is rare, and its state would otherwise be part
+        // of every request's future.
+        let mut sender = Box::pin(self.connect(&scheme, &authority)).await?;
         match sender.send_request(req).await {
             Ok(resp) => Ok(self.wrap(host, sender, resp)),
             Err(e) => Err(UpstreamError::Http(e)),

@@ -299,7 +299,7 @@ impl Proxy {
         if let Some(b) = &rt.browser
             && req.uri().path().starts_with(crate::session::paths::PREFIX)
         {
-            return self.browser_endpoint(rt, ctx, b, req, conn).await;
+            return Box::pin(self.browser_endpoint(rt, ctx, b, req, conn)).await;
         }
         // 1. route
         let t = ctx.clock();
@@ -332,7 +332,7 @@ impl Proxy {
                 if let (Some(key), Some(cluster)) =
                     (&binding.dpop_replay_key, self.posture.cluster())
                 {
-                    phase_bind_cluster(cluster, key).await?;
+                    Box::pin(phase_bind_cluster(cluster, key)).await?;
                 }
                 // 4. resolve on the device the binding proved (a certificate)
                 // or else the one the token names; the lifecycle baseline runs
@@ -342,7 +342,7 @@ impl Proxy {
                     && c.is_lazy()
                     && let Some(d) = binding.device.as_deref().or(a.token.device.as_deref())
                 {
-                    c.fill_device(d).await;
+                    Box::pin(c.fill_device(d)).await;
                 }
                 let t = ctx.clock();
                 let resolved = match &ctx.auth {
@@ -364,7 +364,7 @@ impl Proxy {
             AuthMode::Mtls => ctx.binding = Some(phase_workload(rt, &route, &req, conn)?),
             // 2–5. a browser session (OIDC login), then resolve and decide
             // exactly as for a bearer token.
-            AuthMode::Browser => self.browser_phases(rt, ctx, &route, &req, conn).await?,
+            AuthMode::Browser => Box::pin(self.browser_phases(rt, ctx, &route, &req, conn)).await?,
             AuthMode::Public => {}
         }
         self.metrics
@@ -530,7 +530,7 @@ impl Proxy {
             }),
             Action::Deny => Err(PolicyRefusal::Denied { reason: reason() }),
             Action::Revoke => {
-                self.record_revocation(d, &t.claims, resolved).await;
+                Box::pin(self.record_revocation(d, &t.claims, resolved)).await;
                 Err(PolicyRefusal::Revoked { reason: reason() })
             }
         };
