@@ -3,7 +3,10 @@
 //! The verification cache only ever skips the *signature*: a cached token is
 //! re-checked for expiry and for its key still being published on every
 //! request, and everything after authentication (revocation, posture, policy)
-//! runs every time. Tokens are never logged; cache keys are SHA-256 hashes.
+//! runs every time. Tokens are never logged. The shared cache is keyed by
+//! the token's SHA-256; a cached token keeps its own text (up to 2 KiB), so
+//! each worker's front ([`crate::util::front`]) finds it by comparing the
+//! text whole, without hashing it (as Envoy's JWT cache keys on the token).
 //!
 //! Defences (standards.md §8): the algorithm is pinned per key and must be in
 //! the issuer's allow-list (the header's `alg` never chooses alone; `none` and
@@ -129,6 +132,43 @@ pub struct Claims {
     /// Confirmation (RFC 7800): `x5t#S256`, `jkt`.
     #[serde(default)]
     pub cnf: Option<serde_json::Map<String, serde_json::Value>>,
+    /// [`Claims::decision_fingerprint`], computed on first use.
+    #[serde(skip)]
+    pub(crate) fingerprint: std::sync::OnceLock<u128>,
+}
+
+impl Claims {
+    /// A keyed 128-bit hash (SipHash-1-3, key random per process) of every
+    /// claim a policy decision can depend on: `sub`, `iss`, `exp`, `iat`,
+    /// `auth_time`, `acr`, `amr`, `client_id`, `jti`. The decision cache key
+    /// takes it instead of re-reading those strings on every request (for a
+    /// cached token they are cold in the CPU cache); computed once per
+    /// verified token.
+    pub fn decision_fingerprint(&self) -> u128 {
+        *self.fingerprint.get_or_init(|| {
+            use std::hash::Hash;
+            static KEY: std::sync::OnceLock<(u64, u64)> = std::sync::OnceLock::new();
+            let (k0, k1) = *KEY.get_or_init(|| {
+                use std::hash::BuildHasher;
+                let s = std::collections::hash_map::RandomState::new();
+                (s.hash_one(1u8), s.hash_one(2u8))
+            });
+            let mut h = siphasher::sip128::SipHasher13::new_with_keys(k0, k1);
+            (
+                &self.sub,
+                &self.iss,
+                self.exp,
+                self.iat,
+                self.auth_time,
+                &self.acr,
+                &self.amr,
+                &self.client_id,
+                &self.jti,
+            )
+                .hash(&mut h);
+            siphasher::sip128::Hasher128::finish128(&h).as_u128()
+        })
+    }
 }
 
 /// A token that passed signature and claim checks.
@@ -148,6 +188,9 @@ pub struct VerifiedToken {
     /// The identity headers for the upstream, built once per verified token
     /// (a cached token's requests clone them: a reference count, no copy).
     pub headers: TokenHeaders,
+    /// The token itself, for the per-thread front's exact comparison;
+    /// `None` when longer than 2 KiB or for a browser session's principal.
+    pub raw: Option<Box<str>>,
 }
 
 /// `x-portcullis-subject` / `-issuer` / `-device` values of a verified token;
@@ -214,27 +257,23 @@ pub struct Authenticator {
     /// the key is the cheap foldhash, not SipHash.
     cache: Cache<[u8; 32], Arc<VerifiedToken>, foldhash::fast::RandomState>,
     /// This authenticator's id in each thread's front of `cache`
-    /// ([`crate::util::front`]); 0 when the cache has no capacity. The
-    /// front is keyed by the token itself (compared whole), so a hit there
-    /// costs no SHA-256.
+    /// ([`crate::util::front`]); 0 when the cache has no capacity. A front
+    /// slot is found by a seeded hash of the token and holds only if the
+    /// cached token's own text equals it, so a hit there costs no SHA-256.
     front: u64,
     /// Picks a token's slot in the front (random seed per authenticator).
     front_hasher: foldhash::fast::RandomState,
     max_token_bytes: usize,
 }
 
-/// Longest token a thread's front keeps a copy of; longer ones are looked
-/// up in the shared cache only. With `FRONT_SLOTS`, a worker's front holds
-/// at most 16 MiB of token copies, and only once 8k distinct tokens of that
-/// size have passed through it.
+/// Longest token a cached token keeps the text of (and so can be found in
+/// a front); longer ones are looked up in the shared cache only.
 const FRONT_MAX_TOKEN_BYTES: usize = 2048;
-/// Slots of a thread's token front (about 60% hits with 10k tokens in use).
-const FRONT_SLOTS: usize = 1 << 13;
 
 thread_local! {
     /// This thread's front of the verified-token cache.
     static TOKENS: std::cell::RefCell<
-        crate::util::front::Front<Box<[u8]>, Arc<VerifiedToken>, FRONT_SLOTS>,
+        crate::util::front::Front<u64, Arc<VerifiedToken>>,
     > =
         const { std::cell::RefCell::new(crate::util::front::Front::new()) };
 }
@@ -374,7 +413,7 @@ impl Authenticator {
                 self.cache.invalidate(&hash);
             }
             if self.front != 0 {
-                TOKENS.with_borrow_mut(|f| f.remove(self.front, bits, token.as_bytes()));
+                TOKENS.with_borrow_mut(|f| f.remove(self.front, bits, &bits));
             }
             return None;
         }
@@ -392,14 +431,14 @@ impl Authenticator {
         if self.front == 0 {
             return None;
         }
-        TOKENS.with_borrow(|f| f.get(self.front, bits, token.as_bytes()))
+        TOKENS
+            .with_borrow(|f| f.get(self.front, bits, &bits))
+            .filter(|t| t.raw.as_deref() == Some(token))
     }
 
     fn front_put(&self, bits: u64, token: &str, hit: &Arc<VerifiedToken>) {
-        if self.front != 0 && token.len() <= FRONT_MAX_TOKEN_BYTES {
-            TOKENS.with_borrow_mut(|f| {
-                f.put(self.front, bits, Box::from(token.as_bytes()), hit.clone());
-            });
+        if self.front != 0 && hit.raw.as_deref() == Some(token) {
+            TOKENS.with_borrow_mut(|f| f.put(self.front, bits, bits, hit.clone()));
         }
     }
 
@@ -481,6 +520,7 @@ impl Authenticator {
             device,
             hash: Some(hash),
             headers,
+            raw: (token.len() <= FRONT_MAX_TOKEN_BYTES).then(|| Box::from(token)),
         });
         check_times(&verified, now)?;
         self.cache.insert(hash, verified.clone());
@@ -698,4 +738,50 @@ pub(crate) fn validation_for(
     v.validate_aud = true;
     v.leeway = leeway;
     v
+}
+
+#[cfg(test)]
+#[allow(clippy::panic)]
+mod tests {
+    use super::Claims;
+
+    fn claims(extra: serde_json::Value) -> Claims {
+        let mut v = serde_json::json!({
+            "sub": "alice", "iss": "https://idp.test", "exp": 2000, "iat": 1000,
+            "auth_time": 990, "acr": "mfa", "amr": ["pwd", "otp"],
+            "client_id": "app", "jti": "j1",
+        });
+        if let (Some(m), Some(e)) = (v.as_object_mut(), extra.as_object()) {
+            for (k, x) in e {
+                m.insert(k.clone(), x.clone());
+            }
+        }
+        serde_json::from_value(v).unwrap_or_else(|e| panic!("claims: {e}"))
+    }
+
+    #[test]
+    fn every_decision_claim_changes_the_fingerprint() {
+        let base = claims(serde_json::json!({})).decision_fingerprint();
+        assert_eq!(claims(serde_json::json!({})).decision_fingerprint(), base);
+        // Claims no decision reads do not change it.
+        assert_eq!(
+            claims(serde_json::json!({ "sid": "s9", "nbf": 5 })).decision_fingerprint(),
+            base
+        );
+        for (k, v) in [
+            ("sub", serde_json::json!("mallory")),
+            ("iss", serde_json::json!("https://other.test")),
+            ("exp", serde_json::json!(2001)),
+            ("iat", serde_json::json!(1001)),
+            ("auth_time", serde_json::json!(991)),
+            ("acr", serde_json::json!("pwd")),
+            ("amr", serde_json::json!(["pwd"])),
+            ("client_id", serde_json::json!("other")),
+            ("jti", serde_json::json!("j2")),
+            ("acr", serde_json::Value::Null),
+        ] {
+            let c = claims(serde_json::json!({ k: v }));
+            assert_ne!(c.decision_fingerprint(), base, "{k} = {v}");
+        }
+    }
 }

@@ -5,9 +5,9 @@
 //!
 //! The decision cache is keyed by a 128-bit keyed hash of: principal,
 //! device, route, method class, the snapshot versions of the identity,
-//! device and owner records, the token's policy-relevant claims (issuer,
-//! iat, auth_time, acr, amr, client_id, jti, exp), binding, SPIFFE id and
-//! client address. The policy version is implicit: a reload builds a new
+//! device and owner records, the token's policy-relevant claims (subject,
+//! issuer, iat, auth_time, acr, amr, client_id, jti, exp: hashed once per
+//! token), binding, SPIFFE id and client address. The policy version is implicit: a reload builds a new
 //! engine with an empty cache. Any feed event that changes one of those
 //! records changes its version, so the next request misses: that is why a
 //! long TTL (a minute by default) is safe. Entries live at most
@@ -137,21 +137,15 @@ impl std::fmt::Debug for Engine {
 
 #[derive(Hash)]
 struct KeyParts<'a> {
-    sub: &'a str,
+    /// `sub`, `iss`, `exp`, `iat`, `auth_time`, `acr`, `amr`, `client_id`
+    /// and `jti`, hashed once per token ([`crate::authn::Claims::decision_fingerprint`]).
+    claims: u128,
     device: Option<&'a str>,
     route: &'a str,
     method: super::MethodClass,
     identity_v: Option<u64>,
     device_v: Option<u64>,
     owner_v: Option<u64>,
-    iss: &'a str,
-    iat: Option<u64>,
-    auth_time: Option<u64>,
-    exp: u64,
-    acr: Option<&'a str>,
-    amr: Option<&'a [String]>,
-    client_id: Option<&'a str>,
-    jti: Option<&'a str>,
     binding: &'a str,
     spiffe: Option<&'a str>,
     session_binding: Option<&'a str>,
@@ -249,21 +243,13 @@ impl Engine {
         let c = f.claims;
         let r = f.resolved;
         let parts = KeyParts {
-            sub: &c.sub,
+            claims: c.decision_fingerprint(),
             device: r.device_id.as_deref(),
             route: f.route,
             method: f.method,
             identity_v: r.identity.as_ref().map(|i| i.version),
             device_v: r.device.as_ref().map(|d| d.version),
             owner_v: f.owner.as_ref().map(|o| o.version),
-            iss: &c.iss,
-            iat: c.iat,
-            auth_time: c.auth_time,
-            exp: c.exp,
-            acr: c.acr.as_deref(),
-            amr: c.amr.as_deref(),
-            client_id: c.client_id.as_deref(),
-            jti: c.jti.as_deref(),
             binding: f.binding,
             spiffe: f.spiffe_id,
             session_binding: f.session_binding,

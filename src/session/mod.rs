@@ -1053,6 +1053,7 @@ pub fn principal(r: &SessionRecord, auth: &Authenticator) -> Option<Arc<Verified
         auth_time: r.auth_time,
         client_id: None,
         cnf: None,
+        fingerprint: Default::default(),
     };
     let headers = crate::authn::TokenHeaders::of(&claims, &issuer.cfg.name, r.device.as_deref());
     Some(Arc::new(VerifiedToken {
@@ -1062,6 +1063,7 @@ pub fn principal(r: &SessionRecord, auth: &Authenticator) -> Option<Arc<Verified
         hash: None,
         headers,
         issuer,
+        raw: None,
     }))
 }
 
