@@ -31,6 +31,28 @@ const BIG: usize = 1 << 20;
 
 impl RawUpstream {
     async fn start() -> Self {
+        Self::start_with(None).await
+    }
+
+    /// Over TLS with this certificate and key (PEM).
+    async fn start_tls(cert_pem: &str, key_pem: &str) -> Self {
+        use rustls_pki_types::pem::PemObject;
+        let certs = rustls_pki_types::CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap();
+        let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+        Self::start_with(Some(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))).await
+    }
+
+    async fn start_with(tls: Option<tokio_rustls::TlsAcceptor>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
@@ -38,50 +60,19 @@ impl RawUpstream {
         let (a, r) = (accepted.clone(), requests.clone());
         tokio::spawn(async move {
             loop {
-                let Ok((mut tcp, _)) = listener.accept().await else {
+                let Ok((tcp, _)) = listener.accept().await else {
                     continue;
                 };
                 a.fetch_add(1, Ordering::SeqCst);
                 let r = r.clone();
+                let tls = tls.clone();
                 tokio::spawn(async move {
-                    let mut buf = Vec::new();
-                    let mut chunk = [0u8; 4096];
-                    loop {
-                        // One request head (the proxy sends GET/HEAD without a body here).
-                        let end = loop {
-                            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                                break i + 4;
+                    match tls {
+                        None => serve_raw(tcp, r).await,
+                        Some(t) => {
+                            if let Ok(s) = t.accept(tcp).await {
+                                serve_raw(s, r).await;
                             }
-                            match tcp.read(&mut chunk).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                            }
-                        };
-                        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-                        buf.drain(..end);
-                        r.fetch_add(1, Ordering::SeqCst);
-                        let mut words = head.split(' ');
-                        let method = words.next().unwrap_or("").to_owned();
-                        let path = words.next().unwrap_or("").to_owned();
-                        let reply: Vec<u8> = match path.as_str() {
-                            "/close" => b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok".to_vec(),
-                            "/big" => {
-                                let mut v = format!("HTTP/1.1 200 OK\r\nContent-Length: {BIG}\r\n\r\n").into_bytes();
-                                if method != "HEAD" {
-                                    v.resize(v.len() + BIG, b'x');
-                                }
-                                v
-                            }
-                            "/empty" => b"HTTP/1.1 204 No Content\r\n\r\n".to_vec(),
-                            _ if method == "HEAD" => b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n".to_vec(),
-                            _ => b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".to_vec(),
-                        };
-                        if tcp.write_all(&reply).await.is_err() {
-                            return;
-                        }
-                        if path == "/close" || path == "/drop" {
-                            let _ = tcp.shutdown().await;
-                            return;
                         }
                     }
                 });
@@ -99,6 +90,56 @@ impl RawUpstream {
     }
 }
 
+/// Answers requests on one connection as `RawUpstream` describes.
+async fn serve_raw<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    mut tcp: S,
+    r: Arc<AtomicUsize>,
+) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        // One request head (the proxy sends GET/HEAD without a body here).
+        let end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            match tcp.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+        buf.drain(..end);
+        r.fetch_add(1, Ordering::SeqCst);
+        let mut words = head.split(' ');
+        let method = words.next().unwrap_or("").to_owned();
+        let path = words.next().unwrap_or("").to_owned();
+        let reply: Vec<u8> = match path.as_str() {
+            "/close" => {
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok".to_vec()
+            }
+            "/big" => {
+                let mut v =
+                    format!("HTTP/1.1 200 OK\r\nContent-Length: {BIG}\r\n\r\n").into_bytes();
+                if method != "HEAD" {
+                    v.resize(v.len() + BIG, b'x');
+                }
+                v
+            }
+            "/empty" => b"HTTP/1.1 204 No Content\r\n\r\n".to_vec(),
+            _ if method == "HEAD" => b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n".to_vec(),
+            _ => b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".to_vec(),
+        };
+        if tcp.write_all(&reply).await.is_err() {
+            return;
+        }
+        if path == "/close" || path == "/drop" {
+            let _ = tcp.shutdown().await;
+            return;
+        }
+    }
+}
+
 struct Setup {
     pki: TestPki,
     upstream: RawUpstream,
@@ -108,6 +149,11 @@ struct Setup {
 async fn setup() -> Setup {
     let pki = TestPki::new();
     let upstream = RawUpstream::start().await;
+    let url = format!("http://{}", upstream.addr);
+    setup_with(pki, upstream, &url, "").await
+}
+
+async fn setup_with(pki: TestPki, upstream: RawUpstream, url: &str, extra: &str) -> Setup {
     let (rsa, _, _) = keys();
     let jwks = serde_json::json!({ "keys": [rsa.jwk] }).to_string();
     std::fs::write(pki.path().join("jwks.json"), jwks).unwrap();
@@ -116,10 +162,10 @@ async fn setup() -> Setup {
 [[routes]]
 name = "app"
 path_prefix = "/"
-upstream = "http://{}"
+upstream = "{url}"
 auth = "public"
-"#,
-        upstream.addr
+{extra}
+"#
     );
     let cfg = pki.write_config(
         "p.toml",
@@ -287,4 +333,39 @@ async fn raw_tls(
         .connect("localhost".try_into().unwrap(), tcp)
         .await
         .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_upstream_is_verified_and_its_connection_reused() {
+    let pki = TestPki::new();
+    let cert = std::fs::read_to_string(pki.path().join("server.pem")).unwrap();
+    let key = std::fs::read_to_string(pki.path().join("server-key.pem")).unwrap();
+    let upstream = RawUpstream::start_tls(&cert, &key).await;
+    let url = format!("https://localhost:{}", upstream.addr.port());
+    let s = setup_with(pki, upstream, &url, "\n[upstream]\nca = \"ca.pem\"\n").await;
+    let mut c = conn(&s).await;
+    for _ in 0..20 {
+        let (status, _, body) = c.get("/keep", &[]).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(&body[..], b"ok");
+    }
+    assert_eq!(s.upstream.accepted(), 1, "one TLS connection, reused");
+    s.server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_upstream_with_an_untrusted_certificate_gets_nothing() {
+    let pki = TestPki::new();
+    // The upstream's certificate comes from another CA than `[upstream] ca`.
+    let stranger = TestPki::new();
+    let cert = std::fs::read_to_string(stranger.path().join("server.pem")).unwrap();
+    let key = std::fs::read_to_string(stranger.path().join("server-key.pem")).unwrap();
+    let upstream = RawUpstream::start_tls(&cert, &key).await;
+    let url = format!("https://localhost:{}", upstream.addr.port());
+    let s = setup_with(pki, upstream, &url, "\n[upstream]\nca = \"ca.pem\"\n").await;
+    let mut c = conn(&s).await;
+    let (status, _, _) = c.get("/keep", &[]).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert_eq!(s.upstream.requests.load(Ordering::SeqCst), 0);
+    s.server.shutdown().await;
 }
