@@ -209,8 +209,7 @@ impl Pool {
         *req.uri_mut() = target;
 
         if let Some(mut sender) = idle {
-            // Usually ready already: the connection set its readiness
-            // before the previous response's last bytes were handed over.
+            // Ready (checked at checkout); `ready` only registers nothing.
             if sender.ready().await.is_ok() {
                 match sender.try_send_request(req).await {
                     Ok(resp) => return Ok(self.wrap(host, sender, resp)),
@@ -277,6 +276,10 @@ impl Pool {
             return (HostId(i), HeaderValue::from_static(""), None);
         };
         let mut found = None;
+        // Open but busy connections (the upstream answered before the
+        // request body was all sent, and the body is still streaming):
+        // kept for later, never waited on by an unrelated request.
+        let mut busy = Vec::new();
         while let Some(idle) = h.idle.pop_back() {
             if idle.sender.is_closed() {
                 continue;
@@ -286,8 +289,15 @@ impl Pool {
                 h.idle.clear();
                 break;
             }
+            if !idle.sender.is_ready() {
+                busy.push(idle);
+                continue;
+            }
             found = Some(idle.sender);
             break;
+        }
+        for b in busy {
+            h.idle.push_front(b);
         }
         (HostId(i), h.host_header.clone(), found)
     }
