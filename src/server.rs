@@ -768,7 +768,7 @@ async fn accept_loop(
             if tls {
                 serve_tls(shared, builder, watcher, tcp, peer, handshake_timeout).await;
             } else {
-                let info = Arc::new(ConnInfo { peer, tls: None });
+                let info = Arc::new(ConnInfo::new(peer, None));
                 serve_http(
                     shared,
                     &builder,
@@ -800,7 +800,7 @@ async fn accept_loop(
             if tls {
                 serve_tls(shared, last, watcher, tcp, peer, handshake_timeout).await;
             } else {
-                let info = Arc::new(ConnInfo { peer, tls: None });
+                let info = Arc::new(ConnInfo::new(peer, None));
                 serve_http(shared, &last, Wire::Sniff, watcher, TokioIo::new(tcp), info).await;
             }
         });
@@ -896,10 +896,7 @@ async fn serve_tls(
     // ALPN decides the protocol, never the first bytes: after `h2` was agreed
     // a bad preface is a connection error (GOAWAY), not an HTTP/1.1 request.
     let h2 = info.alpn.as_deref() == Some(b"h2");
-    let info = Arc::new(ConnInfo {
-        peer,
-        tls: Some(info),
-    });
+    let info = Arc::new(ConnInfo::new(peer, Some(info)));
     if !h2 {
         serve_http(
             shared,

@@ -20,18 +20,29 @@ static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection"
 /// Removes hop-by-hop headers, including every header the `Connection`
 /// header names, and `Keep-Alive` / `Proxy-Connection`.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    // A message carries a handful of names: scan them for the few that go
-    // instead of hashing nine names for `remove`s that usually find nothing.
     // What `Connection` names goes first, while it is still there to read.
-    if headers.contains_key(header::CONNECTION) {
-        while let Some(n) = headers
-            .keys()
-            .find(|k| *k != header::CONNECTION && named_by_connection(headers, k))
-            .cloned()
+    // Its tokens are read once; a name is built only for a token that names
+    // a header present (usually none: `keep-alive` or `close`).
+    let mut named: Vec<HeaderName> = Vec::new();
+    for t in headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+    {
+        if !t.is_empty()
+            && headers.contains_key(t)
+            && let Ok(n) = HeaderName::from_bytes(t.as_bytes())
         {
-            headers.remove(n);
+            named.push(n);
         }
     }
+    for n in named {
+        headers.remove(n);
+    }
+    // A message carries a handful of names: scan them for the few that go
+    // instead of hashing nine names for `remove`s that usually find nothing.
     while let Some(n) = headers.keys().find(|k| is_hop_by_hop(k)).cloned() {
         headers.remove(n);
     }
@@ -39,16 +50,6 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
 
 fn is_hop_by_hop(k: &HeaderName) -> bool {
     HOP_BY_HOP.contains(k) || *k == KEEP_ALIVE || *k == PROXY_CONNECTION
-}
-
-/// Whether a `Connection` line names `k` (its tokens, any case).
-fn named_by_connection(headers: &HeaderMap, k: &HeaderName) -> bool {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(k.as_str()))
 }
 
 /// Removes the configured identity headers the client must not set.
@@ -124,17 +125,16 @@ static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host"
 /// Sets `X-Forwarded-For/-Proto/-Host`, replacing anything the client sent.
 pub fn set_forwarded(
     headers: &mut HeaderMap,
-    client_ip: std::net::IpAddr,
+    client_ip: Option<HeaderValue>,
     proto: &'static str,
     host: Option<HeaderValue>,
 ) {
-    // An address is at most 45 bytes as text: format it on the stack.
-    let mut buf = [0u8; 64];
-    let mut w = &mut buf[..];
-    if std::io::Write::write_fmt(&mut w, format_args!("{client_ip}")).is_ok() {
-        let n = 64 - w.len();
-        if let Ok(v) = HeaderValue::from_bytes(&buf[..n]) {
+    match client_ip {
+        Some(v) => {
             headers.insert(&X_FORWARDED_FOR, v);
+        }
+        None => {
+            headers.remove(&X_FORWARDED_FOR);
         }
     }
     headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(proto));

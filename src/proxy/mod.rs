@@ -67,6 +67,20 @@ pub struct ConnInfo {
     pub peer: SocketAddr,
     /// TLS facts, absent on the plain-HTTP listener.
     pub tls: Option<TlsInfo>,
+    /// The client's IP address as text, for `X-Forwarded-For` (formatted
+    /// once per connection, not per request).
+    pub peer_ip: Option<HeaderValue>,
+}
+
+impl ConnInfo {
+    /// The facts of a connection from `peer`.
+    pub fn new(peer: SocketAddr, tls: Option<TlsInfo>) -> Self {
+        Self {
+            peer,
+            tls,
+            peer_ip: HeaderValue::from_str(&peer.ip().to_string()).ok(),
+        }
+    }
 }
 
 /// Everything built from one config, swapped whole on reload.
@@ -1253,7 +1267,7 @@ fn prepare_upstream_request<B>(
         h.remove(&names::DPOP);
     }
     let proto = if conn.tls.is_some() { "https" } else { "http" };
-    headers::set_forwarded(h, conn.peer.ip(), proto, original_host);
+    headers::set_forwarded(h, conn.peer_ip.clone(), proto, original_host);
     set_request_id(h, &ctx.id);
     if let Ok(v) = HeaderValue::from_str(&route.name) {
         h.insert(&names::ROUTE, v);
