@@ -20,7 +20,9 @@ use tokio::net::TcpListener;
 /// - `/close`: `200 ok` with `Connection: close`, then closes;
 /// - `/drop`: `200 ok` that looks keep-alive, then closes without saying so;
 /// - `/big`: 1 MiB body, keep-alive;
-/// - `/empty`: `204`, keep-alive.
+/// - `/empty`: `204`, keep-alive;
+/// - `/early`: `200 ok` at once, then reads the request body
+///   (`Content-Length`), keep-alive.
 struct RawUpstream {
     addr: SocketAddr,
     accepted: Arc<AtomicUsize>,
@@ -132,6 +134,27 @@ async fn serve_raw<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
         };
         if tcp.write_all(&reply).await.is_err() {
             return;
+        }
+        // The request body, if any, after the answer (`/early` answers first).
+        let mut body_left = head
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case("content-length")
+                    .then(|| v.trim().parse::<usize>().ok())
+                    .flatten()
+            })
+            .unwrap_or(0);
+        while body_left > 0 {
+            if buf.is_empty() {
+                match tcp.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+            let take = body_left.min(buf.len());
+            buf.drain(..take);
+            body_left -= take;
         }
         if path == "/close" || path == "/drop" {
             let _ = tcp.shutdown().await;
@@ -367,5 +390,52 @@ async fn an_https_upstream_with_an_untrusted_certificate_gets_nothing() {
     let (status, _, _) = c.get("/keep", &[]).await;
     assert_eq!(status, StatusCode::BAD_GATEWAY);
     assert_eq!(s.upstream.requests.load(Ordering::SeqCst), 0);
+    s.server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_still_sending_a_body_is_not_waited_on_by_the_next_request() {
+    let pki = TestPki::new();
+    let upstream = RawUpstream::start().await;
+    let url = format!("http://{}", upstream.addr);
+    // One worker: both clients share one upstream pool.
+    let s = setup_with(pki, upstream, &url, "\n[listener]\nworkers = 1\n").await;
+    let ca = std::fs::read_to_string(s.pki.path().join("ca.pem")).unwrap();
+    // A: a POST whose upstream answers before the body is all sent.
+    let mut a = raw_tls(&s, &ca).await;
+    a.write_all(b"POST /early HTTP/1.1\r\nHost: localhost\r\nContent-Length: 10\r\n\r\n12345")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") || !got.ends_with(b"ok") {
+        let n = tokio::time::timeout(DEADLINE, a.read(&mut chunk))
+            .await
+            .expect("A's early answer")
+            .unwrap();
+        assert!(n > 0, "proxy closed A");
+        got.extend_from_slice(&chunk[..n]);
+    }
+    assert!(
+        got.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+    // B, while A's body is still open: answered, not queued behind A's
+    // connection (it would wait until A finishes, which it does not here).
+    let mut b = conn(&s).await;
+    let (status, _, body) = tokio::time::timeout(DEADLINE, b.send("GET", "/keep", &[]))
+        .await
+        .expect("B waited on A's busy connection")
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(&body[..], b"ok");
+    assert_eq!(s.upstream.accepted(), 2, "B got a connection of its own");
+    // A finishes its body; B goes on without a new connection.
+    a.write_all(b"67890").await.unwrap();
+    for _ in 0..5 {
+        assert_eq!(b.get("/keep", &[]).await.0, StatusCode::OK);
+    }
+    assert_eq!(s.upstream.accepted(), 2);
     s.server.shutdown().await;
 }
