@@ -360,11 +360,7 @@ impl Pool {
         // An upgraded connection belongs to its tunnel; one the upstream
         // closes is not reused.
         let reusable = resp.status() != StatusCode::SWITCHING_PROTOCOLS
-            && !resp
-                .headers()
-                .get_all(header::CONNECTION)
-                .iter()
-                .any(|v| has_token(v, b"close"));
+            && !super::headers::connection_has(resp.headers(), "close");
         let (parts, body) = resp.into_parts();
         let mut body = PooledBody {
             inner: body,
@@ -385,12 +381,6 @@ fn host_header(scheme: &Scheme, authority: &Authority) -> HeaderValue {
         _ => authority.host().to_owned(),
     };
     HeaderValue::from_str(&text).unwrap_or_else(|_| HeaderValue::from_static(""))
-}
-
-fn has_token(v: &HeaderValue, token: &[u8]) -> bool {
-    v.as_bytes()
-        .split(|b| *b == b',')
-        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
 }
 
 /// An upstream response body that returns its connection to the pool once
@@ -468,15 +458,5 @@ mod tests {
         assert_eq!(h(Scheme::HTTPS, "app:80"), "app:80");
         assert_eq!(h(Scheme::HTTP, "[::1]:9000"), "[::1]:9000");
         assert_eq!(h(Scheme::HTTP, "app"), "app");
-    }
-
-    #[test]
-    fn connection_close_is_a_token() {
-        assert!(has_token(&HeaderValue::from_static("Close"), b"close"));
-        assert!(has_token(
-            &HeaderValue::from_static("keep-alive, close"),
-            b"close"
-        ));
-        assert!(!has_token(&HeaderValue::from_static("closed"), b"close"));
     }
 }

@@ -24,13 +24,7 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     // Its tokens are read once; a name is built only for a token that names
     // a header present (usually none: `keep-alive` or `close`).
     let mut named: Vec<HeaderName> = Vec::new();
-    for t in headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-    {
+    for t in connection_tokens(headers) {
         if !t.is_empty()
             && headers.contains_key(t)
             && let Ok(n) = HeaderName::from_bytes(t.as_bytes())
@@ -50,6 +44,21 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
 
 fn is_hop_by_hop(k: &HeaderName) -> bool {
     HOP_BY_HOP.contains(k) || *k == KEEP_ALIVE || *k == PROXY_CONNECTION
+}
+
+/// The tokens of every `Connection` line, trimmed (any case, as sent).
+fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+}
+
+/// Whether a `Connection` line lists `token` (any case).
+pub fn connection_has(headers: &HeaderMap, token: &str) -> bool {
+    connection_tokens(headers).any(|t| t.eq_ignore_ascii_case(token))
 }
 
 /// Removes the configured identity headers the client must not set.
@@ -105,13 +114,7 @@ pub fn strip_own_cookies(headers: &mut HeaderMap, names: &[&str]) {
 /// The protocol an `Upgrade` request asks for, when it is a real HTTP/1.1
 /// upgrade (`Connection: upgrade` plus `Upgrade: …`).
 pub fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
-    let wants = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
-    if wants {
+    if connection_has(headers, "upgrade") {
         headers.get(header::UPGRADE).cloned()
     } else {
         None
@@ -282,6 +285,18 @@ mod tests {
         let mut h = map(&["keep-alive", "proxy-connection", "te", "accept"]);
         remove_hop_by_hop(&mut h);
         assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["accept"]);
+    }
+
+    #[test]
+    fn connection_close_is_a_token() {
+        let one = |v: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::CONNECTION, HeaderValue::from_static(v));
+            h
+        };
+        assert!(connection_has(&one("Close"), "close"));
+        assert!(connection_has(&one("keep-alive, close"), "close"));
+        assert!(!connection_has(&one("closed"), "close"));
     }
 
     #[test]
