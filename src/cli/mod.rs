@@ -387,7 +387,7 @@ fn run_async(fut: impl std::future::Future<Output = Result<(), String>>) -> Exit
 pub fn check_config(path: &std::path::Path) -> Result<Config, String> {
     let cfg = Config::load(path).map_err(|e| e.to_string())?;
     crate::tls::build_tls(&cfg.tls).map_err(|e| format!("{}: tls: {e}", path.display()))?;
-    crate::proxy::client::upstream_client(&cfg.upstream)
+    crate::proxy::client::check(&cfg.upstream)
         .map_err(|e| format!("{}: upstream.ca: {e}", path.display()))?;
     crate::proxy::assertion::Signer::from_config(&cfg).map_err(|e| e.to_string())?;
     if let Some(t) = &cfg.transmitter {
