@@ -146,15 +146,8 @@ impl Claims {
     /// verified token.
     pub fn decision_fingerprint(&self) -> u128 {
         *self.fingerprint.get_or_init(|| {
-            use std::hash::Hash;
-            static KEY: std::sync::OnceLock<(u64, u64)> = std::sync::OnceLock::new();
-            let (k0, k1) = *KEY.get_or_init(|| {
-                use std::hash::BuildHasher;
-                let s = std::collections::hash_map::RandomState::new();
-                (s.hash_one(1u8), s.hash_one(2u8))
-            });
-            let mut h = siphasher::sip128::SipHasher13::new_with_keys(k0, k1);
-            (
+            static KEY: std::sync::OnceLock<crate::util::HashKey> = std::sync::OnceLock::new();
+            KEY.get_or_init(crate::util::HashKey::random).hash128(&(
                 &self.sub,
                 &self.iss,
                 self.exp,
@@ -164,9 +157,7 @@ impl Claims {
                 &self.amr,
                 &self.client_id,
                 &self.jti,
-            )
-                .hash(&mut h);
-            siphasher::sip128::Hasher128::finish128(&h).as_u128()
+            ))
         })
     }
 }

@@ -14,8 +14,7 @@
 //! `decision_cache_ttl_ms`, which bounds how stale the time-dependent facts
 //! (ages, time of day) of a cached decision can be.
 
-use std::collections::hash_map::RandomState;
-use std::hash::{BuildHasher, Hash};
+use std::hash::Hash;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -120,7 +119,7 @@ pub struct Engine {
     /// the key is the cheap foldhash, not SipHash.
     cache: Cache<u128, Arc<Cached>, foldhash::fast::RandomState>,
     /// The key of that hash (SipHash-1-3, 128-bit output, one pass).
-    sip_key: (u64, u64),
+    sip_key: crate::util::HashKey,
     /// This engine's id in each thread's front of `cache`; 0 when the cache
     /// has no capacity or no TTL.
     front: u64,
@@ -177,11 +176,7 @@ impl Engine {
             audit,
             cache,
             front,
-            // Key material from the OS-seeded std hasher keys.
-            sip_key: (
-                RandomState::new().hash_one(1u8),
-                RandomState::new().hash_one(2u8),
-            ),
+            sip_key: crate::util::HashKey::random(),
         }
     }
 
@@ -256,9 +251,7 @@ impl Engine {
             peer: f.peer,
             snapshot_age_s: f.resolved.snapshot_age_s,
         };
-        let mut h = siphasher::sip128::SipHasher13::new_with_keys(self.sip_key.0, self.sip_key.1);
-        parts.hash(&mut h);
-        siphasher::sip128::Hasher128::finish128(&h).as_u128()
+        self.sip_key.hash128(&parts)
     }
 
     fn shadow_for(&self, route: &str) -> Option<&Arc<CompiledSet>> {

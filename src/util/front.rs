@@ -13,15 +13,15 @@
 //! hit in the shared cache is (the callers do that), a slot belongs to one
 //! owner (one authenticator, one policy engine: a reload makes a new owner,
 //! and a worker seeing a new owner starts empty), and an owner whose shared
-//! cache has no capacity never uses a front. Memory is bounded: `N` slots
-//! per thread and cache (a power of two), allocated on first use.
+//! cache has no capacity never uses a front. Memory is bounded: `SLOTS`
+//! slots per thread and cache, allocated on first use.
 
-use std::borrow::Borrow;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// Default slots per thread and cache. With 10k keys used uniformly, about
-/// three quarters of lookups hit (a slot holds the last of the keys that
-/// map to it: with k keys per slot on average, (1 - e^-k) / k hit).
+/// Slots per thread and cache (a power of two). With 10k keys used
+/// uniformly, about three quarters of lookups hit (a slot holds the last of
+/// the keys that map to it: with k keys per slot on average, (1 - e^-k) / k
+/// hit).
 pub const SLOTS: usize = 1 << 14;
 
 /// A fresh owner id: one per authenticator or engine, never reused.
@@ -30,21 +30,17 @@ pub fn new_owner() -> u64 {
     NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
-/// One thread's front: `N` slots of key and value (`N` a power of two),
-/// for one owner at a time.
+/// One thread's front: `SLOTS` slots of key and value, for one owner at a
+/// time.
 #[derive(Debug)]
-pub struct Front<K, V, const N: usize = SLOTS> {
+pub struct Front<K, V> {
     owner: u64,
     slots: Vec<Option<(K, V)>>,
 }
 
-impl<K: Eq, V: Clone, const N: usize> Front<K, V, N> {
-    const POWER_OF_TWO: () = assert!(N.is_power_of_two());
-
+impl<K: Eq, V: Clone> Front<K, V> {
     /// An empty front (no memory until the first insert).
     pub const fn new() -> Self {
-        #[allow(clippy::let_unit_value)]
-        let () = Self::POWER_OF_TWO;
         Self {
             owner: 0,
             slots: Vec::new(),
@@ -53,15 +49,12 @@ impl<K: Eq, V: Clone, const N: usize> Front<K, V, N> {
 
     /// The value under `key`, if this thread holds it for `owner`; `bits`
     /// are uniform bits of the key (they pick the slot).
-    pub fn get<Q: ?Sized + Eq>(&self, owner: u64, bits: u64, key: &Q) -> Option<V>
-    where
-        K: Borrow<Q>,
-    {
+    pub fn get(&self, owner: u64, bits: u64, key: &K) -> Option<V> {
         if self.owner != owner {
             return None;
         }
-        match self.slots.get(slot::<N>(bits)) {
-            Some(Some((k, v))) if k.borrow() == key => Some(v.clone()),
+        match self.slots.get(slot(bits)) {
+            Some(Some((k, v))) if k == key => Some(v.clone()),
             _ => None,
         }
     }
@@ -71,37 +64,34 @@ impl<K: Eq, V: Clone, const N: usize> Front<K, V, N> {
         if self.owner != owner || self.slots.is_empty() {
             self.owner = owner;
             self.slots.clear();
-            self.slots.resize_with(N, || None);
+            self.slots.resize_with(SLOTS, || None);
         }
-        if let Some(s) = self.slots.get_mut(slot::<N>(bits)) {
+        if let Some(s) = self.slots.get_mut(slot(bits)) {
             *s = Some((key, value));
         }
     }
 
     /// Forgets `key` (if its slot holds it).
-    pub fn remove<Q: ?Sized + Eq>(&mut self, owner: u64, bits: u64, key: &Q)
-    where
-        K: Borrow<Q>,
-    {
+    pub fn remove(&mut self, owner: u64, bits: u64, key: &K) {
         if self.owner != owner {
             return;
         }
-        if let Some(s) = self.slots.get_mut(slot::<N>(bits))
-            && s.as_ref().is_some_and(|(k, _)| k.borrow() == key)
+        if let Some(s) = self.slots.get_mut(slot(bits))
+            && s.as_ref().is_some_and(|(k, _)| k == key)
         {
             *s = None;
         }
     }
 }
 
-impl<K: Eq, V: Clone, const N: usize> Default for Front<K, V, N> {
+impl<K: Eq, V: Clone> Default for Front<K, V> {
     fn default() -> Self {
         Self::new()
     }
 }
 
-fn slot<const N: usize>(bits: u64) -> usize {
-    (bits as usize) & (N - 1)
+fn slot(bits: u64) -> usize {
+    (bits as usize) & (SLOTS - 1)
 }
 
 #[cfg(test)]
@@ -137,11 +127,12 @@ mod tests {
     }
 
     #[test]
-    fn keys_compare_whole_by_borrow() {
-        let mut f: Front<Box<[u8]>, u32, 8> = Front::new();
-        f.put(1, 3, Box::from(&b"token-a"[..]), 1);
-        assert_eq!(f.get(1, 3, &b"token-a"[..]), Some(1));
-        assert_eq!(f.get(1, 3, &b"token-b"[..]), None);
-        assert_eq!(f.get(1, 3, &b"token-"[..]), None);
+    fn keys_compare_whole() {
+        let mut f: Front<Box<[u8]>, u32> = Front::new();
+        let k = |b: &[u8]| Box::<[u8]>::from(b);
+        f.put(1, 3, k(b"token-a"), 1);
+        assert_eq!(f.get(1, 3, &k(b"token-a")), Some(1));
+        assert_eq!(f.get(1, 3, &k(b"token-b")), None);
+        assert_eq!(f.get(1, 3, &k(b"token-")), None);
     }
 }

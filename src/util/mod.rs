@@ -5,6 +5,27 @@ pub mod front;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+/// A random key for a keyed 128-bit hash (SipHash-1-3): the cache keys a
+/// caller cannot predict, so cannot collide on purpose.
+#[derive(Debug, Clone, Copy)]
+pub struct HashKey(u64, u64);
+
+impl HashKey {
+    /// A fresh key from the OS-seeded std hasher keys.
+    pub fn random() -> Self {
+        use std::hash::BuildHasher;
+        let s = std::collections::hash_map::RandomState::new();
+        Self(s.hash_one(1u8), s.hash_one(2u8))
+    }
+
+    /// The 128-bit hash of `value` under this key, in one pass.
+    pub fn hash128<T: std::hash::Hash + ?Sized>(&self, value: &T) -> u128 {
+        let mut h = siphasher::sip128::SipHasher13::new_with_keys(self.0, self.1);
+        value.hash(&mut h);
+        siphasher::sip128::Hasher128::finish128(&h).as_u128()
+    }
+}
+
 /// SHA-256 of `data`, through aws-lc-rs.
 pub fn sha256(data: &[u8]) -> [u8; 32] {
     let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, data);
