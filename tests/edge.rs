@@ -4,8 +4,6 @@
 
 mod common;
 
-use std::sync::Arc;
-
 use common::*;
 use http::StatusCode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -64,33 +62,7 @@ allow_underscore_headers = true
 
 /// A TLS connection to the proxy offering exactly `alpn`.
 async fn tls(s: &Setup, alpn: &[&[u8]]) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(
-            portcullis::tls::load_certs(&s.pki.path().join("ca.pem"))
-                .unwrap()
-                .remove(0),
-        )
-        .unwrap();
-    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    let tcp = tokio::net::TcpStream::connect(s.server.proxy_addr)
-        .await
-        .unwrap();
-    tokio::time::timeout(
-        DEADLINE,
-        tokio_rustls::TlsConnector::from(Arc::new(cfg))
-            .connect("localhost".try_into().unwrap(), tcp),
-    )
-    .await
-    .unwrap()
-    .unwrap()
+    tls_stream(s.server.proxy_addr, &s.pki.ca_pem, alpn).await
 }
 
 /// Reads until the server closes (or the TLS stream ends uncleanly).

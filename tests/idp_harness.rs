@@ -24,7 +24,6 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use portcullis::demo::pki::SigningKey;
-use rustls_pki_types::pem::PemObject;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
@@ -37,23 +36,7 @@ async fn logout_receiver(tls: Option<&common::TestPki>) -> (SocketAddr, Arc<Mute
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let seen: Arc<Mutex<Vec<String>>> = Arc::default();
-    let acceptor = tls.map(|pki| {
-        let cert = std::fs::read(pki.path().join("server.pem")).unwrap();
-        let key = std::fs::read(pki.path().join("server-key.pem")).unwrap();
-        let certs = rustls_pki_types::CertificateDer::pem_slice_iter(&cert)
-            .collect::<Result<Vec<_>, _>>()
-            .unwrap();
-        let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(&key).unwrap();
-        let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::aws_lc_rs::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .unwrap();
-        tokio_rustls::TlsAcceptor::from(Arc::new(cfg))
-    });
+    let acceptor = tls.map(|pki| pki.tls_acceptor(&[]));
     let s2 = seen.clone();
     tokio::spawn(async move {
         loop {

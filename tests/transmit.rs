@@ -61,28 +61,7 @@ struct Receiver {
 
 impl Receiver {
     async fn start(pki: &TestPki) -> Self {
-        let certs: Vec<_> = {
-            use rustls_pki_types::pem::PemObject;
-            rustls_pki_types::CertificateDer::pem_file_iter(pki.path().join("server.pem"))
-                .unwrap()
-                .collect::<Result<_, _>>()
-                .unwrap()
-        };
-        let key = {
-            use rustls_pki_types::pem::PemObject;
-            rustls_pki_types::PrivateKeyDer::from_pem_file(pki.path().join("server-key.pem"))
-                .unwrap()
-        };
-        let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::aws_lc_rs::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .unwrap();
-        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+        let acceptor = pki.tls_acceptor(&[b"http/1.1"]);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));

@@ -36,22 +36,9 @@ impl RawUpstream {
         Self::start_with(None).await
     }
 
-    /// Over TLS with this certificate and key (PEM).
-    async fn start_tls(cert_pem: &str, key_pem: &str) -> Self {
-        use rustls_pki_types::pem::PemObject;
-        let certs = rustls_pki_types::CertificateDer::pem_slice_iter(cert_pem.as_bytes())
-            .collect::<Result<Vec<_>, _>>()
-            .unwrap();
-        let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap();
-        let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::aws_lc_rs::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .unwrap();
-        Self::start_with(Some(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))).await
+    /// Over TLS with `pki`'s server certificate.
+    async fn start_tls(pki: &TestPki) -> Self {
+        Self::start_with(Some(pki.tls_acceptor(&[]))).await
     }
 
     async fn start_with(tls: Option<tokio_rustls::TlsAcceptor>) -> Self {
@@ -203,8 +190,7 @@ auth = "public"
 }
 
 async fn conn(s: &Setup) -> TlsConn {
-    let ca = std::fs::read_to_string(s.pki.path().join("ca.pem")).unwrap();
-    TlsConn::connect(s.server.proxy_addr, "localhost", &ca, None)
+    TlsConn::connect(s.server.proxy_addr, "localhost", &s.pki.ca_pem, None)
         .await
         .unwrap()
 }
@@ -284,8 +270,7 @@ async fn a_response_abandoned_midway_never_leaks_into_the_next_one() {
     let s = setup().await;
     {
         // Reads the head and a little of a 1 MiB body, then goes away.
-        let ca = std::fs::read_to_string(s.pki.path().join("ca.pem")).unwrap();
-        let mut tls = raw_tls(&s, &ca).await;
+        let mut tls = raw_tls(&s).await;
         tls.write_all(b"GET /big HTTP/1.1\r\nHost: localhost\r\n\r\n")
             .await
             .unwrap();
@@ -332,38 +317,14 @@ async fn bodiless_responses_give_their_connection_back() {
 }
 
 /// A bare TLS stream (ALPN http/1.1) to the proxy, for exact bytes.
-async fn raw_tls(
-    s: &Setup,
-    ca_pem: &str,
-) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
-    use rustls_pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls_pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let tcp = tokio::net::TcpStream::connect(s.server.proxy_addr)
-        .await
-        .unwrap();
-    tokio_rustls::TlsConnector::from(Arc::new(cfg))
-        .connect("localhost".try_into().unwrap(), tcp)
-        .await
-        .unwrap()
+async fn raw_tls(s: &Setup) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    tls_stream(s.server.proxy_addr, &s.pki.ca_pem, &[b"http/1.1"]).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_https_upstream_is_verified_and_its_connection_reused() {
     let pki = TestPki::new();
-    let cert = std::fs::read_to_string(pki.path().join("server.pem")).unwrap();
-    let key = std::fs::read_to_string(pki.path().join("server-key.pem")).unwrap();
-    let upstream = RawUpstream::start_tls(&cert, &key).await;
+    let upstream = RawUpstream::start_tls(&pki).await;
     let url = format!("https://localhost:{}", upstream.addr.port());
     let s = setup_with(pki, upstream, &url, "\n[upstream]\nca = \"ca.pem\"\n").await;
     let mut c = conn(&s).await;
@@ -381,9 +342,7 @@ async fn an_https_upstream_with_an_untrusted_certificate_gets_nothing() {
     let pki = TestPki::new();
     // The upstream's certificate comes from another CA than `[upstream] ca`.
     let stranger = TestPki::new();
-    let cert = std::fs::read_to_string(stranger.path().join("server.pem")).unwrap();
-    let key = std::fs::read_to_string(stranger.path().join("server-key.pem")).unwrap();
-    let upstream = RawUpstream::start_tls(&cert, &key).await;
+    let upstream = RawUpstream::start_tls(&stranger).await;
     let url = format!("https://localhost:{}", upstream.addr.port());
     let s = setup_with(pki, upstream, &url, "\n[upstream]\nca = \"ca.pem\"\n").await;
     let mut c = conn(&s).await;
@@ -400,9 +359,8 @@ async fn a_connection_still_sending_a_body_is_not_waited_on_by_the_next_request(
     let url = format!("http://{}", upstream.addr);
     // One worker: both clients share one upstream pool.
     let s = setup_with(pki, upstream, &url, "\n[listener]\nworkers = 1\n").await;
-    let ca = std::fs::read_to_string(s.pki.path().join("ca.pem")).unwrap();
     // A: a POST whose upstream answers before the body is all sent.
-    let mut a = raw_tls(&s, &ca).await;
+    let mut a = raw_tls(&s).await;
     a.write_all(b"POST /early HTTP/1.1\r\nHost: localhost\r\nContent-Length: 10\r\n\r\n12345")
         .await
         .unwrap();

@@ -303,6 +303,28 @@ impl TestPki {
         pol
     }
 
+    /// A TLS acceptor presenting this PKI's server certificate, offering
+    /// exactly `alpn` (none: no ALPN).
+    pub fn tls_acceptor(&self, alpn: &[&[u8]]) -> tokio_rustls::TlsAcceptor {
+        let certs = rustls_pki_types::CertificateDer::pem_file_iter(self.path().join("server.pem"))
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key =
+            rustls_pki_types::PrivateKeyDer::from_pem_file(self.path().join("server-key.pem"))
+                .unwrap();
+        let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+        cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        tokio_rustls::TlsAcceptor::from(Arc::new(cfg))
+    }
+
     pub fn write_config(&self, name: &str, body: &str) -> PathBuf {
         let p = self.dir.path().join(name);
         std::fs::write(&p, body).unwrap();
@@ -339,6 +361,37 @@ leeway_s = 5
 {routes}
 "#
     )
+}
+
+/// A bare TLS stream to `addr` (SNI `localhost`) trusting `ca_pem` and
+/// offering exactly `alpn`, for exact bytes; the handshake is bounded by
+/// [`DEADLINE`].
+pub async fn tls_stream(
+    addr: SocketAddr,
+    ca_pem: &str,
+    alpn: &[&[u8]],
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tokio::time::timeout(
+        DEADLINE,
+        tokio_rustls::TlsConnector::from(Arc::new(cfg))
+            .connect("localhost".try_into().unwrap(), tcp),
+    )
+    .await
+    .unwrap()
+    .unwrap()
 }
 
 /// A TLS client trusting the test CA; `h2` picks ALPN h2 only, else http/1.1 only.
