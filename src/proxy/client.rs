@@ -199,7 +199,7 @@ impl Pool {
     pub async fn request(
         &self,
         mut req: Request<ProxyBody>,
-    ) -> Result<Response<ProxyBody>, UpstreamError> {
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
         let (scheme, authority) = match (req.uri().scheme(), req.uri().authority()) {
             (Some(s), Some(a)) => (s.clone(), a.clone()),
             _ => return Err(UpstreamError::NotAbsolute),
@@ -354,20 +354,20 @@ impl Pool {
         host: HostId,
         sender: SendRequest<ProxyBody>,
         resp: Response<Incoming>,
-    ) -> Response<ProxyBody> {
+    ) -> Response<UpstreamBody> {
         // An upgraded connection belongs to its tunnel; one the upstream
         // closes is not reused.
         let reusable = resp.status() != StatusCode::SWITCHING_PROTOCOLS
             && !super::headers::connection_has(resp.headers(), "close");
         let (parts, body) = resp.into_parts();
-        let mut body = PooledBody {
+        let mut body = UpstreamBody {
             inner: body,
             back: reusable.then(|| (Arc::downgrade(&self.inner), host, sender)),
         };
         if body.inner.is_end_stream() {
             body.check_in();
         }
-        Response::from_parts(parts, UnsyncBoxBody::new(body))
+        Response::from_parts(parts, body)
     }
 }
 
@@ -384,12 +384,12 @@ fn host_header(scheme: &Scheme, authority: &Authority) -> HeaderValue {
 /// An upstream response body that returns its connection to the pool once
 /// read to the end. Dropped earlier, the connection is dropped too (hyper
 /// closes a connection whose response was not read through).
-struct PooledBody {
+pub struct UpstreamBody {
     inner: Incoming,
     back: Option<(Weak<PoolInner>, HostId, SendRequest<ProxyBody>)>,
 }
 
-impl PooledBody {
+impl UpstreamBody {
     fn check_in(&mut self) {
         if let Some((pool, host, sender)) = self.back.take()
             && let Some(inner) = pool.upgrade()
@@ -399,7 +399,7 @@ impl PooledBody {
     }
 }
 
-impl Body for PooledBody {
+impl Body for UpstreamBody {
     type Data = Bytes;
     type Error = BoxError;
 

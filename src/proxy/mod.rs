@@ -863,7 +863,7 @@ impl Proxy {
             .flatten();
         let body = match seed {
             Some(seed) => live::LiveBody::new(body, seed, self.live.clone()).boxed_unsync(),
-            None => body,
+            None => body.boxed_unsync(),
         };
         Ok(Response::from_parts(parts, body))
     }
