@@ -7,12 +7,13 @@
 //! device, route, method class, the snapshot versions of the identity,
 //! device and owner records, the token's policy-relevant claims (subject,
 //! issuer, iat, auth_time, acr, amr, client_id, jti, exp: hashed once per
-//! token), binding, SPIFFE id and client address. The policy version is implicit: a reload builds a new
-//! engine with an empty cache. Any feed event that changes one of those
-//! records changes its version, so the next request misses: that is why a
-//! long TTL (a minute by default) is safe. Entries live at most
-//! `decision_cache_ttl_ms`, which bounds how stale the time-dependent facts
-//! (ages, time of day) of a cached decision can be.
+//! token), binding, SPIFFE id and client address. The policy version is
+//! implicit: a reload builds a new engine with an empty cache (and empty
+//! per-thread fronts, [`crate::util::front`]). Any feed event that changes
+//! one of those records changes its version, so the next request misses:
+//! that is why a long TTL (a minute by default) is safe. Entries live at
+//! most `decision_cache_ttl_ms`, which bounds how stale the time-dependent
+//! facts (ages, time of day) of a cached decision can be.
 
 use std::hash::Hash;
 use std::net::IpAddr;
