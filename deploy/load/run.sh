@@ -37,9 +37,10 @@
 #                      ${CARGO_TARGET_DIR:-<repo>/target} and use release/portcullis
 #   PORTCULLIS_EXTRA   extra TOML appended to portcullis's config (experiments)
 #   PROFILE_DIR        when set: perf record -e cpu-clock -g portcullis during
-#                      (PERF_CALLGRAPH="--call-graph dwarf" for stacks through
-#                      code without frame pointers)
 #                      each of its measured runs, reports (text) into this dir
+#   PERF_CALLGRAPH     perf's call-graph option for PROFILE_DIR (default -g;
+#                      "--call-graph dwarf" for stacks through code without
+#                      frame pointers)
 #   CALLGRIND=1        run portcullis under valgrind --tool=callgrind and report
 #                      instructions (Ir) per request for its runs: a repeatable
 #                      measure on a busy machine (use a small CONNS; wall-clock
