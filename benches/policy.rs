@@ -83,7 +83,7 @@ fn bench(c: &mut Criterion) {
     };
     let read = facts(MethodClass::Read);
     assert_eq!(
-        engine.decide(&read, now).decision.action,
+        engine.decide(&read, now).decided.action,
         portcullis::policy::Action::Allow
     );
     let mut g = c.benchmark_group("policy");

@@ -78,30 +78,43 @@ impl Settings {
     }
 }
 
-struct Cached {
-    decision: Arc<Decision>,
-    shadow: Option<Arc<Decision>>,
-    inputs: Arc<Inputs>,
+/// One decision as the cache holds it and a request carries it: the
+/// enforced decision, the shadow's, and the inputs both were made on. A
+/// request holds the one `Arc` the cache holds (one reference count to
+/// touch per request, not one per part); it reads as the enforced
+/// [`Decision`] through `Deref`.
+#[derive(Debug)]
+pub struct Decided {
+    /// The enforced decision.
+    pub decision: Decision,
+    /// The shadow set's decision, when a shadow set runs on this route.
+    pub shadow: Option<Decision>,
+    /// The inputs the decision was made on.
+    pub inputs: Arc<Inputs>,
     /// When the shared cache's TTL ends for this entry (Unix ms): a copy in
     /// a thread's front is not used past it either.
     expires_ms: u64,
 }
 
+impl std::ops::Deref for Decided {
+    type Target = Decision;
+
+    fn deref(&self) -> &Decision {
+        &self.decision
+    }
+}
+
 thread_local! {
     /// This thread's front of the decision cache ([`crate::util::front`]).
-    static DECISIONS: std::cell::RefCell<crate::util::front::Front<u128, Arc<Cached>>> =
+    static DECISIONS: std::cell::RefCell<crate::util::front::Front<u128, Arc<Decided>>> =
         const { std::cell::RefCell::new(crate::util::front::Front::new()) };
 }
 
 /// What [`Engine::decide`] returns.
 #[derive(Debug, Clone)]
 pub struct Outcome {
-    /// The enforced decision.
-    pub decision: Arc<Decision>,
-    /// The shadow set's decision, when a shadow set runs on this route.
-    pub shadow: Option<Arc<Decision>>,
-    /// The inputs the decision was made on.
-    pub inputs: Arc<Inputs>,
+    /// The decision, its shadow and its inputs (shared with the cache).
+    pub decided: Arc<Decided>,
     /// True when served from the decision cache.
     pub cache_hit: bool,
 }
@@ -118,7 +131,7 @@ pub struct Engine {
     pub audit: Option<Arc<AuditSink>>,
     /// Keyed by a keyed 128-bit hash, already uniform: moka's own hashing of
     /// the key is the cheap foldhash, not SipHash.
-    cache: Cache<u128, Arc<Cached>, foldhash::fast::RandomState>,
+    cache: Cache<u128, Arc<Decided>, foldhash::fast::RandomState>,
     /// The key of that hash (SipHash-1-3, 128-bit output, one pass).
     sip_key: crate::util::HashKey,
     /// This engine's id in each thread's front of `cache`; 0 when the cache
@@ -279,38 +292,32 @@ impl Engine {
             self.front_put(bits, key, &c);
             Some(c)
         });
-        if let Some(c) = cached {
+        if let Some(decided) = cached {
             return Outcome {
-                decision: c.decision.clone(),
-                shadow: c.shadow.clone(),
-                inputs: c.inputs.clone(),
+                decided,
                 cache_hit: true,
             };
         }
         let inputs = Arc::new(Inputs::from_request(f, &self.settings.limits, now_s));
-        let decision = Arc::new(self.set.evaluate(&inputs));
-        let shadow = self
-            .shadow_for(f.route)
-            .map(|s| Arc::new(s.evaluate(&inputs)));
+        let decision = self.set.evaluate(&inputs);
+        let shadow = self.shadow_for(f.route).map(|s| s.evaluate(&inputs));
         let ttl_ms = u64::try_from(self.settings.cache_ttl.as_millis()).unwrap_or(u64::MAX);
         let now_ms = crate::util::now_unix_ms();
-        let c = Arc::new(Cached {
-            decision: decision.clone(),
-            shadow: shadow.clone(),
-            inputs: inputs.clone(),
-            expires_ms: now_ms.saturating_add(ttl_ms),
-        });
-        self.front_put(bits, key, &c);
-        self.cache.insert(key, c);
-        Outcome {
+        let c = Arc::new(Decided {
             decision,
             shadow,
             inputs,
+            expires_ms: now_ms.saturating_add(ttl_ms),
+        });
+        self.front_put(bits, key, &c);
+        self.cache.insert(key, c.clone());
+        Outcome {
+            decided: c,
             cache_hit: false,
         }
     }
 
-    fn front_put(&self, bits: u64, key: u128, c: &Arc<Cached>) {
+    fn front_put(&self, bits: u64, key: u128, c: &Arc<Decided>) {
         if self.front != 0 {
             DECISIONS.with_borrow_mut(|d| d.put(self.front, bits, key, c.clone()));
         }

@@ -27,7 +27,7 @@ use std::sync::Arc;
 use cedar_policy::{Authorizer, Decision as CedarDecision, Entities, PolicyId, PolicySet, Schema};
 use serde::{Deserialize, Serialize};
 
-pub use engine::{Engine, Outcome, PolicyHandle, Settings};
+pub use engine::{Decided, Engine, Outcome, PolicyHandle, Settings};
 pub use facts::{Inputs, MethodClass};
 pub use load::{LoadError, PolicyError, load_dir};
 

@@ -885,7 +885,7 @@ impl Proxy {
             s.session_binding,
             now,
         );
-        let d = &out.decision;
+        let d = &out.decided.decision;
         let cut = match d.action {
             Action::Allow => None,
             Action::Shorten => {

@@ -132,7 +132,7 @@ pub struct RequestCtx {
     /// once phase 3 ran (or phase 2 on `auth = "mtls"` routes). Policy reads it.
     pub binding: Option<Binding>,
     /// The policy decision, once phase 5 ran (absent without `[policy]`).
-    pub decision: Option<Arc<crate::policy::Decision>>,
+    pub decision: Option<Arc<crate::policy::Decided>>,
     /// Who reads a refusal: API clients get JSON, browsers a page or a redirect.
     pub audience: rescue::Audience,
     /// The browser session, once phase 2 found one (`auth = "browser"` routes).
@@ -519,7 +519,7 @@ impl Proxy {
             ctx.session.as_ref().map(|s| s.record.binding.as_str()),
             now,
         );
-        let d = &out.decision;
+        let d = &out.decided.decision;
         let reason = || d.reasons.join("; ");
         let verdict: Result<(), PolicyRefusal> = match d.action {
             Action::Allow => Ok(()),
@@ -548,7 +548,7 @@ impl Proxy {
                 Err(PolicyRefusal::Revoked { reason: reason() })
             }
         };
-        let diverged = out.shadow.as_ref().filter(|s| s.action != d.action);
+        let diverged = out.decided.shadow.as_ref().filter(|s| s.action != d.action);
         if let Some(s) = diverged {
             self.metrics
                 .policy_shadow_divergences
@@ -578,7 +578,7 @@ impl Proxy {
                 trace_id: ctx.trace.as_ref().map(|t| t.trace_id()),
             },
         );
-        ctx.decision = Some(out.decision.clone());
+        ctx.decision = Some(out.decided);
         verdict.map_err(Denial::Policy)
     }
 
@@ -638,7 +638,7 @@ impl Proxy {
         &self,
         engine: &crate::policy::Engine,
         out: &crate::policy::Outcome,
-        diverged: Option<&Arc<crate::policy::Decision>>,
+        diverged: Option<&crate::policy::Decision>,
         request_id: &str,
         route: &Route,
         method: &http::Method,
@@ -646,7 +646,7 @@ impl Proxy {
         snapshot_version: u64,
         place: RequestPlace<'_>,
     ) {
-        let d = &out.decision;
+        let d = &out.decided.decision;
         let Some(sink) = engine
             .audit
             .as_ref()
@@ -664,20 +664,20 @@ impl Proxy {
             request_id: request_id.to_owned(),
             principal: format!(
                 "{}:{}",
-                match out.inputs.principal.kind {
+                match out.decided.inputs.principal.kind {
                     crate::policy::facts::PrincipalKind::User => "user",
                     crate::policy::facts::PrincipalKind::Workload => "workload",
                 },
-                out.inputs.principal.id
+                out.decided.inputs.principal.id
             ),
-            device: out.inputs.device.id.clone(),
+            device: out.decided.inputs.device.id.clone(),
             route: route.name.clone(),
             method: method.to_string(),
             action: d.action,
             enforced,
             policy_ids: d.policy_ids.clone(),
             reasons: d.reasons.clone(),
-            decision: d.clone(),
+            decision: Arc::new(d.clone()),
             snapshot_version,
             policy_version: engine.set.version.clone(),
             cache_hit: out.cache_hit,
@@ -686,9 +686,9 @@ impl Proxy {
                     .shadow
                     .as_ref()
                     .map_or_else(String::new, |x| x.version.clone()),
-                decision: s.clone(),
+                decision: Arc::new(s.clone()),
             }),
-            inputs: out.inputs.clone(),
+            inputs: out.decided.inputs.clone(),
         });
     }
 
