@@ -45,6 +45,11 @@
 #                      instructions (Ir) per request for its runs: a repeatable
 #                      measure on a busy machine (use a small CONNS; wall-clock
 #                      numbers of portcullis are meaningless then)
+#   CACHE_SIM=1        with CALLGRIND=1: also simulate the caches
+#                      (--cache-sim=yes) and report first-level data misses
+#                      (D1mr + D1mw) and last-level data misses (DLmr + DLmw)
+#                      per request: the cost of cold memory (10k tokens) as a
+#                      count that does not move with the machine's noise
 #   PORTCULLIS_POLICY  extra keys for portcullis's [policy] table (experiments)
 #   STRACE_DIR         when set: strace -c -f every peer's processes during its
 #                      measured runs, syscall counts per request into this dir
@@ -76,6 +81,7 @@ PROFILE_DIR=${PROFILE_DIR:-}
 STRACE_DIR=${STRACE_DIR:-}
 FILL_TIMEOUT=${FILL_TIMEOUT:-300}
 CALLGRIND=${CALLGRIND:-0}
+CACHE_SIM=${CACHE_SIM:-0}
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO_ROOT=$(cd "$SCRIPT_DIR/../.." && pwd)
@@ -92,6 +98,7 @@ done
     || die "CONNS, H2_CONNS and RATE_CONNS must be >= THREADS ($THREADS)"
 (( RATE >= RATE_CONNS )) || die "RATE ($RATE) must be >= RATE_CONNS ($RATE_CONNS)"
 for m in $MODES; do [[ $m =~ ^(h1|h1-10k|h2|rate)$ ]] || die "unknown mode '$m'"; done
+[[ $CACHE_SIM != 1 || $CALLGRIND == 1 ]] || die "CACHE_SIM=1 needs CALLGRIND=1"
 for p in $PEERS; do [[ $p =~ ^(nginx|haproxy|portcullis)$ ]] || die "unknown peer '$p'"; done
 [[ " $PEERS " == *" nginx "* ]] || die "PEERS must include nginx (the ratios are to nginx)"
 
@@ -376,6 +383,7 @@ EOF
 WRAP=()
 if [[ $CALLGRIND == 1 ]]; then
     WRAP=(valgrind --tool=callgrind --callgrind-out-file="$PC/callgrind.out" --log-file="$PC/valgrind.log")
+    if [[ $CACHE_SIM == 1 ]]; then WRAP+=(--cache-sim=yes); fi
 fi
 (cd "$PC" && exec "${WRAP[@]}" "$BIN" serve --config "$PC/portcullis.toml" --addr-file "$PC/addr.json" \
     >"$PC/stdout.log" 2>"$PC/stderr.log") &
@@ -577,6 +585,12 @@ function response(status, headers, body)
 end
 EOF
 
+# cg_events EVENT: the running callgrind's count of EVENT, summed over its
+# threads ("Totals:" then one "Th N <count>" line per thread).
+cg_events() {
+    callgrind_control -e "$1" "$root" | awk '$1 == "Th" { gsub(/,/, "", $NF); s += $NF } END { printf "%.0f", s }'
+}
+
 # run_load mode, duration, url, output: one bounded load run; the output is
 # either wrk's or h2load's (with a per-request log in output.log).
 run_load() {
@@ -693,10 +707,14 @@ measure() {   # round, mode, peer
     wait "$load_pid" || die "$key: the load run failed"
     t1=$(cpu_ticks "${pids[@]}"); u1=$(cpu_ticks $(proc_pids "$UP_PID"))
     w1=$(date +%s%6N)
-    local ir=""
+    local ir="" d1=0 ll=0
     if (( cg )); then
         # "Totals: Ir" then one "Th N <count>" line per thread.
-        ir=$(callgrind_control -e Ir "$root" | awk '$1 == "Th" { gsub(/,/, "", $NF); s += $NF } END { printf "%.0f", s }')
+        ir=$(cg_events Ir)
+        if [[ $CACHE_SIM == 1 ]]; then
+            d1=$(( $(cg_events D1mr) + $(cg_events D1mw) ))
+            ll=$(( $(cg_events DLmr) + $(cg_events DLmw) ))
+        fi
     fi
     if [[ -n $strace_pid ]]; then
         wait "$strace_pid" || true
@@ -752,6 +770,9 @@ measure() {   # round, mode, peer
     fi
     if [[ -n $ir ]]; then
         note+="; callgrind: $ir Ir = $(awk -v i="$ir" -v n="$reqs" 'BEGIN { printf "%.0f", i / n }') Ir/req"
+        if [[ $CACHE_SIM == 1 ]]; then
+            note+=", $(awk -v d="$d1" -v l="$ll" -v n="$reqs" 'BEGIN { printf "%.1f D1 misses/req, %.2f LL misses/req", d / n, l / n }')"
+        fi
     fi
     NOTES+=("$note")
     log "$note"
