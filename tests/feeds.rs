@@ -270,6 +270,24 @@ async fn device_compliance_change_is_seen_by_the_next_request_and_the_control_wi
         "{m}"
     );
     assert!(m.contains("portcullis_feed_events_total{feed=\"ssf\",kind=\"caep.device-compliance-change\",outcome=\"applied\"} 1"));
+
+    // The same cached token again, its device record replaced once more:
+    // the token's memo of the record it last saw is not used any more.
+    let set = sign_set(
+        &e,
+        &set_claims(
+            &format!("{CAEP}device-compliance-change"),
+            serde_json::json!({"format": "complex", "user": user("alice"), "device": device("mac-1")}),
+            serde_json::json!({"previous_status": "not-compliant", "current_status": "compliant", "initiating_entity": "policy"}),
+        ),
+    );
+    let (st, _) = e.push(&set).await;
+    assert_eq!(st, StatusCode::ACCEPTED);
+    assert_eq!(e.request(&t).await.0, StatusCode::OK);
+    assert_eq!(
+        e.upstream.last().headers["x-portcullis-device-compliance"],
+        "compliant"
+    );
 }
 
 #[tokio::test]

@@ -182,6 +182,10 @@ pub struct VerifiedToken {
     /// The token itself, for the per-thread front's exact comparison;
     /// `None` when longer than 2 KiB or for a browser session's principal.
     pub raw: Option<Box<str>>,
+    /// The snapshot's record of `device` as last resolved, for phase 4
+    /// ([`crate::posture::snapshot::Snapshot::device_via`]: used only while
+    /// the snapshot still holds that very record).
+    pub device_memo: arc_swap::ArcSwapOption<crate::posture::model::Device>,
 }
 
 /// `x-portcullis-subject` / `-issuer` / `-device` values of a verified token;
@@ -528,6 +532,7 @@ impl Authenticator {
             hash: Some(hash),
             headers,
             raw: (token.len() <= FRONT_MAX_TOKEN_BYTES).then(|| Box::from(token)),
+            device_memo: arc_swap::ArcSwapOption::empty(),
         });
         check_times(&verified, now)?;
         self.cache.insert(hash, verified.clone());

@@ -582,11 +582,26 @@ impl Posture {
 
     /// Phase 4 (resolve): looks up the identity and device for a request.
     pub fn resolve(&self, subject: &str, device_id: Option<&str>) -> Resolved {
+        self.resolve_via(subject, device_id, None)
+    }
+
+    /// [`Posture::resolve`], the device found through `memo` when given
+    /// (the cached token's memo of its own device claim; see
+    /// [`snapshot::Snapshot::device_via`]).
+    pub fn resolve_via(
+        &self,
+        subject: &str,
+        device_id: Option<&str>,
+        memo: Option<&arc_swap::ArcSwapOption<Device>>,
+    ) -> Resolved {
         // INVARIANT: read the version before the records, so every record
         // written at or below it is visible to the lookups below.
         let snapshot_version = self.snapshot.version();
         let identity = self.snapshot.identity(subject);
-        let device = device_id.and_then(|d| self.snapshot.device(d));
+        let device = device_id.and_then(|d| match memo {
+            Some(m) => self.snapshot.device_via(d, m),
+            None => self.snapshot.device(d),
+        });
         Resolved {
             snapshot_version,
             identity,

@@ -192,6 +192,43 @@ pub struct Device {
     /// Snapshot version at which it last changed.
     #[serde(default)]
     pub version: u64,
+    /// Set when the snapshot replaced or dropped this record (see
+    /// [`Superseded`]).
+    #[serde(skip)]
+    pub superseded: Superseded,
+}
+
+/// Set once the in-memory snapshot replaced or dropped a record, so a
+/// holder of the record (a cached token's device memo) knows to look it up
+/// again. Not part of the record's value: never serialized, equal in every
+/// comparison, and unset in a clone (a clone is a new record).
+#[derive(Debug, Default)]
+pub struct Superseded(std::sync::atomic::AtomicBool);
+
+impl Superseded {
+    /// True once the snapshot no longer holds this record.
+    pub fn get(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Marks the record replaced or dropped. The snapshot does this before
+    /// its version moves past the change, so a reader that saw that version
+    /// sees the mark.
+    pub fn set(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::Release);
+    }
+}
+
+impl Clone for Superseded {
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
+impl PartialEq for Superseded {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
 }
 
 /// Human or non-human.

@@ -7,6 +7,8 @@
 //! "go and read the store".
 
 use std::sync::Arc;
+
+use arc_swap::ArcSwapOption;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::model::{Device, Group, Identity, Revocation, RevocationTarget};
@@ -86,6 +88,24 @@ impl Snapshot {
         self.devices.pin().get(id).cloned()
     }
 
+    /// A device by id through a holder's memo of it (a cached token's
+    /// device): the memo's record while the snapshot still holds it, else a
+    /// lookup that refreshes the memo. The same answer as
+    /// [`Snapshot::device`], without the map's probe, entry and key bytes
+    /// (cold under many distinct devices): the snapshot marks a record
+    /// superseded when it replaces or drops it, before its version moves.
+    pub fn device_via(&self, id: &str, memo: &ArcSwapOption<Device>) -> Option<Arc<Device>> {
+        if let Some(d) = memo.load_full()
+            && !d.superseded.get()
+            && d.id == id
+        {
+            return Some(d);
+        }
+        let d = self.device(id);
+        memo.store(d.clone());
+        d
+    }
+
     /// An identity by subject, or by one of its aliases.
     pub fn identity(&self, subject: &str) -> Option<Arc<Identity>> {
         let ids = self.identities.pin();
@@ -159,13 +179,16 @@ impl Snapshot {
         for t in &d.cert_thumbprints {
             thumbs.insert(t.to_ascii_lowercase(), d.id.clone());
         }
-        devices.insert(d.id.clone(), d);
+        if let Some(old) = devices.insert(d.id.clone(), d) {
+            old.superseded.set();
+        }
     }
 
     /// Drops a device held by a bounded (lazy) cache, with its indexes; the
     /// device reads as unknown until fetched again.
     pub fn evict_device(&self, id: &str) {
         if let Some(old) = self.devices.pin().remove(id) {
+            old.superseded.set();
             let thumbs = self.thumbprints.pin();
             for t in &old.cert_thumbprints {
                 thumbs.remove(t.to_ascii_lowercase().as_str());
@@ -273,5 +296,60 @@ impl Snapshot {
     /// Advances the version (after a commit).
     pub fn set_version(&self, v: u64) {
         self.version.fetch_max(v, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::panic)]
+mod tests {
+    use super::*;
+
+    fn device(id: &str, version: u64) -> Arc<Device> {
+        Arc::new(Device {
+            id: id.to_owned(),
+            version,
+            ..Device::default()
+        })
+    }
+
+    #[test]
+    fn a_memo_is_used_only_while_the_snapshot_holds_its_record() {
+        let snap = Snapshot::new();
+        let memo = ArcSwapOption::empty();
+        // Unknown: nothing, and nothing is remembered.
+        assert!(snap.device_via("d1", &memo).is_none());
+        snap.put_device(device("d1", 1));
+        let first = snap
+            .device_via("d1", &memo)
+            .unwrap_or_else(|| panic!("d1 is known"));
+        assert_eq!(first.version, 1);
+        // Unchanged: the memo's own record.
+        let again = snap
+            .device_via("d1", &memo)
+            .unwrap_or_else(|| panic!("d1 is known"));
+        assert!(Arc::ptr_eq(&first, &again));
+        // Replaced: the old record is marked, the new one is found.
+        snap.put_device(device("d1", 2));
+        assert!(first.superseded.get());
+        let newer = snap
+            .device_via("d1", &memo)
+            .unwrap_or_else(|| panic!("d1 is known"));
+        assert_eq!(newer.version, 2);
+        // A memo of another device is never taken for this one.
+        snap.put_device(device("d2", 7));
+        assert_eq!(
+            snap.device_via("d2", &memo).map(|d| d.version),
+            Some(7),
+            "d2 through d1's memo"
+        );
+        // Dropped (a bounded cache's eviction): unknown again.
+        let d2 = snap.device("d2");
+        snap.evict_device("d2");
+        assert!(d2.is_some_and(|d| d.superseded.get()));
+        assert!(snap.device_via("d2", &memo).is_none());
+        // A clone is a new record: not marked, and equal to the original.
+        let c = (*newer).clone();
+        assert!(!c.superseded.get());
+        assert_eq!(c, *newer);
     }
 }

@@ -439,8 +439,14 @@ impl Proxy {
     ) -> Result<crate::posture::Resolved, Denial> {
         let t = &auth.token;
         let sub = t.claims.sub.as_str();
-        let device = verified_device.or(t.device.as_deref());
-        let resolved = self.posture.resolve(sub, device);
+        // The token's own device claim goes through the token's memo of its
+        // record; a device from the client certificate is looked up.
+        let resolved = match verified_device {
+            Some(d) => self.posture.resolve(sub, Some(d)),
+            None => self
+                .posture
+                .resolve_via(sub, t.device.as_deref(), Some(&t.device_memo)),
+        };
         self.posture.observe_control_window(sub, &resolved);
         match self.posture_verdict(t, &resolved, lifecycle_baseline) {
             Ok(()) => Ok(resolved),

@@ -1064,6 +1064,7 @@ pub fn principal(r: &SessionRecord, auth: &Authenticator) -> Option<Arc<Verified
         headers,
         issuer,
         raw: None,
+        device_memo: arc_swap::ArcSwapOption::empty(),
     }))
 }
 
