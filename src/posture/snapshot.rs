@@ -7,9 +7,9 @@
 //! "go and read the store".
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use arc_swap::ArcSwapOption;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::model::{Device, Group, Identity, Revocation, RevocationTarget};
 use crate::posture::session::SessionRecord;
@@ -95,14 +95,18 @@ impl Snapshot {
     /// (cold under many distinct devices): the snapshot marks a record
     /// superseded when it replaces or drops it, before its version moves.
     pub fn device_via(&self, id: &str, memo: &ArcSwapOption<Device>) -> Option<Arc<Device>> {
-        if let Some(d) = memo.load_full()
+        let held = memo.load();
+        if let Some(d) = held.as_ref()
             && !d.superseded.get()
             && d.id == id
         {
-            return Some(d);
+            return Some(d.clone());
         }
         let d = self.device(id);
-        memo.store(d.clone());
+        // An unknown device stays a lookup without a write on every request.
+        if d.is_some() || held.is_some() {
+            memo.store(d.clone());
+        }
         d
     }
 
@@ -318,6 +322,7 @@ mod tests {
         let memo = ArcSwapOption::empty();
         // Unknown: nothing, and nothing is remembered.
         assert!(snap.device_via("d1", &memo).is_none());
+        assert!(memo.load().is_none());
         snap.put_device(device("d1", 1));
         let first = snap
             .device_via("d1", &memo)
