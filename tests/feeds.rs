@@ -251,16 +251,23 @@ async fn device_compliance_change_is_seen_by_the_next_request_and_the_control_wi
         "unknown"
     );
 
-    let set = sign_set(
-        &e,
-        &set_claims(
-            &format!("{CAEP}device-compliance-change"),
-            serde_json::json!({"format": "complex", "user": user("alice"), "device": device("mac-1")}),
-            serde_json::json!({"previous_status": "compliant", "current_status": "not-compliant", "initiating_entity": "policy"}),
-        ),
+    // A CAEP device-compliance-change for alice on mac-1, pushed.
+    let change = |previous: &str, current: &str| {
+        let set = sign_set(
+            &e,
+            &set_claims(
+                &format!("{CAEP}device-compliance-change"),
+                serde_json::json!({"format": "complex", "user": user("alice"), "device": device("mac-1")}),
+                serde_json::json!({"previous_status": previous, "current_status": current, "initiating_entity": "policy"}),
+            ),
+        );
+        let e = &e;
+        async move { e.push(&set).await.0 }
+    };
+    assert_eq!(
+        change("compliant", "not-compliant").await,
+        StatusCode::ACCEPTED
     );
-    let (st, _) = e.push(&set).await;
-    assert_eq!(st, StatusCode::ACCEPTED);
     assert_eq!(e.request(&t).await.0, StatusCode::OK);
     let h = e.upstream.last().headers;
     assert_eq!(h["x-portcullis-device-compliance"], "non_compliant");
@@ -273,16 +280,10 @@ async fn device_compliance_change_is_seen_by_the_next_request_and_the_control_wi
 
     // The same cached token again, its device record replaced once more:
     // the token's memo of the record it last saw is not used any more.
-    let set = sign_set(
-        &e,
-        &set_claims(
-            &format!("{CAEP}device-compliance-change"),
-            serde_json::json!({"format": "complex", "user": user("alice"), "device": device("mac-1")}),
-            serde_json::json!({"previous_status": "not-compliant", "current_status": "compliant", "initiating_entity": "policy"}),
-        ),
+    assert_eq!(
+        change("not-compliant", "compliant").await,
+        StatusCode::ACCEPTED
     );
-    let (st, _) = e.push(&set).await;
-    assert_eq!(st, StatusCode::ACCEPTED);
     assert_eq!(e.request(&t).await.0, StatusCode::OK);
     assert_eq!(
         e.upstream.last().headers["x-portcullis-device-compliance"],
