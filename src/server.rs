@@ -119,7 +119,7 @@ pub fn build_runtime(
         routes: RouteTable::new(&cfg),
         assertion,
         binder,
-        stripped: cfg.stripped_headers(),
+        stripped: crate::proxy::headers::Stripped::new(cfg.stripped_headers()),
         auth,
         upstream,
         config: Arc::new(cfg),

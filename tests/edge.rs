@@ -159,6 +159,39 @@ async fn allowed_routes_keep_underscores_but_never_identity_look_alikes() {
 }
 
 #[tokio::test]
+async fn connection_cannot_remove_the_proxys_own_headers() {
+    // A `Connection` line names hop-by-hop headers for the proxy to drop:
+    // the client's own, never the identity and forwarding headers the proxy
+    // adds for the app (an app that reads a missing header as "no
+    // restriction" would be open to that).
+    let s = setup("").await;
+    let req = format!(
+        "GET /me HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\n\
+         Connection: close, x-portcullis-subject, X-Portcullis-Issuer, x-request-id, \
+         x-forwarded-for, x-portcullis-route, x-app-hop\r\nx-app-hop: 1\r\nx-app-kept: 2\r\n\r\n",
+        host(&s),
+        s.token
+    );
+    let (status, text) = raw(&s, &req).await;
+    assert_eq!(status, 200, "{text}");
+    let seen = s.upstream.last();
+    assert_eq!(seen.path, "/me");
+    assert_eq!(seen.headers["x-portcullis-subject"], "alice@example.com");
+    assert!(seen.headers.contains_key("x-portcullis-issuer"));
+    assert_eq!(seen.headers["x-portcullis-route"], "app");
+    assert_eq!(seen.headers["x-forwarded-for"], "127.0.0.1");
+    let id = seen.headers["x-request-id"].to_str().unwrap();
+    assert!(
+        text.to_ascii_lowercase()
+            .contains(&format!("x-request-id: {id}")),
+        "{text}"
+    );
+    // What the client named as its own hop-by-hop header does go.
+    assert!(seen.headers.get("x-app-hop").is_none());
+    assert_eq!(seen.headers["x-app-kept"], "2");
+}
+
+#[tokio::test]
 async fn host_must_be_present_once() {
     let s = setup("").await;
     let (status, text) = raw(&s, "GET /public/x HTTP/1.1\r\nConnection: close\r\n\r\n").await;

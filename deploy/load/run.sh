@@ -216,15 +216,21 @@ proc_pids() {   # root pid -> the root and its direct children (nginx master + w
 }
 
 cpu_ticks() {   # sum of utime+stime (fields 14, 15 of /proc/PID/stat) over the given pids
-    local total=0 pid stat rest
+    local t
+    t=$(cpu_split "$@")
+    echo $(( ${t% *} + ${t#* } ))
+}
+
+cpu_split() {   # "utime stime": each summed over the given pids (fields 14, 15)
+    local user=0 sys=0 pid stat rest
     local -a f
     for pid in "$@"; do
         stat=$(< "/proc/$pid/stat") || die "pid $pid vanished"
         rest=${stat##*) }            # drop "pid (comm) ": field 3 becomes index 0
         read -r -a f <<< "$rest"
-        total=$(( total + f[11] + f[12] ))   # utime=field 14, stime=field 15
+        user=$(( user + f[11] )); sys=$(( sys + f[12] ))   # utime=field 14, stime=field 15
     done
-    echo "$total"
+    echo "$user $sys"
 }
 
 to_ms() {   # wrk duration ("812.00us", "1.23ms", "1.05s", "2.00m") -> milliseconds
@@ -676,7 +682,7 @@ measure() {   # round, mode, peer
     # The window opens: wall clock, upstream counters and CPU ticks together.
     w0=$(date +%s%6N)
     s0=$(upstream_stub)
-    t0=$(cpu_ticks "${pids[@]}"); u0=$(cpu_ticks $(proc_pids "$UP_PID"))
+    t0=$(cpu_split "${pids[@]}"); u0=$(cpu_ticks $(proc_pids "$UP_PID"))
     if [[ $name == portcullis ]]; then
         h0=$(metric portcullis_token_cache_hits_total); m0=$(metric portcullis_token_cache_misses_total)
         ph0=$(metric portcullis_policy_cache_hits_total); pm0=$(metric portcullis_policy_cache_misses_total)
@@ -705,7 +711,7 @@ measure() {   # round, mode, peer
         callgrind_control -z "$root" >/dev/null || die "callgrind_control -z failed"
     fi
     wait "$load_pid" || die "$key: the load run failed"
-    t1=$(cpu_ticks "${pids[@]}"); u1=$(cpu_ticks $(proc_pids "$UP_PID"))
+    t1=$(cpu_split "${pids[@]}"); u1=$(cpu_ticks $(proc_pids "$UP_PID"))
     w1=$(date +%s%6N)
     local ir="" d1=0 ll=0
     if (( cg )); then
@@ -745,8 +751,13 @@ measure() {   # round, mode, peer
     (( reqs > 0 )) || die "$key: no requests completed"
     [[ $bad == 0 ]] || log "$key: WARNING: non-2xx / errors: $bad"
 
-    local ticks=$(( t1 - t0 )) cpu_us up_us up_conns up_reqs
+    # User and kernel time apart: the kernel's share (loopback TCP) is one
+    # every peer pays alike; the user share is the proxy's own code.
+    local user_t=$(( ${t1% *} - ${t0% *} )) sys_t=$(( ${t1#* } - ${t0#* } ))
+    local ticks=$(( user_t + sys_t )) cpu_us user_us sys_us up_us up_conns up_reqs
     cpu_us=$(awk -v t="$ticks" -v hz="$CLK_TCK" -v n="$reqs" 'BEGIN { printf "%.1f", t / hz * 1e6 / n }')
+    user_us=$(awk -v t="$user_t" -v hz="$CLK_TCK" -v n="$reqs" 'BEGIN { printf "%.1f", t / hz * 1e6 / n }')
+    sys_us=$(awk -v t="$sys_t" -v hz="$CLK_TCK" -v n="$reqs" 'BEGIN { printf "%.1f", t / hz * 1e6 / n }')
     up_us=$(awk -v t=$(( u1 - u0 )) -v hz="$CLK_TCK" -v n="$reqs" 'BEGIN { printf "%.1f", t / hz * 1e6 / n }')
     up_conns=$(( ${s1% *} - ${s0% *} ))
     up_reqs=$reqs
@@ -758,7 +769,7 @@ measure() {   # round, mode, peer
     P50_L[$key]+="$p50 "
     P99_L[$key]+="$p99 "
     UPC[$key]=$(( ${UPC[$key]:-0} + up_conns - 1 ))   # minus the stub_status connection
-    local note="round $round, $key: $reqs req, $rps req/s, p50 $p50 ms, p99 $p99 ms, $cpu_us CPU-us/req; upstream: $up_reqs req on $(( up_conns - 1 )) new connections, $up_us CPU-us/req"
+    local note="round $round, $key: $reqs req, $rps req/s, p50 $p50 ms, p99 $p99 ms, $cpu_us CPU-us/req (user $user_us, kernel $sys_us); upstream: $up_reqs req on $(( up_conns - 1 )) new connections, $up_us CPU-us/req"
     if [[ $name == portcullis ]]; then
         note+="; token cache +$(( h1 - h0 )) hits +$(( m1 - m0 )) misses; decision cache +$(( ph1 - ph0 )) hits +$(( pm1 - pm0 )) misses"
     fi

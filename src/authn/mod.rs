@@ -236,6 +236,10 @@ pub struct Authenticated {
     pub token: Arc<VerifiedToken>,
     /// True when served from the verification cache.
     pub cache_hit: bool,
+    /// The clock (Unix seconds) the token was checked against: the phases
+    /// after this one decide on the same second instead of each reading
+    /// the clock again (a pipeline that waits on I/O refreshes it).
+    pub now_s: u64,
 }
 
 #[derive(Deserialize)]
@@ -461,16 +465,25 @@ impl Authenticator {
         allowed: &[String],
     ) -> Result<Authenticated, AuthError> {
         let now = crate::util::now_unix();
-        let (token, cache_hit) = match self.check_cached(token, now) {
-            Some(r) => (r?, true),
+        let (token, cache_hit, now_s) = match self.check_cached(token, now) {
+            Some(r) => (r?, true, now),
             // The cold path (signature, perhaps a JWKS fetch) is boxed:
-            // its state does not bloat every request's future.
-            None => (Box::pin(self.verify_uncached(token, now)).await?, false),
+            // its state does not bloat every request's future. A fetch
+            // takes time: the clock is read again after it.
+            None => (
+                Box::pin(self.verify_uncached(token, now)).await?,
+                false,
+                crate::util::now_unix(),
+            ),
         };
         if !allowed.is_empty() && !allowed.iter().any(|n| *n == token.issuer.cfg.name) {
             return Err(AuthError::IssuerNotAllowed);
         }
-        Ok(Authenticated { token, cache_hit })
+        Ok(Authenticated {
+            token,
+            cache_hit,
+            now_s,
+        })
     }
 
     /// Full verification: header, issuer, key (refreshing the JWKS once,

@@ -90,7 +90,7 @@ pub struct Seed {
     session_hash: Option<String>,
     method: http::Method,
     peer: IpAddr,
-    request_id: String,
+    request_id: crate::util::RequestId,
     /// Snapshot version the request was decided on.
     decided_version: u64,
     /// First second at which the token or the client certificate no longer
@@ -596,7 +596,7 @@ pub async fn tunnel(
     upstream: hyper::upgrade::OnUpgrade,
     websocket: bool,
     registration: Option<Registration>,
-    request_id: String,
+    request_id: crate::util::RequestId,
 ) {
     let (c, u) = match tokio::try_join!(client, upstream) {
         Ok(x) => x,
@@ -918,7 +918,7 @@ impl Proxy {
                 &s.method,
                 "cut",
                 resolved.snapshot_version,
-                super::RequestPlace {
+                || super::RequestPlace {
                     path: &s.route.path_prefix,
                     ..Default::default()
                 },

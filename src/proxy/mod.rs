@@ -44,7 +44,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
-use http::header::{self, HeaderName, HeaderValue};
+use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
@@ -96,7 +96,7 @@ pub struct Runtime {
     /// Upstream clients (a connection pool per worker thread).
     pub upstream: client::UpstreamPools,
     /// Identity headers stripped from client requests.
-    pub stripped: Vec<HeaderName>,
+    pub stripped: headers::Stripped,
     /// Signs the identity assertion for apps (`[assertion]`), and serves its JWKS.
     pub assertion: Option<Arc<assertion::Signer>>,
     /// Monotonic version of this runtime, for logs.
@@ -119,9 +119,10 @@ impl std::fmt::Debug for Runtime {
 #[derive(Debug)]
 pub struct RequestCtx {
     /// Request id, echoed to client and upstream.
-    pub id: String,
-    /// When the request arrived.
-    pub started: Instant,
+    pub id: crate::util::RequestId,
+    /// When the request arrived: read only when the access line is written
+    /// (its `elapsed_us`).
+    pub started: Option<Instant>,
     /// The matched route, once phase 1 ran.
     pub route: Option<Arc<Route>>,
     /// The authenticated token, once phase 2 ran.
@@ -143,6 +144,14 @@ pub struct RequestCtx {
 
 impl RequestCtx {
     /// A phase's start time for its span; `None` (and free) when tracing is off.
+    /// Reads the clock the decision uses again, after the pipeline waited
+    /// on the network (a cluster store).
+    fn refresh_clock(&mut self) {
+        if let Some(a) = &mut self.auth {
+            a.now_s = crate::util::now_unix();
+        }
+    }
+
     fn clock(&self) -> Option<std::time::SystemTime> {
         self.trace.as_ref().map(|_| std::time::SystemTime::now())
     }
@@ -236,9 +245,10 @@ impl Proxy {
         conn: Arc<ConnInfo>,
     ) -> Response<ProxyBody> {
         let rt = self.runtime.load_full();
+        let access_line = tracing::enabled!(target: "portcullis::access", tracing::Level::INFO);
         let mut ctx = RequestCtx {
-            id: self.ids.next_id(),
-            started: Instant::now(),
+            id: self.ids.next_request_id(),
+            started: access_line.then(Instant::now),
             route: None,
             auth: None,
             resolved: None,
@@ -253,8 +263,7 @@ impl Proxy {
         };
         let method = req.method().clone();
         // The path is kept only for the access line, when it is written.
-        let path = tracing::enabled!(target: "portcullis::access", tracing::Level::INFO)
-            .then(|| req.uri().path().to_owned());
+        let path = access_line.then(|| req.uri().path().to_owned());
         // The assertion's JWKS is the proxy's own document: answered before routing.
         let jwks = assertion::serve_jwks(rt.assertion.as_deref(), &req);
         let mut refused: Option<&'static str> = None;
@@ -323,7 +332,7 @@ impl Proxy {
             headers::drop_underscored(
                 req.headers_mut(),
                 route.allow_underscore_headers,
-                &rt.stripped,
+                rt.stripped.names(),
                 &ctx.id,
             );
         }
@@ -347,6 +356,7 @@ impl Proxy {
                     (&binding.dpop_replay_key, self.posture.cluster())
                 {
                     Box::pin(phase_bind_cluster(cluster, key)).await?;
+                    ctx.refresh_clock();
                 }
                 // 4. resolve on the device the binding proved (a certificate)
                 // or else the one the token names; the lifecycle baseline runs
@@ -357,6 +367,7 @@ impl Proxy {
                     && let Some(d) = binding.device.as_deref().or(a.token.device.as_deref())
                 {
                     Box::pin(c.fill_device(d)).await;
+                    ctx.refresh_clock();
                 }
                 let t = ctx.clock();
                 let resolved = match &ctx.auth {
@@ -384,8 +395,10 @@ impl Proxy {
         self.metrics
             .count_forwarded(ctx.decision.as_ref().map_or("allow", |d| d.action.as_str()));
         // 6. forward
-        prepare_upstream_request(rt, ctx, &route, &mut req, conn)?;
-        let mut resp = self.phase_forward(rt, ctx, &route, req, conn).await?;
+        let upgrade = prepare_upstream_request(rt, ctx, &route, &mut req, conn)?;
+        let mut resp = self
+            .phase_forward(rt, ctx, &route, req, upgrade, conn)
+            .await?;
         if dpop_used && rt.binder.dpop.nonce_required() {
             // RFC 9449 §8.2: a fresh nonce for the client's next proof.
             let nonce = rt.binder.dpop.fresh_nonce(crate::util::now_unix());
@@ -481,16 +494,28 @@ impl Proxy {
             .as_deref()
             .filter(|_| self.posture.snapshot().has_session_revocations())
             .map(|d| format!("{canonical}|{d}"));
-        let mut sessions: Vec<&str> = Vec::with_capacity(3);
-        sessions.extend(t.claims.jti.as_deref());
-        sessions.extend(t.claims.sid.as_deref());
-        sessions.extend(pair.as_deref());
+        // At most three session keys: on the stack, not a heap `Vec` per request.
+        let mut keys = [""; 3];
+        let mut n = 0;
+        for k in [
+            t.claims.jti.as_deref(),
+            t.claims.sid.as_deref(),
+            pair.as_deref(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if let Some(slot) = keys.get_mut(n) {
+                *slot = k;
+                n += 1;
+            }
+        }
+        let sessions = keys.get(..n).unwrap_or_default();
         if lifecycle_baseline {
-            self.posture
-                .baseline(sub, resolved, t.claims.iat, &sessions)
+            self.posture.baseline(sub, resolved, t.claims.iat, sessions)
         } else {
             self.posture
-                .revocations(sub, resolved, t.claims.iat, &sessions)
+                .revocations(sub, resolved, t.claims.iat, sessions)
         }
     }
 
@@ -512,7 +537,7 @@ impl Proxy {
             return Err(Denial::Internal);
         };
         let t = &auth.token;
-        let now = crate::util::now_unix();
+        let now = auth.now_s;
         let class = MethodClass::of(method);
         let out = self.evaluate(
             engine,
@@ -578,7 +603,7 @@ impl Proxy {
             method,
             enforced,
             resolved.snapshot_version,
-            RequestPlace {
+            || RequestPlace {
                 host: request_host(req).unwrap_or(""),
                 path: req.uri().path(),
                 trace_id: ctx.trace.as_ref().map(|t| t.trace_id()),
@@ -638,9 +663,10 @@ impl Proxy {
         out
     }
 
-    /// Writes the audit line of a decision, when the audit sink wants it.
+    /// Writes the audit line of a decision, when the audit sink wants it
+    /// (`place` is read only then).
     #[allow(clippy::too_many_arguments)]
-    fn audit(
+    fn audit<'p>(
         &self,
         engine: &crate::policy::Engine,
         out: &crate::policy::Outcome,
@@ -650,7 +676,7 @@ impl Proxy {
         method: &http::Method,
         enforced: &'static str,
         snapshot_version: u64,
-        place: RequestPlace<'_>,
+        place: impl FnOnce() -> RequestPlace<'p>,
     ) {
         let d = &out.decided.decision;
         let Some(sink) = engine
@@ -661,6 +687,7 @@ impl Proxy {
             return;
         };
         let now_ms = crate::util::now_unix_ms();
+        let place = place();
         sink.log(crate::policy::audit::AuditRecord {
             time: crate::util::rfc3339(now_ms, true),
             time_ms: now_ms,
@@ -763,20 +790,19 @@ impl Proxy {
         ctx: &RequestCtx,
         route: &Route,
         mut req: Request<Incoming>,
+        upgrade: Option<HeaderValue>,
         conn: &ConnInfo,
     ) -> Result<Response<ProxyBody>, Denial> {
-        let upgrade =
-            headers::upgrade_protocol(req.headers()).filter(|_| req.version() == Version::HTTP_11);
         let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
         let limit = route.max_body_bytes;
-        if let (Some(limit), Some(len)) = (limit, content_length(&req))
+        if let Some(limit) = limit
+            && let Some(len) = content_length(&req)
             && len > limit
         {
             return Err(Denial::BodyTooLarge { limit });
         }
         let (mut parts, body) = req.into_parts();
         let method = parts.method.clone();
-        headers::remove_hop_by_hop(&mut parts.headers);
         if let Some(proto) = &upgrade {
             parts
                 .headers
@@ -964,7 +990,7 @@ impl Proxy {
             subject,
             binding,
             device,
-            elapsed_us = ctx.started.elapsed().as_micros() as u64,
+            elapsed_us = ctx.started.map(|s| s.elapsed().as_micros() as u64),
             "request"
         );
     }
@@ -1059,10 +1085,8 @@ fn is_body_limit(e: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-fn set_request_id(h: &mut http::HeaderMap, id: &str) {
-    if let Ok(v) = HeaderValue::from_str(id) {
-        h.insert(&names::REQUEST_ID, v);
-    }
+fn set_request_id(h: &mut http::HeaderMap, id: &crate::util::RequestId) {
+    h.insert(&names::REQUEST_ID, id.header());
 }
 
 /// The request's host, without port: `Host` for HTTP/1.1, the URI authority for HTTP/2.
@@ -1121,7 +1145,7 @@ fn phase_bind<B>(
     token: &str,
     auth: &Authenticated,
 ) -> Result<Binding, Denial> {
-    let now = crate::util::now_unix();
+    let now = auth.now_s;
     let peer = fresh_peer(conn, now)?;
     let view = RequestView {
         method: req.method().as_str(),
@@ -1226,13 +1250,19 @@ mod names {
 
 /// Rewrites the request for the upstream: URI, identity headers out,
 /// forwarding and verified-identity headers in, version for the pool.
+/// Phase 6's rewrite of the client's request for the upstream: its URI,
+/// hop-by-hop and identity headers out, the proxy's forwarding and identity
+/// headers in. Returns the protocol of an HTTP/1.1 `Upgrade` (WebSocket),
+/// read before the hop-by-hop headers go.
 fn prepare_upstream_request<B>(
     rt: &Runtime,
     ctx: &RequestCtx,
     route: &Route,
     req: &mut Request<B>,
     conn: &ConnInfo,
-) -> Result<(), Denial> {
+) -> Result<Option<HeaderValue>, Denial> {
+    let upgrade =
+        headers::upgrade_protocol(req.headers()).filter(|_| req.version() == Version::HTTP_11);
     // The host the client asked for, as a header value before the URI and
     // `Host` are rewritten (a shared buffer when it came as `Host`).
     let original_host = match req.uri().authority() {
@@ -1262,6 +1292,10 @@ fn prepare_upstream_request<B>(
     *req.version_mut() = Version::HTTP_11;
 
     let h = req.headers_mut();
+    // Hop-by-hop headers go first: the names a client lists in `Connection`
+    // are its own headers, never the ones the proxy adds below. (Also the
+    // cheaper order: the scan runs over the client's few names.)
+    headers::remove_hop_by_hop(h);
     // Room for the forwarding and identity headers added below at once,
     // instead of growing (and re-hashing) the client's small map step by step.
     h.reserve(16);
@@ -1275,7 +1309,7 @@ fn prepare_upstream_request<B>(
     let proto = if conn.tls.is_some() { "https" } else { "http" };
     headers::set_forwarded(h, conn.peer_ip.clone(), proto, original_host);
     set_request_id(h, &ctx.id);
-    if let Ok(v) = HeaderValue::from_str(&route.name) {
+    if let Some(v) = route_header(&route.name) {
         h.insert(&names::ROUTE, v);
     }
     if let Some(a) = &ctx.auth {
@@ -1323,7 +1357,7 @@ fn prepare_upstream_request<B>(
                 HeaderValue::from_static(lifecycle),
             );
         }
-        h.insert(&names::SNAPSHOT, HeaderValue::from(r.snapshot_version));
+        h.insert(&names::SNAPSHOT, snapshot_header(r.snapshot_version));
     }
     if let Some(d) = &ctx.decision {
         h.insert(
@@ -1331,12 +1365,73 @@ fn prepare_upstream_request<B>(
             HeaderValue::from_static(d.action.as_str()),
         );
     }
-    assertion::apply(rt.assertion.as_deref(), ctx, route, h)
+    assertion::apply(rt.assertion.as_deref(), ctx, route, h)?;
+    Ok(upgrade)
+}
+
+thread_local! {
+    /// The last snapshot version's header value on this thread: the version
+    /// moves with feed events, not requests, so most requests clone it (a
+    /// reference count) instead of formatting and allocating a new one.
+    static SNAPSHOT_HEADER: std::cell::RefCell<Option<(u64, HeaderValue)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+thread_local! {
+    /// The last route name's header value on this thread. Per thread, like
+    /// the snapshot's: a value shared by every worker would make its
+    /// reference count bounce between their cores on each request.
+    static ROUTE_HEADER: std::cell::RefCell<Option<HeaderValue>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// `X-Portcullis-Route`'s value for a route `name` (`None` when the name is
+/// not a valid header value).
+fn route_header(name: &str) -> Option<HeaderValue> {
+    ROUTE_HEADER.with_borrow_mut(|memo| match memo {
+        Some(h) if h.as_bytes() == name.as_bytes() => Some(h.clone()),
+        _ => {
+            let h = HeaderValue::from_str(name).ok()?;
+            *memo = Some(h.clone());
+            Some(h)
+        }
+    })
+}
+
+/// `X-Portcullis-Snapshot`'s value for `version`.
+fn snapshot_header(version: u64) -> HeaderValue {
+    SNAPSHOT_HEADER.with_borrow_mut(|memo| match memo {
+        Some((v, h)) if *v == version => h.clone(),
+        _ => {
+            let h = HeaderValue::from(version);
+            *memo = Some((version, h.clone()));
+            h
+        }
+    })
 }
 
 #[cfg(test)]
 mod tests {
-    use super::strip_port;
+    use super::{route_header, snapshot_header, strip_port};
+
+    #[test]
+    fn route_header_follows_the_name() {
+        let text = |n: &str| route_header(n).map(|h| h.as_bytes().to_vec());
+        assert_eq!(text("app").as_deref(), Some(&b"app"[..]));
+        assert_eq!(text("app").as_deref(), Some(&b"app"[..]));
+        assert_eq!(text("api").as_deref(), Some(&b"api"[..]));
+        assert_eq!(text("bad\nname"), None);
+        assert_eq!(text("api").as_deref(), Some(&b"api"[..]));
+    }
+
+    #[test]
+    fn snapshot_header_follows_the_version() {
+        assert_eq!(snapshot_header(7), "7");
+        assert_eq!(snapshot_header(7), "7");
+        assert_eq!(snapshot_header(8), "8");
+        assert_eq!(snapshot_header(7), "7");
+        assert_eq!(snapshot_header(u64::MAX), "18446744073709551615");
+    }
 
     #[test]
     fn strips_ports() {

@@ -1073,5 +1073,6 @@ pub fn authenticated(s: &LiveSession) -> Authenticated {
     Authenticated {
         token: s.token.clone(),
         cache_hit: true,
+        now_s: crate::util::now_unix(),
     }
 }

@@ -97,6 +97,43 @@ impl RequestIds {
         }
         s
     }
+
+    /// The next id as a request's [`RequestId`].
+    pub fn next_request_id(&self) -> RequestId {
+        let id = self.next_id();
+        // The id is hex and `-`: always a valid header value.
+        RequestId(
+            http::HeaderValue::from_maybe_shared(bytes::Bytes::from(id))
+                .unwrap_or_else(|_| http::HeaderValue::from_static("")),
+        )
+    }
+}
+
+/// A request's id. Its text is also the `X-Request-Id` header value sent
+/// upstream and to the client, and what a live connection keeps: one
+/// buffer shared by all of them, not a copy each.
+#[derive(Debug, Clone)]
+pub struct RequestId(http::HeaderValue);
+
+impl RequestId {
+    /// The id as a header value (a shared reference, no copy).
+    pub fn header(&self) -> http::HeaderValue {
+        self.0.clone()
+    }
+}
+
+impl std::ops::Deref for RequestId {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        self.0.to_str().unwrap_or("")
+    }
+}
+
+impl std::fmt::Display for RequestId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self)
+    }
 }
 
 /// Formats ms since epoch as RFC 3339 UTC: `YYYY-MM-DDTHH:MM:SSZ`, or with
@@ -282,5 +319,9 @@ mod tests {
         ids.next
             .store(0xfedc_ba98_7654_3210, std::sync::atomic::Ordering::Relaxed);
         assert_eq!(ids.next_id(), format!("{prefix}-fedcba9876543210"));
+        let id = ids.next_request_id();
+        assert_eq!(&*id, format!("{prefix}-fedcba9876543211"));
+        assert_eq!(id.to_string(), &*id);
+        assert_eq!(id.header(), &*id);
     }
 }
