@@ -228,6 +228,16 @@ impl TokenHeaders {
     }
 }
 
+/// A header value as text when it is what `HeaderValue::to_str` accepts,
+/// read a word at a time instead of a byte at a time: a header value holds
+/// no control byte but tab and no DEL, so "visible ASCII" is "ASCII" here
+/// (and a token is hundreds of bytes, on every request).
+fn ascii(v: &http::HeaderValue) -> Option<&str> {
+    std::str::from_utf8(v.as_bytes())
+        .ok()
+        .filter(|s| s.is_ascii())
+}
+
 /// Result of [`Authenticator::authenticate`]: the token and whether the
 /// signature check was skipped thanks to the cache.
 #[derive(Debug, Clone)]
@@ -369,7 +379,7 @@ impl Authenticator {
     /// Extracts the token from an `Authorization` header value.
     pub fn bearer_token(header: Option<&http::HeaderValue>) -> Result<&str, AuthError> {
         let v = header.ok_or(AuthError::Missing)?;
-        let s = v.to_str().map_err(|_| AuthError::Malformed)?;
+        let s = ascii(v).ok_or(AuthError::Malformed)?;
         let (scheme, rest) = s.split_once(' ').ok_or(AuthError::NotBearer)?;
         if !scheme.eq_ignore_ascii_case("bearer") {
             return Err(AuthError::NotBearer);
@@ -388,7 +398,7 @@ impl Authenticator {
         dpop: bool,
     ) -> Result<(Scheme, &str), AuthError> {
         let v = header.ok_or(AuthError::Missing)?;
-        let s = v.to_str().map_err(|_| AuthError::Malformed)?;
+        let s = ascii(v).ok_or(AuthError::Malformed)?;
         let (scheme, rest) = s.split_once(' ').ok_or(AuthError::NotBearer)?;
         let scheme = if scheme.eq_ignore_ascii_case("bearer") {
             Scheme::Bearer
@@ -768,7 +778,45 @@ pub(crate) fn validation_for(
 #[cfg(test)]
 #[allow(clippy::panic)]
 mod tests {
-    use super::Claims;
+    use super::{AuthError, Authenticator, Claims, Scheme};
+
+    #[test]
+    fn authorization_reads_the_scheme_and_refuses_non_ascii() {
+        let read = |v: &[u8], dpop: bool| {
+            let v = http::HeaderValue::from_bytes(v).unwrap_or_else(|e| panic!("{e}"));
+            Authenticator::authorization(Some(&v), dpop).map(|(s, t)| (s, t.to_owned()))
+        };
+        assert_eq!(
+            read(b"Bearer a.b.c", false),
+            Ok((Scheme::Bearer, "a.b.c".into()))
+        );
+        assert_eq!(
+            read(b"bearer  a.b\tc ", false),
+            Ok((Scheme::Bearer, "a.b\tc".into()))
+        );
+        assert_eq!(
+            read(b"DPoP a.b.c", true),
+            Ok((Scheme::Dpop, "a.b.c".into()))
+        );
+        assert_eq!(read(b"DPoP a.b.c", false), Err(AuthError::NotBearer));
+        assert_eq!(read(b"Basic abc", false), Err(AuthError::NotBearer));
+        assert_eq!(read(b"Bearer ", false), Err(AuthError::Missing));
+        // obs-text is a valid header value, not a token.
+        assert_eq!(
+            read(b"Bearer a.\xc3\xa9.c", false),
+            Err(AuthError::Malformed)
+        );
+        assert_eq!(read(b"Bearer a.\xff.c", false), Err(AuthError::Malformed));
+        assert_eq!(
+            Authenticator::authorization(None, false).map(|_| ()),
+            Err(AuthError::Missing)
+        );
+        let v = http::HeaderValue::from_bytes(b"Bearer \xfe").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            Authenticator::bearer_token(Some(&v)),
+            Err(AuthError::Malformed)
+        );
+    }
 
     fn claims(extra: serde_json::Value) -> Claims {
         let mut v = serde_json::json!({
