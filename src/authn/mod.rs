@@ -228,16 +228,6 @@ impl TokenHeaders {
     }
 }
 
-/// A header value as text when it is what `HeaderValue::to_str` accepts,
-/// read a word at a time instead of a byte at a time: a header value holds
-/// no control byte but tab and no DEL, so "visible ASCII" is "ASCII" here
-/// (and a token is hundreds of bytes, on every request).
-fn ascii(v: &http::HeaderValue) -> Option<&str> {
-    std::str::from_utf8(v.as_bytes())
-        .ok()
-        .filter(|s| s.is_ascii())
-}
-
 /// Result of [`Authenticator::authenticate`]: the token and whether the
 /// signature check was skipped thanks to the cache.
 #[derive(Debug, Clone)]
@@ -379,7 +369,7 @@ impl Authenticator {
     /// Extracts the token from an `Authorization` header value.
     pub fn bearer_token(header: Option<&http::HeaderValue>) -> Result<&str, AuthError> {
         let v = header.ok_or(AuthError::Missing)?;
-        let s = ascii(v).ok_or(AuthError::Malformed)?;
+        let s = v.to_str().map_err(|_| AuthError::Malformed)?;
         let (scheme, rest) = s.split_once(' ').ok_or(AuthError::NotBearer)?;
         if !scheme.eq_ignore_ascii_case("bearer") {
             return Err(AuthError::NotBearer);
@@ -398,7 +388,7 @@ impl Authenticator {
         dpop: bool,
     ) -> Result<(Scheme, &str), AuthError> {
         let v = header.ok_or(AuthError::Missing)?;
-        let s = ascii(v).ok_or(AuthError::Malformed)?;
+        let s = v.to_str().map_err(|_| AuthError::Malformed)?;
         let (scheme, rest) = s.split_once(' ').ok_or(AuthError::NotBearer)?;
         let scheme = if scheme.eq_ignore_ascii_case("bearer") {
             Scheme::Bearer
