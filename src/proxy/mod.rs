@@ -143,7 +143,6 @@ pub struct RequestCtx {
 }
 
 impl RequestCtx {
-    /// A phase's start time for its span; `None` (and free) when tracing is off.
     /// Reads the clock the decision uses again, after the pipeline waited
     /// on the network (a cluster store).
     fn refresh_clock(&mut self) {
@@ -152,6 +151,7 @@ impl RequestCtx {
         }
     }
 
+    /// A phase's start time for its span; `None` (and free) when tracing is off.
     fn clock(&self) -> Option<std::time::SystemTime> {
         self.trace.as_ref().map(|_| std::time::SystemTime::now())
     }
