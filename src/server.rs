@@ -73,6 +73,7 @@ pub fn build_runtime(
     prev: Option<&Runtime>,
     fetcher: &Fetcher,
     version: u64,
+    metrics: &crate::telemetry::Metrics,
 ) -> Result<(Runtime, Vec<Arc<Issuer>>), StartError> {
     let mut fresh = Vec::new();
     let mut issuers = Vec::new();
@@ -94,7 +95,11 @@ pub fn build_runtime(
     ));
     // As many pools as workers started with the server (a reload keeps them).
     let workers = prev.map_or_else(|| proxy_workers(&cfg), |p| p.upstream.workers());
-    let upstream = crate::proxy::client::UpstreamPools::new(&cfg.upstream, workers)?;
+    let upstream = crate::proxy::client::UpstreamPools::new(
+        &cfg.upstream,
+        workers,
+        Some(&metrics.upstream_connections_opened),
+    )?;
     // The DPoP replay cache and nonce key outlive the config.
     let binder = crate::binding::Binder::new(&cfg, prev.map(|p| &p.binder));
     let browser = crate::session::Browser::new(&cfg, prev.and_then(|p| p.browser.as_deref()))
@@ -202,7 +207,8 @@ impl Shared {
         // Re-reads certificates, keys and CA bundles (device and SPIFFE).
         let tls = Arc::new(crate::tls::build_tls(&cfg.tls)?);
         let version = self.version.fetch_add(1, Ordering::Relaxed) + 1;
-        let (rt, fresh) = build_runtime(cfg, Some(&old), &self.fetcher, version)?;
+        let (rt, fresh) =
+            build_runtime(cfg, Some(&old), &self.fetcher, version, &self.proxy.metrics)?;
         for i in &fresh {
             load_issuer(i).await?;
         }
@@ -451,7 +457,7 @@ pub async fn start_with(cfg: Config, metrics: Arc<Metrics>) -> Result<RunningSer
             crate::posture::cluster::Cluster::start(n, window, &posture, metrics.clone()).await?;
         posture.attach_cluster(cluster);
     }
-    let (rt, fresh) = build_runtime(cfg, None, &fetcher, 1)?;
+    let (rt, fresh) = build_runtime(cfg, None, &fetcher, 1, &metrics)?;
     for i in &fresh {
         load_issuer(i).await?;
     }

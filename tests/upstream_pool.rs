@@ -189,6 +189,29 @@ auth = "public"
     }
 }
 
+/// `portcullis_upstream_connections_opened_total` by reason, from the admin
+/// listener's `/metrics`: (none_idle, all_busy, closed).
+async fn opened(s: &Setup) -> (u64, u64, u64) {
+    let mut t = tokio::net::TcpStream::connect(s.server.admin_addr)
+        .await
+        .unwrap();
+    t.write_all(b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut text = String::new();
+    tokio::time::timeout(DEADLINE, t.read_to_string(&mut text))
+        .await
+        .unwrap()
+        .unwrap();
+    let count = |reason: &str| {
+        let name = format!("portcullis_upstream_connections_opened_total{{reason=\"{reason}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(name.as_str()))
+            .map_or(0, |v| v.trim().parse().unwrap())
+    };
+    (count("none_idle"), count("all_busy"), count("closed"))
+}
+
 async fn conn(s: &Setup) -> TlsConn {
     TlsConn::connect(s.server.proxy_addr, "localhost", &s.pki.ca_pem, None)
         .await
@@ -210,6 +233,8 @@ async fn sequential_requests_share_one_upstream_connection() {
         "one client, one upstream connection"
     );
     assert_eq!(s.upstream.requests.load(Ordering::SeqCst), 100);
+    // The metric says the same, and why: the pool was empty once.
+    assert_eq!(opened(&s).await, (1, 0, 0));
     s.server.shutdown().await;
 }
 
@@ -262,6 +287,12 @@ async fn connections_the_upstream_closes_are_not_reused() {
         assert_eq!(c.get("/keep", &[]).await.0, StatusCode::OK);
     }
     assert_eq!(s.upstream.accepted(), 21);
+    // Every new connection is counted once, with a reason: an announced
+    // close is never pooled (none idle next time); a silent one is either
+    // seen closed at checkout (none idle) or found closed on use.
+    let (none_idle, all_busy, closed) = opened(&s).await;
+    assert_eq!(none_idle + closed, 21, "{none_idle} + {closed}");
+    assert_eq!(all_busy, 0);
     s.server.shutdown().await;
 }
 
@@ -389,6 +420,8 @@ async fn a_connection_still_sending_a_body_is_not_waited_on_by_the_next_request(
     assert_eq!(status, StatusCode::OK);
     assert_eq!(&body[..], b"ok");
     assert_eq!(s.upstream.accepted(), 2, "B got a connection of its own");
+    // Counted as such: A's on an empty pool, B's past A's busy one.
+    assert_eq!(opened(&s).await, (1, 1, 0));
     // A finishes its body; B goes on without a new connection.
     a.write_all(b"67890").await.unwrap();
     for _ in 0..5 {

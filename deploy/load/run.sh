@@ -554,6 +554,14 @@ metric() {   # sum of a metric's samples on the portcullis admin endpoint
         | awk -v m="$1" '$1 == m || index($1, m "{") == 1 { s += $NF } END { printf "%d", s }'
 }
 
+opened_by_reason() {   # "none_idle all_busy closed": portcullis's new upstream connections so far
+    local r out=""
+    for r in none_idle all_busy closed; do
+        out+="$(metric "portcullis_upstream_connections_opened_total{reason=\"$r\"}") "
+    done
+    echo "$out"
+}
+
 upstream_stub() {   # "accepted_connections requests" of the upstream nginx
     curl -sS --max-time 5 "http://127.0.0.1:$UP_PORT/__stub_status" \
         | awk '/^ *[0-9]+ +[0-9]+ +[0-9]+ *$/ { print $1, $3; exit }'
@@ -683,9 +691,11 @@ measure() {   # round, mode, peer
     w0=$(date +%s%6N)
     s0=$(upstream_stub)
     t0=$(cpu_split "${pids[@]}"); u0=$(cpu_ticks $(proc_pids "$UP_PID"))
+    local op0="" op1=""
     if [[ $name == portcullis ]]; then
         h0=$(metric portcullis_token_cache_hits_total); m0=$(metric portcullis_token_cache_misses_total)
         ph0=$(metric portcullis_policy_cache_hits_total); pm0=$(metric portcullis_policy_cache_misses_total)
+        op0=$(opened_by_reason)
     fi
     local perf_pid=""
     if [[ -n $PROFILE_DIR && $name == portcullis ]]; then
@@ -736,6 +746,7 @@ measure() {   # round, mode, peer
     if [[ $name == portcullis ]]; then
         h1=$(metric portcullis_token_cache_hits_total); m1=$(metric portcullis_token_cache_misses_total)
         ph1=$(metric portcullis_policy_cache_hits_total); pm1=$(metric portcullis_policy_cache_misses_total)
+        op1=$(opened_by_reason)
     fi
     s1=$(upstream_stub)
 
@@ -772,6 +783,9 @@ measure() {   # round, mode, peer
     local note="round $round, $key: $reqs req, $rps req/s, p50 $p50 ms, p99 $p99 ms, $cpu_us CPU-us/req (user $user_us, kernel $sys_us); upstream: $up_reqs req on $(( up_conns - 1 )) new connections, $up_us CPU-us/req"
     if [[ $name == portcullis ]]; then
         note+="; token cache +$(( h1 - h0 )) hits +$(( m1 - m0 )) misses; decision cache +$(( ph1 - ph0 )) hits +$(( pm1 - pm0 )) misses"
+        local a0 b0 c0 a1 b1 c1
+        read -r a0 b0 c0 <<< "$op0"; read -r a1 b1 c1 <<< "$op1"
+        note+="; upstream conns opened: none idle +$(( a1 - a0 )), all busy +$(( b1 - b0 )), closed +$(( c1 - c0 ))"
     fi
     if [[ -n $strace_pid ]]; then
         local sf="$STRACE_DIR/strace-$mode-$name-$round"

@@ -37,6 +37,9 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use tower::Service;
 
 use crate::config::UpstreamConfig;
+use crate::telemetry::ReasonLabel;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 
 /// Boxed error for bodies.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -74,11 +77,26 @@ pub struct UpstreamPools {
 
 impl UpstreamPools {
     /// Pools for `workers` worker threads (and one shared by the rest).
-    pub fn new(cfg: &UpstreamConfig, workers: usize) -> Result<Self, crate::tls::TlsError> {
+    /// New connections are counted in `opened` (by reason), when given.
+    pub fn new(
+        cfg: &UpstreamConfig,
+        workers: usize,
+        opened: Option<&Family<ReasonLabel, Counter>>,
+    ) -> Result<Self, crate::tls::TlsError> {
         let conn = connector(cfg)?;
+        let counters = opened.map(|f| {
+            let c = |reason| f.get_or_create(&ReasonLabel { reason }).clone();
+            Opened {
+                none_idle: c("none_idle"),
+                all_busy: c("all_busy"),
+                closed: c("closed"),
+            }
+        });
         Ok(Self {
-            shared: Pool::new(cfg, conn.clone()),
-            workers: (0..workers).map(|_| Pool::new(cfg, conn.clone())).collect(),
+            shared: Pool::new(cfg, conn.clone(), counters.clone()),
+            workers: (0..workers)
+                .map(|_| Pool::new(cfg, conn.clone(), counters.clone()))
+                .collect(),
         })
     }
 
@@ -151,6 +169,17 @@ struct PoolInner {
     connector: Connector,
     max_idle: usize,
     state: Mutex<State>,
+    opened: Option<Opened>,
+}
+
+/// Counters of new connections, by why no pooled one was used: the pool had
+/// none idle; every idle one was still busy (a response ended before its
+/// request body did); the one taken had been closed by the upstream.
+#[derive(Clone)]
+struct Opened {
+    none_idle: Counter,
+    all_busy: Counter,
+    closed: Counter,
 }
 
 struct State {
@@ -180,7 +209,7 @@ struct Idle {
 struct HostId(usize);
 
 impl Pool {
-    fn new(cfg: &UpstreamConfig, connector: Connector) -> Self {
+    fn new(cfg: &UpstreamConfig, connector: Connector, opened: Option<Opened>) -> Self {
         Self {
             inner: Arc::new(PoolInner {
                 connector,
@@ -189,7 +218,14 @@ impl Pool {
                     hosts: Vec::new(),
                     pruned: Instant::now(),
                 }),
+                opened,
             }),
+        }
+    }
+
+    fn count_opened(&self, which: impl Fn(&Opened) -> &Counter) {
+        if let Some(o) = &self.inner.opened {
+            which(o).inc();
         }
     }
 
@@ -204,7 +240,7 @@ impl Pool {
             (Some(s), Some(a)) => (s.clone(), a.clone()),
             _ => return Err(UpstreamError::NotAbsolute),
         };
-        let (host, host_header, idle) = self.checkout(&scheme, &authority);
+        let (host, host_header, idle, busy) = self.checkout(&scheme, &authority);
         req.headers_mut().entry(header::HOST).or_insert(host_header);
         // Origin form on the wire; the authority is in `Host`.
         let target = Uri::from(
@@ -215,19 +251,24 @@ impl Pool {
         );
         *req.uri_mut() = target;
 
-        if let Some(mut sender) = idle {
-            // Ready (checked at checkout); `ready` only registers nothing.
-            if sender.ready().await.is_ok() {
-                match sender.try_send_request(req).await {
-                    Ok(resp) => return Ok(self.wrap(host, sender, resp)),
-                    Err(mut e) => match e.take_message() {
-                        // Never written: the upstream had closed the
-                        // connection. Retried once on a new one below.
-                        Some(back) => req = back,
-                        None => return Err(UpstreamError::Http(e.into_error())),
-                    },
+        match idle {
+            Some(mut sender) => {
+                // Ready (checked at checkout); `ready` only registers nothing.
+                if sender.ready().await.is_ok() {
+                    match sender.try_send_request(req).await {
+                        Ok(resp) => return Ok(self.wrap(host, sender, resp)),
+                        Err(mut e) => match e.take_message() {
+                            // Never written: the upstream had closed the
+                            // connection. Retried once on a new one below.
+                            Some(back) => req = back,
+                            None => return Err(UpstreamError::Http(e.into_error())),
+                        },
+                    }
                 }
+                self.count_opened(|o| &o.closed);
             }
+            None if busy => self.count_opened(|o| &o.all_busy),
+            None => self.count_opened(|o| &o.none_idle),
         }
         // Boxed: connecting is rare, and its state would otherwise be part
         // of every request's future.
@@ -250,13 +291,14 @@ impl Pool {
         }
     }
 
-    /// The upstream's slot, its `Host` value, and its most recently used
-    /// idle connection that is still open, if any.
+    /// The upstream's slot, its `Host` value, its most recently used idle
+    /// connection that is still open and ready, if any, and whether open
+    /// but busy ones were passed over.
     fn checkout(
         &self,
         scheme: &Scheme,
         authority: &Authority,
-    ) -> (HostId, HeaderValue, Option<SendRequest<ProxyBody>>) {
+    ) -> (HostId, HeaderValue, Option<SendRequest<ProxyBody>>, bool) {
         let mut state = self.state();
         let hosts = &mut state.hosts;
         let i = match hosts
@@ -275,7 +317,7 @@ impl Pool {
             }
         };
         let Some(h) = hosts.get_mut(i) else {
-            return (HostId(i), HeaderValue::from_static(""), None);
+            return (HostId(i), HeaderValue::from_static(""), None, false);
         };
         let mut found = None;
         // Open but busy connections (the upstream answered before the
@@ -293,10 +335,11 @@ impl Pool {
             found = Some(idle.sender);
             break;
         }
+        let passed_busy = !busy.is_empty();
         for b in busy {
             h.idle.push_front(b);
         }
-        (HostId(i), h.host_header.clone(), found)
+        (HostId(i), h.host_header.clone(), found, passed_busy)
     }
 
     fn checkin(&self, host: HostId, sender: SendRequest<ProxyBody>) {

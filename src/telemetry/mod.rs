@@ -137,6 +137,8 @@ pub struct Metrics {
     pub live_connections: Family<LiveKindLabel, Gauge>,
     /// Live connections cut by a re-decision, by reason.
     pub live_connections_cut: Family<CutLabel, Counter>,
+    /// New upstream connections, by why no pooled one was used.
+    pub upstream_connections_opened: Family<ReasonLabel, Counter>,
     /// Cluster: seconds from the accepting replica's accept to this replica's apply, last batch.
     pub cluster_stream_lag_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
     /// Cluster: stream messages not yet delivered to this replica.
@@ -295,6 +297,12 @@ impl Metrics {
             "Live connections ended because a re-decision refused them, by reason",
             live_connections_cut.clone(),
         );
+        let upstream_connections_opened = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "upstream_connections_opened",
+            "New upstream connections, by why no pooled one served the request: none_idle (the pool had none), all_busy (every idle one was still busy), closed (the one taken had been closed by the upstream)",
+            upstream_connections_opened.clone(),
+        );
         let cluster_stream_lag_seconds = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
         let cluster_stream_pending = Gauge::default();
         let cluster_bad_messages = Family::<ReasonLabel, Counter>::default();
@@ -336,6 +344,7 @@ impl Metrics {
             access_entries,
             live_connections,
             live_connections_cut,
+            upstream_connections_opened,
             cluster_stream_lag_seconds,
             cluster_stream_pending,
             cluster_bad_messages,
