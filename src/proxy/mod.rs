@@ -1309,8 +1309,8 @@ fn prepare_upstream_request<B>(
     let proto = if conn.tls.is_some() { "https" } else { "http" };
     headers::set_forwarded(h, conn.peer_ip.clone(), proto, original_host);
     set_request_id(h, &ctx.id);
-    if let Some(v) = route_header(&route.name) {
-        h.insert(&names::ROUTE, v);
+    if let Some(v) = &route.name_header {
+        h.insert(&names::ROUTE, v.clone());
     }
     if let Some(a) = &ctx.auth {
         let t = &a.token.headers;
@@ -1377,27 +1377,6 @@ thread_local! {
         const { std::cell::RefCell::new(None) };
 }
 
-thread_local! {
-    /// The last route name's header value on this thread. Per thread, like
-    /// the snapshot's: a value shared by every worker would make its
-    /// reference count bounce between their cores on each request.
-    static ROUTE_HEADER: std::cell::RefCell<Option<HeaderValue>> =
-        const { std::cell::RefCell::new(None) };
-}
-
-/// `X-Portcullis-Route`'s value for a route `name` (`None` when the name is
-/// not a valid header value).
-fn route_header(name: &str) -> Option<HeaderValue> {
-    ROUTE_HEADER.with_borrow_mut(|memo| match memo {
-        Some(h) if h.as_bytes() == name.as_bytes() => Some(h.clone()),
-        _ => {
-            let h = HeaderValue::from_str(name).ok()?;
-            *memo = Some(h.clone());
-            Some(h)
-        }
-    })
-}
-
 /// `X-Portcullis-Snapshot`'s value for `version`.
 fn snapshot_header(version: u64) -> HeaderValue {
     SNAPSHOT_HEADER.with_borrow_mut(|memo| match memo {
@@ -1412,17 +1391,7 @@ fn snapshot_header(version: u64) -> HeaderValue {
 
 #[cfg(test)]
 mod tests {
-    use super::{route_header, snapshot_header, strip_port};
-
-    #[test]
-    fn route_header_follows_the_name() {
-        let text = |n: &str| route_header(n).map(|h| h.as_bytes().to_vec());
-        assert_eq!(text("app").as_deref(), Some(&b"app"[..]));
-        assert_eq!(text("app").as_deref(), Some(&b"app"[..]));
-        assert_eq!(text("api").as_deref(), Some(&b"api"[..]));
-        assert_eq!(text("bad\nname"), None);
-        assert_eq!(text("api").as_deref(), Some(&b"api"[..]));
-    }
+    use super::{snapshot_header, strip_port};
 
     #[test]
     fn snapshot_header_follows_the_version() {

@@ -15,6 +15,9 @@ use crate::config::{AuthMode, BindingMode, Config, RouteConfig, Sensitivity};
 pub struct Route {
     /// Name for metrics and logs.
     pub name: String,
+    /// The name as the `X-Portcullis-Route` value, built once with the route
+    /// (`None` when the name is not a valid header value: not sent).
+    pub name_header: Option<http::HeaderValue>,
     /// This route's metric handles, resolved on first use so the request
     /// path skips the label-set lookups (allocation + lock) every time.
     pub metric_handles: RouteMetricHandles,
@@ -110,12 +113,19 @@ impl RouteTable {
     }
 }
 
+/// `X-Portcullis-Route`'s value for a route `name` (`None` when the name is
+/// not a valid header value).
+fn name_header(name: &str) -> Option<http::HeaderValue> {
+    http::HeaderValue::from_str(name).ok()
+}
+
 fn build_route(rc: &RouteConfig, cfg: &Config) -> Route {
     // INVARIANT: Config::validate checked that the upstream parses as an http(s) URL.
     let upstream: Uri = rc.upstream.parse().unwrap_or_default();
     let base = upstream.path().trim_end_matches('/').to_owned();
     Route {
         name: rc.name.clone(),
+        name_header: name_header(&rc.name),
         metric_handles: RouteMetricHandles::default(),
         path_prefix: rc.path_prefix.clone(),
         upstream,
@@ -186,7 +196,17 @@ impl RouteIdentity {
 
 #[cfg(test)]
 mod tests {
-    use super::path_matches;
+    use super::{name_header, path_matches};
+
+    #[test]
+    fn route_header_follows_the_name() {
+        let text = |n: &str| name_header(n).map(|h| h.as_bytes().to_vec());
+        assert_eq!(text("app").as_deref(), Some(&b"app"[..]));
+        assert_eq!(text("app").as_deref(), Some(&b"app"[..]));
+        assert_eq!(text("api").as_deref(), Some(&b"api"[..]));
+        assert_eq!(text("bad\nname"), None);
+        assert_eq!(text("api").as_deref(), Some(&b"api"[..]));
+    }
 
     #[test]
     fn prefix_respects_segments() {
