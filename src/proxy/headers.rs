@@ -48,15 +48,9 @@ fn is_hop_by_hop(k: &HeaderName) -> bool {
 
 /// The tokens of every `Connection` line, trimmed (any case, as sent).
 fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
-    // Most messages have no `Connection` line (HTTP/1.1 keep-alive is the
-    // default, HTTP/2 forbids it): a scan of their few names costs less
-    // than hashing one for the lookup, and this runs four times a request.
     headers
-        .keys()
-        .any(|k| *k == header::CONNECTION)
-        .then(|| headers.get_all(header::CONNECTION).iter())
-        .into_iter()
-        .flatten()
+        .get_all(header::CONNECTION)
+        .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .map(str::trim)
