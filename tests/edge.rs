@@ -216,6 +216,22 @@ async fn host_must_be_present_once() {
     let seen = s.upstream.last();
     assert_eq!(seen.path, "/public/abs");
     assert_eq!(seen.headers["x-forwarded-host"].to_str().unwrap(), host(&s));
+    // The app gets one Host, its own address, never the client's.
+    let up = s.upstream.addr.to_string();
+    let hosts: Vec<_> = seen.headers.get_all("host").iter().collect();
+    assert_eq!(hosts, [up.as_str()], "Host the upstream received");
+
+    let req = format!(
+        "GET /public/rel HTTP/1.1\r\nHost: {h}\r\nConnection: close\r\n\r\n",
+        h = host(&s)
+    );
+    let (status, _) = raw(&s, &req).await;
+    assert_eq!(status, 200);
+    let seen = s.upstream.last();
+    assert_eq!(seen.path, "/public/rel");
+    let hosts: Vec<_> = seen.headers.get_all("host").iter().collect();
+    assert_eq!(hosts, [up.as_str()], "Host the upstream received");
+    assert_eq!(seen.headers["x-forwarded-host"].to_str().unwrap(), host(&s));
 }
 
 #[tokio::test]

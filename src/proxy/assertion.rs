@@ -19,10 +19,13 @@ use aws_lc_rs::rand::SystemRandom;
 use aws_lc_rs::signature::{self, EcdsaKeyPair};
 use base64::Engine;
 use bytes::Bytes;
-use http::header::{HeaderMap, HeaderValue};
+use http::header::{HeaderMap, HeaderName, HeaderValue};
 use serde::Serialize;
 
 use crate::config::{ASSERTION_HEADER, ASSERTION_JWKS_PATH, AssertionConfig, Config, ConfigError};
+
+/// The assertion header as a name built once, not parsed per request.
+static ASSERTION: HeaderName = HeaderName::from_static(ASSERTION_HEADER);
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
@@ -445,7 +448,7 @@ pub fn apply(
     route: &crate::route::Route,
     h: &mut HeaderMap,
 ) -> Result<(), super::Denial> {
-    h.remove(ASSERTION_HEADER);
+    h.remove(&ASSERTION);
     if signer.is_none() && route.identity.headers.is_empty() {
         return Ok(());
     }
@@ -469,7 +472,7 @@ pub fn apply(
         let v = s
             .assertion(&input, &route.identity.audience, crate::util::now_unix())
             .map_err(|_| super::Denial::Internal)?;
-        h.insert(ASSERTION_HEADER, v);
+        h.insert(&ASSERTION, v);
     }
     Ok(())
 }

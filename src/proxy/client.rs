@@ -229,8 +229,9 @@ impl Pool {
         }
     }
 
-    /// Sends `req` (absolute URI: scheme and authority pick the upstream) on
-    /// an idle connection or a new one; the connection goes back to the pool
+    /// Sends `req` (absolute URI: scheme and authority pick the upstream,
+    /// whose authority replaces any `Host` it has) on an idle connection or
+    /// a new one; the connection goes back to the pool
     /// when the response body has been read to its end.
     pub async fn request(
         &self,
@@ -241,7 +242,8 @@ impl Pool {
             _ => return Err(UpstreamError::NotAbsolute),
         };
         let (host, host_header, idle, busy) = self.checkout(&scheme, &authority);
-        req.headers_mut().entry(header::HOST).or_insert(host_header);
+        // The upstream's own `Host`, replacing the client's (one lookup).
+        req.headers_mut().insert(header::HOST, host_header);
         // Origin form on the wire; the authority is in `Host`.
         let target = Uri::from(
             req.uri()

@@ -26,6 +26,7 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     let mut named: Vec<HeaderName> = Vec::new();
     for t in connection_tokens(headers) {
         if !t.is_empty()
+            && !is_hop_by_hop_token(t)
             && headers.contains_key(t)
             && let Ok(n) = HeaderName::from_bytes(t.as_bytes())
         {
@@ -40,6 +41,18 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     while let Some(n) = headers.keys().find(|k| is_hop_by_hop(k)).cloned() {
         headers.remove(n);
     }
+}
+
+/// A `Connection` token that names a header removed below anyway
+/// (`keep-alive` and `upgrade` are the usual ones): no lookup needed, which
+/// spares parsing the token into a header name on nearly every message.
+/// (`close` is looked up: a header of that name goes too.)
+fn is_hop_by_hop_token(t: &str) -> bool {
+    t.eq_ignore_ascii_case("keep-alive")
+        || HOP_BY_HOP
+            .iter()
+            .any(|h| t.eq_ignore_ascii_case(h.as_str()))
+        || t.eq_ignore_ascii_case("proxy-connection")
 }
 
 fn is_hop_by_hop(k: &HeaderName) -> bool {
@@ -333,6 +346,23 @@ mod tests {
         let mut h = map(&["keep-alive", "proxy-connection", "te", "accept"]);
         remove_hop_by_hop(&mut h);
         assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["accept"]);
+    }
+
+    #[test]
+    fn hop_by_hop_tokens_and_close_still_remove_their_headers() {
+        let mut h = HeaderMap::new();
+        for (n, v) in [
+            ("connection", "Keep-Alive, CLOSE, Upgrade, x-secret"),
+            ("keep-alive", "timeout=5"),
+            ("close", "a header named close"),
+            ("upgrade", "h2c"),
+            ("x-secret", "1"),
+            ("x-kept", "2"),
+        ] {
+            h.append(HeaderName::from_static(n), HeaderValue::from_static(v));
+        }
+        remove_hop_by_hop(&mut h);
+        assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-kept"]);
     }
 
     #[test]

@@ -1301,7 +1301,7 @@ fn prepare_upstream_request<B>(
     h.reserve(16);
     headers::strip_identity(h, &rt.stripped);
     headers::strip_own_cookies(h, crate::session::OWN_COOKIES);
-    h.remove(header::HOST);
+    // `Host` stays for now: the pool replaces it with the upstream's.
     if !rt.config.proxy.forward_authorization {
         h.remove(header::AUTHORIZATION);
         h.remove(&names::DPOP);
