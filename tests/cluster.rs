@@ -897,6 +897,16 @@ async fn one_ingest_larger_than_the_publish_window_is_acknowledged_and_applied()
     use portcullis::posture::model::{Compliance, Feed};
     let c = Cluster::start_with(&[]).await;
     let cfg = replica_config(&c, 0, "full");
+    // A debug build on a busy 2-core machine can take more than the shared
+    // 2 s to publish and apply 6,000 events; a permit deadlock still waits
+    // past any timeout, so a longer one keeps the test's point.
+    let body = std::fs::read_to_string(&cfg).unwrap();
+    assert!(body.contains("ack_timeout_ms = 2000"));
+    std::fs::write(
+        &cfg,
+        body.replace("ack_timeout_ms = 2000", "ack_timeout_ms = 20000"),
+    )
+    .unwrap();
     let server = portcullis::server::start(cfg).await.unwrap();
     let now = portcullis::util::now_unix_ms();
     let n = 6_000;
@@ -916,7 +926,7 @@ async fn one_ingest_larger_than_the_publish_window_is_acknowledged_and_applied()
         })
         .collect();
     let posture = &server.shared.posture;
-    let out = tokio::time::timeout(Duration::from_secs(30), posture.ingest(events))
+    let out = tokio::time::timeout(Duration::from_secs(60), posture.ingest(events))
         .await
         .expect("the ingest ends")
         .expect("the batch is acknowledged, not refused");
@@ -925,6 +935,7 @@ async fn one_ingest_larger_than_the_publish_window_is_acknowledged_and_applied()
         out.iter().all(|o| *o == Outcome::Applied),
         "every event applied once"
     );
+    // The ingest waited for the local apply (within the ack timeout).
     let snap = posture.snapshot();
     for k in [0, 4_999, 5_000, n - 1] {
         let d = snap.device(&format!("bb-{k:05}")).expect("device applied");
