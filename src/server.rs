@@ -16,7 +16,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 
 use crate::authn::{Authenticator, Issuer, jwks::Fetcher};
@@ -25,6 +25,9 @@ use crate::proxy::{ConnInfo, Proxy, Runtime};
 use crate::route::RouteTable;
 use crate::telemetry::{ConnectionGuard, Metrics, ResultLabel};
 use crate::tls::{PeerCertificate, TlsConfigs, TlsInfo};
+
+mod balance;
+use balance::{Balance, Handoff, Seat};
 
 /// Why the server could not start or reload.
 #[derive(Debug, thiserror::Error)]
@@ -608,7 +611,18 @@ fn spawn_workers(
             .map_err(|source| StartError::Bind { addr, source })?;
         std_listeners.push((addr, l, tls));
     }
+    // With more than one worker, each new connection goes to the least
+    // loaded (see `balance`); `inboxes` are the workers' ends.
+    let (balance, mut inboxes) = if workers > 1 {
+        let (b, rx) = Balance::new(workers, &ctx.shared.proxy.metrics);
+        (Some(b), rx.into_iter().map(Some).collect())
+    } else {
+        (None, vec![None])
+    };
+    let drain = Duration::from_millis(ctx.cfg.proxy.drain_timeout_ms);
     for w in 0..workers {
+        let inbox = inboxes.get_mut(w).and_then(Option::take);
+        let balance = balance.clone().map(|b| (b, w));
         let mut mine = Vec::with_capacity(std_listeners.len());
         for (addr, l, tls) in &std_listeners {
             let l = l.try_clone().map_err(|source| StartError::Bind {
@@ -642,12 +656,23 @@ fn spawn_workers(
                             proxy.runtime.load().upstream.here().prune();
                         }
                     });
+                    if let Some(inbox) = inbox {
+                        loops.spawn(inbox_loop(shared.clone(), inbox, shutdown.clone(), drain));
+                    }
                     for (l, tls) in mine {
                         match TcpListener::from_std(l) {
                             Ok(l) => {
                                 let (shared, limit) = (shared.clone(), limit.clone());
                                 let (shutdown, cfg) = (shutdown.clone(), cfg.clone());
-                                loops.spawn(accept_loop(shared, l, tls, limit, shutdown, cfg));
+                                loops.spawn(accept_loop(
+                                    shared,
+                                    l,
+                                    tls,
+                                    limit,
+                                    shutdown,
+                                    cfg,
+                                    balance.clone(),
+                                ));
                             }
                             Err(e) => tracing::error!(error = %e, "worker cannot watch listener"),
                         }
@@ -734,6 +759,17 @@ fn h2_limits(cfg: &Config, b: &mut auto::Http2Builder<'_, TokioExecutor>) {
         .keep_alive_interval(Some(H2_KEEP_ALIVE_INTERVAL));
 }
 
+/// What serving a connection accepted on one listener needs.
+struct ListenerCtx {
+    tls: bool,
+    /// `https` or `http` (metrics).
+    name: &'static str,
+    builder: Arc<Engines>,
+    handshake_timeout: Duration,
+}
+
+/// Accepts on one listener for one worker. `balance`: the workers' balance
+/// and this worker's index (absent with a single worker).
 async fn accept_loop(
     shared: Arc<Shared>,
     listener: TcpListener,
@@ -741,14 +777,21 @@ async fn accept_loop(
     limit: Arc<Semaphore>,
     mut shutdown: watch::Receiver<bool>,
     cfg: Arc<Config>,
+    balance: Option<(Arc<Balance>, usize)>,
 ) {
     // Drain signal: every connection holds a receiver until it has ended,
     // so `closed()` is the moment the last one finished. (hyper-util's
     // GracefulShutdown cannot watch an HTTP/1.1-only connection with upgrades.)
+    // A connection handed to another worker holds one too.
     let (drain_tx, _) = watch::channel(());
-    let builder = Arc::new(http_builder(&cfg));
     let handshake_timeout = Duration::from_millis(cfg.proxy.tls_handshake_timeout_ms);
     let listener_name: &'static str = if tls { "https" } else { "http" };
+    let ctx = Arc::new(ListenerCtx {
+        tls,
+        name: listener_name,
+        builder: Arc::new(http_builder(&cfg)),
+        handshake_timeout,
+    });
     loop {
         let permit = tokio::select! {
             p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
@@ -765,27 +808,30 @@ async fn accept_loop(
             _ = shutdown.changed() => break,
         };
         let _ = tcp.set_nodelay(true);
-        let shared = shared.clone();
-        let builder = builder.clone();
         let watcher = drain_tx.subscribe();
-        tokio::spawn(async move {
-            let _permit = permit;
-            let _guard = ConnectionGuard::new(&shared.proxy.metrics, listener_name);
-            if tls {
-                serve_tls(shared, builder, watcher, tcp, peer, handshake_timeout).await;
-            } else {
-                let info = Arc::new(ConnInfo::new(peer, None));
-                serve_http(
-                    shared,
-                    &builder,
-                    Wire::Sniff,
-                    watcher,
-                    TokioIo::new(tcp),
-                    info,
-                )
-                .await;
+        let (tcp, permit, watcher, seat) = match &balance {
+            None => (tcp, permit, watcher, None),
+            Some((b, here)) => {
+                let seat = b.seat(*here);
+                if seat.worker() == *here {
+                    (tcp, permit, watcher, Some(seat))
+                } else {
+                    match hand_off(b, *here, tcp, peer, &ctx, permit, watcher, seat) {
+                        None => continue,
+                        Some((tcp, permit, watcher, seat)) => (tcp, permit, watcher, Some(seat)),
+                    }
+                }
             }
-        });
+        };
+        tokio::spawn(serve_conn(
+            shared.clone(),
+            ctx.clone(),
+            tcp,
+            peer,
+            permit,
+            watcher,
+            seat,
+        ));
     }
     // Connections the kernel already queued for this listener would be reset
     // when it closes: serve them too, one request each (HTTP/1 keep-alive
@@ -827,6 +873,137 @@ async fn accept_loop(
     };
     if tokio::time::timeout(drain, all).await.is_err() {
         tracing::warn!("drain timed out; closing remaining connections");
+    }
+}
+
+/// Serves one accepted connection to its end on the current worker.
+async fn serve_conn(
+    shared: Arc<Shared>,
+    ctx: Arc<ListenerCtx>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    permit: OwnedSemaphorePermit,
+    watcher: watch::Receiver<()>,
+    seat: Option<Seat>,
+) {
+    let _permit = permit;
+    let _seat = seat;
+    let _guard = ConnectionGuard::new(&shared.proxy.metrics, ctx.name);
+    if ctx.tls {
+        serve_tls(
+            shared,
+            ctx.builder.clone(),
+            watcher,
+            tcp,
+            peer,
+            ctx.handshake_timeout,
+        )
+        .await;
+    } else {
+        let info = Arc::new(ConnInfo::new(peer, None));
+        serve_http(
+            shared,
+            &ctx.builder,
+            Wire::Sniff,
+            watcher,
+            TokioIo::new(tcp),
+            info,
+        )
+        .await;
+    }
+}
+
+/// Sends a connection worker `here` accepted to the worker its seat is on.
+/// Gives it back, seated here, when that worker takes no more (it is
+/// shutting down); `None` when it went (or its socket could not leave this
+/// worker's reactor, which closes it).
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+fn hand_off(
+    balance: &Arc<Balance>,
+    here: usize,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    ctx: &Arc<ListenerCtx>,
+    permit: OwnedSemaphorePermit,
+    watcher: watch::Receiver<()>,
+    seat: Seat,
+) -> Option<(TcpStream, OwnedSemaphorePermit, watch::Receiver<()>, Seat)> {
+    let tcp = match tcp.into_std() {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot move a connection to another worker; closed");
+            return None;
+        }
+    };
+    let h = Handoff {
+        tcp,
+        peer,
+        listener: ctx.clone(),
+        permit,
+        watcher,
+        seat,
+    };
+    let back = balance.hand_off(h).err()?;
+    let Handoff {
+        tcp,
+        permit,
+        watcher,
+        seat,
+        ..
+    } = *back;
+    drop(seat);
+    match TcpStream::from_std(tcp) {
+        Ok(tcp) => Some((tcp, permit, watcher, balance.take(here))),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot serve a connection on its accepting worker; closed");
+            None
+        }
+    }
+}
+
+/// Serves the connections other workers accepted for this one, until
+/// shutdown; then those already sent, and waits (up to `drain`) for all of
+/// them to end: each ends with its accepting listener's drain signal.
+async fn inbox_loop(
+    shared: Arc<Shared>,
+    mut inbox: mpsc::UnboundedReceiver<Handoff>,
+    mut shutdown: watch::Receiver<bool>,
+    drain: Duration,
+) {
+    let mut conns = JoinSet::new();
+    let start = |conns: &mut JoinSet<()>, h: Handoff| match TcpStream::from_std(h.tcp) {
+        Ok(tcp) => {
+            conns.spawn(serve_conn(
+                shared.clone(),
+                h.listener,
+                tcp,
+                h.peer,
+                h.permit,
+                h.watcher,
+                Some(h.seat),
+            ));
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "a connection handed to this worker could not be registered")
+        }
+    };
+    loop {
+        tokio::select! {
+            h = inbox.recv() => match h {
+                Some(h) => start(&mut conns, h),
+                None => break,
+            },
+            _ = shutdown.changed() => break,
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+        }
+    }
+    inbox.close();
+    while let Ok(h) = inbox.try_recv() {
+        start(&mut conns, h);
+    }
+    let all = async { while conns.join_next().await.is_some() {} };
+    if tokio::time::timeout(drain, all).await.is_err() {
+        tracing::debug!("connections handed to this worker outlived the drain timeout");
     }
 }
 

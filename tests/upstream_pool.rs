@@ -430,3 +430,72 @@ async fn a_connection_still_sending_a_body_is_not_waited_on_by_the_next_request(
     assert_eq!(s.upstream.accepted(), 2);
     s.server.shutdown().await;
 }
+
+/// `portcullis_worker_connections` per worker, from the admin `/metrics`.
+async fn worker_connections(s: &Setup, workers: u64) -> Vec<u64> {
+    let mut t = tokio::net::TcpStream::connect(s.server.admin_addr)
+        .await
+        .unwrap();
+    t.write_all(b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut text = String::new();
+    tokio::time::timeout(DEADLINE, t.read_to_string(&mut text))
+        .await
+        .unwrap()
+        .unwrap();
+    (0..workers)
+        .map(|w| {
+            let name = format!("portcullis_worker_connections{{worker=\"{w}\"}} ");
+            text.lines()
+                .find_map(|l| l.strip_prefix(name.as_str()))
+                .map_or(0, |v| v.trim().parse().unwrap())
+        })
+        .collect()
+}
+
+/// New connections go to the worker with the fewest, whichever worker
+/// accepted them, and each is served there to its end: nine connections
+/// opened one after another sit three on each of three workers, every one
+/// keeps working, and the upstream sees one pooled connection per worker
+/// (each worker has its own pool), so they really run on three threads.
+/// Shutdown still drains them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_spread_evenly_over_the_workers() {
+    let pki = TestPki::new();
+    let upstream = RawUpstream::start().await;
+    let url = format!("http://{}", upstream.addr);
+    let s = setup_with(pki, upstream, &url, "\n[listener]\nworkers = 3\n").await;
+    let mut conns = Vec::new();
+    for _ in 0..9 {
+        let mut c = conn(&s).await;
+        assert_eq!(c.get("/keep", &[]).await.0, StatusCode::OK);
+        conns.push(c);
+    }
+    assert_eq!(worker_connections(&s, 3).await, [3, 3, 3]);
+    for c in &mut conns {
+        let (status, _, body) = c.get("/keep", &[]).await;
+        assert_eq!((status, &body[..]), (StatusCode::OK, &b"ok"[..]));
+    }
+    assert_eq!(s.upstream.requests.load(Ordering::SeqCst), 18);
+    assert_eq!(
+        s.upstream.accepted(),
+        3,
+        "one upstream connection per worker"
+    );
+    // Closed connections give their seats back.
+    conns.truncate(3);
+    let mut left = Vec::new();
+    for _ in 0..50 {
+        left = worker_connections(&s, 3).await;
+        if left.iter().sum::<u64>() == 3 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(left.iter().sum::<u64>(), 3, "{left:?}");
+    tokio::time::timeout(DEADLINE, s.server.shutdown())
+        .await
+        .expect("shutdown drains connections on every worker");
+    drop(conns);
+}

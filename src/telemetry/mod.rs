@@ -48,6 +48,13 @@ pub struct ListenerLabel {
     pub listener: &'static str,
 }
 
+/// Labels naming a proxy worker thread (`[listener] workers`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WorkerLabel {
+    /// The worker's index, from 0.
+    pub worker: u64,
+}
+
 /// Labels naming an outcome.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
@@ -106,6 +113,8 @@ pub struct Metrics {
     pub token_cache_misses: Counter,
     /// Open client connections by listener.
     pub open_connections: Family<ListenerLabel, Gauge>,
+    /// Open proxy connections by the worker thread serving them.
+    pub worker_connections: Family<WorkerLabel, Gauge>,
     /// Connections refused at the connection limit or in the TLS handshake.
     pub connections_refused: Family<ResultLabel, Counter>,
     /// Config reloads by result.
@@ -191,6 +200,7 @@ impl Metrics {
         let token_cache_hits = Counter::default();
         let token_cache_misses = Counter::default();
         let open_connections = Family::<ListenerLabel, Gauge>::default();
+        let worker_connections = Family::<WorkerLabel, Gauge>::default();
         let connections_refused = Family::<ResultLabel, Counter>::default();
         let config_reloads = Family::<ResultLabel, Counter>::default();
         registry.register("requests", "Requests by route and status", requests.clone());
@@ -218,6 +228,11 @@ impl Metrics {
             "open_connections",
             "Open client connections",
             open_connections.clone(),
+        );
+        registry.register(
+            "worker_connections",
+            "Open proxy connections by the worker thread serving them (each new one goes to the least loaded)",
+            worker_connections.clone(),
         );
         registry.register(
             "connections_refused",
@@ -366,6 +381,7 @@ impl Metrics {
             token_cache_hits,
             token_cache_misses,
             open_connections,
+            worker_connections,
             connections_refused,
             config_reloads,
         }
