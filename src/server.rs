@@ -809,17 +809,15 @@ async fn accept_loop(
         };
         let _ = tcp.set_nodelay(true);
         let watcher = drain_tx.subscribe();
-        let (tcp, permit, watcher, seat) = match &balance {
-            None => (tcp, permit, watcher, None),
+        let seat = match &balance {
+            None => None,
             Some((b, here)) => {
                 let seat = b.seat(*here);
                 if seat.worker() == *here {
-                    (tcp, permit, watcher, Some(seat))
+                    Some(seat)
                 } else {
-                    match hand_off(b, *here, tcp, peer, &ctx, permit, watcher, seat) {
-                        None => continue,
-                        Some((tcp, permit, watcher, seat)) => (tcp, permit, watcher, Some(seat)),
-                    }
+                    hand_off(&shared, b, *here, tcp, peer, &ctx, permit, watcher, seat);
+                    continue;
                 }
             }
         };
@@ -913,12 +911,11 @@ async fn serve_conn(
     }
 }
 
-/// Sends a connection worker `here` accepted to the worker its seat is on.
-/// Gives it back, seated here, when that worker takes no more (it is
-/// shutting down); `None` when it went (or its socket could not leave this
-/// worker's reactor, which closes it).
-#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+/// Sends a connection worker `here` accepted to the worker its seat is on,
+/// or serves it here when that worker takes no more (it is shutting down).
+#[allow(clippy::too_many_arguments)]
 fn hand_off(
+    shared: &Arc<Shared>,
     balance: &Arc<Balance>,
     here: usize,
     tcp: TcpStream,
@@ -927,12 +924,12 @@ fn hand_off(
     permit: OwnedSemaphorePermit,
     watcher: watch::Receiver<()>,
     seat: Seat,
-) -> Option<(TcpStream, OwnedSemaphorePermit, watch::Receiver<()>, Seat)> {
+) {
     let tcp = match tcp.into_std() {
         Ok(t) => t,
         Err(e) => {
             tracing::warn!(error = %e, "cannot move a connection to another worker; closed");
-            return None;
+            return;
         }
     };
     let h = Handoff {
@@ -943,20 +940,30 @@ fn hand_off(
         watcher,
         seat,
     };
-    let back = balance.hand_off(h).err()?;
-    let Handoff {
-        tcp,
-        permit,
-        watcher,
-        seat,
-        ..
-    } = *back;
-    drop(seat);
-    match TcpStream::from_std(tcp) {
-        Ok(tcp) => Some((tcp, permit, watcher, balance.take(here))),
+    if let Err(mut back) = balance.hand_off(h) {
+        back.seat = balance.take(here);
+        tokio::spawn(serve_handoff(shared.clone(), *back));
+    }
+}
+
+/// Serves a connection that left its accepting worker's reactor, on the
+/// current worker.
+async fn serve_handoff(shared: Arc<Shared>, h: Handoff) {
+    match TcpStream::from_std(h.tcp) {
+        Ok(tcp) => {
+            serve_conn(
+                shared,
+                h.listener,
+                tcp,
+                h.peer,
+                h.permit,
+                h.watcher,
+                Some(h.seat),
+            )
+            .await
+        }
         Err(e) => {
-            tracing::warn!(error = %e, "cannot serve a connection on its accepting worker; closed");
-            None
+            tracing::warn!(error = %e, "a connection handed to this worker could not be registered")
         }
     }
 }
@@ -971,26 +978,12 @@ async fn inbox_loop(
     drain: Duration,
 ) {
     let mut conns = JoinSet::new();
-    let start = |conns: &mut JoinSet<()>, h: Handoff| match TcpStream::from_std(h.tcp) {
-        Ok(tcp) => {
-            conns.spawn(serve_conn(
-                shared.clone(),
-                h.listener,
-                tcp,
-                h.peer,
-                h.permit,
-                h.watcher,
-                Some(h.seat),
-            ));
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "a connection handed to this worker could not be registered")
-        }
-    };
     loop {
         tokio::select! {
             h = inbox.recv() => match h {
-                Some(h) => start(&mut conns, h),
+                Some(h) => {
+                    conns.spawn(serve_handoff(shared.clone(), h));
+                }
                 None => break,
             },
             _ = shutdown.changed() => break,
@@ -999,7 +992,7 @@ async fn inbox_loop(
     }
     inbox.close();
     while let Ok(h) = inbox.try_recv() {
-        start(&mut conns, h);
+        conns.spawn(serve_handoff(shared.clone(), h));
     }
     let all = async { while conns.join_next().await.is_some() {} };
     if tokio::time::timeout(drain, all).await.is_err() {

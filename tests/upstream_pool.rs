@@ -189,9 +189,8 @@ auth = "public"
     }
 }
 
-/// `portcullis_upstream_connections_opened_total` by reason, from the admin
-/// listener's `/metrics`: (none_idle, all_busy, closed).
-async fn opened(s: &Setup) -> (u64, u64, u64) {
+/// The admin listener's `/metrics` text.
+async fn scrape(s: &Setup) -> String {
     let mut t = tokio::net::TcpStream::connect(s.server.admin_addr)
         .await
         .unwrap();
@@ -203,11 +202,26 @@ async fn opened(s: &Setup) -> (u64, u64, u64) {
         .await
         .unwrap()
         .unwrap();
+    text
+}
+
+/// The value of the sample `name` (with its labels) in a scrape; 0 when absent.
+fn sample(text: &str, name: &str) -> u64 {
+    let name = format!("{name} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(name.as_str()))
+        .map_or(0, |v| v.trim().parse().unwrap())
+}
+
+/// `portcullis_upstream_connections_opened_total` by reason, from the admin
+/// listener's `/metrics`: (none_idle, all_busy, closed).
+async fn opened(s: &Setup) -> (u64, u64, u64) {
+    let text = scrape(s).await;
     let count = |reason: &str| {
-        let name = format!("portcullis_upstream_connections_opened_total{{reason=\"{reason}\"}} ");
-        text.lines()
-            .find_map(|l| l.strip_prefix(name.as_str()))
-            .map_or(0, |v| v.trim().parse().unwrap())
+        sample(
+            &text,
+            &format!("portcullis_upstream_connections_opened_total{{reason=\"{reason}\"}}"),
+        )
     };
     (count("none_idle"), count("all_busy"), count("closed"))
 }
@@ -433,23 +447,13 @@ async fn a_connection_still_sending_a_body_is_not_waited_on_by_the_next_request(
 
 /// `portcullis_worker_connections` per worker, from the admin `/metrics`.
 async fn worker_connections(s: &Setup, workers: u64) -> Vec<u64> {
-    let mut t = tokio::net::TcpStream::connect(s.server.admin_addr)
-        .await
-        .unwrap();
-    t.write_all(b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut text = String::new();
-    tokio::time::timeout(DEADLINE, t.read_to_string(&mut text))
-        .await
-        .unwrap()
-        .unwrap();
+    let text = scrape(s).await;
     (0..workers)
         .map(|w| {
-            let name = format!("portcullis_worker_connections{{worker=\"{w}\"}} ");
-            text.lines()
-                .find_map(|l| l.strip_prefix(name.as_str()))
-                .map_or(0, |v| v.trim().parse().unwrap())
+            sample(
+                &text,
+                &format!("portcullis_worker_connections{{worker=\"{w}\"}}"),
+            )
         })
         .collect()
 }

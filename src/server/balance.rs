@@ -13,19 +13,18 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::{OwnedSemaphorePermit, mpsc, watch};
 
 use crate::telemetry::{Metrics, WorkerLabel};
 
-/// Open connections per worker, and each worker's inbox for connections
-/// another worker accepted for it.
+/// Open connections per worker (the `portcullis_worker_connections`
+/// gauges are the counts), and each worker's inbox for connections another
+/// worker accepted for it.
 pub(crate) struct Balance {
-    live: Box<[AtomicUsize]>,
+    live: Box<[Gauge]>,
     inboxes: Box<[mpsc::UnboundedSender<Handoff>]>,
-    gauges: Box<[Gauge]>,
 }
 
 /// A connection's place on a worker: counted from the moment the worker is
@@ -44,8 +43,7 @@ impl Seat {
 
 impl Drop for Seat {
     fn drop(&mut self) {
-        self.balance.live[self.worker].fetch_sub(1, Ordering::Relaxed);
-        self.balance.gauges[self.worker].dec();
+        self.balance.live[self.worker].dec();
     }
 }
 
@@ -73,17 +71,15 @@ impl Balance {
     ) -> (Arc<Self>, Vec<mpsc::UnboundedReceiver<Handoff>>) {
         let (senders, receivers): (Vec<_>, Vec<_>) =
             (0..workers).map(|_| mpsc::unbounded_channel()).unzip();
-        let gauges = (0..workers)
-            .map(|w| {
-                metrics
-                    .worker_connections
-                    .get_or_create_owned(&WorkerLabel { worker: w as u64 })
-            })
-            .collect();
         let balance = Arc::new(Self {
-            live: (0..workers).map(|_| AtomicUsize::new(0)).collect(),
+            live: (0..workers)
+                .map(|w| {
+                    metrics
+                        .worker_connections
+                        .get_or_create_owned(&WorkerLabel { worker: w as u64 })
+                })
+                .collect(),
             inboxes: senders.into_boxed_slice(),
-            gauges,
         });
         (balance, receivers)
     }
@@ -92,9 +88,9 @@ impl Balance {
     /// worker with the fewest open connections, `here` on a tie.
     pub(crate) fn seat(self: &Arc<Self>, here: usize) -> Seat {
         let mut best = here;
-        let mut least = self.live[here].load(Ordering::Relaxed);
+        let mut least = self.live[here].get();
         for (w, n) in self.live.iter().enumerate() {
-            let n = n.load(Ordering::Relaxed);
+            let n = n.get();
             if n < least {
                 (best, least) = (w, n);
             }
@@ -104,8 +100,7 @@ impl Balance {
 
     /// Takes a seat on worker `w` (a connection that stays where it is).
     pub(crate) fn take(self: &Arc<Self>, w: usize) -> Seat {
-        self.live[w].fetch_add(1, Ordering::Relaxed);
-        self.gauges[w].inc();
+        self.live[w].inc();
         Seat {
             balance: self.clone(),
             worker: w,
