@@ -223,10 +223,9 @@ mod tests {
 #[derive(Debug, Default)]
 pub struct RouteMetricHandles {
     /// Upstream latency histogram.
-    pub upstream: std::sync::OnceLock<prometheus_client::metrics::histogram::Histogram>,
+    pub upstream: std::sync::OnceLock<crate::telemetry::sharded::Histogram>,
     /// Request counters for the statuses a route answers most.
-    pub by_status:
-        [std::sync::OnceLock<prometheus_client::metrics::counter::Counter>; COMMON_STATUSES.len()],
+    pub by_status: [std::sync::OnceLock<crate::telemetry::sharded::Counter>; COMMON_STATUSES.len()],
 }
 
 /// Statuses with a cached counter per route; others go through the family.

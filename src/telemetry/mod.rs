@@ -5,6 +5,7 @@
 //! token. This room never decides anything.
 
 pub mod logging;
+pub mod sharded;
 pub mod trace;
 
 use std::sync::{Arc, OnceLock};
@@ -102,15 +103,15 @@ pub struct LiveKindLabel {
 pub struct Metrics {
     registry: Registry,
     /// Requests by route and status.
-    pub requests: Family<RouteStatus, Counter>,
+    pub requests: Family<RouteStatus, sharded::Counter>,
     /// Decisions by action and reason.
     pub decisions: Family<ActionLabel, Counter>,
     /// Upstream response-header latency by route.
-    pub upstream_seconds: Family<RouteLabel, Histogram>,
+    pub upstream_seconds: Family<RouteLabel, sharded::Histogram>,
     /// Token verification cache hits.
-    pub token_cache_hits: Counter,
+    pub token_cache_hits: sharded::Counter,
     /// Token verification cache misses.
-    pub token_cache_misses: Counter,
+    pub token_cache_misses: sharded::Counter,
     /// Open client connections by listener.
     pub open_connections: Family<ListenerLabel, Gauge>,
     /// Open proxy connections by the worker thread serving them.
@@ -128,9 +129,9 @@ pub struct Metrics {
     /// Requests refused by the posture baseline, by reason.
     pub posture_denials: Family<ResultLabel, Counter>,
     /// Policy decisions served from the decision cache.
-    pub policy_cache_hits: Counter,
+    pub policy_cache_hits: sharded::Counter,
     /// Policy decisions that needed a Cedar evaluation.
-    pub policy_cache_misses: Counter,
+    pub policy_cache_misses: sharded::Counter,
     /// Policy set reloads by result (`ok`, `error`).
     pub policy_reloads: Family<ResultLabel, Counter>,
     /// Requests where the shadow set decided differently, by both actions.
@@ -182,6 +183,12 @@ fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0001, 2.0, 20))
 }
 
+/// [`latency_histogram`]'s buckets, for the per-request series (one slot
+/// per worker, see [`sharded`]).
+fn sharded_latency_histogram() -> sharded::Histogram {
+    sharded::Histogram::new(exponential_buckets(0.0001, 2.0, 20))
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
@@ -192,13 +199,13 @@ impl Metrics {
     /// Creates and registers every metric under the `portcullis` prefix.
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("portcullis");
-        let requests = Family::<RouteStatus, Counter>::default();
+        let requests = Family::<RouteStatus, sharded::Counter>::default();
         let decisions = Family::<ActionLabel, Counter>::default();
-        let upstream_seconds = Family::<RouteLabel, Histogram>::new_with_constructor(
-            latency_histogram as fn() -> Histogram,
+        let upstream_seconds = Family::<RouteLabel, sharded::Histogram>::new_with_constructor(
+            sharded_latency_histogram as fn() -> sharded::Histogram,
         );
-        let token_cache_hits = Counter::default();
-        let token_cache_misses = Counter::default();
+        let token_cache_hits = sharded::Counter::default();
+        let token_cache_misses = sharded::Counter::default();
         let open_connections = Family::<ListenerLabel, Gauge>::default();
         let worker_connections = Family::<WorkerLabel, Gauge>::default();
         let connections_refused = Family::<ResultLabel, Counter>::default();
@@ -270,8 +277,8 @@ impl Metrics {
             "Requests refused by the posture baseline, by reason",
             posture_denials.clone(),
         );
-        let policy_cache_hits = Counter::default();
-        let policy_cache_misses = Counter::default();
+        let policy_cache_hits = sharded::Counter::default();
+        let policy_cache_misses = sharded::Counter::default();
         let policy_reloads = Family::<ResultLabel, Counter>::default();
         let policy_shadow_divergences = Family::<ShadowLabel, Counter>::default();
         let policy_audit_dropped = Counter::default();
