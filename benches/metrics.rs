@@ -46,47 +46,54 @@ fn contended(iters: u64, update: impl Fn(), other: impl Fn() + Send + 'static) -
     took
 }
 
-fn bench(c: &mut Criterion) {
-    let mut g = c.benchmark_group("metrics_two_workers");
-    g.bench_function("prometheus_client_counter_and_histogram", |b| {
+/// One request's updates: a counter increment and a latency observation.
+trait Series: Clone + Send + 'static {
+    fn record(&self, v: f64);
+}
+
+impl Series for (Counter, Histogram) {
+    fn record(&self, v: f64) {
+        self.0.inc();
+        self.1.observe(v);
+    }
+}
+
+impl Series for (sharded::Counter, sharded::Histogram) {
+    fn record(&self, v: f64) {
+        self.0.inc();
+        self.1.observe(v);
+    }
+}
+
+fn bench_series<S: Series>(
+    g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    name: &str,
+    new: impl Fn() -> S,
+) {
+    g.bench_function(name, |b| {
         b.iter_custom(|iters| {
-            let (c, h) = (
-                Counter::<u64>::default(),
-                Histogram::new(exponential_buckets(0.0001, 2.0, 20)),
-            );
-            let (c2, h2) = (c.clone(), h.clone());
+            let s = new();
+            let other = s.clone();
             contended(
                 iters,
-                || {
-                    c.inc();
-                    h.observe(black_box(0.0012));
-                },
-                move || {
-                    c2.inc();
-                    h2.observe(0.0009);
-                },
+                || s.record(black_box(0.0012)),
+                move || other.record(0.0009),
             )
         })
     });
-    g.bench_function("sharded_counter_and_histogram", |b| {
-        b.iter_custom(|iters| {
-            let (c, h) = (
-                sharded::Counter::default(),
-                sharded::Histogram::new(exponential_buckets(0.0001, 2.0, 20)),
-            );
-            let (c2, h2) = (c.clone(), h.clone());
-            contended(
-                iters,
-                || {
-                    c.inc();
-                    h.observe(black_box(0.0012));
-                },
-                move || {
-                    c2.inc();
-                    h2.observe(0.0009);
-                },
-            )
-        })
+}
+
+fn bench(c: &mut Criterion) {
+    let buckets = || exponential_buckets(0.0001, 2.0, 20);
+    let mut g = c.benchmark_group("metrics_two_workers");
+    bench_series(&mut g, "prometheus_client_counter_and_histogram", || {
+        (Counter::<u64>::default(), Histogram::new(buckets()))
+    });
+    bench_series(&mut g, "sharded_counter_and_histogram", || {
+        (
+            sharded::Counter::default(),
+            sharded::Histogram::new(buckets()),
+        )
     });
     g.finish();
 }
