@@ -25,7 +25,7 @@ fn contended(iters: u64, update: impl Fn(), other: impl Fn() + Send + 'static) -
     let t = {
         let (stop, started) = (stop.clone(), started.clone());
         std::thread::spawn(move || {
-            sharded::enter_worker(1);
+            portcullis::util::worker::enter(1);
             started.store(true, Ordering::Release);
             while !stop.load(Ordering::Relaxed) {
                 other();
@@ -35,7 +35,7 @@ fn contended(iters: u64, update: impl Fn(), other: impl Fn() + Send + 'static) -
     while !started.load(Ordering::Acquire) {
         std::hint::spin_loop();
     }
-    sharded::enter_worker(0);
+    portcullis::util::worker::enter(0);
     let t0 = Instant::now();
     for _ in 0..iters {
         update();

@@ -641,8 +641,7 @@ fn spawn_workers(
         std::thread::Builder::new()
             .name(format!("portcullis-w{w}"))
             .spawn(move || {
-                crate::proxy::client::enter_worker(w);
-                crate::telemetry::sharded::enter_worker(w);
+                crate::util::worker::enter(w);
                 runtime.block_on(async move {
                     let mut loops = JoinSet::new();
                     // Keeps a near timer armed; see WORKER_TICK.

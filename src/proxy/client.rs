@@ -19,7 +19,6 @@
 //! upstream closed it while idle) is retried once on a new connection, as
 //! hyper-util does; a request that reached the upstream is never retried.
 
-use std::cell::Cell;
 use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
@@ -54,17 +53,6 @@ type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
 /// worker's 1 s tick): it closes after 89 to 91 s idle, with no clock read
 /// per request.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
-
-thread_local! {
-    /// Which pool this thread uses: 0 off the proxy workers, `n + 1` on worker `n`.
-    static POOL_INDEX: Cell<usize> = const { Cell::new(0) };
-}
-
-/// Marks the current thread as proxy worker `worker` (0-based), so it uses
-/// its own upstream pool.
-pub fn enter_worker(worker: usize) {
-    POOL_INDEX.with(|i| i.set(worker.saturating_add(1)));
-}
 
 /// One upstream pool per proxy worker thread, plus one for every other thread
 /// (requests are served on the workers; the shared pool, never pruned by a
@@ -108,9 +96,7 @@ impl UpstreamPools {
     /// The pool of the calling thread. Its connections' tasks run on the
     /// runtime that opened them, which for a worker is its own.
     pub fn here(&self) -> &Pool {
-        POOL_INDEX
-            .with(Cell::get)
-            .checked_sub(1)
+        crate::util::worker::current()
             .and_then(|w| self.workers.get(w))
             .unwrap_or(&self.shared)
     }

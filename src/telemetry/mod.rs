@@ -178,15 +178,19 @@ pub struct ShadowLabel {
     pub shadow: &'static str,
 }
 
-fn latency_histogram() -> Histogram {
-    // 100 µs … ~52 s.
-    Histogram::new(exponential_buckets(0.0001, 2.0, 20))
+/// Latency buckets: 100 µs … ~52 s.
+fn latency_buckets() -> impl Iterator<Item = f64> {
+    exponential_buckets(0.0001, 2.0, 20)
 }
 
-/// [`latency_histogram`]'s buckets, for the per-request series (one slot
-/// per worker, see [`sharded`]).
+fn latency_histogram() -> Histogram {
+    Histogram::new(latency_buckets())
+}
+
+/// The same buckets, for the per-request series (one slot per worker, see
+/// [`sharded`]).
 fn sharded_latency_histogram() -> sharded::Histogram {
-    sharded::Histogram::new(exponential_buckets(0.0001, 2.0, 20))
+    sharded::Histogram::new(latency_buckets())
 }
 
 impl Default for Metrics {

@@ -4,12 +4,11 @@
 //! mutex-guarded record, shared by every thread: with two proxy workers
 //! each counting every request, the cache line holding it moves between the
 //! cores on every request (and the histogram's lock with it). Here each
-//! proxy worker ([`enter_worker`]) counts into its own cache-line-aligned
+//! proxy worker ([`crate::util::worker`]) counts into its own cache-line-aligned
 //! slot, every other thread into a slot of its own kind, and a scrape adds
 //! the slots up. What a scrape shows is the same text as before: a counter
 //! or a classic histogram with the same buckets.
 
-use std::cell::Cell;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -21,18 +20,10 @@ use prometheus_client::metrics::{MetricType, TypedMetric};
 /// correct: every update is atomic).
 const SLOTS: usize = 8;
 
-thread_local! {
-    static SLOT: Cell<usize> = const { Cell::new(0) };
-}
-
-/// Marks the current thread as proxy worker `worker`: its updates go to a
-/// slot no other worker uses (up to `SLOTS - 1` workers).
-pub fn enter_worker(worker: usize) {
-    SLOT.with(|s| s.set(1 + worker % (SLOTS - 1)));
-}
-
+/// The current thread's slot: a worker's own (up to `SLOTS - 1` workers),
+/// or 0.
 fn slot() -> usize {
-    SLOT.with(Cell::get)
+    crate::util::worker::current().map_or(0, |w| 1 + w % (SLOTS - 1))
 }
 
 /// One slot on a cache line (two: the adjacent-line prefetcher pairs them).
@@ -124,8 +115,8 @@ impl Histogram {
     /// Records one value.
     pub fn observe(&self, v: f64) {
         let slot = slot();
-        let last = self.bounds.len().saturating_sub(1);
-        let bucket = self.bounds.partition_point(|b| *b < v).min(last);
+        // The last bound is `+Inf`, so every value but NaN lands before it.
+        let bucket = self.bounds.partition_point(|b| *b < v);
         if let Some(c) = self.count_cell(slot, bucket) {
             c.fetch_add(1, Ordering::Relaxed);
         }
@@ -194,7 +185,7 @@ mod tests {
                 let c = c.clone();
                 std::thread::spawn(move || {
                     if w > 0 {
-                        enter_worker(w - 1);
+                        crate::util::worker::enter(w - 1);
                     }
                     for _ in 0..1000 {
                         c.inc();
@@ -224,7 +215,7 @@ mod tests {
             .map(|w| {
                 let h = ours.clone();
                 std::thread::spawn(move || {
-                    enter_worker(w);
+                    crate::util::worker::enter(w);
                     for v in values {
                         h.observe(v);
                     }

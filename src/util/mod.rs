@@ -1,6 +1,7 @@
 //! Small shared helpers: hashing, clocks, request ids.
 
 pub mod front;
+pub mod worker;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
