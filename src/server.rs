@@ -27,6 +27,7 @@ use crate::telemetry::{ConnectionGuard, Metrics, ResultLabel};
 use crate::tls::{PeerCertificate, TlsConfigs, TlsInfo};
 
 mod balance;
+mod conn;
 use balance::{Balance, Handoff, Seat};
 
 /// Why the server could not start or reload.
@@ -712,8 +713,9 @@ struct Engines {
     auto: auto::Builder<TokioExecutor>,
     h1: http1::Builder,
     h2: http2::Builder<TokioExecutor>,
-    /// Time to send the h2 connection preface (the header-read timeout).
-    preface_timeout: Duration,
+    /// Time to send a request's head on `h1` (see `conn::HeadClock`) and
+    /// the h2 connection preface: the header-read timeout.
+    head_timeout: Duration,
 }
 
 fn http_builder(cfg: &Config) -> Engines {
@@ -721,8 +723,10 @@ fn http_builder(cfg: &Config) -> Engines {
     h1_limits(cfg, &mut auto.http1());
     h2_limits(cfg, &mut auto.http2());
     let mut h1 = http1::Builder::new();
+    // The header-read timeout of TLS HTTP/1.1 connections is kept by
+    // `conn::HeadClock`, one timer per connection instead of one per request.
     h1.timer(TokioTimer::new())
-        .header_read_timeout(cfg.header_read_timeout())
+        .header_read_timeout(None)
         .max_buf_size(cfg.proxy.max_header_bytes.max(8192))
         .max_headers(cfg.proxy.max_headers)
         .keep_alive(true);
@@ -735,7 +739,7 @@ fn http_builder(cfg: &Config) -> Engines {
         auto,
         h1,
         h2,
-        preface_timeout: cfg.header_read_timeout(),
+        head_timeout: cfg.header_read_timeout(),
     }
 }
 
@@ -1086,7 +1090,7 @@ async fn serve_tls(
         return;
     }
     let mut stream = stream;
-    match tokio::time::timeout(builder.preface_timeout, read_preface(&mut stream)).await {
+    match tokio::time::timeout(builder.head_timeout, read_preface(&mut stream)).await {
         Ok(Ok(Some(preface))) => {
             let io = TokioIo::new(Prefixed::new(preface, stream));
             serve_http(shared, &builder, Wire::H2, watcher, io, info).await;
@@ -1229,11 +1233,17 @@ async fn serve_http<I>(
 ) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
+    // HTTP/1.1 over TLS: the header-read deadline is kept here (hyper's is
+    // off for `h1`; `auto` keeps hyper's own, it may turn out to be h2).
+    let head =
+        matches!(wire, Wire::H1).then(|| Arc::new(conn::HeadClock::new(engines.head_timeout)));
     let proxy = shared.proxy.clone();
+    let clock = head.clone();
     let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
         let proxy = proxy.clone();
         let info = info.clone();
         let shared = shared.clone();
+        let in_flight = clock.as_ref().map(conn::HeadClock::request);
         async move {
             let h1 = req.version() < hyper::Version::HTTP_2;
             // Boxed: the request's future is a few KiB, and hyper moves
@@ -1247,48 +1257,35 @@ async fn serve_http<I>(
                     hyper::header::HeaderValue::from_static("close"),
                 );
             }
-            Ok::<_, Infallible>(resp)
+            Ok::<_, Infallible>(resp.map(|b| conn::Tracked::new(b, in_flight)))
         }
     });
+    let head = head.as_deref();
     let ended = match wire {
         Wire::Sniff => {
-            let conn = engines.auto.serve_connection_with_upgrades(io, svc);
-            drain(conn, watcher, |c| c.graceful_shutdown()).await
+            let c = engines.auto.serve_connection_with_upgrades(io, svc);
+            conn::run(c, watcher, head, |c| c.graceful_shutdown()).await
         }
         Wire::H1 => {
-            let conn = engines.h1.serve_connection(io, svc).with_upgrades();
-            drain(conn, watcher, |c| c.graceful_shutdown())
-                .await
-                .map_err(Into::into)
+            let c = engines.h1.serve_connection(io, svc).with_upgrades();
+            match conn::run(c, watcher, head, |c| c.graceful_shutdown()).await {
+                conn::Ended::Done(r) => conn::Ended::Done(r.map_err(Into::into)),
+                conn::Ended::HeadTimeout => conn::Ended::HeadTimeout,
+            }
         }
         Wire::H2 => {
-            let conn = engines.h2.serve_connection(io, svc);
-            drain(conn, watcher, |c| c.graceful_shutdown())
-                .await
-                .map_err(Into::into)
+            let c = engines.h2.serve_connection(io, svc);
+            match conn::run(c, watcher, head, |c| c.graceful_shutdown()).await {
+                conn::Ended::Done(r) => conn::Ended::Done(r.map_err(Into::into)),
+                conn::Ended::HeadTimeout => conn::Ended::HeadTimeout,
+            }
         }
     };
-    if let Err(e) = ended {
-        tracing::debug!(error = %e, "connection ended with error");
+    match ended {
+        conn::Ended::Done(Err(e)) => tracing::debug!(error = %e, "connection ended with error"),
+        conn::Ended::HeadTimeout => {
+            tracing::debug!("no request head within the header-read timeout; connection closed")
+        }
+        conn::Ended::Done(Ok(())) => {}
     }
-}
-
-/// Runs a connection to its end; on the drain signal asks it to finish
-/// gracefully (no new requests, in-flight ones complete). Holding `drain`
-/// until the end is what lets the accept loop wait for the last connection.
-async fn drain<C, E>(
-    conn: C,
-    mut drain: watch::Receiver<()>,
-    graceful: impl FnOnce(std::pin::Pin<&mut C>),
-) -> Result<(), E>
-where
-    C: std::future::Future<Output = Result<(), E>>,
-{
-    let mut conn = std::pin::pin!(conn);
-    tokio::select! {
-        r = conn.as_mut() => return r,
-        _ = drain.changed() => {}
-    }
-    graceful(conn.as_mut());
-    conn.await
 }

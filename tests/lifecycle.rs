@@ -412,6 +412,72 @@ async fn slow_headers_are_cut_off_and_oversized_headers_refused() {
     assert_eq!(f.upstream.count(), 0);
 }
 
+/// Reads one HTTP/1.1 response with a `Content-Length` body from `s`.
+async fn read_response<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let text = String::from_utf8_lossy(&got).into_owned();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let len = text[..end]
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse::<usize>().ok())?
+                })
+                .expect("a content-length");
+            if got.len() >= end + 4 + len {
+                return text;
+            }
+        }
+        let n = tokio::time::timeout(DEADLINE, s.read(&mut buf))
+            .await
+            .expect("response in time")
+            .expect("read");
+        assert!(n > 0, "closed mid-response: `{text}`");
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
+#[tokio::test]
+async fn the_header_read_timeout_spares_requests_in_flight_and_closes_idle_keep_alive() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let f = files().await;
+    // 300 ms to send a head; the upstream's `/delay` takes 1 s to answer.
+    let cfg = config(&f, "", "header_read_timeout_ms = 300");
+    let server = portcullis::server::start(f.pki.write_config("p.toml", &cfg))
+        .await
+        .unwrap();
+    let token = f.ec.sign(&claims(ISS, "alice")).unwrap();
+    let mut s = raw_tls(&f.pki.ca_pem, server.proxy_addr).await;
+    // A request that waits on its upstream longer than the header-read
+    // timeout is not cut: the clock stops while a request is in flight.
+    let req =
+        format!("GET /delay HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let first = read_response(&mut s).await;
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    assert!(first.ends_with("late"), "{first}");
+    // The clock starts again with the response: a next request in time is
+    // served on the same connection.
+    s.write_all(req.as_bytes()).await.unwrap();
+    let second = read_response(&mut s).await;
+    assert!(second.ends_with("late"), "{second}");
+    assert_eq!(f.upstream.count(), 2);
+    // Then silence: the idle keep-alive connection is closed (EOF or reset).
+    let mut buf = [0u8; 256];
+    let n = tokio::time::timeout(DEADLINE, s.read(&mut buf))
+        .await
+        .expect("the idle connection stayed open");
+    if let Ok(n) = n {
+        let text = String::from_utf8_lossy(&buf[..n]);
+        assert!(n == 0 || text.starts_with("HTTP/1.1 408"), "got `{text}`");
+    }
+    assert_eq!(f.upstream.count(), 2);
+}
+
 #[tokio::test]
 async fn the_connection_limit_holds_new_connections_until_one_closes() {
     let f = files().await;

@@ -823,7 +823,12 @@ impl Proxy {
             .map(|t| t.upstream(&parts.method, &parts.uri, &mut parts.headers));
         let up_req = Request::from_parts(parts, body);
         let started = Instant::now();
-        let result = tokio::time::timeout(route.timeout, rt_upstream(_rt).request(up_req)).await;
+        // `timeout_at` from the clock read just taken (`timeout` reads it again).
+        let result = tokio::time::timeout_at(
+            (started + route.timeout).into(),
+            rt_upstream(_rt).request(up_req),
+        )
+        .await;
         if let Some(s) = span {
             s.end(match &result {
                 Ok(Ok(r)) => Ok(r.status()),
