@@ -693,8 +693,9 @@ fn spawn_workers(
     Ok(())
 }
 
-/// Period of each worker's idle ticker. Every request arms timers (hyper's
-/// header-read timeout, the route's upstream timeout); arming one that falls
+/// Period of each worker's idle ticker. Every request arms a timer (the
+/// route's upstream timeout; a connection's header-read timer is re-armed
+/// only when it fires, see `conn::HeadClock`); arming one that falls
 /// due before the time driver's next planned wake-up makes tokio wake the
 /// driver through its eventfd (a `write`, then an extra `epoll_wait`
 /// return), which at load was half a wake-up per request. With a tick always
