@@ -356,6 +356,17 @@ impl Cluster {
         self.cfg.max_staleness_s
     }
 
+    /// The newest sequence in the event stream (one JetStream API request).
+    pub async fn stream_last_sequence(&self) -> Result<u64, String> {
+        let mut stream = self
+            .js
+            .get_stream(&self.cfg.stream)
+            .await
+            .map_err(|e| format!("stream: {e}"))?;
+        let info = stream.info().await.map_err(|e| format!("stream: {e}"))?;
+        Ok(info.state.last_sequence)
+    }
+
     /// True while connected to NATS.
     pub fn connected(&self) -> bool {
         self.client.connection_state() == async_nats::connection::State::Connected

@@ -492,6 +492,35 @@ impl Posture {
         rx.await.map_err(|_| IngestError::Closed)?
     }
 
+    /// Read-your-writes across replicas: waits (up to the cluster's ack
+    /// timeout) until this replica has applied every event the stream held
+    /// when called, so a change accepted by another replica is visible here.
+    /// A no-op without a cluster and on a lazy sidecar (it does not apply
+    /// the stream). When NATS cannot say or the wait runs out, the caller
+    /// goes on with what this replica has (logged).
+    pub async fn catch_up(&self) {
+        let Some(c) = self.cluster.get().filter(|c| !c.is_lazy()) else {
+            return;
+        };
+        let wait = async {
+            let last = c.stream_last_sequence().await?;
+            let mut rx = self.stream_applied.subscribe();
+            rx.wait_for(|p| *p >= last)
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string())
+        };
+        match tokio::time::timeout(c.ack_timeout(), wait).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot tell how far the stream goes; answering from this replica's picture")
+            }
+            Err(_) => tracing::warn!(
+                "this replica has not applied the stream's tail in time; answering from its picture"
+            ),
+        }
+    }
+
     /// Joins a cluster: from now on ingest publishes to its stream.
     pub fn attach_cluster(&self, cluster: Arc<cluster::Cluster>) {
         let _ = self.cluster.set(cluster);

@@ -100,6 +100,10 @@ async fn route(ctx: &FeedContext, req: Request<Incoming>) -> Result<AdminRespons
         .ok_or_else(|| ScimError::not_found("bad escape in the path"))?;
     let segs: Vec<&str> = segs.iter().map(String::as_str).collect();
     let query = Query::parse(req.uri().query())?;
+    // A resource another replica just created or changed must be found
+    // here too (a provisioning client behind a load balancer creates a
+    // user on one replica and patches it on the next).
+    ctx.posture.catch_up().await;
     let snap = ctx.posture.snapshot();
     let call = Call { ctx, cfg, snap };
     let method = req.method().clone();
