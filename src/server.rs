@@ -1269,24 +1269,18 @@ async fn serve_http<I>(
         }
         Wire::H1 => {
             let c = engines.h1.serve_connection(io, svc).with_upgrades();
-            match conn::run(c, watcher, head, |c| c.graceful_shutdown()).await {
-                conn::Ended::Done(r) => conn::Ended::Done(r.map_err(Into::into)),
-                conn::Ended::HeadTimeout => conn::Ended::HeadTimeout,
-            }
+            conn::run(c, watcher, head, |c| c.graceful_shutdown())
+                .await
+                .map_err(Into::into)
         }
         Wire::H2 => {
             let c = engines.h2.serve_connection(io, svc);
-            match conn::run(c, watcher, head, |c| c.graceful_shutdown()).await {
-                conn::Ended::Done(r) => conn::Ended::Done(r.map_err(Into::into)),
-                conn::Ended::HeadTimeout => conn::Ended::HeadTimeout,
-            }
+            conn::run(c, watcher, head, |c| c.graceful_shutdown())
+                .await
+                .map_err(Into::into)
         }
     };
-    match ended {
-        conn::Ended::Done(Err(e)) => tracing::debug!(error = %e, "connection ended with error"),
-        conn::Ended::HeadTimeout => {
-            tracing::debug!("no request head within the header-read timeout; connection closed")
-        }
-        conn::Ended::Done(Ok(())) => {}
+    if let Err(e) = ended {
+        tracing::debug!(error = %e, "connection ended with error");
     }
 }

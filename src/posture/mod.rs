@@ -455,9 +455,7 @@ impl Posture {
                     .collect());
             }
             let last = acks.iter().map(|a| a.0).max().unwrap_or(0);
-            let mut rx = self.stream_applied.subscribe();
-            let applied = tokio::time::timeout(c.ack_timeout(), rx.wait_for(|p| *p >= last)).await;
-            if !matches!(applied, Ok(Ok(_))) {
+            if !self.applied(last, c.ack_timeout()).await {
                 tracing::warn!(
                     stream_seq = last,
                     "events are durable in the stream but not applied here yet"
@@ -502,23 +500,36 @@ impl Posture {
         let Some(c) = self.cluster.get().filter(|c| !c.is_lazy()) else {
             return;
         };
-        let wait = async {
-            let last = c.stream_last_sequence().await?;
-            let mut rx = self.stream_applied.subscribe();
-            rx.wait_for(|p| *p >= last)
-                .await
-                .map(drop)
-                .map_err(|e| e.to_string())
-        };
-        match tokio::time::timeout(c.ack_timeout(), wait).await {
-            Ok(Ok(())) => {}
+        let (within, started) = (c.ack_timeout(), std::time::Instant::now());
+        match tokio::time::timeout(within, c.stream_last_sequence()).await {
+            Ok(Ok(last)) => {
+                if !self
+                    .applied(last, within.saturating_sub(started.elapsed()))
+                    .await
+                {
+                    tracing::warn!(
+                        stream_seq = last,
+                        "this replica has not applied the stream's tail in time; answering from its picture"
+                    );
+                }
+            }
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "cannot tell how far the stream goes; answering from this replica's picture")
             }
             Err(_) => tracing::warn!(
-                "this replica has not applied the stream's tail in time; answering from its picture"
+                "cannot tell in time how far the stream goes; answering from this replica's picture"
             ),
         }
+    }
+
+    /// Waits up to `within` until this replica applied stream sequence
+    /// `seq`; false when it has not by then.
+    async fn applied(&self, seq: u64, within: std::time::Duration) -> bool {
+        let mut rx = self.stream_applied.subscribe();
+        matches!(
+            tokio::time::timeout(within, rx.wait_for(|p| *p >= seq)).await,
+            Ok(Ok(_))
+        )
     }
 
     /// Joins a cluster: from now on ingest publishes to its stream.

@@ -127,27 +127,17 @@ impl Body for Tracked {
     }
 }
 
-/// How a connection's serving ended.
-#[derive(Debug)]
-pub enum Ended<E> {
-    /// The connection finished (or failed) by itself.
-    Done(Result<(), E>),
-    /// No request head arrived within the header-read timeout: the
-    /// connection was dropped (closed).
-    HeadTimeout,
-}
-
 /// Runs a connection to its end; on the drain signal asks it to finish
 /// gracefully (no new requests, in-flight ones complete). Holding `drain`
 /// until the end is what lets the accept loop wait for the last connection.
 /// With `head`, a connection that waits longer than its header-read timeout
-/// for a request's head is closed (also while draining).
+/// for a request's head is closed (dropped; also while draining).
 pub async fn run<C, E>(
     conn: C,
     drain: watch::Receiver<()>,
     head: Option<&HeadClock>,
     graceful: impl FnOnce(Pin<&mut C>),
-) -> Ended<E>
+) -> Result<(), E>
 where
     C: Future<Output = Result<(), E>>,
 {
@@ -164,10 +154,10 @@ where
         };
         let first = std::future::poll_fn(|cx| {
             if let Poll::Ready(r) = conn.as_mut().poll(cx) {
-                return Poll::Ready(Some(Ended::Done(r)));
+                return Poll::Ready(Some(r));
             }
             if watch.poll_expired(cx) {
-                return Poll::Ready(Some(Ended::HeadTimeout));
+                return Poll::Ready(Some(head_timeout()));
             }
             if signal.poll_signalled(cx) {
                 return Poll::Ready(None);
@@ -182,14 +172,20 @@ where
     graceful(conn.as_mut());
     std::future::poll_fn(|cx| {
         if let Poll::Ready(r) = conn.as_mut().poll(cx) {
-            return Poll::Ready(Ended::Done(r));
+            return Poll::Ready(r);
         }
         if watch.poll_expired(cx) {
-            return Poll::Ready(Ended::HeadTimeout);
+            return Poll::Ready(head_timeout());
         }
         Poll::Pending
     })
     .await
+}
+
+/// The end of a connection that sent no request head in time.
+fn head_timeout<E>() -> Result<(), E> {
+    tracing::debug!("no request head within the header-read timeout; connection closed");
+    Ok(())
 }
 
 /// The drain signal, cheap to poll on every wake-up: an atomic load of the
