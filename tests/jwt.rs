@@ -366,6 +366,29 @@ async fn a_key_removed_from_the_jwks_evicts_the_tokens_it_verified() {
 }
 
 #[tokio::test]
+async fn a_key_published_again_after_its_removal_verifies_again() {
+    let e = env(false).await;
+    let token = e.ec.sign(&claims(ISS, "dave")).unwrap();
+    assert_eq!(e.status(&token).await.0, StatusCode::OK);
+    e.jwks.set_keys(vec![e.rsa.jwk.clone(), e.ed.jwk.clone()]);
+    let stranger = SigningKey::es256("unknown").unwrap();
+    e.assert_refused("unknown kid", &stranger.sign(&claims(ISS, "x")).unwrap())
+        .await;
+    e.assert_refused_because("cached token of a removed key", &token, "key is unknown")
+        .await;
+    // The issuer publishes ec-1 again: the next token of that key triggers a
+    // refresh, and both it and the earlier one pass, twice (the second time
+    // from the cache).
+    e.jwks
+        .set_keys(vec![e.rsa.jwk.clone(), e.ec.jwk.clone(), e.ed.jwk.clone()]);
+    let fresh = e.ec.sign(&claims(ISS, "erin")).unwrap();
+    for t in [&fresh, &token, &fresh, &token] {
+        assert_eq!(e.status(t).await.0, StatusCode::OK);
+    }
+    assert_eq!(e.upstream.last().headers["x-portcullis-subject"], "dave");
+}
+
+#[tokio::test]
 async fn unreachable_jwks_fails_closed_and_readyz_says_so() {
     let pki = TestPki::new();
     let upstream = Upstream::start().await;

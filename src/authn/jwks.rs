@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -144,6 +144,9 @@ pub struct VerifyKey {
     pub validation: Validation,
     /// The JWK as published, to tell an unchanged key across refreshes.
     fingerprint: String,
+    /// Set once a refresh no longer publishes this key (see
+    /// [`Issuer::still_publishes`]); never cleared.
+    withdrawn: AtomicBool,
 }
 
 impl VerifyKey {
@@ -161,6 +164,7 @@ impl VerifyKey {
             key: DecodingKey::from_secret(&[]),
             validation,
             fingerprint: String::new(),
+            withdrawn: AtomicBool::new(false),
         })
     }
 }
@@ -319,12 +323,33 @@ impl Issuer {
         self.refreshes.load(Ordering::Relaxed)
     }
 
-    /// True while `key` is still in the current key set.
+    /// True while `key` is still in the current key set. Every cached token
+    /// asks on every request, so the answer is kept on the key: a refresh
+    /// marks what it stopped publishing right after it swaps the set in (a
+    /// request that read the old set a moment earlier would have said yes
+    /// too). One atomic load instead of a key-set load and a `kid` lookup.
     pub fn still_publishes(&self, key: &Arc<VerifyKey>) -> bool {
-        let set = self.keys.load();
+        !key.withdrawn.load(Ordering::Acquire)
+    }
+
+    /// Whether `set` publishes `key`: under its `kid` when it has one (the
+    /// last key listed with a `kid` wins it), else anywhere in the set.
+    fn publishes(set: &KeySet, key: &Arc<VerifyKey>) -> bool {
         match &key.kid {
             Some(kid) => set.by_kid.get(kid).is_some_and(|k| Arc::ptr_eq(k, key)),
             None => set.keys.iter().any(|k| Arc::ptr_eq(k, key)),
+        }
+    }
+
+    /// Swaps in a new key set, then marks every key of the old and the new
+    /// set that the new one does not publish.
+    fn install(&self, set: KeySet) {
+        let set = Arc::new(set);
+        let old = self.keys.swap(set.clone());
+        for k in old.keys.iter().chain(set.keys.iter()) {
+            if !Self::publishes(&set, k) {
+                k.withdrawn.store(true, Ordering::Release);
+            }
         }
     }
 
@@ -413,7 +438,7 @@ impl Issuer {
         };
         let set = self.parse_jwks(&doc)?;
         let n = set.keys.len();
-        self.keys.store(Arc::new(set));
+        self.install(set);
         self.refreshes.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(issuer = %self.cfg.name, keys = n, "jwks loaded");
         Ok(n)
@@ -435,7 +460,12 @@ impl Issuer {
                 tracing::warn!(issuer = %self.cfg.name, "jwks holds private or symmetric key material; key skipped");
                 continue;
             }
-            if let Some(old) = current.keys.iter().find(|k| k.fingerprint == fingerprint) {
+            // A key once withdrawn stays so: it is parsed afresh if it returns.
+            if let Some(old) = current
+                .keys
+                .iter()
+                .find(|k| k.fingerprint == fingerprint && !k.withdrawn.load(Ordering::Acquire))
+            {
                 if let Some(kid) = &old.kid {
                     set.by_kid.insert(kid.clone(), old.clone());
                 }
@@ -474,6 +504,7 @@ impl Issuer {
                     self.cfg.leeway_s,
                 ),
                 fingerprint,
+                withdrawn: AtomicBool::new(false),
             });
             if let Some(kid) = &vk.kid {
                 if set.by_kid.contains_key(kid) {

@@ -1110,7 +1110,10 @@ fn strip_port(authority: &str) -> &str {
             .split_once(']')
             .map_or(authority, |(h, _)| &h[1..]);
     }
-    authority.rsplit_once(':').map_or(authority, |(h, _)| h)
+    match authority.bytes().rposition(|b| b == b':') {
+        Some(i) => authority.get(..i).unwrap_or(authority),
+        None => authority,
+    }
 }
 
 /// The request's authority as received: the URI's (HTTP/2 `:authority`,
@@ -1224,7 +1227,12 @@ fn phase_workload<B>(
 
 /// Phase 1: finds the route; adds it to the context.
 fn phase_route<B>(rt: &Runtime, req: &Request<B>) -> Result<Arc<Route>, Denial> {
-    let host = request_host(req).unwrap_or("");
+    // The host is read only when some route is bound to one.
+    let host = if rt.routes.by_host() {
+        request_host(req).unwrap_or("")
+    } else {
+        ""
+    };
     rt.routes
         .lookup(host, req.uri().path())
         .cloned()

@@ -89,6 +89,12 @@ impl RouteTable {
         t
     }
 
+    /// Whether any route is bound to a host (else [`RouteTable::lookup`]
+    /// ignores the host it is given).
+    pub fn by_host(&self) -> bool {
+        !self.by_host.is_empty()
+    }
+
     /// Finds the route for a host (without port) and path; host-specific
     /// routes win over `*` routes.
     pub fn lookup(&self, host: &str, path: &str) -> Option<&Arc<Route>> {
