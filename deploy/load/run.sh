@@ -41,10 +41,12 @@
 #   PERF_CALLGRAPH     perf's call-graph option for PROFILE_DIR (default -g;
 #                      "--call-graph dwarf" for stacks through code without
 #                      frame pointers)
-#   CALLGRIND=1        run portcullis under valgrind --tool=callgrind and report
-#                      instructions (Ir) per request for its runs: a repeatable
-#                      measure on a busy machine (use a small CONNS; wall-clock
-#                      numbers of portcullis are meaningless then)
+#   CALLGRIND=1        run portcullis and the nginx proxy under valgrind
+#                      --tool=callgrind and report user-space instructions
+#                      (Ir) per request for their runs, and portcullis's count
+#                      over nginx's per mode: a repeatable measure on a busy
+#                      machine (use a small CONNS; wall-clock numbers of both
+#                      are meaningless then)
 #   CACHE_SIM=1        with CALLGRIND=1: also simulate the caches
 #                      (--cache-sim=yes) and report first-level data misses
 #                      (D1mr + D1mw) and last-level data misses (DLmr + DLmw)
@@ -199,11 +201,11 @@ pick_port() {   # prints a loopback port nobody is listening on
     NEXT_PORT=$((NEXT_PORT+1))
 }
 
-wait_for_port() {   # port, name, pid: wait up to 10 s, fail if the process died
-    local port=$1 name=$2 pid=$3 n=0
+wait_for_port() {   # port, name, pid[, seconds]: wait (10 s), fail if the process died
+    local port=$1 name=$2 pid=$3 secs=${4:-10} n=0
     until port_in_use "$port"; do
         kill -0 "$pid" 2>/dev/null || die "$name exited before listening on 127.0.0.1:$port"
-        (( n++ < 100 )) || die "$name not listening on 127.0.0.1:$port after 10 s"
+        (( n++ < secs * 10 )) || die "$name not listening on 127.0.0.1:$port after $secs s"
         sleep 0.1
     done
 }
@@ -468,13 +470,22 @@ http {
 }
 EOF
 "$NGINX" -t -q -p "$NG" -e "$NG/logs/error.log" -c "$NG/nginx.conf" || die "nginx proxy config invalid"
-"$NGINX" -p "$NG" -e "$NG/logs/error.log" -c "$NG/nginx.conf" -g 'daemon off;' 2>>"$NG/logs/stderr.log" &
+NG_WRAP=() NG_GLOBAL='daemon off;'
+if [[ $CALLGRIND == 1 ]]; then
+    # One process (no master, no forked workers under another user), so
+    # callgrind_control can reach it; under valgrind every process runs one
+    # thread at a time anyway, and instructions per request do not depend
+    # on the worker count.
+    NG_WRAP=(valgrind --tool=callgrind --callgrind-out-file="$NG/callgrind.out" --log-file="$NG/valgrind.log")
+    NG_GLOBAL='daemon off; master_process off;'
+fi
+"${NG_WRAP[@]}" "$NGINX" -p "$NG" -e "$NG/logs/error.log" -c "$NG/nginx.conf" -g "$NG_GLOBAL" 2>>"$NG/logs/stderr.log" &
 NG_PID=$!
 STARTED_PIDS+=("$NG_PID")
-wait_for_port "$NG_PORT" "nginx proxy" "$NG_PID"
+wait_for_port "$NG_PORT" "nginx proxy" "$NG_PID" $(( CALLGRIND == 1 ? 60 : 10 ))
 URL[nginx]=https://127.0.0.1:$NG_PORT/
 ROOT[nginx]=$NG_PID
-log "nginx TLS proxy (pid $NG_PID, 2 workers) on ${URL[nginx]}"
+log "nginx TLS proxy (pid $NG_PID, $([[ $CALLGRIND == 1 ]] && echo "one process under callgrind" || echo "2 workers")) on ${URL[nginx]}"
 
 # ---------------------------------------------------------------- HAProxy ---
 if [[ " $PEERS " == *" haproxy "* ]]; then
@@ -601,8 +612,12 @@ EOF
 
 # cg_events EVENT: the running callgrind's count of EVENT, summed over its
 # threads ("Totals:" then one "Th N <count>" line per thread).
-cg_events() {
-    callgrind_control -e "$1" "$root" | awk '$1 == "Th" { gsub(/,/, "", $NF); s += $NF } END { printf "%.0f", s }'
+cg_events() {   # event, pids: the event's count summed over the processes' threads
+    local ev=$1 p
+    shift
+    for p in "$@"; do
+        callgrind_control -e "$ev" "$p"
+    done | awk '$1 == "Th" { gsub(/,/, "", $NF); s += $NF } END { printf "%.0f", s }'
 }
 
 # run_load mode, duration, url, output: one bounded load run; the output is
@@ -667,7 +682,7 @@ parse_load() {   # mode, output[, window start in µs since the epoch: h2load la
     esac
 }
 
-declare -A TOT_REQS TOT_TICKS TOT_SECS BAD P50_L P99_L UPC
+declare -A TOT_REQS TOT_TICKS TOT_SECS BAD P50_L P99_L UPC TOT_IR TOT_IR_REQS
 NOTES=()
 measure() {   # round, mode, peer
     local round=$1 mode=$2 name=$3 url=${URL[$3]} root=${ROOT[$3]}
@@ -716,9 +731,11 @@ measure() {   # round, mode, peer
         sleep 0.5
     fi
     local cg=0
-    if [[ $CALLGRIND == 1 && $name == portcullis ]]; then
+    if [[ $CALLGRIND == 1 && ( $name == portcullis || $name == nginx ) ]]; then
         cg=1
-        callgrind_control -z "$root" >/dev/null || die "callgrind_control -z failed"
+        for p in "${pids[@]}"; do
+            callgrind_control -z "$p" >/dev/null || die "callgrind_control -z $p failed"
+        done
     fi
     wait "$load_pid" || die "$key: the load run failed"
     t1=$(cpu_split "${pids[@]}"); u1=$(cpu_ticks $(proc_pids "$UP_PID"))
@@ -726,10 +743,10 @@ measure() {   # round, mode, peer
     local ir="" d1=0 ll=0
     if (( cg )); then
         # "Totals: Ir" then one "Th N <count>" line per thread.
-        ir=$(cg_events Ir)
+        ir=$(cg_events Ir "${pids[@]}")
         if [[ $CACHE_SIM == 1 ]]; then
-            d1=$(( $(cg_events D1mr) + $(cg_events D1mw) ))
-            ll=$(( $(cg_events DLmr) + $(cg_events DLmw) ))
+            d1=$(( $(cg_events D1mr "${pids[@]}") + $(cg_events D1mw "${pids[@]}") ))
+            ll=$(( $(cg_events DLmr "${pids[@]}") + $(cg_events DLmw "${pids[@]}") ))
         fi
     fi
     if [[ -n $strace_pid ]]; then
@@ -794,6 +811,8 @@ measure() {   # round, mode, peer
         note+="; syscalls/req $(awk '{ s += $2 } END { printf "%.2f", s }' "$sf.txt") ($sf.txt)"
     fi
     if [[ -n $ir ]]; then
+        TOT_IR[$key]=$(( ${TOT_IR[$key]:-0} + ir ))
+        TOT_IR_REQS[$key]=$(( ${TOT_IR_REQS[$key]:-0} + reqs ))
         note+="; callgrind: $ir Ir = $(awk -v i="$ir" -v n="$reqs" 'BEGIN { printf "%.0f", i / n }') Ir/req"
         if [[ $CACHE_SIM == 1 ]]; then
             note+=", $(awk -v d="$d1" -v l="$ll" -v n="$reqs" 'BEGIN { printf "%.1f D1 misses/req, %.2f LL misses/req", d / n, l / n }')"
@@ -852,3 +871,13 @@ for mode in $MODES; do
             "${UPC[$key]}" "${BAD[$key]:-0}"
     done
 done
+if [[ $CALLGRIND == 1 ]]; then
+    echo
+    echo "callgrind: user-space instructions per request (all rounds), portcullis over nginx in the same mode"
+    for mode in $MODES; do
+        ng="$mode/nginx" pc="$mode/portcullis"
+        [[ -n ${TOT_IR[$ng]:-} && -n ${TOT_IR[$pc]:-} ]] || continue
+        awk -v m="$mode" -v a="${TOT_IR[$pc]}" -v an="${TOT_IR_REQS[$pc]}" -v b="${TOT_IR[$ng]}" -v bn="${TOT_IR_REQS[$ng]}" \
+            'BEGIN { x = a / an; y = b / bn; printf "  %-7s portcullis %.0f Ir/req, nginx %.0f Ir/req: %.2fx\n", m, x, y, x / y }'
+    done
+fi
