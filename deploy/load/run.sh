@@ -48,10 +48,12 @@
 #                      machine (use a small CONNS; wall-clock numbers of both
 #                      are meaningless then)
 #   CACHE_SIM=1        with CALLGRIND=1: also simulate the caches
-#                      (--cache-sim=yes) and report first-level data misses
-#                      (D1mr + D1mw) and last-level data misses (DLmr + DLmw)
-#                      per request: the cost of cold memory (10k tokens) as a
-#                      count that does not move with the machine's noise
+#                      (--cache-sim=yes) and report first-level instruction
+#                      misses (I1mr), first-level data misses (D1mr + D1mw)
+#                      and last-level data misses (DLmr + DLmw) per request,
+#                      for both peers: the cost of a large code path and of
+#                      cold memory (10k tokens) as counts that do not move
+#                      with the machine's noise
 #   PORTCULLIS_POLICY  extra keys for portcullis's [policy] table (experiments)
 #   STRACE_DIR         when set: strace -c -f every peer's processes during its
 #                      measured runs, syscall counts per request into this dir
@@ -477,6 +479,7 @@ if [[ $CALLGRIND == 1 ]]; then
     # thread at a time anyway, and instructions per request do not depend
     # on the worker count.
     NG_WRAP=(valgrind --tool=callgrind --callgrind-out-file="$NG/callgrind.out" --log-file="$NG/valgrind.log")
+    if [[ $CACHE_SIM == 1 ]]; then NG_WRAP+=(--cache-sim=yes); fi
     NG_GLOBAL='daemon off; master_process off;'
 fi
 "${NG_WRAP[@]}" "$NGINX" -p "$NG" -e "$NG/logs/error.log" -c "$NG/nginx.conf" -g "$NG_GLOBAL" 2>>"$NG/logs/stderr.log" &
@@ -740,13 +743,14 @@ measure() {   # round, mode, peer
     wait "$load_pid" || die "$key: the load run failed"
     t1=$(cpu_split "${pids[@]}"); u1=$(cpu_ticks $(proc_pids "$UP_PID"))
     w1=$(date +%s%6N)
-    local ir="" d1=0 ll=0
+    local ir="" d1=0 ll=0 i1=0
     if (( cg )); then
         # "Totals: Ir" then one "Th N <count>" line per thread.
         ir=$(cg_events Ir "${pids[@]}")
         if [[ $CACHE_SIM == 1 ]]; then
             d1=$(( $(cg_events D1mr "${pids[@]}") + $(cg_events D1mw "${pids[@]}") ))
             ll=$(( $(cg_events DLmr "${pids[@]}") + $(cg_events DLmw "${pids[@]}") ))
+            i1=$(cg_events I1mr "${pids[@]}")
         fi
     fi
     if [[ -n $strace_pid ]]; then
@@ -815,7 +819,7 @@ measure() {   # round, mode, peer
         TOT_IR_REQS[$key]=$(( ${TOT_IR_REQS[$key]:-0} + reqs ))
         note+="; callgrind: $ir Ir = $(awk -v i="$ir" -v n="$reqs" 'BEGIN { printf "%.0f", i / n }') Ir/req"
         if [[ $CACHE_SIM == 1 ]]; then
-            note+=", $(awk -v d="$d1" -v l="$ll" -v n="$reqs" 'BEGIN { printf "%.1f D1 misses/req, %.2f LL misses/req", d / n, l / n }')"
+            note+=", $(awk -v i="$i1" -v d="$d1" -v l="$ll" -v n="$reqs" 'BEGIN { printf "%.1f I1 misses/req, %.1f D1 misses/req, %.2f LL misses/req", i / n, d / n, l / n }')"
         fi
     fi
     NOTES+=("$note")
