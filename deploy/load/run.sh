@@ -474,10 +474,10 @@ EOF
 "$NGINX" -t -q -p "$NG" -e "$NG/logs/error.log" -c "$NG/nginx.conf" || die "nginx proxy config invalid"
 NG_WRAP=() NG_GLOBAL='daemon off;'
 if [[ $CALLGRIND == 1 ]]; then
-    # One process (no master, no forked workers under another user), so
-    # callgrind_control can reach it; under valgrind every process runs one
-    # thread at a time anyway, and instructions per request do not depend
-    # on the worker count.
+    # One process (no master): callgrind_control did not find the forked
+    # workers (no vgdb FIFO for them; they run as another user). Under
+    # valgrind a process runs one thread at a time anyway, and instructions
+    # per request do not depend on the worker count.
     NG_WRAP=(valgrind --tool=callgrind --callgrind-out-file="$NG/callgrind.out" --log-file="$NG/valgrind.log")
     if [[ $CACHE_SIM == 1 ]]; then NG_WRAP+=(--cache-sim=yes); fi
     NG_GLOBAL='daemon off; master_process off;'
