@@ -1227,14 +1227,8 @@ fn phase_workload<B>(
 
 /// Phase 1: finds the route; adds it to the context.
 fn phase_route<B>(rt: &Runtime, req: &Request<B>) -> Result<Arc<Route>, Denial> {
-    // The host is read only when some route is bound to one.
-    let host = if rt.routes.by_host() {
-        request_host(req).unwrap_or("")
-    } else {
-        ""
-    };
     rt.routes
-        .lookup(host, req.uri().path())
+        .lookup(|| request_host(req).unwrap_or(""), req.uri().path())
         .cloned()
         .ok_or(Denial::NoRoute)
 }

@@ -89,19 +89,15 @@ impl RouteTable {
         t
     }
 
-    /// Whether any route is bound to a host (else [`RouteTable::lookup`]
-    /// ignores the host it is given).
-    pub fn by_host(&self) -> bool {
-        !self.by_host.is_empty()
-    }
-
     /// Finds the route for a host (without port) and path; host-specific
-    /// routes win over `*` routes.
-    pub fn lookup(&self, host: &str, path: &str) -> Option<&Arc<Route>> {
+    /// routes win over `*` routes. The host is asked for only when some
+    /// route is bound to one (reading it costs a header lookup per request).
+    pub fn lookup<'h>(&self, host: impl FnOnce() -> &'h str, path: &str) -> Option<&Arc<Route>> {
         let find = |v: &'_ [Arc<Route>]| -> Option<usize> {
             v.iter().position(|r| path_matches(path, &r.path_prefix))
         };
         if !self.by_host.is_empty() {
+            let host = host();
             let lower;
             let host = if host.bytes().any(|b| b.is_ascii_uppercase()) {
                 lower = host.to_ascii_lowercase();

@@ -133,39 +133,30 @@ impl Default for RequestIds {
 impl RequestIds {
     /// The next id, such as `3f9a0c11e2b4-000000000000002a`.
     pub fn next_id(&self) -> String {
-        let n = self.next.fetch_add(1, Ordering::Relaxed);
-        let mut s = String::with_capacity(self.prefix.len() + 17);
-        s.push_str(&self.prefix);
-        s.push('-');
-        // Hex digits are ASCII: always valid UTF-8.
-        s.push_str(std::str::from_utf8(&hex16(n)).unwrap_or_default());
-        s
+        // Hex digits, the prefix's too, and `-`: always valid UTF-8.
+        String::from_utf8(self.next_bytes()).unwrap_or_default()
     }
 
     /// The next id as a request's [`RequestId`]: every request takes one, so
     /// its bytes are written once into one exact-size buffer that the header
     /// value then owns (no formatting machinery, no second copy).
     pub fn next_request_id(&self) -> RequestId {
+        // The id is hex and `-`: always a valid header value.
+        RequestId(
+            http::HeaderValue::from_maybe_shared(bytes::Bytes::from(self.next_bytes()))
+                .unwrap_or_else(|_| http::HeaderValue::from_static("")),
+        )
+    }
+
+    /// The next id's bytes: prefix, `-`, the counter as 16 hex digits.
+    fn next_bytes(&self) -> Vec<u8> {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         let mut b = Vec::with_capacity(self.prefix.len() + 17);
         b.extend_from_slice(self.prefix.as_bytes());
         b.push(b'-');
-        b.extend_from_slice(&hex16(n));
-        // The id is hex and `-`: always a valid header value.
-        RequestId(
-            http::HeaderValue::from_maybe_shared(bytes::Bytes::from(b))
-                .unwrap_or_else(|_| http::HeaderValue::from_static("")),
-        )
+        b.extend((0..16).rev().map(|i| HEX[((n >> (i * 4)) & 0xf) as usize]));
+        b
     }
-}
-
-/// `n` as 16 lowercase hex digits.
-fn hex16(n: u64) -> [u8; 16] {
-    let mut out = [0u8; 16];
-    for (i, d) in out.iter_mut().enumerate() {
-        *d = HEX[((n >> ((15 - i) * 4)) & 0xf) as usize];
-    }
-    out
 }
 
 /// A request's id. Its text is also the `X-Request-Id` header value sent
