@@ -613,9 +613,9 @@ function response(status, headers, body)
 end
 EOF
 
-# cg_events EVENT: the running callgrind's count of EVENT, summed over its
-# threads ("Totals:" then one "Th N <count>" line per thread).
-cg_events() {   # event, pids: the event's count summed over the processes' threads
+# cg_events EVENT PID...: the running callgrinds' count of EVENT, summed
+# over their threads ("Totals:" then one "Th N <count>" line per thread).
+cg_events() {
     local ev=$1 p
     shift
     for p in "$@"; do
@@ -685,7 +685,7 @@ parse_load() {   # mode, output[, window start in µs since the epoch: h2load la
     esac
 }
 
-declare -A TOT_REQS TOT_TICKS TOT_SECS BAD P50_L P99_L UPC TOT_IR TOT_IR_REQS
+declare -A TOT_REQS TOT_TICKS TOT_SECS BAD P50_L P99_L UPC TOT_IR
 NOTES=()
 measure() {   # round, mode, peer
     local round=$1 mode=$2 name=$3 url=${URL[$3]} root=${ROOT[$3]}
@@ -815,8 +815,7 @@ measure() {   # round, mode, peer
         note+="; syscalls/req $(awk '{ s += $2 } END { printf "%.2f", s }' "$sf.txt") ($sf.txt)"
     fi
     if [[ -n $ir ]]; then
-        TOT_IR[$key]=$(( ${TOT_IR[$key]:-0} + ir ))
-        TOT_IR_REQS[$key]=$(( ${TOT_IR_REQS[$key]:-0} + reqs ))
+        TOT_IR[$key]=$(( ${TOT_IR[$key]:-0} + ir ))   # every round of this key has a count
         note+="; callgrind: $ir Ir = $(awk -v i="$ir" -v n="$reqs" 'BEGIN { printf "%.0f", i / n }') Ir/req"
         if [[ $CACHE_SIM == 1 ]]; then
             note+=", $(awk -v i="$i1" -v d="$d1" -v l="$ll" -v n="$reqs" 'BEGIN { printf "%.1f I1 misses/req, %.1f D1 misses/req, %.2f LL misses/req", i / n, d / n, l / n }')"
@@ -881,7 +880,7 @@ if [[ $CALLGRIND == 1 ]]; then
     for mode in $MODES; do
         ng="$mode/nginx" pc="$mode/portcullis"
         [[ -n ${TOT_IR[$ng]:-} && -n ${TOT_IR[$pc]:-} ]] || continue
-        awk -v m="$mode" -v a="${TOT_IR[$pc]}" -v an="${TOT_IR_REQS[$pc]}" -v b="${TOT_IR[$ng]}" -v bn="${TOT_IR_REQS[$ng]}" \
+        awk -v m="$mode" -v a="${TOT_IR[$pc]}" -v an="${TOT_REQS[$pc]}" -v b="${TOT_IR[$ng]}" -v bn="${TOT_REQS[$ng]}" \
             'BEGIN { x = a / an; y = b / bn; printf "  %-7s portcullis %.0f Ir/req, nginx %.0f Ir/req: %.2fx\n", m, x, y, x / y }'
     done
 fi
