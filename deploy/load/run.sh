@@ -54,6 +54,11 @@
 #                      for both peers: the cost of a large code path and of
 #                      cold memory (10k tokens) as counts that do not move
 #                      with the machine's noise
+#   ORDER_FILE=path    with CALLGRIND=1: also write the functions portcullis
+#                      ran in the measured runs (every mode), most
+#                      instructions first, by their linked symbol names, to
+#                      path: the link order file (build/link.order, see
+#                      build.rs)
 #   PORTCULLIS_POLICY  extra keys for portcullis's [policy] table (experiments)
 #   STRACE_DIR         when set: strace -c -f every peer's processes during its
 #                      measured runs, syscall counts per request into this dir
@@ -86,6 +91,7 @@ STRACE_DIR=${STRACE_DIR:-}
 FILL_TIMEOUT=${FILL_TIMEOUT:-300}
 CALLGRIND=${CALLGRIND:-0}
 CACHE_SIM=${CACHE_SIM:-0}
+ORDER_FILE=${ORDER_FILE:-}
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO_ROOT=$(cd "$SCRIPT_DIR/../.." && pwd)
@@ -103,6 +109,7 @@ done
 (( RATE >= RATE_CONNS )) || die "RATE ($RATE) must be >= RATE_CONNS ($RATE_CONNS)"
 for m in $MODES; do [[ $m =~ ^(h1|h1-10k|h2|rate)$ ]] || die "unknown mode '$m'"; done
 [[ $CACHE_SIM != 1 || $CALLGRIND == 1 ]] || die "CACHE_SIM=1 needs CALLGRIND=1"
+[[ -z $ORDER_FILE || $CALLGRIND == 1 ]] || die "ORDER_FILE needs CALLGRIND=1"
 for p in $PEERS; do [[ $p =~ ^(nginx|haproxy|portcullis)$ ]] || die "unknown peer '$p'"; done
 [[ " $PEERS " == *" nginx "* ]] || die "PEERS must include nginx (the ratios are to nginx)"
 
@@ -394,6 +401,8 @@ WRAP=()
 if [[ $CALLGRIND == 1 ]]; then
     WRAP=(valgrind --tool=callgrind --callgrind-out-file="$PC/callgrind.out" --log-file="$PC/valgrind.log")
     if [[ $CACHE_SIM == 1 ]]; then WRAP+=(--cache-sim=yes); fi
+    # Symbol names as the linker sees them, for the order file.
+    if [[ -n $ORDER_FILE ]]; then WRAP+=(--demangle=no); fi
 fi
 (cd "$PC" && exec "${WRAP[@]}" "$BIN" serve --config "$PC/portcullis.toml" --addr-file "$PC/addr.json" \
     >"$PC/stdout.log" 2>"$PC/stderr.log") &
@@ -752,6 +761,12 @@ measure() {   # round, mode, peer
             ll=$(( $(cg_events DLmr "${pids[@]}") + $(cg_events DLmw "${pids[@]}") ))
             i1=$(cg_events I1mr "${pids[@]}")
         fi
+        # The window's profile as a part of its own (callgrind.out.N), for ORDER_FILE.
+        if [[ -n $ORDER_FILE && $name == portcullis ]]; then
+            for p in "${pids[@]}"; do
+                callgrind_control -d "$p" >/dev/null || die "callgrind_control -d $p failed"
+            done
+        fi
     fi
     if [[ -n $strace_pid ]]; then
         wait "$strace_pid" || true
@@ -874,6 +889,41 @@ for mode in $MODES; do
             "${UPC[$key]}" "${BAD[$key]:-0}"
     done
 done
+if [[ -n $ORDER_FILE ]]; then
+    # Own instructions per function over every measured window's part.
+    # Names are compressed in callgrind's format: "fn=(id) name" defines an
+    # id, "fn=(id)" refers to it (per file); the cost line after "calls="
+    # is the callee's inclusive cost, not the caller's own. Recursion
+    # levels (the name, a quote, the level) are one function.
+    shopt -s nullglob
+    parts=("$PC"/callgrind.out.*)
+    shopt -u nullglob
+    (( ${#parts[@]} > 0 )) || die "ORDER_FILE: no callgrind part was dumped"
+    awk '
+        FNR == 1 { delete nm; call = 0 }
+        function name(s,   id, rest) {
+            if (s !~ /^\(/) return s
+            id = substr(s, 2, index(s, ")") - 2); rest = substr(s, index(s, ")") + 2)
+            if (rest != "") nm[id] = rest
+            return nm[id]
+        }
+        /^fn=/ { cur = name(substr($0, 4)); next }
+        /^cfn=/ { name(substr($0, 5)); next }
+        /^calls=/ { call = 1; next }
+        /^[0-9+*-]/ { if (call) { call = 0; next } if (cur != "" && NF > 1) ir[cur] += $2; next }
+        END {
+            q = sprintf("%c", 39)
+            for (f in ir) {
+                if (ir[f] <= 0 || f ~ /^0x/) continue
+                g = f
+                if (match(g, /.[0-9]+$/) && substr(g, RSTART, 1) == q) g = substr(g, 1, RSTART - 1)
+                t[g] += ir[f]
+            }
+            for (g in t) printf "%d %s\n", t[g], g
+        }
+    ' "${parts[@]}" | sort -k1,1nr -k2,2 | awk '{ print $2 }' > "$ORDER_FILE"
+    log "order file: $(wc -l < "$ORDER_FILE") functions in $ORDER_FILE (from ${#parts[@]} profile parts)"
+fi
 if [[ $CALLGRIND == 1 ]]; then
     echo
     echo "callgrind: user-space instructions per request (all rounds), portcullis over nginx in the same mode"
