@@ -14,8 +14,8 @@
 # reused; each build gets a copy of the portcullis directory (default
 # workers). MODE: h1 (wrk -t1 -c25 each, saturating) or rate (h2load --h1
 # -c25 at 2,500 req/s each); SECONDS per round (default 15), ROUNDS
-# (default 8). Prints each build's CPU-µs per request per round and B over
-# A; run it both ways round (A, B then B, A) so neither position is
+# (default 8). Prints each build's CPU-µs per request (and, for h1, wrk's
+# p99) per round and B over A; run it both ways round (A, B then B, A) so neither position is
 # favoured. Loopback only, every load run bounded by timeout, every
 # process stopped on exit.
 
@@ -94,11 +94,19 @@ ticks() {   # utime + stime of the whole process (fields 14, 15)
 load() {    # port, seconds, output
     local limit=$(( $2 + 30 ))
     case $MODE in
-        h1) timeout --kill-after=5 "$limit" wrk -t1 -c25 -d"$2"s \
+        h1) timeout --kill-after=5 "$limit" wrk -t1 -c25 -d"$2"s --latency \
                 -H "Authorization: Bearer $TOKEN" "https://127.0.0.1:$1/" > "$3" 2>&1 ;;
         rate) timeout --kill-after=5 "$limit" h2load --h1 -t1 -c25 --rps=100 -D"$2" \
                 -H "Authorization: Bearer $TOKEN" "https://127.0.0.1:$1/" > "$3" 2>&1 ;;
     esac
+}
+p99_ms() {   # 99th percentile latency in ms: wrk's "--latency" table; h2load's summary has none
+    if [[ $MODE == h1 ]]; then
+        awk '$1 == "99%" { v = $2; u = v; sub(/[0-9.]+/, "", u); sub(/[a-z]+$/, "", v)
+            if (u == "us") v /= 1000; else if (u == "s") v *= 1000; printf "%.2f", v }' "$1"
+    else
+        echo "-"
+    fi
 }
 done_reqs() {   # requests answered, from wrk's or h2load's summary
     if [[ $MODE == h1 ]]; then
@@ -121,8 +129,9 @@ for r in $(seq 1 "$ROUNDS"); do
     a1=$(ticks "${PID[A]}"); b1=$(ticks "${PID[B]}")
     na=$(done_reqs "$W/a.txt"); nb=$(done_reqs "$W/b.txt")
     [[ $na =~ ^[0-9]+$ && $nb =~ ^[0-9]+$ ]] && (( na > 0 && nb > 0 )) || die "no requests counted"
-    awk -v a=$(( a1 - a0 )) -v b=$(( b1 - b0 )) -v na="$na" -v nb="$nb" -v hz="$hz" -v r="$r" 'BEGIN {
+    awk -v a=$(( a1 - a0 )) -v b=$(( b1 - b0 )) -v na="$na" -v nb="$nb" -v hz="$hz" -v r="$r" \
+        -v pa="$(p99_ms "$W/a.txt")" -v pb="$(p99_ms "$W/b.txt")" 'BEGIN {
         ca = a / hz * 1e6 / na; cb = b / hz * 1e6 / nb
-        printf "round %d: A %d req %.1f CPU-us/req | B %d req %.1f CPU-us/req | B/A %.3f\n", r, na, ca, nb, cb, cb / ca
+        printf "round %d: A %d req %.1f CPU-us/req p99 %s ms | B %d req %.1f CPU-us/req p99 %s ms | B/A %.3f\n", r, na, ca, pa, nb, cb, pb, cb / ca
     }'
 done
