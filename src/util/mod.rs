@@ -104,9 +104,6 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     aws_lc_rs::constant_time::verify_slices_are_equal(&ha, &hb).is_ok()
 }
 
-/// Hex digits of request ids.
-const HEX: &[u8; 16] = b"0123456789abcdef";
-
 /// Issues request ids: a random per-process prefix and a counter, so ids are
 /// unique across restarts without a syscall per request.
 #[derive(Debug)]
@@ -151,10 +148,13 @@ impl RequestIds {
     /// The next id's bytes: prefix, `-`, the counter as 16 hex digits.
     fn next_bytes(&self) -> Vec<u8> {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut digits = [0u8; 16];
+        // 8 bytes make exactly 16 digits: this cannot fail.
+        let _ = hex::encode_to_slice(n.to_be_bytes(), &mut digits);
         let mut b = Vec::with_capacity(self.prefix.len() + 17);
         b.extend_from_slice(self.prefix.as_bytes());
         b.push(b'-');
-        b.extend((0..16).rev().map(|i| HEX[((n >> (i * 4)) & 0xf) as usize]));
+        b.extend_from_slice(&digits);
         b
     }
 }
