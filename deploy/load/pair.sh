@@ -29,6 +29,8 @@ SECS=${5:-15}
 ROUNDS=${6:-8}
 
 die() { printf '[pair] FAIL: %s\n' "$*" >&2; exit 1; }
+# shellcheck source=deploy/load/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"   # cpu_ticks, to_ms
 [[ -f $S/portcullis/portcullis.toml && -f $S/upstream/nginx.conf && -s $S/tokens.txt ]] \
     || die "$S is not a scratch directory kept by deploy/load/run.sh"
 [[ -x $BIN_A && -x $BIN_B ]] || die "both binaries must be executable"
@@ -83,14 +85,6 @@ for v in A B; do
     [[ $code == 200 ]] || die "build $v answered $code, not 200 (tokens expired? keep a fresh scratch)"
 done
 
-ticks() {   # utime + stime of the whole process (fields 14, 15)
-    local stat rest
-    local -a f
-    stat=$(< "/proc/$1/stat") || die "pid $1 vanished"
-    rest=${stat##*) }
-    read -r -a f <<< "$rest"
-    echo $(( f[11] + f[12] ))
-}
 load() {    # port, seconds, output
     local limit=$(( $2 + 30 ))
     case $MODE in
@@ -100,10 +94,9 @@ load() {    # port, seconds, output
                 -H "Authorization: Bearer $TOKEN" "https://127.0.0.1:$1/" > "$3" 2>&1 ;;
     esac
 }
-p99_ms() {   # 99th percentile latency in ms: wrk's "--latency" table; h2load's summary has none
+p99_ms() {   # wrk's 99th percentile ("--latency" table) in ms; h2load's summary has none
     if [[ $MODE == h1 ]]; then
-        awk '$1 == "99%" { v = $2; u = v; sub(/[0-9.]+/, "", u); sub(/[a-z]+$/, "", v)
-            if (u == "us") v /= 1000; else if (u == "s") v *= 1000; printf "%.2f", v }' "$1"
+        to_ms "$(awk '$1 == "99%" { print $2; exit }' "$1")"
     else
         echo "-"
     fi
@@ -121,12 +114,12 @@ load "${PORT[B]}" 3 /dev/null & b=$!
 wait "$a" "$b"
 hz=$(getconf CLK_TCK)
 for r in $(seq 1 "$ROUNDS"); do
-    a0=$(ticks "${PID[A]}"); b0=$(ticks "${PID[B]}")
+    a0=$(cpu_ticks "${PID[A]}"); b0=$(cpu_ticks "${PID[B]}")
     load "${PORT[A]}" "$SECS" "$W/a.txt" & a=$!
     load "${PORT[B]}" "$SECS" "$W/b.txt" & b=$!
     wait "$a" || die "load on A failed: $(tail -n 3 "$W/a.txt")"
     wait "$b" || die "load on B failed: $(tail -n 3 "$W/b.txt")"
-    a1=$(ticks "${PID[A]}"); b1=$(ticks "${PID[B]}")
+    a1=$(cpu_ticks "${PID[A]}"); b1=$(cpu_ticks "${PID[B]}")
     na=$(done_reqs "$W/a.txt"); nb=$(done_reqs "$W/b.txt")
     [[ $na =~ ^[0-9]+$ && $nb =~ ^[0-9]+$ ]] && (( na > 0 && nb > 0 )) || die "no requests counted"
     awk -v a=$(( a1 - a0 )) -v b=$(( b1 - b0 )) -v na="$na" -v nb="$nb" -v hz="$hz" -v r="$r" \

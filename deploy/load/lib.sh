@@ -1,0 +1,28 @@
+# Helpers shared by run.sh and pair.sh (sourced, not run). The caller
+# defines `die MESSAGE`.
+
+cpu_ticks() {   # sum of utime+stime (fields 14, 15 of /proc/PID/stat) over the given pids
+    local t
+    t=$(cpu_split "$@")
+    echo $(( ${t% *} + ${t#* } ))
+}
+
+cpu_split() {   # "utime stime": each summed over the given pids (fields 14, 15)
+    local user=0 sys=0 pid stat rest
+    local -a f
+    for pid in "$@"; do
+        stat=$(< "/proc/$pid/stat") || die "pid $pid vanished"
+        rest=${stat##*) }            # drop "pid (comm) ": field 3 becomes index 0
+        read -r -a f <<< "$rest"
+        user=$(( user + f[11] )); sys=$(( sys + f[12] ))   # utime=field 14, stime=field 15
+    done
+    echo "$user $sys"
+}
+
+to_ms() {   # wrk duration ("812.00us", "1.23ms", "1.05s", "2.00m") -> milliseconds
+    awk -v v="$1" 'BEGIN {
+        n = v + 0; u = v; sub(/^[0-9.]+/, "", u)
+        if (u == "us") n /= 1000; else if (u == "s") n *= 1000; else if (u == "m") n *= 60000
+        else if (u != "ms") { print "?"; exit }
+        printf "%.3f", n }'
+}
