@@ -12,9 +12,11 @@
 # DIR is a scratch directory the load script kept: its portcullis config,
 # store (the seeded devices), certificates, tokens and upstream nginx are
 # reused; each build gets a copy of the portcullis directory (default
-# workers). MODE: h1 (wrk -t1 -c25 each, saturating) or rate (h2load --h1
-# -c25 at 2,500 req/s each); SECONDS per round (default 15), ROUNDS
-# (default 8). Prints each build's CPU-µs per request (and, for h1, wrk's
+# workers). MODE: h1 (wrk -t1 -c25 each, saturating), 10k (the same with
+# the load script's Lua script rotating over every token in DIR, from the
+# same offset for both; the 3-second warm-up verifies them) or rate
+# (h2load --h1 -c25 at 2,500 req/s each); SECONDS per round (default 15), ROUNDS
+# (default 8). Prints each build's CPU-µs per request (and, with wrk, its
 # p99) per round and B over A; run it both ways round (A, B then B, A) so neither position is
 # favoured. Loopback only, every load run bounded by timeout, every
 # process stopped on exit.
@@ -34,7 +36,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"   # cpu_ticks, to_ms
 [[ -f $S/portcullis/portcullis.toml && -f $S/upstream/nginx.conf && -s $S/tokens.txt ]] \
     || die "$S is not a scratch directory kept by deploy/load/run.sh"
 [[ -x $BIN_A && -x $BIN_B ]] || die "both binaries must be executable"
-[[ $MODE =~ ^(h1|rate)$ ]] || die "MODE is h1 or rate (got '$MODE')"
+[[ $MODE =~ ^(h1|10k|rate)$ ]] || die "MODE is h1, 10k or rate (got '$MODE')"
+[[ $MODE != 10k || -f $S/rotate.lua ]] || die "$S has no rotate.lua (keep a scratch from the current run.sh)"
 [[ $SECS =~ ^[0-9]+$ && $ROUNDS =~ ^[0-9]+$ ]] && (( SECS > 0 && ROUNDS > 0 )) \
     || die "SECONDS and ROUNDS must be positive integers"
 for t in nginx wrk h2load curl; do command -v "$t" >/dev/null || die "$t not found"; done
@@ -90,19 +93,21 @@ load() {    # port, seconds, output
     case $MODE in
         h1) timeout --kill-after=5 "$limit" wrk -t1 -c25 -d"$2"s --latency \
                 -H "Authorization: Bearer $TOKEN" "https://127.0.0.1:$1/" > "$3" 2>&1 ;;
+        10k) timeout --kill-after=5 "$limit" wrk -t1 -c25 -d"$2"s --latency \
+                -s "$S/rotate.lua" "https://127.0.0.1:$1/" -- "$S/tokens.txt" 1 > "$3" 2>&1 ;;
         rate) timeout --kill-after=5 "$limit" h2load --h1 -t1 -c25 --rps=100 -D"$2" \
                 -H "Authorization: Bearer $TOKEN" "https://127.0.0.1:$1/" > "$3" 2>&1 ;;
     esac
 }
 p99_ms() {   # wrk's 99th percentile ("--latency" table) in ms; h2load's summary has none
-    if [[ $MODE == h1 ]]; then
+    if [[ $MODE != rate ]]; then
         to_ms "$(awk '$1 == "99%" { print $2; exit }' "$1")"
     else
         echo "-"
     fi
 }
 done_reqs() {   # requests answered, from wrk's or h2load's summary
-    if [[ $MODE == h1 ]]; then
+    if [[ $MODE != rate ]]; then
         awk '/requests in/ { print $1 }' "$1"
     else
         awk '/^requests:/ { print $8 }' "$1"

@@ -810,12 +810,21 @@ impl Proxy {
             parts.headers.insert(header::UPGRADE, proto.clone());
         }
         // Body errors are tagged: a malformed chunk is the client's fault (400).
-        let body = body.map_err(admit::ClientBodyError);
-        let body: ProxyBody = match limit {
-            Some(l) => Limited::new(Linger(Some(body)), l as usize).boxed_unsync(),
-            None => body
-                .map_err(|e| Box::new(e) as client::BoxError)
-                .boxed_unsync(),
+        let body: ProxyBody = if hyper::body::Body::is_end_stream(&body) {
+            // No body (a GET, most requests): an empty one is a zero-sized
+            // type, boxed without an allocation.
+            drop(body);
+            http_body_util::Empty::new()
+                .map_err(|n| match n {})
+                .boxed_unsync()
+        } else {
+            let body = body.map_err(admit::ClientBodyError);
+            match limit {
+                Some(l) => Limited::new(Linger(Some(body)), l as usize).boxed_unsync(),
+                None => body
+                    .map_err(|e| Box::new(e) as client::BoxError)
+                    .boxed_unsync(),
+            }
         };
         let span = ctx
             .trace
