@@ -45,6 +45,14 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body type flowing through the proxy in both directions.
 pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
 
+/// An empty [`ProxyBody`]: a zero-sized type, so boxing it allocates nothing.
+pub fn empty_body() -> ProxyBody {
+    use http_body_util::BodyExt;
+    http_body_util::Empty::new()
+        .map_err(|n| match n {})
+        .boxed_unsync()
+}
+
 /// The connector every upstream connection is opened with.
 type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
 

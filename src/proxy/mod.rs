@@ -811,12 +811,9 @@ impl Proxy {
         }
         // Body errors are tagged: a malformed chunk is the client's fault (400).
         let body: ProxyBody = if hyper::body::Body::is_end_stream(&body) {
-            // No body (a GET, most requests): an empty one is a zero-sized
-            // type, boxed without an allocation.
+            // No body (a GET, most requests): nothing to box.
             drop(body);
-            http_body_util::Empty::new()
-                .map_err(|n| match n {})
-                .boxed_unsync()
+            client::empty_body()
         } else {
             let body = body.map_err(admit::ClientBodyError);
             match limit {
@@ -890,12 +887,7 @@ impl Proxy {
                 ctx.id.clone(),
             ));
             let (parts, _) = resp.into_parts();
-            let mut out = Response::from_parts(
-                parts,
-                http_body_util::Empty::new()
-                    .map_err(|n| match n {})
-                    .boxed_unsync(),
-            );
+            let mut out = Response::from_parts(parts, client::empty_body());
             set_request_id(out.headers_mut(), &ctx.id);
             return Ok(out);
         }
