@@ -568,11 +568,12 @@ upstream_stub() {   # "accepted_connections requests" of the upstream nginx
 
 cat > "$TMP/rotate.lua" <<'EOF'
 -- Rotates the Authorization header over the tokens file (one token a line).
--- Arguments: tokens file, wrk thread count, and "once" to have each thread
--- stop after its share, so together they send every token exactly once
--- (the pass that fills the caches).
+-- Arguments: tokens file, wrk thread count (each thread starts at its own
+-- share of the file). No response() callback: with one, wrk would copy
+-- every response's headers and body and call into Lua for each, client CPU
+-- on the cores the peers share. (The cache-filling pass is curl's, below.)
 local tokens = {}
-local idx, sent, limit, once = 0, 0, 0, false
+local idx = 0
 local next_tid = 0
 function setup(thread)
   thread:set("tid", next_tid)
@@ -583,23 +584,11 @@ function init(args)
     if #line > 0 then tokens[#tokens + 1] = "Bearer " .. line end
   end
   local n = tonumber(args[2]) or 1
-  local share = math.ceil(#tokens / n)
-  idx = ((tid or 0) * share) % #tokens
-  limit = share
-  once = args[3] == "once"
-  -- Measured runs need no response callback: without one, wrk neither
-  -- copies each response's headers and body nor calls into Lua per
-  -- response (client CPU taken from the peers' shared cores, and time
-  -- that delays the other responses read in the same loop turn).
-  if not once then response = nil end
+  idx = ((tid or 0) * math.ceil(#tokens / n)) % #tokens
 end
 function request()
   idx = idx % #tokens + 1
   return wrk.format(nil, nil, { ["Authorization"] = tokens[idx] })
-end
-function response(status, headers, body)
-  sent = sent + 1
-  if once and sent >= limit then wrk.thread:stop() end
 end
 EOF
 
