@@ -94,6 +94,11 @@ pub struct Decided {
     /// When the shared cache's TTL ends for this entry (Unix ms): a copy in
     /// a thread's front is not used past it either.
     expires_ms: u64,
+    /// The whole cache key. A thread's front keys its entries by half of it
+    /// (a set of four then fits one cache line, the front half the size);
+    /// a front hit counts only if this matches too, and it sits on the line
+    /// the hit reads anyway.
+    key: u128,
 }
 
 impl std::ops::Deref for Decided {
@@ -106,7 +111,7 @@ impl std::ops::Deref for Decided {
 
 thread_local! {
     /// This thread's front of the decision cache ([`crate::util::front`]).
-    static DECISIONS: std::cell::RefCell<crate::util::front::Front<u128, Arc<Decided>>> =
+    static DECISIONS: std::cell::RefCell<crate::util::front::Front<u64, Arc<Decided>>> =
         const { std::cell::RefCell::new(crate::util::front::Front::new()) };
 }
 
@@ -280,13 +285,17 @@ impl Engine {
     /// else by evaluating the set.
     pub fn decide(&self, f: &RequestFacts<'_>, now_s: u64) -> Outcome {
         let key = self.key(f);
-        let bits = key as u64;
+        // The low half picks the front's set, the high half is its key, and
+        // the entry's own full key decides.
+        let (bits, high) = (key as u64, (key >> 64) as u64);
         // `now_s` is whole seconds: a front copy is used only while even
         // the end of that second is before its expiry (never past the TTL).
         let front = (self.front != 0)
-            .then(|| DECISIONS.with_borrow(|d| d.get(self.front, bits, &key)))
+            .then(|| DECISIONS.with_borrow(|d| d.get(self.front, bits, &high)))
             .flatten()
-            .filter(|c| now_s.saturating_add(1).saturating_mul(1000) <= c.expires_ms);
+            .filter(|c| {
+                c.key == key && now_s.saturating_add(1).saturating_mul(1000) <= c.expires_ms
+            });
         let cached = front.or_else(|| {
             let c = self.cache.get(&key)?;
             self.front_put(bits, key, &c);
@@ -308,6 +317,7 @@ impl Engine {
             shadow,
             inputs,
             expires_ms: now_ms.saturating_add(ttl_ms),
+            key,
         });
         self.front_put(bits, key, &c);
         self.cache.insert(key, c.clone());
@@ -319,7 +329,7 @@ impl Engine {
 
     fn front_put(&self, bits: u64, key: u128, c: &Arc<Decided>) {
         if self.front != 0 {
-            DECISIONS.with_borrow_mut(|d| d.put(self.front, bits, key, c.clone()));
+            DECISIONS.with_borrow_mut(|d| d.put(self.front, bits, (key >> 64) as u64, c.clone()));
         }
     }
 
@@ -344,5 +354,77 @@ impl PolicyHandle {
     /// Swaps in a new engine (or none).
     pub fn store(&self, e: Option<Arc<Engine>>) {
         self.engine.store(e);
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::policy::facts::MethodClass;
+
+    #[test]
+    fn a_front_entry_matching_half_the_key_is_not_used() {
+        let set =
+            load_dir(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/policies"))
+                .unwrap();
+        let settings = Settings {
+            limits: Limits::default(),
+            zones: Vec::new(),
+            cache_ttl: Duration::from_secs(60),
+            cache_capacity: 100,
+            shadow_routes: Vec::new(),
+            dir: PathBuf::new(),
+            shadow_dir: None,
+        };
+        let engine = Engine::new(Arc::new(set), None, settings, None);
+        let claims: crate::authn::Claims = serde_json::from_value(serde_json::json!({
+            "sub": "alice@example.com", "iss": "https://idp.example", "exp": 4_000_000_000u64,
+        }))
+        .unwrap();
+        let resolved = crate::posture::Resolved::default();
+        let facts = RequestFacts {
+            claims: &claims,
+            issuer: "idp",
+            resolved: &resolved,
+            owner: None,
+            route: "app",
+            sensitivity: crate::config::Sensitivity::default(),
+            workloads: &[],
+            method: MethodClass::Read,
+            peer: IpAddr::from([127, 0, 0, 1]),
+            zone: "",
+            binding: "none",
+            spiffe_id: None,
+            session_binding: None,
+        };
+        let now = crate::util::now_unix();
+        let first = engine.decide(&facts, now);
+        assert!(!first.cache_hit);
+        let key = engine.key(&facts);
+        assert_eq!(first.decided.key, key);
+        // Another decision whose key shares this one's set and high half
+        // (it differs in a bit the set index does not read) takes this
+        // key's place in the front.
+        let mut other = first.decided.decision.clone();
+        other.action = if other.action == crate::policy::Action::Deny {
+            crate::policy::Action::Allow
+        } else {
+            crate::policy::Action::Deny
+        };
+        let planted = Arc::new(Decided {
+            decision: other,
+            shadow: None,
+            inputs: first.decided.inputs.clone(),
+            expires_ms: u64::MAX,
+            key: key ^ (1 << 40),
+        });
+        engine.front_put(key as u64, key, &planted);
+        // The front finds it by half the key; its full key refuses it, and
+        // the shared cache answers with this key's own decision.
+        let again = engine.decide(&facts, now);
+        assert!(again.cache_hit);
+        assert_eq!(again.decided.key, key);
+        assert_eq!(again.decided.decision, first.decided.decision);
     }
 }

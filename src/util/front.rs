@@ -18,8 +18,8 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// Entries per set. A set of four small entries spans one or two cache
-/// lines, and a key is found among them by a short scan.
+/// Entries per set. Four entries of a 64-bit key and an `Arc` fill one cache
+/// line, and a key is found among them by a short scan.
 pub const WAYS: usize = 4;
 
 /// Sets per thread and cache (a power of two): 32k entries. Why sets and
@@ -131,6 +131,15 @@ fn set_index(bits: u64) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_set_of_the_token_and_decision_fronts_is_one_cache_line() {
+        // Both fronts key by 64 bits and hold an `Arc`: four ways in 64
+        // bytes, so a lookup reads one line (a 128-bit key made it two,
+        // and the decision front 1 MiB per thread instead of 512 KiB).
+        assert_eq!(std::mem::size_of::<Set<u64, std::sync::Arc<()>>>(), 64);
+        assert_eq!(SETS * 64, 512 * 1024);
+    }
 
     #[test]
     fn a_hit_needs_the_same_owner_and_key() {
