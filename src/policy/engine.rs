@@ -109,6 +109,13 @@ impl std::ops::Deref for Decided {
     }
 }
 
+/// A decision key as the front takes it: the low half picks the set, the
+/// high half is the entry's key there, and the entry's own full key
+/// ([`Decided`]) decides a hit.
+fn front_key(key: u128) -> (u64, u64) {
+    (key as u64, (key >> 64) as u64)
+}
+
 thread_local! {
     /// This thread's front of the decision cache ([`crate::util::front`]).
     static DECISIONS: std::cell::RefCell<crate::util::front::Front<u64, Arc<Decided>>> =
@@ -285,9 +292,7 @@ impl Engine {
     /// else by evaluating the set.
     pub fn decide(&self, f: &RequestFacts<'_>, now_s: u64) -> Outcome {
         let key = self.key(f);
-        // The low half picks the front's set, the high half is its key, and
-        // the entry's own full key decides.
-        let (bits, high) = (key as u64, (key >> 64) as u64);
+        let (bits, high) = front_key(key);
         // `now_s` is whole seconds: a front copy is used only while even
         // the end of that second is before its expiry (never past the TTL).
         let front = (self.front != 0)
@@ -298,7 +303,7 @@ impl Engine {
             });
         let cached = front.or_else(|| {
             let c = self.cache.get(&key)?;
-            self.front_put(bits, key, &c);
+            self.front_put(key, &c);
             Some(c)
         });
         if let Some(decided) = cached {
@@ -319,7 +324,7 @@ impl Engine {
             expires_ms: now_ms.saturating_add(ttl_ms),
             key,
         });
-        self.front_put(bits, key, &c);
+        self.front_put(key, &c);
         self.cache.insert(key, c.clone());
         Outcome {
             decided: c,
@@ -327,9 +332,10 @@ impl Engine {
         }
     }
 
-    fn front_put(&self, bits: u64, key: u128, c: &Arc<Decided>) {
+    fn front_put(&self, key: u128, c: &Arc<Decided>) {
         if self.front != 0 {
-            DECISIONS.with_borrow_mut(|d| d.put(self.front, bits, (key >> 64) as u64, c.clone()));
+            let (bits, high) = front_key(key);
+            DECISIONS.with_borrow_mut(|d| d.put(self.front, bits, high, c.clone()));
         }
     }
 
@@ -419,7 +425,7 @@ mod tests {
             expires_ms: u64::MAX,
             key: key ^ (1 << 40),
         });
-        engine.front_put(key as u64, key, &planted);
+        engine.front_put(key, &planted);
         // The front finds it by half the key; its full key refuses it, and
         // the shared cache answers with this key's own decision.
         let again = engine.decide(&facts, now);
