@@ -66,12 +66,19 @@ impl<K: Eq, V: Clone> Front<K, V> {
     /// The value under `key`, if this thread holds it for `owner`; `bits`
     /// are uniform bits of the key (they pick the set).
     pub fn get(&self, owner: u64, bits: u64, key: &K) -> Option<V> {
+        self.find(owner, bits, key).cloned()
+    }
+
+    /// [`Front::get`] by reference: the caller can read the value before
+    /// it clones it (an `Arc`'s count is a locked write, which waits for
+    /// the reads issued before it).
+    pub fn find(&self, owner: u64, bits: u64, key: &K) -> Option<&V> {
         if self.owner != owner {
             return None;
         }
         let set = self.sets.get(set_index(bits))?;
         set.0.iter().find_map(|e| match e {
-            Some((k, v)) if k == key => Some(v.clone()),
+            Some((k, v)) if k == key => Some(v),
             _ => None,
         })
     }
