@@ -11,6 +11,7 @@ pub mod access;
 pub mod admin;
 pub mod authn;
 pub mod binding;
+pub mod claims;
 pub mod cli;
 pub mod config;
 pub mod demo;

@@ -96,71 +96,7 @@ pub enum Scheme {
     Dpop,
 }
 
-/// A verified token's claims, as later stages read them.
-#[derive(Debug, Clone, Deserialize)]
-pub struct Claims {
-    /// Subject.
-    pub sub: String,
-    /// Issuer (already matched exactly).
-    pub iss: String,
-    /// Expiry, seconds since epoch.
-    pub exp: u64,
-    /// Not-before.
-    #[serde(default)]
-    pub nbf: Option<u64>,
-    /// Issued-at.
-    #[serde(default)]
-    pub iat: Option<u64>,
-    /// Token id.
-    #[serde(default)]
-    pub jti: Option<String>,
-    /// Session id (OIDC `sid`).
-    #[serde(default)]
-    pub sid: Option<String>,
-    /// Authentication context class.
-    #[serde(default)]
-    pub acr: Option<String>,
-    /// Authentication methods.
-    #[serde(default)]
-    pub amr: Option<Vec<String>>,
-    /// Time of the user's authentication.
-    #[serde(default)]
-    pub auth_time: Option<u64>,
-    /// OAuth client id (RFC 9068).
-    #[serde(default)]
-    pub client_id: Option<String>,
-    /// Confirmation (RFC 7800): `x5t#S256`, `jkt`.
-    #[serde(default)]
-    pub cnf: Option<serde_json::Map<String, serde_json::Value>>,
-    /// [`Claims::decision_fingerprint`], computed on first use.
-    #[serde(skip)]
-    pub(crate) fingerprint: std::sync::OnceLock<u128>,
-}
-
-impl Claims {
-    /// A keyed 128-bit hash (SipHash-1-3, key random per process) of every
-    /// claim a policy decision can depend on: `sub`, `iss`, `exp`, `iat`,
-    /// `auth_time`, `acr`, `amr`, `client_id`, `jti`. The decision cache key
-    /// takes it instead of re-reading those strings on every request (for a
-    /// cached token they are cold in the CPU cache); computed once per
-    /// verified token.
-    pub fn decision_fingerprint(&self) -> u128 {
-        *self.fingerprint.get_or_init(|| {
-            static KEY: std::sync::OnceLock<crate::util::HashKey> = std::sync::OnceLock::new();
-            KEY.get_or_init(crate::util::HashKey::random).hash128(&(
-                &self.sub,
-                &self.iss,
-                self.exp,
-                self.iat,
-                self.auth_time,
-                &self.acr,
-                &self.amr,
-                &self.client_id,
-                &self.jti,
-            ))
-        })
-    }
-}
+pub use crate::claims::Claims;
 
 /// A token that passed signature and claim checks.
 #[derive(Debug)]
@@ -186,6 +122,10 @@ pub struct VerifiedToken {
     /// ([`crate::posture::snapshot::Snapshot::device_via`]: used only while
     /// the snapshot still holds that very record).
     pub device_memo: arc_swap::ArcSwapOption<crate::posture::model::Device>,
+    /// The last policy decision a request of this token got
+    /// ([`crate::policy::Engine::decide_with`]: used only for the same
+    /// engine, the same whole key and before its expiry).
+    pub decision_memo: arc_swap::ArcSwapOption<crate::policy::Decided>,
 }
 
 impl VerifiedToken {
@@ -201,9 +141,10 @@ impl VerifiedToken {
         // The device's record first: reaching it waits on the memo's
         // pointer, so its miss starts while the reads below are issued.
         let device = self.device_memo.load();
+        let decided = self.decision_memo.load();
         let mut word = device.as_ref().map_or(0, |d| {
             d.version ^ u64::from(d.id.as_bytes().first().copied().unwrap_or(0))
-        });
+        }) ^ decided.as_ref().map_or(0, |d| d.touch());
         let mut byte = 0u8;
         let mut lines = |b: &[u8]| {
             for x in b.iter().step_by(64).chain(b.last()) {
@@ -596,6 +537,7 @@ impl Authenticator {
             headers,
             raw: (token.len() <= FRONT_MAX_TOKEN_BYTES).then(|| Box::from(token)),
             device_memo: arc_swap::ArcSwapOption::empty(),
+            decision_memo: arc_swap::ArcSwapOption::empty(),
         });
         check_times(&verified, now)?;
         self.cache.insert(hash, verified.clone());

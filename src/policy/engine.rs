@@ -99,6 +99,23 @@ pub struct Decided {
     /// a front hit counts only if this matches too, and it sits on the line
     /// the hit reads anyway.
     key: u128,
+    /// The engine that made it ([`Engine`]'s front owner): a token's memo
+    /// of it counts only for that engine, never after a reload.
+    owner: u64,
+}
+
+impl Decided {
+    /// Reads the fields a cached request reads, for
+    /// [`crate::authn::VerifiedToken`]'s early, side-by-side reads: plain
+    /// reads, their value means nothing.
+    pub fn touch(&self) -> u64 {
+        (self.key as u64)
+            ^ self.expires_ms
+            ^ self.owner
+            ^ self.decision.action as u64
+            ^ self.decision.session_ttl_s.unwrap_or(0)
+            ^ u64::from(self.shadow.is_some())
+    }
 }
 
 impl std::ops::Deref for Decided {
@@ -163,7 +180,7 @@ impl std::fmt::Debug for Engine {
 #[derive(Hash)]
 struct KeyParts<'a> {
     /// `sub`, `iss`, `exp`, `iat`, `auth_time`, `acr`, `amr`, `client_id`
-    /// and `jti`, hashed once per token ([`crate::authn::Claims::decision_fingerprint`]).
+    /// and `jti`, hashed once per token ([`crate::claims::Claims::decision_fingerprint`]).
     claims: u128,
     device: Option<&'a str>,
     route: &'a str,
@@ -291,16 +308,59 @@ impl Engine {
     /// route, method class, record versions and token were decided recently,
     /// else by evaluating the set.
     pub fn decide(&self, f: &RequestFacts<'_>, now_s: u64) -> Outcome {
+        self.decide_with(f, now_s, None)
+    }
+
+    /// [`Engine::decide`], first asking `memo`: the last decision a request
+    /// of the same verified token got ([`crate::authn::VerifiedToken`]
+    /// keeps it). It is used exactly as a copy in the thread's front is:
+    /// the same engine, the same whole key, not past its expiry. A token's
+    /// requests then read the decision through the token, whose lines they
+    /// read anyway (and read early, side by side), instead of a front set
+    /// and the decision one after the other. A decision got otherwise
+    /// becomes the memo.
+    pub fn decide_with(
+        &self,
+        f: &RequestFacts<'_>,
+        now_s: u64,
+        memo: Option<&ArcSwapOption<Decided>>,
+    ) -> Outcome {
         let key = self.key(f);
+        // `now_s` is whole seconds: a copy (memo or front) is used only
+        // while even the end of that second is before its expiry (never
+        // past the TTL).
+        let fresh = |c: &Decided| {
+            c.key == key && now_s.saturating_add(1).saturating_mul(1000) <= c.expires_ms
+        };
+        let memo = memo.filter(|_| self.front != 0);
+        if let Some(m) = memo {
+            let held = m.load();
+            if let Some(c) = held.as_ref().filter(|c| c.owner == self.front && fresh(c)) {
+                return Outcome {
+                    decided: c.clone(),
+                    cache_hit: true,
+                };
+            }
+        }
+        let out = self.decide_key(f, key, now_s, fresh);
+        if let Some(m) = memo {
+            m.store(Some(out.decided.clone()));
+        }
+        out
+    }
+
+    fn decide_key(
+        &self,
+        f: &RequestFacts<'_>,
+        key: u128,
+        now_s: u64,
+        fresh: impl Fn(&Decided) -> bool,
+    ) -> Outcome {
         let (bits, high) = front_key(key);
-        // `now_s` is whole seconds: a front copy is used only while even
-        // the end of that second is before its expiry (never past the TTL).
         let front = (self.front != 0)
             .then(|| DECISIONS.with_borrow(|d| d.get(self.front, bits, &high)))
             .flatten()
-            .filter(|c| {
-                c.key == key && now_s.saturating_add(1).saturating_mul(1000) <= c.expires_ms
-            });
+            .filter(|c| fresh(c));
         let cached = front.or_else(|| {
             let c = self.cache.get(&key)?;
             self.front_put(key, &c);
@@ -323,6 +383,7 @@ impl Engine {
             inputs,
             expires_ms: now_ms.saturating_add(ttl_ms),
             key,
+            owner: self.front,
         });
         self.front_put(key, &c);
         self.cache.insert(key, c.clone());
@@ -384,7 +445,7 @@ mod tests {
             shadow_dir: None,
         };
         let engine = Engine::new(Arc::new(set), None, settings, None);
-        let claims: crate::authn::Claims = serde_json::from_value(serde_json::json!({
+        let claims: crate::claims::Claims = serde_json::from_value(serde_json::json!({
             "sub": "alice@example.com", "iss": "https://idp.example", "exp": 4_000_000_000u64,
         }))
         .unwrap();
@@ -424,6 +485,7 @@ mod tests {
             inputs: first.decided.inputs.clone(),
             expires_ms: u64::MAX,
             key: key ^ (1 << 40),
+            owner: engine.front,
         });
         engine.front_put(key, &planted);
         // The front finds it by half the key; its full key refuses it, and
@@ -432,5 +494,124 @@ mod tests {
         assert!(again.cache_hit);
         assert_eq!(again.decided.key, key);
         assert_eq!(again.decided.decision, first.decided.decision);
+    }
+
+    fn memo_engine(capacity: u64) -> Engine {
+        let set =
+            load_dir(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/policies"))
+                .unwrap();
+        let settings = Settings {
+            limits: Limits::default(),
+            zones: Vec::new(),
+            cache_ttl: Duration::from_secs(60),
+            cache_capacity: capacity,
+            shadow_routes: Vec::new(),
+            dir: PathBuf::new(),
+            shadow_dir: None,
+        };
+        Engine::new(Arc::new(set), None, settings, None)
+    }
+
+    #[test]
+    fn a_tokens_memo_counts_only_for_its_engine_key_and_lifetime() {
+        let engine = memo_engine(100);
+        let claims: crate::claims::Claims = serde_json::from_value(serde_json::json!({
+            "sub": "alice@example.com", "iss": "https://idp.example", "exp": 4_000_000_000u64,
+        }))
+        .unwrap();
+        let resolved = crate::posture::Resolved::default();
+        let facts = |route| RequestFacts {
+            claims: &claims,
+            issuer: "idp",
+            resolved: &resolved,
+            owner: None,
+            route,
+            sensitivity: crate::config::Sensitivity::default(),
+            workloads: &[],
+            method: MethodClass::Read,
+            peer: IpAddr::from([127, 0, 0, 1]),
+            zone: "",
+            binding: "none",
+            spiffe_id: None,
+            session_binding: None,
+        };
+        let now = crate::util::now_unix();
+        let memo = ArcSwapOption::<Decided>::empty();
+        let first = engine.decide_with(&facts("app"), now, Some(&memo));
+        assert!(!first.cache_hit);
+        // The decision became the token's memo.
+        assert!(
+            memo.load()
+                .as_ref()
+                .is_some_and(|m| Arc::ptr_eq(m, &first.decided))
+        );
+        let key = first.decided.key;
+        let flipped = || {
+            let mut d = first.decided.decision.clone();
+            d.action = if d.action == crate::policy::Action::Deny {
+                crate::policy::Action::Allow
+            } else {
+                crate::policy::Action::Deny
+            };
+            d
+        };
+        let plant = |key: u128, owner: u64, expires_ms: u64| {
+            let d = Arc::new(Decided {
+                decision: flipped(),
+                shadow: None,
+                inputs: first.decided.inputs.clone(),
+                expires_ms,
+                key,
+                owner,
+            });
+            memo.store(Some(d.clone()));
+            d
+        };
+        // A memo of this engine, this key, not expired: served as it is.
+        let good = plant(key, engine.front, u64::MAX);
+        let served = engine.decide_with(&facts("app"), now, Some(&memo));
+        assert!(served.cache_hit);
+        assert!(Arc::ptr_eq(&served.decided, &good));
+        // Another engine's (a reload), another key's, or an expired one:
+        // never served; the cache's own decision is, and becomes the memo.
+        let other = memo_engine(100);
+        for (k, owner, exp) in [
+            (key, other.front, u64::MAX),
+            (key ^ 1, engine.front, u64::MAX),
+            (key, engine.front, now.saturating_mul(1000)),
+        ] {
+            plant(k, owner, exp);
+            let out = engine.decide_with(&facts("app"), now, Some(&memo));
+            assert!(out.cache_hit);
+            assert_eq!(out.decided.decision, first.decided.decision);
+            assert!(
+                memo.load()
+                    .as_ref()
+                    .is_some_and(|m| Arc::ptr_eq(m, &out.decided))
+            );
+        }
+        // Another route is another key: decided on its own, not the memo's.
+        plant(key, engine.front, u64::MAX);
+        let elsewhere = engine.decide_with(&facts("admin"), now, Some(&memo));
+        assert_ne!(elsewhere.decided.key, key);
+        assert!(
+            memo.load()
+                .as_ref()
+                .is_some_and(|m| m.key == elsewhere.decided.key)
+        );
+        // With no decision cache, no memo either: always evaluated.
+        let uncached = memo_engine(0);
+        let none = ArcSwapOption::<Decided>::empty();
+        assert!(
+            !uncached
+                .decide_with(&facts("app"), now, Some(&none))
+                .cache_hit
+        );
+        assert!(
+            !uncached
+                .decide_with(&facts("app"), now, Some(&none))
+                .cache_hit
+        );
+        assert!(none.load().is_none());
     }
 }

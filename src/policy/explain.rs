@@ -74,7 +74,8 @@ pub fn explain(
             .collect::<Vec<_>>()
             .into();
     }
-    let claims: crate::authn::Claims = serde_json::from_value(claims).map_err(|e| e.to_string())?;
+    let claims: crate::claims::Claims =
+        serde_json::from_value(claims).map_err(|e| e.to_string())?;
     let issuer = q
         .get("issuer")
         .cloned()

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use cedar_policy::{Context, EntityId, EntityTypeName, EntityUid, RestrictedExpression};
 use serde::{Deserialize, Serialize};
 
-use crate::authn::Claims;
+use crate::claims::Claims;
 use crate::posture::Resolved;
 use crate::posture::model::{
     Identity, IdentityKind, IdentityStatus, Ownership, Threat, compliance_name, lifecycle_name,

@@ -654,7 +654,7 @@ impl Proxy {
             spiffe_id: spiffe.as_deref(),
             session_binding,
         };
-        let out = engine.decide(&facts, now);
+        let out = engine.decide_with(&facts, now, Some(&t.decision_memo));
         if out.cache_hit {
             self.metrics.policy_cache_hits.inc();
         } else {

@@ -1065,6 +1065,7 @@ pub fn principal(r: &SessionRecord, auth: &Authenticator) -> Option<Arc<Verified
         issuer,
         raw: None,
         device_memo: arc_swap::ArcSwapOption::empty(),
+        decision_memo: arc_swap::ArcSwapOption::empty(),
     }))
 }
 
