@@ -424,6 +424,33 @@ impl Authenticator {
         Some(check_times(&hit, now).map(|()| hit))
     }
 
+    /// Starts fetching, before the phases ahead of phase 2 run, what a
+    /// request on a cached token goes on to read: the front's set, the
+    /// token and, through [`VerifiedToken::warm`], the rest. Under many
+    /// distinct tokens these are cache misses in a chain (each address read
+    /// from the one before); begun here, they overlap with admission and
+    /// routing instead of waiting in phase 2. Reads only: what the header
+    /// holds is checked, as ever, by [`Authenticator::authorization`] and
+    /// [`Authenticator::check_cached`] (an entry is used only if its token
+    /// text equals the request's).
+    pub fn warm(&self, header: Option<&http::HeaderValue>) {
+        if self.front == 0 {
+            return;
+        }
+        let Some(v) = header.map(http::HeaderValue::as_bytes) else {
+            return;
+        };
+        let Some(token) = header_token(v).filter(|t| t.len() <= self.max_token_bytes) else {
+            return;
+        };
+        let bits = std::hash::BuildHasher::hash_one(&self.front_hasher, token);
+        TOKENS.with_borrow(|f| {
+            if let Some(t) = f.find(self.front, bits, &bits) {
+                t.warm();
+            }
+        });
+    }
+
     fn front_bits(&self, token: &str) -> u64 {
         if self.front == 0 {
             return 0;
@@ -634,6 +661,21 @@ impl Authenticator {
     }
 }
 
+/// The token of an `Authorization` value as [`Authenticator::authorization`]
+/// finds it (after the first space, spaces trimmed), without its checks:
+/// for [`Authenticator::warm`], whose guess only picks what to read early.
+fn header_token(v: &[u8]) -> Option<&[u8]> {
+    let sp = v.iter().position(|c| *c == b' ')?;
+    let mut t = v.get(sp + 1..)?;
+    while let [b' ', rest @ ..] = t {
+        t = rest;
+    }
+    while let [rest @ .., b' '] = t {
+        t = rest;
+    }
+    (!t.is_empty()).then_some(t)
+}
+
 fn check_times(t: &VerifiedToken, now: u64) -> Result<(), AuthError> {
     let leeway = t.issuer.cfg.leeway_s;
     if now > t.claims.exp.saturating_add(leeway) {
@@ -758,9 +800,30 @@ pub(crate) fn validation_for(
 }
 
 #[cfg(test)]
-#[allow(clippy::panic)]
+#[allow(clippy::panic, clippy::unwrap_used)]
 mod tests {
-    use super::{AuthError, Authenticator, Claims, Scheme};
+    use super::{AuthError, Authenticator, Claims, Scheme, header_token};
+
+    #[test]
+    fn the_early_read_finds_the_token_phase_two_checks() {
+        for v in [
+            "Bearer abc.def.ghi",
+            "bearer   abc.def.ghi  ",
+            "DPoP x",
+            "Bearer a b",
+            "Basic dXNlcjpwdw==",
+        ] {
+            let h = http::HeaderValue::from_str(v).unwrap();
+            let (_, token) = Authenticator::authorization(Some(&h), true).unwrap_or((
+                Scheme::Bearer,
+                v.split_once(' ').unwrap().1.trim_matches(' '),
+            ));
+            assert_eq!(header_token(v.as_bytes()), Some(token.as_bytes()), "{v:?}");
+        }
+        for v in ["Bearer", "Bearer ", "Bearer    "] {
+            assert_eq!(header_token(v.as_bytes()), None, "{v:?}");
+        }
+    }
 
     #[test]
     fn authorization_reads_the_scheme_and_refuses_non_ascii() {

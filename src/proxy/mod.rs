@@ -245,6 +245,7 @@ impl Proxy {
         conn: Arc<ConnInfo>,
     ) -> Response<ProxyBody> {
         let rt = self.runtime.load_full();
+        rt.auth.warm(req.headers().get(header::AUTHORIZATION));
         let access_line = tracing::enabled!(target: "portcullis::access", tracing::Level::INFO);
         let mut ctx = RequestCtx {
             id: self.ids.next_request_id(),
