@@ -138,8 +138,11 @@ impl VerifiedToken {
     /// the misses wait in turn. Read here, none depending on another, they
     /// are fetched together. Plain reads only: it changes nothing.
     fn warm(&self) {
-        // The device's record first: reaching it waits on the memo's
-        // pointer, so its miss starts while the reads below are issued.
+        // Both memos first: taking each is a locked write (arc-swap's debt
+        // slot), which waits for every read before it. Taken back to back,
+        // before anything else is read, the device's record and the
+        // decision are then fetched together with the reads below, not one
+        // behind the other.
         let device = self.device_memo.load();
         let decided = self.decision_memo.load();
         let mut word = device.as_ref().map_or(0, |d| {
@@ -280,6 +283,14 @@ thread_local! {
         crate::util::front::Front<u64, Arc<VerifiedToken>>,
     > =
         const { std::cell::RefCell::new(crate::util::front::Front::new()) };
+    /// The front bits [`Authenticator::warm`] computed for this thread's
+    /// current request: (the token's address, its length, the owner, the
+    /// bits). Phase 2 takes them instead of hashing the same bytes again;
+    /// only for the very same bytes (address and length) of the same owner,
+    /// and at most once. A wrong guess could only cost a front miss: an
+    /// entry is used only if its token text equals the request's.
+    static WARMED: std::cell::Cell<Option<(usize, usize, u64, u64)>> =
+        const { std::cell::Cell::new(None) };
 }
 
 impl std::fmt::Debug for Authenticator {
@@ -434,6 +445,7 @@ impl Authenticator {
     /// [`Authenticator::check_cached`] (an entry is used only if its token
     /// text equals the request's).
     pub fn warm(&self, header: Option<&http::HeaderValue>) {
+        WARMED.set(None);
         if self.front == 0 {
             return;
         }
@@ -444,6 +456,7 @@ impl Authenticator {
             return;
         };
         let bits = std::hash::BuildHasher::hash_one(&self.front_hasher, token);
+        WARMED.set(Some((token.as_ptr().addr(), token.len(), self.front, bits)));
         TOKENS.with_borrow(|f| {
             if let Some(t) = f.find(self.front, bits, &bits) {
                 t.warm();
@@ -454,6 +467,13 @@ impl Authenticator {
     fn front_bits(&self, token: &str) -> u64 {
         if self.front == 0 {
             return 0;
+        }
+        if let Some((at, len, owner, bits)) = WARMED.take()
+            && at == token.as_ptr().addr()
+            && len == token.len()
+            && owner == self.front
+        {
+            return bits;
         }
         std::hash::BuildHasher::hash_one(&self.front_hasher, token.as_bytes())
     }
@@ -823,6 +843,34 @@ mod tests {
         for v in ["Bearer", "Bearer ", "Bearer    "] {
             assert_eq!(header_token(v.as_bytes()), None, "{v:?}");
         }
+    }
+
+    #[test]
+    fn phase_two_takes_the_early_bits_only_for_the_same_bytes_once() {
+        let auth = Authenticator::new(Vec::new(), 10, 8192);
+        let hash = |t: &str| std::hash::BuildHasher::hash_one(&auth.front_hasher, t.as_bytes());
+        let h = http::HeaderValue::from_static("Bearer  abc.def.ghi ");
+        let (_, token) = Authenticator::authorization(Some(&h), false).unwrap();
+        auth.warm(Some(&h));
+        assert_eq!(auth.front_bits(token), hash(token));
+        // Taken once: the next call hashes (the same value, by hashing).
+        assert!(super::WARMED.get().is_none());
+        assert_eq!(auth.front_bits(token), hash(token));
+        // Equal text at another address is hashed, not taken.
+        auth.warm(Some(&h));
+        let copy = String::from(token);
+        assert_eq!(auth.front_bits(&copy), hash(&copy));
+        // Another authenticator (a reload) never takes this one's bits.
+        let other = Authenticator::new(Vec::new(), 10, 8192);
+        auth.warm(Some(&h));
+        assert_eq!(
+            other.front_bits(token),
+            std::hash::BuildHasher::hash_one(&other.front_hasher, token.as_bytes())
+        );
+        // A request without a token clears what an earlier one left.
+        auth.warm(Some(&h));
+        auth.warm(None);
+        assert!(super::WARMED.get().is_none());
     }
 
     #[test]
