@@ -4,7 +4,10 @@
 //!   route, a bitmap test and a bounded-queue send (a drainer thread applies
 //!   the queue meanwhile, as the proxy's 10 ms ticker does);
 //! - `record+apply/known`: the whole CPU of one observation, the drain's map
-//!   lookups and atomic stores included (off the request path in the proxy).
+//!   lookups and atomic stores included (off the request path in the proxy);
+//! - `record/known, memo`: what a request of a cached token pays once its
+//!   rows are kept with the token (`access::Memo`): the two hashes and the
+//!   stores into its rows, no queue and no drain.
 //!
 //! A first sighting adds one allocation; the flush to SQLite is not measured.
 //!
@@ -16,7 +19,7 @@
 use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use portcullis::access::{AccessMemory, Observed, TokenSeen};
+use portcullis::access::{AccessMemory, Memo, Observed, TokenSeen};
 
 fn observed<'a>(subject: &'a str, id: &'a str, hash: [u8; 32]) -> Observed<'a> {
     Observed {
@@ -44,7 +47,7 @@ fn bench(c: &mut Criterion) {
     for (i, s) in subjects.iter().enumerate() {
         let mut h = [0u8; 32];
         h[..8].copy_from_slice(&(i as u64).to_le_bytes());
-        mem.record(&observed(s, "3f9a0c11e2b4-0000000000000001", h));
+        mem.record(&observed(s, "3f9a0c11e2b4-0000000000000001", h), None);
     }
     mem.drain();
     let mut n = 0usize;
@@ -53,11 +56,10 @@ fn bench(c: &mut Criterion) {
             n = (n + 1) % subjects.len();
             let mut h = [0u8; 32];
             h[..8].copy_from_slice(&(n as u64).to_le_bytes());
-            mem.record(black_box(&observed(
-                &subjects[n],
-                "3f9a0c11e2b4-000000000000002a",
-                h,
-            )));
+            mem.record(
+                black_box(&observed(&subjects[n], "3f9a0c11e2b4-000000000000002a", h)),
+                None,
+            );
             mem.drain();
         })
     });
@@ -77,11 +79,22 @@ fn bench(c: &mut Criterion) {
             n = (n + 1) % subjects.len();
             let mut h = [0u8; 32];
             h[..8].copy_from_slice(&(n as u64).to_le_bytes());
-            mem.record(black_box(&observed(
-                &subjects[n],
-                "3f9a0c11e2b4-000000000000002a",
-                h,
-            )));
+            mem.record(
+                black_box(&observed(&subjects[n], "3f9a0c11e2b4-000000000000002a", h)),
+                None,
+            );
+        })
+    });
+    let memos: Vec<Memo> = subjects.iter().map(|_| Memo::default()).collect();
+    g.bench_function("record/known, memo", |b| {
+        b.iter(|| {
+            n = (n + 1) % subjects.len();
+            let mut h = [0u8; 32];
+            h[..8].copy_from_slice(&(n as u64).to_le_bytes());
+            mem.record(
+                black_box(&observed(&subjects[n], "3f9a0c11e2b4-000000000000002a", h)),
+                memos.get(n),
+            );
         })
     });
     g.finish();

@@ -130,8 +130,19 @@ struct Stamp {
     req: AtomicU64,
 }
 
+/// The fields a request writes come first, together (`repr(C)`): with
+/// the `Arc`'s counts they fill one cache line.
 #[derive(Debug)]
+#[repr(C)]
 struct RouteEntry {
+    decision: AtomicU8,
+    dirty: AtomicBool,
+    /// Set once the row has left the map (trimmed or replaced): a token's
+    /// [`Memo`] stops writing to it.
+    gone: AtomicBool,
+    count: AtomicU64,
+    last: Stamp,
+    forwarded: Stamp,
     /// A second, independent hash of (subject, device, route): the row's
     /// identity check without touching its three strings (cache misses).
     check: u64,
@@ -140,30 +151,29 @@ struct RouteEntry {
     route: Box<str>,
     workload: bool,
     first_ms: u64,
-    decision: AtomicU8,
-    count: AtomicU64,
-    last: Stamp,
-    forwarded: Stamp,
     restored: Option<(Box<str>, Box<str>)>,
-    dirty: AtomicBool,
     /// When this row was last handed to the store (0: not by this process),
     /// and the decision it had then.
     saved_ms: AtomicU64,
     saved_decision: AtomicU8,
 }
 
+/// As [`RouteEntry`], the fields a request writes first.
 #[derive(Debug)]
+#[repr(C)]
 struct TokenEntry {
+    dirty: AtomicBool,
+    /// Set once the row has left the map.
+    gone: AtomicBool,
+    last: Stamp,
+    forwarded: Stamp,
     subject: Box<str>,
     device: Option<Box<str>>,
     iat: Option<u64>,
     exp: u64,
     workload: bool,
     first_ms: u64,
-    last: Stamp,
-    forwarded: Stamp,
     restored: Option<(Box<str>, Box<str>)>,
-    dirty: AtomicBool,
     /// When this row was last handed to the store (0: not by this process).
     saved_ms: AtomicU64,
 }
@@ -283,8 +293,92 @@ fn token_bit(hash: &[u8; 32]) -> u64 {
     u64::from_le_bytes(b)
 }
 
+/// One more request on a known (subject, device, route) row.
+fn touch_route(e: &RouteEntry, code: u8, fwd: bool, now: u64, req: u64) {
+    e.decision.store(code, Ordering::Relaxed);
+    e.count.fetch_add(1, Ordering::Relaxed);
+    e.last.ms.store(now, Ordering::Relaxed);
+    e.last.req.store(req, Ordering::Relaxed);
+    if fwd {
+        e.forwarded.ms.store(now, Ordering::Relaxed);
+        e.forwarded.req.store(req, Ordering::Relaxed);
+    }
+    e.dirty.store(true, Ordering::Release);
+}
+
+/// One more use of a known token row.
+fn touch_token(e: &TokenEntry, fwd: bool, now: u64, req: u64) {
+    e.last.ms.store(now, Ordering::Relaxed);
+    e.last.req.store(req, Ordering::Relaxed);
+    if fwd {
+        e.forwarded.ms.store(now, Ordering::Relaxed);
+        e.forwarded.req.store(req, Ordering::Relaxed);
+    }
+    e.dirty.store(true, Ordering::Release);
+}
+
+/// A verified token's own rows, kept with the token
+/// (`VerifiedToken::access`): its requests update them in place, with the
+/// stores [`AccessMemory::drain`] would make, instead of queueing an
+/// observation for the drain to look up in both maps (two cache misses per
+/// row under many principals, and a burst of them on one worker every
+/// [`DRAIN_INTERVAL`]). Set once, by the token's first request that finds
+/// both rows in the maps; used only by the memory that set it, for the same
+/// (subject, device, route) by both hashes, and while neither row has left
+/// the maps. Any other request of the token (another route or device, a
+/// trimmed row) takes the queue as before.
+#[derive(Debug, Default)]
+pub struct Memo(OnceLock<MemoRows>);
+
+impl Memo {
+    /// Reads the lines a request of this token will write (for the early
+    /// warm-up of a cached token; plain reads).
+    pub fn touch(&self) -> u64 {
+        self.0.get().map_or(0, |r| {
+            r.route.count.load(Ordering::Relaxed)
+                ^ r.token
+                    .as_ref()
+                    .map_or(0, |t| t.last.ms.load(Ordering::Relaxed))
+        })
+    }
+}
+
+#[derive(Debug)]
+struct MemoRows {
+    /// The [`AccessMemory`] that holds the rows.
+    owner: u64,
+    key: u64,
+    check: u64,
+    /// [`token_bit`] of the token's hash (0 without a token row).
+    token_bit: u64,
+    route: Arc<RouteEntry>,
+    token: Option<Arc<TokenEntry>>,
+}
+
+impl MemoRows {
+    /// True when these rows are the request's and still in the maps.
+    fn holds(&self, owner: u64, key: u64, check: u64, token: Option<&TokenSeen>) -> bool {
+        self.owner == owner
+            && self.key == key
+            && self.check == check
+            && match (&self.token, token) {
+                (Some(e), Some(t)) => {
+                    self.token_bit == token_bit(&t.hash) && !e.gone.load(Ordering::Relaxed)
+                }
+                (None, None) => true,
+                _ => false,
+            }
+            && !self.route.gone.load(Ordering::Relaxed)
+    }
+}
+
+/// Distinct ids of [`AccessMemory`] instances, for [`Memo`]'s owner check.
+static MEMORY_IDS: AtomicU64 = AtomicU64::new(1);
+
 /// The access memory: bounded, lock-free on the request path.
 pub struct AccessMemory {
+    /// This memory's id (tokens' [`Memo`]s name it).
+    id: u64,
     routes: Map<u64, Arc<RouteEntry>>,
     tokens: Map<[u8; 32], Arc<TokenEntry>>,
     key_hasher: foldhash::fast::FixedState,
@@ -331,6 +425,7 @@ impl AccessMemory {
     /// An empty memory with these bounds.
     pub fn new(max_routes: usize, max_tokens: usize, metrics: Option<Arc<Metrics>>) -> Self {
         Self {
+            id: MEMORY_IDS.fetch_add(1, Ordering::Relaxed),
             routes: Map::default(),
             tokens: Map::default(),
             key_hasher: foldhash::fast::FixedState::with_seed(0x5eed_acce55),
@@ -369,7 +464,7 @@ impl AccessMemory {
     /// small shared bitmap); a row the bitmap wrongly calls known is not
     /// taken and its bit is cleared, so the next request brings the strings.
     /// A full queue drops the observation (counted as `dropped`).
-    pub fn record(&self, o: &Observed<'_>) {
+    pub fn record(&self, o: &Observed<'_>, memo: Option<&Memo>) {
         let now = now_ms();
         let req = match split_request_id(o.request_id) {
             Some((p, n)) => {
@@ -382,14 +477,34 @@ impl AccessMemory {
         };
         let key = self.key_hasher.hash_one((o.subject, o.device, o.route));
         let check = self.check_hasher.hash_one((o.subject, o.device, o.route));
+        let code = decision_code(o.decision);
+        let fwd = forwarded(o.decision);
+        if let Some(memo) = memo {
+            let rows = match memo.0.get() {
+                Some(rows) => Some(rows).filter(|r| r.holds(self.id, key, check, o.token.as_ref())),
+                // The token's first request after its rows exist: found
+                // once in the maps, kept with the token.
+                None => self
+                    .find_rows(key, check, o.token.as_ref())
+                    .map(|r| memo.0.get_or_init(|| r))
+                    .filter(|r| r.holds(self.id, key, check, o.token.as_ref())),
+            };
+            if let Some(rows) = rows {
+                touch_route(&rows.route, code, fwd, now, req);
+                if let Some(t) = &rows.token {
+                    touch_token(t, fwd, now, req);
+                }
+                return;
+            }
+        }
         let known = self.known_routes.test(key)
             && o.token
                 .is_none_or(|t| self.known_tokens.test(token_bit(&t.hash)));
         let pending = Pending {
             now,
             req,
-            code: decision_code(o.decision),
-            fwd: forwarded(o.decision),
+            code,
+            fwd,
             workload: o.workload,
             key,
             check,
@@ -405,6 +520,31 @@ impl AccessMemory {
         if self.queue.0.try_send(pending).is_err() {
             self.count("dropped");
         }
+    }
+
+    /// A request's two rows, when both are in the maps (for a [`Memo`]).
+    fn find_rows(&self, key: u64, check: u64, token: Option<&TokenSeen>) -> Option<MemoRows> {
+        let route = self
+            .routes
+            .pin()
+            .get(&key)
+            .filter(|e| e.check == check)?
+            .clone();
+        let (token, token_bit) = match token {
+            Some(t) => (
+                Some(self.tokens.pin().get(&t.hash)?.clone()),
+                token_bit(&t.hash),
+            ),
+            None => (None, 0),
+        };
+        Some(MemoRows {
+            owner: self.id,
+            key,
+            check,
+            token_bit,
+            route,
+            token,
+        })
     }
 
     /// Applies every queued observation to the rows (the flusher's ticker
@@ -452,6 +592,7 @@ impl AccessMemory {
                         forwarded: Stamp::default(),
                         restored: None,
                         dirty: AtomicBool::new(true),
+                        gone: AtomicBool::new(false),
                         saved_ms: AtomicU64::new(0),
                         saved_decision: AtomicU8::new(0),
                     })
@@ -473,15 +614,7 @@ impl AccessMemory {
         if let Some(entry) = entry
             && entry.check == check
         {
-            entry.decision.store(code, Ordering::Relaxed);
-            entry.count.fetch_add(1, Ordering::Relaxed);
-            entry.last.ms.store(now, Ordering::Relaxed);
-            entry.last.req.store(req, Ordering::Relaxed);
-            if fwd {
-                entry.forwarded.ms.store(now, Ordering::Relaxed);
-                entry.forwarded.req.store(req, Ordering::Relaxed);
-            }
-            entry.dirty.store(true, Ordering::Release);
+            touch_route(entry, code, fwd, now, req);
         }
         if let Some(t) = token {
             let tokens = self.tokens.pin();
@@ -504,6 +637,7 @@ impl AccessMemory {
                             forwarded: Stamp::default(),
                             restored: None,
                             dirty: AtomicBool::new(true),
+                            gone: AtomicBool::new(false),
                             saved_ms: AtomicU64::new(0),
                         })
                     });
@@ -516,13 +650,7 @@ impl AccessMemory {
                     return;
                 }
             };
-            entry.last.ms.store(now, Ordering::Relaxed);
-            entry.last.req.store(req, Ordering::Relaxed);
-            if fwd {
-                entry.forwarded.ms.store(now, Ordering::Relaxed);
-                entry.forwarded.req.store(req, Ordering::Relaxed);
-            }
-            entry.dirty.store(true, Ordering::Release);
+            touch_token(entry, fwd, now, req);
         }
     }
 
@@ -646,6 +774,7 @@ impl AccessMemory {
             let n = all.len().saturating_sub(max);
             for (_, k) in all.into_iter().take(n) {
                 if let Some(e) = routes.remove(&k) {
+                    e.gone.store(true, Ordering::Relaxed);
                     self.known_routes.clear(k);
                     out.routes.push((
                         e.subject.to_string(),
@@ -666,7 +795,8 @@ impl AccessMemory {
             all.sort_unstable();
             let n = all.len().saturating_sub(max);
             for (_, k) in all.into_iter().take(n) {
-                if tokens.remove(&k).is_some() {
+                if let Some(e) = tokens.remove(&k) {
+                    e.gone.store(true, Ordering::Relaxed);
                     self.known_tokens.clear(token_bit(&k));
                     out.tokens.push(hex::encode(k));
                     self.count("tokens");
@@ -713,10 +843,13 @@ impl AccessMemory {
             },
             restored: Some((r.last_request.into(), r.last_forwarded_request.into())),
             dirty: AtomicBool::new(false),
+            gone: AtomicBool::new(false),
             saved_ms: AtomicU64::new(0),
             saved_decision: AtomicU8::new(decision_code(&r.decision)),
         };
-        self.routes.pin().insert(key, Arc::new(e));
+        if let Some(old) = self.routes.pin().insert(key, Arc::new(e)) {
+            old.gone.store(true, Ordering::Relaxed);
+        }
         self.known_routes.set(key);
     }
 
@@ -743,9 +876,12 @@ impl AccessMemory {
             },
             restored: Some((r.last_request.into(), r.last_forwarded_request.into())),
             dirty: AtomicBool::new(false),
+            gone: AtomicBool::new(false),
             saved_ms: AtomicU64::new(0),
         };
-        self.tokens.pin().insert(hash, Arc::new(e));
+        if let Some(old) = self.tokens.pin().insert(hash, Arc::new(e)) {
+            old.gone.store(true, Ordering::Relaxed);
+        }
         self.known_tokens.set(token_bit(&hash));
     }
 
@@ -812,13 +948,13 @@ mod tests {
         let key = m.key_hasher.hash_one(("bob", Some("d1"), "app"));
         m.known_routes.set(key);
         m.known_tokens.set(token_bit(&[7; 32]));
-        m.record(&obs("bob", "app", "allow", "abc-0000000000000001"));
+        m.record(&obs("bob", "app", "allow", "abc-0000000000000001"), None);
         assert!(m.route_rows().is_empty());
         assert!(!m.known_routes.test(key));
         // The next request brings the strings: the row exists from then on,
         // and known rows need no strings.
-        m.record(&obs("bob", "app", "deny", "abc-0000000000000002"));
-        m.record(&obs("bob", "app", "allow", "abc-0000000000000003"));
+        m.record(&obs("bob", "app", "deny", "abc-0000000000000002"), None);
+        m.record(&obs("bob", "app", "allow", "abc-0000000000000003"), None);
         let rows = m.route_rows();
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].count, 2);
@@ -830,7 +966,7 @@ mod tests {
     #[test]
     fn a_sighting_alone_is_written_within_two_minutes_a_new_decision_at_once() {
         let m = AccessMemory::new(10, 10, None);
-        m.record(&obs("alice", "app", "allow", "abc-0000000000000001"));
+        m.record(&obs("alice", "app", "allow", "abc-0000000000000001"), None);
         let d = m.take_dirty(1_000, false);
         assert_eq!(
             (d.routes.len(), d.tokens.len()),
@@ -838,7 +974,7 @@ mod tests {
             "new rows go at once"
         );
         // Seen again, same decision: not yet due, but still marked.
-        m.record(&obs("alice", "app", "allow", "abc-0000000000000002"));
+        m.record(&obs("alice", "app", "allow", "abc-0000000000000002"), None);
         let d = m.take_dirty(2_000, false);
         assert_eq!((d.routes.len(), d.tokens.len()), (0, 0));
         let d = m.take_dirty(RESAVE_AFTER_MS, false);
@@ -855,12 +991,12 @@ mod tests {
         );
         assert_eq!(d.routes[0].count, 2);
         // A changed decision is written at the next flush.
-        m.record(&obs("alice", "app", "deny", "abc-0000000000000003"));
+        m.record(&obs("alice", "app", "deny", "abc-0000000000000003"), None);
         let d = m.take_dirty(2_000 + 2 * RESAVE_AFTER_MS, false);
         assert_eq!(d.routes.len(), 1);
         assert_eq!(d.routes[0].decision, "deny");
         // A report or shutdown takes every changed row.
-        m.record(&obs("alice", "app", "deny", "abc-0000000000000004"));
+        m.record(&obs("alice", "app", "deny", "abc-0000000000000004"), None);
         assert!(
             m.take_dirty(3_000 + 2 * RESAVE_AFTER_MS, false)
                 .routes
@@ -881,11 +1017,11 @@ mod tests {
         let m = AccessMemory::new(2_000, 2_000, None);
         let subjects: Vec<String> = (0..1_000).map(|i| format!("user-{i}")).collect();
         for s in &subjects {
-            m.record(&obs(s, "app", "allow", "abc-0000000000000001"));
+            m.record(&obs(s, "app", "allow", "abc-0000000000000001"), None);
         }
         assert_eq!(m.take_dirty(1_000, false).routes.len(), 1_000);
         for s in &subjects {
-            m.record(&obs(s, "app", "allow", "abc-0000000000000002"));
+            m.record(&obs(s, "app", "allow", "abc-0000000000000002"), None);
         }
         // The 2 s flushes of the next two minutes.
         let (mut most, mut total) = (0, 0);
@@ -897,10 +1033,107 @@ mod tests {
         assert!(most <= 100, "one flush took {most} of the 1,000 rows");
     }
     #[test]
+    fn a_tokens_memo_writes_its_own_rows_in_place_and_only_while_they_are_held() {
+        let m = AccessMemory::new(10, 10, None);
+        let memo = Memo::default();
+        // The token's first request: no rows yet, so it is queued.
+        m.record(
+            &obs("alice", "app", "allow", "abc-0000000000000001"),
+            Some(&memo),
+        );
+        assert!(memo.0.get().is_none());
+        m.drain();
+        // The next finds both rows, keeps them and writes them in place.
+        m.record(
+            &obs("alice", "app", "deny", "abc-0000000000000002"),
+            Some(&memo),
+        );
+        assert!(memo.0.get().is_some());
+        assert!(m.queue.1.is_empty(), "written in place, not queued");
+        let d = m.take_dirty(1_000, true);
+        assert_eq!((d.routes.len(), d.tokens.len()), (1, 1), "marked changed");
+        let r = &d.routes[0];
+        assert_eq!((r.count, r.decision.as_str()), (2, "deny"));
+        assert_eq!(r.last_request, "abc-0000000000000002");
+        assert_eq!(r.last_forwarded_request, "abc-0000000000000001");
+        assert_eq!(d.tokens[0].last_request, "abc-0000000000000002");
+        m.record(
+            &obs("alice", "app", "allow", "abc-0000000000000003"),
+            Some(&memo),
+        );
+        assert!(m.queue.1.is_empty());
+        let rows = m.route_rows();
+        assert_eq!(rows[0].count, 3);
+        assert_eq!(rows[0].last_forwarded_request, "abc-0000000000000003");
+        assert_eq!(
+            m.token_rows()[0].last_forwarded_request,
+            "abc-0000000000000003"
+        );
+        // Another route of the same token is not the memo's row.
+        m.record(
+            &obs("alice", "other", "allow", "abc-0000000000000004"),
+            Some(&memo),
+        );
+        assert_eq!(m.queue.1.len(), 1);
+        assert_eq!(m.route_rows().len(), 2);
+        // Nor is another memory's.
+        let m2 = AccessMemory::new(10, 10, None);
+        m2.record(
+            &obs("alice", "app", "allow", "abc-0000000000000005"),
+            Some(&memo),
+        );
+        assert_eq!(m2.route_rows().len(), 1);
+        assert_eq!(m.route_rows().iter().map(|r| r.count).sum::<u64>(), 4);
+        // A trimmed row is no longer written through the memo: the next
+        // request brings it back through the queue.
+        m.set_bounds(0, 10);
+        let ev = m.trim();
+        assert_eq!((ev.routes.len(), ev.tokens.len()), (2, 0));
+        m.set_bounds(10, 10);
+        m.record(
+            &obs("alice", "app", "allow", "abc-0000000000000006"),
+            Some(&memo),
+        );
+        assert_eq!(m.queue.1.len(), 1, "queued, not written to the evicted row");
+        let rows = m.route_rows();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(
+            (rows[0].count, rows[0].last_request.as_str()),
+            (1, "abc-0000000000000006")
+        );
+        // So is a trimmed token row.
+        let m = AccessMemory::new(10, 10, None);
+        let memo = Memo::default();
+        m.record(
+            &obs("bob", "app", "allow", "abc-0000000000000001"),
+            Some(&memo),
+        );
+        m.drain();
+        m.record(
+            &obs("bob", "app", "allow", "abc-0000000000000002"),
+            Some(&memo),
+        );
+        assert!(memo.0.get().is_some() && m.queue.1.is_empty());
+        m.set_bounds(10, 0);
+        assert_eq!(m.trim().tokens.len(), 1);
+        m.set_bounds(10, 10);
+        m.record(
+            &obs("bob", "app", "allow", "abc-0000000000000003"),
+            Some(&memo),
+        );
+        assert_eq!(m.queue.1.len(), 1);
+        let t = m.token_rows();
+        assert_eq!(
+            (t.len(), t[0].last_request.as_str()),
+            (1, "abc-0000000000000003")
+        );
+    }
+
+    #[test]
     fn remembers_last_decision_and_request_and_trims_oldest() {
         let m = AccessMemory::new(2, 10, None);
-        m.record(&obs("alice", "app", "allow", "abc-0000000000000001"));
-        m.record(&obs("alice", "app", "deny", "abc-0000000000000002"));
+        m.record(&obs("alice", "app", "allow", "abc-0000000000000001"), None);
+        m.record(&obs("alice", "app", "deny", "abc-0000000000000002"), None);
         let rows = m.route_rows();
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].decision, "deny");
@@ -912,8 +1145,8 @@ mod tests {
         assert_eq!(t[0].hash, hex::encode([7u8; 32]));
         assert_eq!(m.take_dirty(1_000, false).routes.len(), 1);
         assert!(m.take_dirty(1_000, false).routes.is_empty());
-        m.record(&obs("bob", "app", "allow", "abc-0000000000000003"));
-        m.record(&obs("carol", "app", "allow", "abc-0000000000000004"));
+        m.record(&obs("bob", "app", "allow", "abc-0000000000000003"), None);
+        m.record(&obs("carol", "app", "allow", "abc-0000000000000004"), None);
         let ev = m.trim();
         assert_eq!(ev.routes.len(), 1);
         assert_eq!(m.route_rows().len(), 2);

@@ -17,7 +17,7 @@ pub mod store;
 pub mod ui;
 
 pub use findings::{Finding, FindingKind, Severity};
-pub use memory::{AccessMemory, Observed, TokenSeen};
+pub use memory::{AccessMemory, Memo, Observed, TokenSeen};
 pub use report::{AccessReport, Filter};
 
 use std::sync::{Arc, Mutex, OnceLock};

@@ -126,6 +126,9 @@ pub struct VerifiedToken {
     /// ([`crate::policy::Engine::decide_with`]: used only for the same
     /// engine, the same whole key and before its expiry).
     pub decision_memo: arc_swap::ArcSwapOption<crate::policy::Decided>,
+    /// The token's access-memory rows, once found
+    /// ([`crate::access::Memo`]: phase 7 updates them in place).
+    pub access: crate::access::Memo,
 }
 
 impl VerifiedToken {
@@ -175,7 +178,8 @@ impl VerifiedToken {
             ^ u64::from(c.sid.is_some())
             ^ u64::from(c.cnf.is_some())
             ^ c.fingerprint.get().map_or(0, |f| *f as u64)
-            ^ u64::from(self.hash.map_or(0, |h| h[0]));
+            ^ u64::from(self.hash.map_or(0, |h| h[0]))
+            ^ self.access.touch();
         std::hint::black_box((word, byte));
     }
 }
@@ -585,6 +589,7 @@ impl Authenticator {
             raw: (token.len() <= FRONT_MAX_TOKEN_BYTES).then(|| Box::from(token)),
             device_memo: arc_swap::ArcSwapOption::empty(),
             decision_memo: arc_swap::ArcSwapOption::empty(),
+            access: crate::access::Memo::default(),
         });
         check_times(&verified, now)?;
         self.cache.insert(hash, verified.clone());

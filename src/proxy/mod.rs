@@ -937,21 +937,24 @@ impl Proxy {
         let workload = token.is_none()
             || ctx.binding.as_ref().is_some_and(|b| b.workload.is_some())
             || token.is_some_and(|t| t.claims.client_id.as_deref() == Some(subject));
-        self.access.memory.record(&crate::access::Observed {
-            subject,
-            device,
-            route: &route.name,
-            decision,
-            request_id: &ctx.id,
-            workload,
-            token: token.and_then(|t| {
-                t.hash.map(|hash| crate::access::TokenSeen {
-                    hash,
-                    iat: t.claims.iat,
-                    exp: t.claims.exp,
-                })
-            }),
-        });
+        self.access.memory.record(
+            &crate::access::Observed {
+                subject,
+                device,
+                route: &route.name,
+                decision,
+                request_id: &ctx.id,
+                workload,
+                token: token.and_then(|t| {
+                    t.hash.map(|hash| crate::access::TokenSeen {
+                        hash,
+                        iat: t.claims.iat,
+                        exp: t.claims.exp,
+                    })
+                }),
+            },
+            token.map(|t| &t.access),
+        );
     }
 
     /// Phase 7: metrics and the access line.

@@ -1066,6 +1066,7 @@ pub fn principal(r: &SessionRecord, auth: &Authenticator) -> Option<Arc<Verified
         raw: None,
         device_memo: arc_swap::ArcSwapOption::empty(),
         decision_memo: arc_swap::ArcSwapOption::empty(),
+        access: crate::access::Memo::default(),
     }))
 }
 
