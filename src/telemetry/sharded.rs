@@ -15,15 +15,33 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::{MetricType, TypedMetric};
 
-/// Slots per metric: slot 0 for threads that are not proxy workers, the
-/// others for the workers (more workers than slots share them, still
-/// correct: every update is atomic).
-const SLOTS: usize = 8;
+/// Slots per metric: slot 0 for threads that are not proxy workers (and
+/// workers past the first 15), the others one per worker, written by it
+/// alone without a locked instruction (2 KiB per counter).
+const SLOTS: usize = 16;
 
-/// The current thread's slot: a worker's own (up to `SLOTS - 1` workers),
-/// or 0.
-fn slot() -> usize {
-    crate::util::worker::current().map_or(0, |w| 1 + w % (SLOTS - 1))
+/// The current thread's slot, and true when this thread is its one
+/// writer: a worker's own slot ([`crate::util::worker::slot`], never
+/// handed to two threads), or slot 0, shared by every other thread and by
+/// workers past the first `SLOTS - 1` this process started.
+fn slot() -> (usize, bool) {
+    match crate::util::worker::slot() {
+        s if s > 0 && s < SLOTS => (s, true),
+        _ => (0, false),
+    }
+}
+
+/// Adds `n` to a slot: its one writer needs no locked instruction (a plain
+/// load and store; readers still see whole values), any other writer does.
+fn add(cell: &AtomicU64, n: u64, sole: bool) {
+    if sole {
+        cell.store(
+            cell.load(Ordering::Relaxed).wrapping_add(n),
+            Ordering::Relaxed,
+        );
+    } else {
+        cell.fetch_add(n, Ordering::Relaxed);
+    }
 }
 
 /// One slot on a cache line (two: the adjacent-line prefetcher pairs them).
@@ -43,8 +61,9 @@ impl Counter {
 
     /// Adds `n`.
     pub fn inc_by(&self, n: u64) {
-        if let Some(s) = self.0.get(slot()) {
-            s.0.fetch_add(n, Ordering::Relaxed);
+        let (slot, sole) = slot();
+        if let Some(s) = self.0.get(slot) {
+            add(&s.0, n, sole);
         }
     }
 
@@ -114,17 +133,19 @@ impl Histogram {
 
     /// Records one value.
     pub fn observe(&self, v: f64) {
-        let slot = slot();
+        let (slot, sole) = slot();
         // The last bound is `+Inf`, so every value but NaN lands before it.
         let bucket = self.bounds.partition_point(|b| *b < v);
         if let Some(c) = self.count_cell(slot, bucket) {
-            c.fetch_add(1, Ordering::Relaxed);
+            add(c, 1, sole);
         }
         if let Some(Padded(sum)) = self.sums.get(slot) {
-            // A worker's slot has one writer: this loop runs once there.
-            let _ = sum.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| {
-                Some((f64::from_bits(bits) + v).to_bits())
-            });
+            let next = |bits: u64| (f64::from_bits(bits) + v).to_bits();
+            if sole {
+                sum.store(next(sum.load(Ordering::Relaxed)), Ordering::Relaxed);
+            } else {
+                let _ = sum.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| Some(next(b)));
+            }
         }
     }
 
@@ -201,6 +222,37 @@ mod tests {
         let mut r = Registry::default();
         r.register("hits", "Hits", c);
         assert!(text(&r).contains("hits_total 4005\n"), "{}", text(&r));
+    }
+
+    /// A worker's slot is written without a locked instruction, so no two
+    /// threads may ever share one: not threads entered as the same worker
+    /// (tests, a second server in the process), not workers past the slots.
+    #[test]
+    fn threads_entered_as_one_worker_or_past_the_slots_lose_no_count() {
+        let c = Counter::default();
+        let h = Histogram::new([1.0]);
+        let start = Arc::new(std::sync::Barrier::new(2 * SLOTS));
+        let threads: Vec<_> = (0..2 * SLOTS)
+            .map(|_| {
+                let (c, h, start) = (c.clone(), h.clone(), start.clone());
+                std::thread::spawn(move || {
+                    crate::util::worker::enter(0);
+                    start.wait();
+                    for _ in 0..20_000 {
+                        c.inc();
+                        h.observe(0.5);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let n = 2 * SLOTS as u64 * 20_000;
+        assert_eq!(c.get(), n);
+        let (sum, count, _) = h.totals();
+        assert_eq!(count, n);
+        assert!((sum - n as f64 * 0.5).abs() < 1e-6, "{sum}");
     }
 
     /// The same observations give the same text as prometheus-client's own
