@@ -184,6 +184,26 @@ impl VerifiedToken {
     }
 }
 
+impl VerifiedToken {
+    /// The second, shorter early read, once the upstream has answered: while
+    /// a request waits on it, the worker serves others and the token's lines
+    /// leave the cache again. Reads side by side what the rest of the
+    /// request reads (the live-connection seed, phase 7): the issuer, the
+    /// expiry, the subject's and device's first bytes. Only lines no request
+    /// writes: reading a line another core writes (the reference count, the
+    /// access rows) before writing it costs a second transfer when all
+    /// requests share one token. Plain reads only.
+    pub fn warm_late(&self) -> u64 {
+        let first = |s: &str| u64::from(s.as_bytes().first().copied().unwrap_or(0));
+        (Arc::as_ptr(&self.issuer) as usize as u64)
+            ^ self.claims.exp
+            ^ u64::from(self.claims.client_id.is_some())
+            ^ first(&self.claims.sub)
+            ^ self.device.as_deref().map_or(0, first)
+            ^ u64::from(self.hash.map_or(0, |h| h[0]))
+    }
+}
+
 /// Bytes of a token's header values kept inline ([`TokenHeaders::of`]).
 pub const INLINE_VALUES: usize = 118;
 
