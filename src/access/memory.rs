@@ -330,19 +330,6 @@ fn touch_token(e: &TokenEntry, fwd: bool, now: u64, req: u64) {
 #[derive(Debug, Default)]
 pub struct Memo(OnceLock<MemoRows>);
 
-impl Memo {
-    /// Reads the lines a request of this token will write (for the early
-    /// warm-up of a cached token; plain reads).
-    pub fn touch(&self) -> u64 {
-        self.0.get().map_or(0, |r| {
-            r.route.count.load(Ordering::Relaxed)
-                ^ r.token
-                    .as_ref()
-                    .map_or(0, |t| t.last.ms.load(Ordering::Relaxed))
-        })
-    }
-}
-
 #[derive(Debug)]
 struct MemoRows {
     /// The [`AccessMemory`] that holds the rows.
