@@ -293,28 +293,28 @@ fn token_bit(hash: &[u8; 32]) -> u64 {
     u64::from_le_bytes(b)
 }
 
+/// A sighting's stamps and the row's changed mark (last, so a flusher that
+/// sees the mark sees the stamps).
+fn stamp(last: &Stamp, forwarded: &Stamp, dirty: &AtomicBool, fwd: bool, now: u64, req: u64) {
+    last.ms.store(now, Ordering::Relaxed);
+    last.req.store(req, Ordering::Relaxed);
+    if fwd {
+        forwarded.ms.store(now, Ordering::Relaxed);
+        forwarded.req.store(req, Ordering::Relaxed);
+    }
+    dirty.store(true, Ordering::Release);
+}
+
 /// One more request on a known (subject, device, route) row.
 fn touch_route(e: &RouteEntry, code: u8, fwd: bool, now: u64, req: u64) {
     e.decision.store(code, Ordering::Relaxed);
     e.count.fetch_add(1, Ordering::Relaxed);
-    e.last.ms.store(now, Ordering::Relaxed);
-    e.last.req.store(req, Ordering::Relaxed);
-    if fwd {
-        e.forwarded.ms.store(now, Ordering::Relaxed);
-        e.forwarded.req.store(req, Ordering::Relaxed);
-    }
-    e.dirty.store(true, Ordering::Release);
+    stamp(&e.last, &e.forwarded, &e.dirty, fwd, now, req);
 }
 
 /// One more use of a known token row.
 fn touch_token(e: &TokenEntry, fwd: bool, now: u64, req: u64) {
-    e.last.ms.store(now, Ordering::Relaxed);
-    e.last.req.store(req, Ordering::Relaxed);
-    if fwd {
-        e.forwarded.ms.store(now, Ordering::Relaxed);
-        e.forwarded.req.store(req, Ordering::Relaxed);
-    }
-    e.dirty.store(true, Ordering::Release);
+    stamp(&e.last, &e.forwarded, &e.dirty, fwd, now, req);
 }
 
 /// A verified token's own rows, kept with the token
