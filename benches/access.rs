@@ -37,6 +37,13 @@ fn observed<'a>(subject: &'a str, id: &'a str, hash: [u8; 32]) -> Observed<'a> {
     }
 }
 
+/// The n-th subject's token hash.
+fn hash_of(n: usize) -> [u8; 32] {
+    let mut h = [0u8; 32];
+    h[..8].copy_from_slice(&(n as u64).to_le_bytes());
+    h
+}
+
 fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("access");
     // A memory already holding 10k subjects, as a busy proxy would.
@@ -45,19 +52,22 @@ fn bench(c: &mut Criterion) {
         .map(|i| format!("user{i}@example.com"))
         .collect();
     for (i, s) in subjects.iter().enumerate() {
-        let mut h = [0u8; 32];
-        h[..8].copy_from_slice(&(i as u64).to_le_bytes());
-        mem.record(&observed(s, "3f9a0c11e2b4-0000000000000001", h), None);
+        mem.record(
+            &observed(s, "3f9a0c11e2b4-0000000000000001", hash_of(i)),
+            None,
+        );
     }
     mem.drain();
     let mut n = 0usize;
     g.bench_function("record+apply/known", |b| {
         b.iter(|| {
             n = (n + 1) % subjects.len();
-            let mut h = [0u8; 32];
-            h[..8].copy_from_slice(&(n as u64).to_le_bytes());
             mem.record(
-                black_box(&observed(&subjects[n], "3f9a0c11e2b4-000000000000002a", h)),
+                black_box(&observed(
+                    &subjects[n],
+                    "3f9a0c11e2b4-000000000000002a",
+                    hash_of(n),
+                )),
                 None,
             );
             mem.drain();
@@ -77,10 +87,12 @@ fn bench(c: &mut Criterion) {
     g.bench_function("record/known", |b| {
         b.iter(|| {
             n = (n + 1) % subjects.len();
-            let mut h = [0u8; 32];
-            h[..8].copy_from_slice(&(n as u64).to_le_bytes());
             mem.record(
-                black_box(&observed(&subjects[n], "3f9a0c11e2b4-000000000000002a", h)),
+                black_box(&observed(
+                    &subjects[n],
+                    "3f9a0c11e2b4-000000000000002a",
+                    hash_of(n),
+                )),
                 None,
             );
         })
@@ -89,10 +101,12 @@ fn bench(c: &mut Criterion) {
     g.bench_function("record/known, memo", |b| {
         b.iter(|| {
             n = (n + 1) % subjects.len();
-            let mut h = [0u8; 32];
-            h[..8].copy_from_slice(&(n as u64).to_le_bytes());
             mem.record(
-                black_box(&observed(&subjects[n], "3f9a0c11e2b4-000000000000002a", h)),
+                black_box(&observed(
+                    &subjects[n],
+                    "3f9a0c11e2b4-000000000000002a",
+                    hash_of(n),
+                )),
                 memos.get(n),
             );
         })

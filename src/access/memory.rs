@@ -443,10 +443,11 @@ impl AccessMemory {
         }
     }
 
-    /// Phase 7: remembers one decided request, off the request path: it
-    /// hashes the row's key (the strings are in cache), copies a few words
-    /// into a bounded queue and returns; [`AccessMemory::drain`] applies them
-    /// on another thread (every [`DRAIN_INTERVAL`], and before every read).
+    /// Phase 7: remembers one decided request. It hashes the row's key (the
+    /// strings are in cache); a token whose [`Memo`] holds this very row
+    /// gets its rows updated in place. Otherwise it copies a few words into
+    /// a bounded queue and returns; [`AccessMemory::drain`] applies them on
+    /// another thread (every [`DRAIN_INTERVAL`], and before every read).
     /// The row's strings are copied only when the row is probably new (a
     /// small shared bitmap); a row the bitmap wrongly calls known is not
     /// taken and its bit is cleared, so the next request brings the strings.
@@ -467,15 +468,16 @@ impl AccessMemory {
         let code = decision_code(o.decision);
         let fwd = forwarded(o.decision);
         if let Some(memo) = memo {
-            let rows = match memo.0.get() {
-                Some(rows) => Some(rows).filter(|r| r.holds(self.id, key, check, o.token.as_ref())),
+            let rows = memo
+                .0
+                .get()
                 // The token's first request after its rows exist: found
                 // once in the maps, kept with the token.
-                None => self
-                    .find_rows(key, check, o.token.as_ref())
-                    .map(|r| memo.0.get_or_init(|| r))
-                    .filter(|r| r.holds(self.id, key, check, o.token.as_ref())),
-            };
+                .or_else(|| {
+                    self.find_rows(key, check, o.token.as_ref())
+                        .map(|r| memo.0.get_or_init(|| r))
+                })
+                .filter(|r| r.holds(self.id, key, check, o.token.as_ref()));
             if let Some(rows) = rows {
                 touch_route(&rows.route, code, fwd, now, req);
                 if let Some(t) = &rows.token {

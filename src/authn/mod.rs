@@ -204,7 +204,7 @@ impl VerifiedToken {
 }
 
 /// Bytes of a token's header values kept inline ([`TokenHeaders::of`]).
-pub const INLINE_VALUES: usize = 118;
+const INLINE_VALUES: usize = 118;
 
 /// Header value bytes inline: `Bytes::from_owner` puts its reference count
 /// right before them in the same allocation (128 bytes in all).
