@@ -621,7 +621,22 @@ fn spawn_workers(
         (None, vec![None])
     };
     let drain = Duration::from_millis(ctx.cfg.proxy.drain_timeout_ms);
+    let pins = if ctx.cfg.listener.pin_workers {
+        match crate::util::worker::pin_plan(workers) {
+            Ok(cpus) => {
+                tracing::info!(?cpus, "proxy workers pinned, one per CPU");
+                cpus
+            }
+            Err(why) => {
+                tracing::warn!(reason = %why, "[listener] pin_workers: workers left unpinned");
+                Vec::new()
+            }
+        }
+    } else {
+        Vec::new()
+    };
     for w in 0..workers {
+        let pin = pins.get(w).copied();
         let inbox = inboxes.get_mut(w).and_then(Option::take);
         let balance = balance.clone().map(|b| (b, w));
         let mut mine = Vec::with_capacity(std_listeners.len());
@@ -643,6 +658,11 @@ fn spawn_workers(
             .name(format!("portcullis-w{w}"))
             .spawn(move || {
                 crate::util::worker::enter(w);
+                if let Some(cpu) = pin
+                    && let Err(e) = crate::util::worker::pin_current(cpu)
+                {
+                    tracing::warn!(worker = w, cpu, error = %e, "cannot pin proxy worker");
+                }
                 runtime.block_on(async move {
                     let mut loops = JoinSet::new();
                     // Keeps a near timer armed; see WORKER_TICK.

@@ -501,3 +501,71 @@ async fn connections_spread_evenly_over_the_workers() {
         .expect("shutdown drains connections on every worker");
     drop(conns);
 }
+
+/// This process's proxy worker threads named `portcullis-w<n>` that are not
+/// in `before`, with the CPUs each may run on.
+fn worker_threads(before: &[u32]) -> Vec<(u32, Vec<usize>)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc/self/task").unwrap() {
+        let entry = entry.unwrap();
+        let tid: u32 = entry.file_name().to_string_lossy().parse().unwrap();
+        let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
+        if before.contains(&tid) || !comm.starts_with("portcullis-w") {
+            continue;
+        }
+        let pid = rustix::thread::Pid::from_raw(tid as i32).unwrap();
+        let set = rustix::thread::sched_getaffinity(Some(pid)).unwrap();
+        let cpus = (0..rustix::thread::CpuSet::MAX_CPU)
+            .filter(|&c| set.is_set(c))
+            .collect();
+        out.push((tid, cpus));
+    }
+    out
+}
+
+fn all_threads() -> Vec<u32> {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().parse().unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_are_pinned_one_per_cpu_only_when_asked() {
+    let allowed = portcullis::util::worker::allowed_cpus().unwrap();
+    let workers = allowed.len().min(2);
+    for pin in [false, true] {
+        let before = all_threads();
+        let pki = TestPki::new();
+        let upstream = RawUpstream::start().await;
+        let url = format!("http://{}", upstream.addr);
+        let extra = format!("\n[listener]\nworkers = {workers}\npin_workers = {pin}\n");
+        let s = setup_with(pki, upstream, &url, &extra).await;
+        // Each worker pins itself as it starts: looked at until it has.
+        let want: Vec<Vec<usize>> = if pin {
+            // Each on one CPU of its own: the first allowed ones.
+            allowed[..workers].iter().map(|&c| vec![c]).collect()
+        } else {
+            vec![allowed.clone(); workers]
+        };
+        let deadline = std::time::Instant::now() + DEADLINE;
+        let cpus = loop {
+            let mut cpus: Vec<Vec<usize>> = worker_threads(&before)
+                .into_iter()
+                .map(|(_, c)| c)
+                .collect();
+            cpus.sort_unstable();
+            if cpus == want || std::time::Instant::now() > deadline {
+                break cpus;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        };
+        assert_eq!(cpus, want, "pin {pin}");
+        // And the proxy serves as before.
+        let mut c = conn(&s).await;
+        let (status, _, body) = c.get("/keep", &[]).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(&body[..], b"ok");
+        s.server.shutdown().await;
+    }
+}

@@ -35,6 +35,10 @@
 #   RATE=5000 RATE_CONNS=50     rate mode: total req/s over this many connections
 #   PORTCULLIS_BIN     prebuilt binary; default: cargo build --release into
 #                      ${CARGO_TARGET_DIR:-<repo>/target} and use release/portcullis
+#   PIN=0              1: pin every proxy's worker threads one per CPU, alike:
+#                      portcullis [listener] pin_workers, nginx
+#                      worker_cpu_affinity auto, HAProxy cpu-map (the shared
+#                      upstream nginx is left unpinned); 0: none pinned, as the outside harness ran them
 #   PORTCULLIS_EXTRA   extra TOML appended to portcullis's config (experiments)
 #   PROFILE_DIR        when set: perf record -e cpu-clock -g portcullis during
 #                      each of its measured runs, reports (text) into this dir
@@ -78,6 +82,14 @@ ROUNDS=${ROUNDS:-1}
 MODES=${MODES:-h1 h1-10k h2 rate}
 PEERS=${PEERS:-nginx haproxy portcullis}
 CONNS=${CONNS:-50}
+PIN=${PIN:-0}
+if [[ $PIN == 1 ]]; then
+    PC_PIN=$'[listener]\npin_workers = true'
+    NG_PIN="worker_cpu_affinity auto;"
+    HA_PIN="cpu-map auto:1/1-2 0-1"
+else
+    PC_PIN="" NG_PIN="" HA_PIN=""
+fi
 THREADS=${THREADS:-2}
 TOKENS=${TOKENS:-10000}
 H2_CONNS=${H2_CONNS:-10}
@@ -201,6 +213,7 @@ else
 fi
 [[ -x $BIN ]] || die "portcullis binary not found or not executable: $BIN"
 log "portcullis: $BIN"
+log "worker pinning (PIN=$PIN): $([[ $PIN == 1 ]] && echo "every proxy one worker per CPU" || echo "none")"
 
 # ------------------------------------------------------------------ helpers ---
 port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
@@ -338,6 +351,8 @@ listen = "127.0.0.1:0"
 [admin]
 listen = "127.0.0.1:0"
 
+$PC_PIN
+
 [log]
 level = "warn"
 
@@ -425,6 +440,7 @@ mkdir -p "$NG/logs"
 cp "$PKI/server.pem" "$PKI/server-key.pem" "$NG/"
 cat > "$NG/nginx.conf" <<EOF
 worker_processes 2;
+$NG_PIN
 pid $NG/nginx.pid;
 error_log $NG/logs/error.log warn;
 events { worker_connections 4096; }
@@ -486,6 +502,7 @@ awk '{ print $1, "allow" }' "$DEVICES_FILE" > "$HA/devices.map"
 cat > "$HA/haproxy.cfg" <<EOF
 global
     nbthread 2
+    $HA_PIN
     maxconn 8192
     pidfile $HA/haproxy.pid
     tune.ssl.default-dh-param 2048

@@ -296,6 +296,12 @@ pub struct ListenerConfig {
     /// with its own upstream pool; 0 = one per available core.
     #[serde(default)]
     pub workers: usize,
+    /// Pin worker `i` to the `i`-th CPU this process may run on (when there
+    /// are at least as many such CPUs as workers), as nginx's
+    /// `worker_cpu_affinity auto` does. Off by default: right for a host
+    /// whose cores the proxy owns, wrong for a pod sharing them.
+    #[serde(default)]
+    pub pin_workers: bool,
 }
 
 /// The proxy listener and its limits.

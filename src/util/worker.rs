@@ -24,6 +24,37 @@ pub fn enter(worker: usize) {
     WORKER.with(|w| w.set(Some((worker, slot))));
 }
 
+/// The CPUs `workers` worker threads would be pinned to, one each: the
+/// first `workers` of those the calling thread may run on, ascending.
+/// `Err` says why they cannot be pinned (fewer such CPUs than workers, or
+/// the affinity mask could not be read).
+pub fn pin_plan(workers: usize) -> Result<Vec<usize>, String> {
+    let allowed =
+        allowed_cpus().map_err(|e| format!("cannot read this process's CPU affinity: {e}"))?;
+    if allowed.len() < workers {
+        return Err(format!(
+            "{workers} workers but only {} CPUs allowed",
+            allowed.len()
+        ));
+    }
+    Ok(allowed.into_iter().take(workers).collect())
+}
+
+/// Pins the calling thread to `cpu`.
+pub fn pin_current(cpu: usize) -> std::io::Result<()> {
+    let mut set = rustix::thread::CpuSet::new();
+    set.set(cpu);
+    rustix::thread::sched_setaffinity(None, &set).map_err(std::io::Error::from)
+}
+
+/// The CPUs the calling thread may run on, ascending.
+pub fn allowed_cpus() -> std::io::Result<Vec<usize>> {
+    let set = rustix::thread::sched_getaffinity(None).map_err(std::io::Error::from)?;
+    Ok((0..rustix::thread::CpuSet::MAX_CPU)
+        .filter(|&c| set.is_set(c))
+        .collect())
+}
+
 /// The current thread's worker number; `None` off the proxy workers.
 pub fn current() -> Option<usize> {
     WORKER.with(|w| w.get().map(|(n, _)| n))
@@ -33,4 +64,36 @@ pub fn current() -> Option<usize> {
 /// ever had it), or 0 off the proxy workers.
 pub fn slot() -> usize {
     WORKER.with(|w| w.get().map_or(0, |(_, s)| s))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn a_plan_gives_each_worker_its_own_allowed_cpu_or_says_why_not() {
+        let allowed = allowed_cpus().unwrap();
+        assert!(!allowed.is_empty());
+        let plan = pin_plan(allowed.len()).unwrap();
+        assert_eq!(plan, allowed, "one each, ascending");
+        assert_eq!(pin_plan(1).unwrap(), allowed[..1]);
+        let err = pin_plan(allowed.len() + 1).unwrap_err();
+        assert!(err.contains("CPUs allowed"), "{err}");
+    }
+
+    #[test]
+    fn a_pinned_thread_runs_only_on_its_cpu() {
+        let allowed = allowed_cpus().unwrap();
+        let last = *allowed.last().unwrap();
+        let seen = std::thread::spawn(move || {
+            pin_current(last).unwrap();
+            allowed_cpus().unwrap()
+        })
+        .join()
+        .unwrap();
+        assert_eq!(seen, vec![last]);
+        // The pin was the spawned thread's alone.
+        assert_eq!(allowed_cpus().unwrap(), allowed);
+    }
 }
