@@ -8,35 +8,6 @@ mod common;
 
 use common::*;
 use http::StatusCode;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// An HTTP/1.1 upstream on loopback answering every request `200 ok`.
-async fn upstream() -> std::net::SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut tcp, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                loop {
-                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match tcp.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
-                    }
-                    buf.clear();
-                    let reply = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
-                    if tcp.write_all(reply).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    addr
-}
 
 /// This process's proxy worker threads named `portcullis-w<n>` that are not
 /// in `before`, with the CPUs each may run on.
@@ -49,11 +20,7 @@ fn worker_threads(before: &[u32]) -> Vec<(u32, Vec<usize>)> {
         if before.contains(&tid) || !comm.starts_with("portcullis-w") {
             continue;
         }
-        let pid = rustix::thread::Pid::from_raw(tid as i32).unwrap();
-        let set = rustix::thread::sched_getaffinity(Some(pid)).unwrap();
-        let cpus = (0..rustix::thread::CpuSet::MAX_CPU)
-            .filter(|&c| set.is_set(c))
-            .collect();
+        let cpus = portcullis::util::worker::allowed_cpus_of(Some(tid as i32)).unwrap();
         out.push((tid, cpus));
     }
     out
@@ -76,10 +43,11 @@ async fn workers_are_pinned_one_per_cpu_only_when_asked() {
         let (rsa, _, _) = keys();
         let jwks = serde_json::json!({ "keys": [rsa.jwk] }).to_string();
         std::fs::write(pki.path().join("jwks.json"), jwks).unwrap();
+        let upstream = Upstream::start().await;
         let routes = format!(
-            "\n[[routes]]\nname = \"app\"\npath_prefix = \"/\"\nupstream = \"http://{}\"\n\
+            "\n[[routes]]\nname = \"app\"\npath_prefix = \"/\"\nupstream = \"{}\"\n\
              auth = \"public\"\n\n[listener]\nworkers = {workers}\npin_workers = {pin}\n",
-            upstream().await
+            upstream.url()
         );
         let cfg = pki.write_config(
             "p.toml",
@@ -110,9 +78,19 @@ async fn workers_are_pinned_one_per_cpu_only_when_asked() {
         let mut c = TlsConn::connect(server.proxy_addr, "localhost", &pki.ca_pem, None)
             .await
             .unwrap();
-        let (status, _, body) = c.get("/", &[]).await;
+        let (status, _, body) = c.get("/pinned", &[]).await;
         assert_eq!(status, StatusCode::OK);
-        assert_eq!(&body[..], b"ok");
+        let echo: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(echo["path"], "/pinned", "the app's own answer");
+        assert!(
+            upstream
+                .seen
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|r| r.path == "/pinned"),
+            "the app got the request"
+        );
         server.shutdown().await;
     }
 }

@@ -49,7 +49,19 @@ pub fn pin_current(cpu: usize) -> std::io::Result<()> {
 
 /// The CPUs the calling thread may run on, ascending.
 pub fn allowed_cpus() -> std::io::Result<Vec<usize>> {
-    let set = rustix::thread::sched_getaffinity(None).map_err(std::io::Error::from)?;
+    allowed_cpus_of(None)
+}
+
+/// The CPUs thread `tid` (the caller's when `None`) may run on, ascending.
+pub fn allowed_cpus_of(tid: Option<i32>) -> std::io::Result<Vec<usize>> {
+    let pid = match tid {
+        None => None,
+        Some(t) => Some(
+            rustix::thread::Pid::from_raw(t)
+                .ok_or_else(|| std::io::Error::other(format!("not a thread id: {t}")))?,
+        ),
+    };
+    let set = rustix::thread::sched_getaffinity(pid).map_err(std::io::Error::from)?;
     Ok((0..rustix::thread::CpuSet::MAX_CPU)
         .filter(|&c| set.is_set(c))
         .collect())
