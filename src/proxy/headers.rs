@@ -55,8 +55,17 @@ fn is_hop_by_hop_token(t: &str) -> bool {
         || t.eq_ignore_ascii_case("proxy-connection")
 }
 
+/// The lengths of the hop-by-hop names (`HOP_BY_HOP`, `keep-alive`,
+/// `proxy-connection`) as bits: 2, 7, 10, 16, 17, 18, 19.
+const HOP_BY_HOP_LENGTHS: u64 =
+    (1 << 2) | (1 << 7) | (1 << 10) | (1 << 16) | (1 << 17) | (1 << 18) | (1 << 19);
+
 fn is_hop_by_hop(k: &HeaderName) -> bool {
-    HOP_BY_HOP.contains(k) || *k == KEEP_ALIVE || *k == PROXY_CONNECTION
+    // A message's names are scanned on every request and response, and most
+    // (`server`, `date`, `content-type`, `content-length`…) have a length no
+    // hop-by-hop name has: one test instead of nine comparisons each.
+    HOP_BY_HOP_LENGTHS & length_bit(k) != 0
+        && (HOP_BY_HOP.contains(k) || *k == KEEP_ALIVE || *k == PROXY_CONNECTION)
 }
 
 /// The tokens of every `Connection` line, trimmed (any case, as sent).
@@ -263,6 +272,30 @@ pub fn drop_underscored(
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn hop_by_hop_lengths_are_the_names_lengths() {
+        let all: Vec<&HeaderName> = HOP_BY_HOP
+            .iter()
+            .chain([&KEEP_ALIVE, &PROXY_CONNECTION])
+            .collect();
+        assert_eq!(
+            all.iter().fold(0, |m, n| m | length_bit(n)),
+            HOP_BY_HOP_LENGTHS
+        );
+        for n in all {
+            assert!(is_hop_by_hop(n), "{n}");
+        }
+        for n in [
+            "server",
+            "date",
+            "content-length",
+            "x-connection",
+            "connections",
+        ] {
+            assert!(!is_hop_by_hop(&HeaderName::from_static(n)), "{n}");
+        }
+    }
 
     fn map(names: &[&str]) -> HeaderMap {
         let mut h = HeaderMap::new();
