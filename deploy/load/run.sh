@@ -58,6 +58,8 @@
 #                      for both peers: the cost of a large code path and of
 #                      cold memory (10k tokens) as counts that do not move
 #                      with the machine's noise
+#   CACHE_LL           with CACHE_SIM=1: the simulated last level as
+#                      size,assoc,line (valgrind --LL), e.g. 2097152,16,64
 #   ORDER_FILE=path    with CALLGRIND=1: also write the functions portcullis
 #                      ran in the measured runs (every mode), most
 #                      instructions first, by their linked symbol names, to
@@ -103,6 +105,7 @@ STRACE_DIR=${STRACE_DIR:-}
 FILL_TIMEOUT=${FILL_TIMEOUT:-300}
 CALLGRIND=${CALLGRIND:-0}
 CACHE_SIM=${CACHE_SIM:-0}
+CACHE_LL=${CACHE_LL:-}
 ORDER_FILE=${ORDER_FILE:-}
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -123,6 +126,8 @@ done
 (( RATE >= RATE_CONNS )) || die "RATE ($RATE) must be >= RATE_CONNS ($RATE_CONNS)"
 for m in $MODES; do [[ $m =~ ^(h1|h1-10k|h2|rate)$ ]] || die "unknown mode '$m'"; done
 [[ $CACHE_SIM != 1 || $CALLGRIND == 1 ]] || die "CACHE_SIM=1 needs CALLGRIND=1"
+[[ -z $CACHE_LL || $CACHE_SIM == 1 ]] || die "CACHE_LL needs CACHE_SIM=1"
+[[ -z $CACHE_LL || $CACHE_LL =~ ^[0-9]+,[0-9]+,[0-9]+$ ]] || die "CACHE_LL is size,assoc,line (got '$CACHE_LL')"
 [[ -z $ORDER_FILE || $CALLGRIND == 1 ]] || die "ORDER_FILE needs CALLGRIND=1"
 for p in $PEERS; do [[ $p =~ ^(nginx|haproxy|portcullis)$ ]] || die "unknown peer '$p'"; done
 [[ " $PEERS " == *" nginx "* ]] || die "PEERS must include nginx (the ratios are to nginx)"
@@ -391,7 +396,7 @@ EOF
 WRAP=()
 if [[ $CALLGRIND == 1 ]]; then
     WRAP=(valgrind --tool=callgrind --callgrind-out-file="$PC/callgrind.out" --log-file="$PC/valgrind.log")
-    if [[ $CACHE_SIM == 1 ]]; then WRAP+=(--cache-sim=yes); fi
+    if [[ $CACHE_SIM == 1 ]]; then WRAP+=(--cache-sim=yes ${CACHE_LL:+--LL=$CACHE_LL}); fi
     # Symbol names as the linker sees them, for the order file.
     if [[ -n $ORDER_FILE ]]; then WRAP+=(--demangle=no); fi
 fi
@@ -480,7 +485,7 @@ if [[ $CALLGRIND == 1 ]]; then
     # valgrind a process runs one thread at a time anyway, and instructions
     # per request do not depend on the worker count.
     NG_WRAP=(valgrind --tool=callgrind --callgrind-out-file="$NG/callgrind.out" --log-file="$NG/valgrind.log")
-    if [[ $CACHE_SIM == 1 ]]; then NG_WRAP+=(--cache-sim=yes); fi
+    if [[ $CACHE_SIM == 1 ]]; then NG_WRAP+=(--cache-sim=yes ${CACHE_LL:+--LL=$CACHE_LL}); fi
     NG_GLOBAL='daemon off; master_process off;'
 fi
 "${NG_WRAP[@]}" "$NGINX" -p "$NG" -e "$NG/logs/error.log" -c "$NG/nginx.conf" -g "$NG_GLOBAL" 2>>"$NG/logs/stderr.log" &
