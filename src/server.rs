@@ -1244,6 +1244,12 @@ enum Wire {
     H2,
 }
 
+/// A connection's shared state and facts, for its requests.
+struct Served {
+    shared: Arc<Shared>,
+    info: Arc<ConnInfo>,
+}
+
 async fn serve_http<I>(
     shared: Arc<Shared>,
     engines: &Engines,
@@ -1258,19 +1264,23 @@ async fn serve_http<I>(
     // off for `h1`; `auto` keeps hyper's own, it may turn out to be h2).
     let head =
         matches!(wire, Wire::H1).then(|| Arc::new(conn::HeadClock::new(engines.head_timeout)));
-    let proxy = shared.proxy.clone();
     let clock = head.clone();
+    // What every request of this connection reads, behind one count of the
+    // connection's own: a request clones this, not the process-wide
+    // `Arc<Proxy>` and `Arc<Shared>`, whose counts both workers would then
+    // write on every request (one cache line passed between the cores at
+    // each clone and drop).
+    let served = Arc::new(Served { shared, info });
     let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-        let proxy = proxy.clone();
-        let info = info.clone();
-        let shared = shared.clone();
+        let served = served.clone();
         let in_flight = clock.as_ref().map(conn::HeadClock::request);
         async move {
             let h1 = req.version() < hyper::Version::HTTP_2;
+            let Served { shared, info } = &*served;
             // Boxed: the request's future is a few KiB, and hyper moves
             // the service future (for h2, into a task spawned per stream,
             // several copies); a box makes those moves a pointer's.
-            let mut resp = Box::pin(proxy.handle(req, info)).await;
+            let mut resp = Box::pin(shared.proxy.handle(req, info)).await;
             // Draining: tell HTTP/1 clients to take their next request elsewhere.
             if h1 && shared.draining.load(Ordering::Relaxed) {
                 resp.headers_mut().insert(

@@ -239,11 +239,7 @@ impl Proxy {
 
     /// Handles one request through every phase; never fails (refusals become
     /// responses).
-    pub async fn handle(
-        self: Arc<Self>,
-        req: Request<Incoming>,
-        conn: Arc<ConnInfo>,
-    ) -> Response<ProxyBody> {
+    pub async fn handle(&self, req: Request<Incoming>, conn: &ConnInfo) -> Response<ProxyBody> {
         let rt = self.runtime.load_full();
         rt.auth.warm(req.headers().get(header::AUTHORIZATION));
         let access_line = tracing::enabled!(target: "portcullis::access", tracing::Level::INFO);
@@ -270,7 +266,7 @@ impl Proxy {
         let mut refused: Option<&'static str> = None;
         let resp = match jwks {
             Some(r) => r,
-            None => match self.pipeline(&rt, &mut ctx, req, &conn).await {
+            None => match self.pipeline(&rt, &mut ctx, req, conn).await {
                 Ok(r) => r,
                 Err(d) => {
                     refused = Some(match d.action() {
@@ -297,7 +293,7 @@ impl Proxy {
                 }
             },
         };
-        self.record(&ctx, &method, path.as_deref(), &conn, resp.status());
+        self.record(&ctx, &method, path.as_deref(), conn, resp.status());
         self.remember(&ctx, refused);
         if let Some(t) = ctx.trace.take() {
             let decision = ctx.decision.as_ref().map(|d| d.action.as_str());

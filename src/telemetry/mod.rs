@@ -105,7 +105,7 @@ pub struct Metrics {
     /// Requests by route and status.
     pub requests: Family<RouteStatus, sharded::Counter>,
     /// Decisions by action and reason.
-    pub decisions: Family<ActionLabel, Counter>,
+    pub decisions: Family<ActionLabel, sharded::Counter>,
     /// Upstream response-header latency by route.
     pub upstream_seconds: Family<RouteLabel, sharded::Histogram>,
     /// Token verification cache hits.
@@ -159,7 +159,7 @@ pub struct Metrics {
     pub cluster_dpop_check_seconds: Histogram,
     /// `decisions{reason="ok"}` of the three forwarding actions, looked up
     /// once instead of hashing the label set on every request.
-    forwarded: [OnceLock<Counter>; 3],
+    forwarded: [OnceLock<sharded::Counter>; 3],
 }
 
 /// A reason label (cluster bad input).
@@ -204,7 +204,7 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("portcullis");
         let requests = Family::<RouteStatus, sharded::Counter>::default();
-        let decisions = Family::<ActionLabel, Counter>::default();
+        let decisions = Family::<ActionLabel, sharded::Counter>::default();
         let upstream_seconds = Family::<RouteLabel, sharded::Histogram>::new_with_constructor(
             sharded_latency_histogram as fn() -> sharded::Histogram,
         );

@@ -106,10 +106,26 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 /// Issues request ids: a random per-process prefix and a counter, so ids are
 /// unique across restarts without a syscall per request.
+///
+/// Each thread takes the counter's values in blocks of [`ID_BLOCK`] and
+/// numbers its requests from its block: the shared counter is written once
+/// per block, not on every request by every worker (a write passes its
+/// cache line from core to core). Ids stay unique; across threads they are
+/// no longer in arrival order (nothing orders by them).
 #[derive(Debug)]
 pub struct RequestIds {
     prefix: String,
     next: AtomicU64,
+    /// This issuer among all (a thread's block belongs to one issuer).
+    id: u64,
+}
+
+/// Counter values a thread takes at once.
+const ID_BLOCK: u64 = 1024;
+
+thread_local! {
+    /// This thread's block: (issuer, next value, end of the block).
+    static ID_RANGE: std::cell::Cell<(u64, u64, u64)> = const { std::cell::Cell::new((0, 0, 0)) };
 }
 
 impl Default for RequestIds {
@@ -120,9 +136,11 @@ impl Default for RequestIds {
         if aws_lc_rs::rand::fill(&mut seed).is_err() {
             seed.copy_from_slice(&now_unix().to_be_bytes()[2..]);
         }
+        static ISSUERS: AtomicU64 = AtomicU64::new(1);
         Self {
             prefix: hex::encode(seed),
             next: AtomicU64::new(1),
+            id: ISSUERS.fetch_add(1, Ordering::Relaxed),
         }
     }
 }
@@ -145,9 +163,24 @@ impl RequestIds {
         )
     }
 
+    /// The next counter value for this thread: from its block, or the
+    /// first of a new block.
+    fn next_number(&self) -> u64 {
+        ID_RANGE.with(|r| {
+            let (issuer, next, end) = r.get();
+            if issuer == self.id && next < end {
+                r.set((issuer, next + 1, end));
+                return next;
+            }
+            let start = self.next.fetch_add(ID_BLOCK, Ordering::Relaxed);
+            r.set((self.id, start.wrapping_add(1), start.wrapping_add(ID_BLOCK)));
+            start
+        })
+    }
+
     /// The next id's bytes: prefix, `-`, the counter as 16 hex digits.
     fn next_bytes(&self) -> Vec<u8> {
-        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let n = self.next_number();
         let mut digits = [0u8; 16];
         // 8 bytes make exactly 16 digits: this cannot fail.
         let _ = hex::encode_to_slice(n.to_be_bytes(), &mut digits);
@@ -398,6 +431,37 @@ mod tests {
     }
 
     #[test]
+    fn request_ids_are_unique_across_threads_and_issuers() {
+        let ids = std::sync::Arc::new(RequestIds::default());
+        let other = RequestIds::default();
+        // Two issuers used in turn on one thread: each numbers its own, and
+        // a thread's block belongs to one issuer, so each turn starts a new
+        // block of that issuer (ids skipped, never repeated).
+        let (a1, o1, a2, o2) = (
+            ids.next_id(),
+            other.next_id(),
+            ids.next_id(),
+            other.next_id(),
+        );
+        let second = format!("-{:016x}", ID_BLOCK + 1);
+        assert!(a1.ends_with("-0000000000000001") && a2.ends_with(&second));
+        assert!(o1.ends_with("-0000000000000001") && o2.ends_with(&second));
+        // Four threads, each past several blocks: no id twice.
+        let all: Vec<String> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..4)
+                .map(|_| s.spawn(|| (0..3 * ID_BLOCK).map(|_| ids.next_id()).collect::<Vec<_>>()))
+                .collect();
+            hs.into_iter()
+                .flat_map(|h| h.join().unwrap_or_default())
+                .collect()
+        });
+        let n = all.len();
+        assert_eq!(n, 4 * 3 * ID_BLOCK as usize);
+        let distinct: std::collections::HashSet<String> = all.into_iter().chain([a1, a2]).collect();
+        assert_eq!(distinct.len(), n + 2);
+    }
+
+    #[test]
     #[allow(clippy::unwrap_used)]
     fn request_ids_are_prefix_dash_sixteen_hex_digits_in_order() {
         let ids = RequestIds::default();
@@ -407,6 +471,11 @@ mod tests {
         assert_eq!(prefix.len(), 12);
         assert_eq!(n, "0000000000000001");
         assert_eq!(b, format!("{prefix}-0000000000000002"));
+        // The rest of this thread's block, then a new block where the
+        // counter stands.
+        for n in 3..=ID_BLOCK {
+            assert_eq!(ids.next_id(), format!("{prefix}-{n:016x}"));
+        }
         ids.next
             .store(0xfedc_ba98_7654_3210, std::sync::atomic::Ordering::Relaxed);
         assert_eq!(ids.next_id(), format!("{prefix}-fedcba9876543210"));
