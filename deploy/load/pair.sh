@@ -16,8 +16,8 @@
 # the load script's Lua script rotating over every token in DIR, from the
 # same offset for both; the 3-second warm-up verifies them) or rate
 # (h2load --h1 -c25 at 2,500 req/s each); SECONDS per round (default 15), ROUNDS
-# (default 8). Prints each build's CPU-µs per request (and, with wrk, its
-# p99) per round and B over A; run it both ways round (A, B then B, A) so neither position is
+# (default 8). Prints each build's CPU-µs per request and its p99 (wrk's,
+# or from h2load's per-request log) per round and B over A; run it both ways round (A, B then B, A) so neither position is
 # favoured. Loopback only, every load run bounded by timeout, every
 # process stopped on exit.
 
@@ -95,13 +95,18 @@ load() {    # port, seconds, output
                 -H "Authorization: Bearer $TOKEN" "https://127.0.0.1:$1/" > "$3" 2>&1 ;;
         10k) timeout --kill-after=5 "$limit" wrk -t1 -c25 -d"$2"s --latency \
                 -s "$S/rotate.lua" "https://127.0.0.1:$1/" -- "$S/tokens.txt" 1 > "$3" 2>&1 ;;
-        rate) timeout --kill-after=5 "$limit" h2load --h1 -t1 -c25 --rps=100 -D"$2" \
-                -H "Authorization: Bearer $TOKEN" "https://127.0.0.1:$1/" > "$3" 2>&1 ;;
+        rate) rm -f "$3.log"
+            timeout --kill-after=5 "$limit" h2load --h1 -t1 -c25 --rps=100 -D"$2" \
+                -H "Authorization: Bearer $TOKEN" --log-file="$3.log" "https://127.0.0.1:$1/" > "$3" 2>&1 ;;
     esac
 }
-p99_ms() {   # wrk's 99th percentile ("--latency" table) in ms; h2load's summary has none
+p99_ms() {   # wrk's 99th percentile ("--latency" table) in ms; for h2load, from its
+             # per-request log (third column: microseconds from request to response)
     if [[ $MODE != rate ]]; then
         to_ms "$(awk '$1 == "99%" { print $2; exit }' "$1")"
+    elif [[ -s $1.log ]]; then
+        awk '{ print $3 }' "$1.log" | sort -n \
+            | awk '{ v[NR] = $1 } END { i = int(NR * 0.99); if (i < 1) i = 1; printf "%.3f", v[i] / 1000 }'
     else
         echo "-"
     fi
