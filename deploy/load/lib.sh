@@ -26,3 +26,10 @@ to_ms() {   # wrk duration ("812.00us", "1.23ms", "1.05s", "2.00m") -> milliseco
         else if (u != "ms") { print "?"; exit }
         printf "%.3f", n }'
 }
+
+h2load_percentiles() {   # h2load --log-file[, start in µs since the epoch] -> "p50 p99" in ms
+    # One line per request: start (µs), status, duration (µs); only the
+    # requests started at or after the given start count.
+    awk -v from="${2:-0}" '$1 >= from { print $3 }' "$1" | sort -n | awk '{ d[NR] = $1 }
+        END { printf "%.3f %.3f\n", d[int(NR * 0.50) + 1] / 1000, d[int(NR * 0.99) + 1] / 1000 }'
+}

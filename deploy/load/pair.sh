@@ -32,7 +32,7 @@ ROUNDS=${6:-8}
 
 die() { printf '[pair] FAIL: %s\n' "$*" >&2; exit 1; }
 # shellcheck source=deploy/load/lib.sh
-source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"   # cpu_ticks, to_ms
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"   # cpu_ticks, to_ms, h2load_percentiles
 [[ -f $S/portcullis/portcullis.toml && -f $S/upstream/nginx.conf && -s $S/tokens.txt ]] \
     || die "$S is not a scratch directory kept by deploy/load/run.sh"
 [[ -x $BIN_A && -x $BIN_B ]] || die "both binaries must be executable"
@@ -105,8 +105,9 @@ p99_ms() {   # wrk's 99th percentile ("--latency" table) in ms; for h2load, from
     if [[ $MODE != rate ]]; then
         to_ms "$(awk '$1 == "99%" { print $2; exit }' "$1")"
     elif [[ -s $1.log ]]; then
-        awk '{ print $3 }' "$1.log" | sort -n \
-            | awk '{ v[NR] = $1 } END { i = int(NR * 0.99); if (i < 1) i = 1; printf "%.3f", v[i] / 1000 }'
+        local p50 p99
+        read -r p50 p99 < <(h2load_percentiles "$1.log")
+        echo "$p99"
     else
         echo "-"
     fi

@@ -111,7 +111,7 @@ ORDER_FILE=${ORDER_FILE:-}
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO_ROOT=$(cd "$SCRIPT_DIR/../.." && pwd)
 # shellcheck source=deploy/load/lib.sh
-source "$SCRIPT_DIR/lib.sh"   # cpu_ticks, cpu_split, to_ms
+source "$SCRIPT_DIR/lib.sh"   # cpu_ticks, cpu_split, to_ms, h2load_percentiles
 
 log() { printf '[load] %s\n' "$*" >&2; }
 die() { printf '[load] FAIL: %s\n' "$*" >&2; exit 1; }
@@ -679,8 +679,7 @@ parse_load() {   # mode, output[, window start in µs since the epoch: h2load la
             [[ -n $secs && -n $rps && -n $done && -s $out.log ]] || { cat "$out" >&2; die "cannot parse h2load output $out"; }
             local p50 p99 non2xx
             non2xx=$(awk '$2 < 200 || $2 > 399 { bad++ } END { print bad + 0 }' "$out.log")
-            read -r p50 p99 < <(awk -v from="$from" '$1 >= from { print $3 }' "$out.log" | sort -n | awk '{ d[NR] = $1 }
-                END { printf "%.3f %.3f\n", d[int(NR * 0.50) + 1] / 1000, d[int(NR * 0.99) + 1] / 1000 }')
+            read -r p50 p99 < <(h2load_percentiles "$out.log" "$from")
             echo "$done $secs $rps $p50 $p99 $(( non2xx + done - ok ))"
             ;;
     esac
