@@ -13,7 +13,11 @@
 //! one of those records changes its version, so the next request misses:
 //! that is why a long TTL (a minute by default) is safe. Entries live at
 //! most `decision_cache_ttl_ms`, which bounds how stale the time-dependent
-//! facts (ages, time of day) of a cached decision can be.
+//! facts (ages, time of day) of a cached decision can be; each lives
+//! between three quarters of it and all of it, picked by bits of its key
+//! ([`entry_ttl`]), so decisions made together (after a restart, a reload,
+//! the first minute of a busy morning) are not all made again in the same
+//! second a TTL later, and again every TTL after that.
 
 use std::hash::Hash;
 use std::net::IpAddr;
@@ -206,6 +210,7 @@ impl Engine {
         let cache = Cache::builder()
             .max_capacity(settings.cache_capacity)
             .time_to_live(settings.cache_ttl)
+            .expire_after(EntryTtl(settings.cache_ttl))
             .build_with_hasher(foldhash::fast::RandomState::default());
         let front = if settings.cache_capacity > 0 && !settings.cache_ttl.is_zero() {
             crate::util::front::new_owner()
@@ -362,7 +367,7 @@ impl Engine {
             .flatten()
             .filter(|c| fresh(c));
         let cached = front.or_else(|| {
-            let c = self.cache.get(&key)?;
+            let c = self.cache.get(&key).filter(|c| fresh(c))?;
             self.front_put(key, &c);
             Some(c)
         });
@@ -375,7 +380,8 @@ impl Engine {
         let inputs = Arc::new(Inputs::from_request(f, &self.settings.limits, now_s));
         let decision = self.set.evaluate(&inputs);
         let shadow = self.shadow_for(f.route).map(|s| s.evaluate(&inputs));
-        let ttl_ms = u64::try_from(self.settings.cache_ttl.as_millis()).unwrap_or(u64::MAX);
+        let ttl_ms =
+            u64::try_from(entry_ttl(self.settings.cache_ttl, key).as_millis()).unwrap_or(u64::MAX);
         let now_ms = crate::util::now_unix_ms();
         let c = Arc::new(Decided {
             decision,
@@ -403,6 +409,46 @@ impl Engine {
     /// Evaluates inputs directly, without the cache (explain, tests).
     pub fn evaluate(&self, inputs: &Inputs) -> Decision {
         self.set.evaluate(inputs)
+    }
+}
+
+/// How long the decision cached under `key` lives: `ttl` less up to a
+/// quarter of it, the cut picked by the key's top bits (a keyed hash,
+/// uniform and unknown outside the process). Never longer than `ttl`.
+fn entry_ttl(ttl: Duration, key: u128) -> Duration {
+    let Ok(ttl_ms) = u64::try_from(ttl.as_millis()) else {
+        return ttl;
+    };
+    let spread = ttl_ms / 4;
+    let cut = ((key >> 64) as u64)
+        .checked_rem(spread.saturating_add(1))
+        .unwrap_or(0);
+    Duration::from_millis(ttl_ms.saturating_sub(cut))
+}
+
+/// The shared cache's expiry of an entry: [`entry_ttl`] from when it was
+/// made, the same span its [`Decided::expires_ms`] gives the thread fronts
+/// (the cache's `time_to_live` stays the bound of both).
+struct EntryTtl(Duration);
+
+impl moka::Expiry<u128, Arc<Decided>> for EntryTtl {
+    fn expire_after_create(
+        &self,
+        key: &u128,
+        _value: &Arc<Decided>,
+        _created_at: std::time::Instant,
+    ) -> Option<Duration> {
+        Some(entry_ttl(self.0, *key))
+    }
+
+    fn expire_after_update(
+        &self,
+        key: &u128,
+        _value: &Arc<Decided>,
+        _updated_at: std::time::Instant,
+        _duration_until_expiry: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(entry_ttl(self.0, *key))
     }
 }
 
@@ -493,6 +539,118 @@ mod tests {
         let again = engine.decide(&facts, now);
         assert!(again.cache_hit);
         assert_eq!(again.decided.key, key);
+        assert_eq!(again.decided.decision, first.decided.decision);
+    }
+
+    #[test]
+    fn entry_ttls_spread_over_the_last_quarter_and_never_exceed_the_ttl() {
+        let key = crate::util::HashKey::random();
+        let ttl = Duration::from_secs(60);
+        let mut buckets = [0u32; 10];
+        for i in 0..10_000u32 {
+            let t = entry_ttl(ttl, key.hash128(&i));
+            assert!(t <= ttl && t >= Duration::from_secs(45), "{t:?}");
+            let b = (60_000 - t.as_millis()) * 10 / 15_001;
+            buckets[usize::try_from(b).unwrap()] += 1;
+        }
+        // Uniform over the quarter: every tenth of it holds about 1,000.
+        assert!(
+            buckets.iter().all(|&n| (700..1300).contains(&n)),
+            "{buckets:?}"
+        );
+        assert_eq!(entry_ttl(Duration::ZERO, u128::MAX), Duration::ZERO);
+        assert!(entry_ttl(Duration::from_millis(3), u128::MAX) <= Duration::from_millis(3));
+    }
+
+    #[test]
+    fn decisions_made_together_expire_apart() {
+        let engine = memo_engine(1000);
+        let claims: crate::claims::Claims = serde_json::from_value(serde_json::json!({
+            "sub": "alice@example.com", "iss": "https://idp.example", "exp": 4_000_000_000u64,
+        }))
+        .unwrap();
+        let resolved = crate::posture::Resolved::default();
+        let now = crate::util::now_unix();
+        let before = crate::util::now_unix_ms();
+        let mut expiries = Vec::new();
+        for i in 0..200u8 {
+            let facts = RequestFacts {
+                claims: &claims,
+                issuer: "idp",
+                resolved: &resolved,
+                owner: None,
+                route: "app",
+                sensitivity: crate::config::Sensitivity::default(),
+                workloads: &[],
+                method: MethodClass::Read,
+                peer: IpAddr::from([10, 0, 0, i]),
+                zone: "",
+                binding: "none",
+                spiffe_id: None,
+                session_binding: None,
+            };
+            let out = engine.decide(&facts, now);
+            assert!(!out.cache_hit);
+            expiries.push(out.decided.expires_ms);
+        }
+        let after = crate::util::now_unix_ms();
+        let (lo, hi) = (
+            expiries.iter().min().unwrap(),
+            expiries.iter().max().unwrap(),
+        );
+        assert!(*lo >= before + 45_000 && *hi <= after + 60_000, "{lo} {hi}");
+        // 200 made in the same moment end over (nearly) the whole quarter.
+        assert!(hi - lo >= 10_000, "{lo} {hi}");
+    }
+
+    #[test]
+    fn a_shared_cache_entry_past_its_own_expiry_is_not_served() {
+        let engine = memo_engine(100);
+        let claims: crate::claims::Claims = serde_json::from_value(serde_json::json!({
+            "sub": "alice@example.com", "iss": "https://idp.example", "exp": 4_000_000_000u64,
+        }))
+        .unwrap();
+        let resolved = crate::posture::Resolved::default();
+        let facts = RequestFacts {
+            claims: &claims,
+            issuer: "idp",
+            resolved: &resolved,
+            owner: None,
+            route: "app",
+            sensitivity: crate::config::Sensitivity::default(),
+            workloads: &[],
+            method: MethodClass::Read,
+            peer: IpAddr::from([127, 0, 0, 1]),
+            zone: "",
+            binding: "none",
+            spiffe_id: None,
+            session_binding: None,
+        };
+        let now = crate::util::now_unix();
+        let key = engine.key(&facts);
+        let first = engine.decide(&facts, now);
+        let mut flipped = first.decided.decision.clone();
+        flipped.action = if flipped.action == crate::policy::Action::Deny {
+            crate::policy::Action::Allow
+        } else {
+            crate::policy::Action::Deny
+        };
+        // The shared cache still holds an entry whose own expiry has
+        // passed (and this thread's front has none): it is decided again.
+        engine.cache.insert(
+            key,
+            Arc::new(Decided {
+                decision: flipped,
+                shadow: None,
+                inputs: first.decided.inputs.clone(),
+                expires_ms: now.saturating_mul(1000),
+                key,
+                owner: engine.front,
+            }),
+        );
+        DECISIONS.with_borrow_mut(|d| *d = crate::util::front::Front::new());
+        let again = engine.decide(&facts, now);
+        assert!(!again.cache_hit);
         assert_eq!(again.decided.decision, first.decided.decision);
     }
 
