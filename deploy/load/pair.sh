@@ -8,15 +8,22 @@
 #   KEEP_TMP=1 PEERS="nginx portcullis" MODES=h1 TOKENS=20 DURATION=2 \
 #       deploy/load/run.sh              # prints "scratch directory kept: DIR"
 #   deploy/load/pair.sh DIR BIN_A BIN_B [MODE] [SECONDS] [ROUNDS]
+#   deploy/load/pair.sh DIR BIN nginx [MODE] [SECONDS] [ROUNDS]   (or nginx BIN)
+#
+# With `nginx` as one side, that side is the scratch directory's own nginx
+# TLS proxy (its nginx-proxy config, default two workers), so portcullis
+# and nginx serve at once under identical loads: a host stall that lands
+# in a round lands on both, and their p99s can be compared round by round
+# (sequential rounds on this kind of VM differ by more than the two do).
 #
 # DIR is a scratch directory the load script kept: its portcullis config,
 # store (the seeded devices), certificates, tokens and upstream nginx are
 # reused; each build gets a copy of the portcullis directory (default
-# workers). MODE: h1 (wrk -t1 -c25 each, saturating), 10k (the same with
+# workers). MODE: h1 (wrk -t1 -cCONNS each, saturating), 10k (the same with
 # the load script's Lua script rotating over every token in DIR, from the
 # same offset for both; the 3-second warm-up verifies them) or rate
-# (h2load --h1 -c25 at 2,500 req/s each); SECONDS per round (default 15), ROUNDS
-# (default 8). Prints each build's CPU-µs per request and its p99 (wrk's,
+# (h2load --h1 -cCONNS at 2,500 req/s each); SECONDS per round (default 15), ROUNDS
+# (default 8); CONNS (environment, default 25) connections per side. Prints each build's CPU-µs per request and its p99 (wrk's,
 # or from h2load's per-request log) per round and B over A; run it both ways round (A, B then B, A) so neither position is
 # favoured. Loopback only, every load run bounded by timeout, every
 # process stopped on exit.
@@ -24,8 +31,8 @@
 set -euo pipefail
 
 S=${1:?scratch directory kept by run.sh}
-BIN_A=${2:?first portcullis binary}
-BIN_B=${3:?second portcullis binary}
+BIN_A=${2:?first portcullis binary (or nginx)}
+BIN_B=${3:?second portcullis binary (or nginx)}
 MODE=${4:-h1}
 SECS=${5:-15}
 ROUNDS=${6:-8}
@@ -35,7 +42,15 @@ die() { printf '[pair] FAIL: %s\n' "$*" >&2; exit 1; }
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"   # cpu_ticks, to_ms, h2load_percentiles
 [[ -f $S/portcullis/portcullis.toml && -f $S/upstream/nginx.conf && -s $S/tokens.txt ]] \
     || die "$S is not a scratch directory kept by deploy/load/run.sh"
-[[ -x $BIN_A && -x $BIN_B ]] || die "both binaries must be executable"
+side_bin() { if [[ $1 == A ]]; then echo "$BIN_A"; else echo "$BIN_B"; fi; }
+is_nginx() { [[ $(side_bin "$1") == nginx ]]; }
+for v in A B; do
+    is_nginx "$v" || [[ -x $(side_bin "$v") ]] || die "$(side_bin "$v") is not executable (a portcullis binary, or nginx)"
+done
+[[ $BIN_A != nginx || $BIN_B != nginx ]] || die "at most one side is nginx"
+[[ ( $BIN_A != nginx && $BIN_B != nginx ) || -f $S/nginx-proxy/nginx.conf ]] || die "$S has no nginx-proxy (keep a scratch with PEERS including nginx)"
+CONNS=${CONNS:-25}
+[[ $CONNS =~ ^[0-9]+$ ]] && (( CONNS > 0 )) || die "CONNS must be a positive integer"
 [[ $MODE =~ ^(h1|10k|rate)$ ]] || die "MODE is h1, 10k or rate (got '$MODE')"
 [[ $MODE != 10k || -f $S/rotate.lua ]] || die "$S has no rotate.lua (keep a scratch from the current run.sh)"
 [[ $SECS =~ ^[0-9]+$ && $ROUNDS =~ ^[0-9]+$ ]] && (( SECS > 0 && ROUNDS > 0 )) \
@@ -63,12 +78,19 @@ PIDS+=($!)
 
 declare -A PORT PID
 for v in A B; do
+    if is_nginx "$v"; then
+        nginx -p "$S/nginx-proxy" -e "$S/nginx-proxy/logs/error.log" -c "$S/nginx-proxy/nginx.conf" \
+            -g 'daemon off;' 2>>"$W/nginx-proxy.log" &
+        PID[$v]=$!
+        PIDS+=("${PID[$v]}")
+        continue
+    fi
     mkdir -p "$W/$v"
     cp -r "$S/portcullis/." "$W/$v/"
     rm -f "$W/$v/addr.json" "$W/$v"/callgrind.out*
     # The kept config may pin one worker (a callgrind run): defaults here.
     sed -i '/^\[listener\]/,$d' "$W/$v/portcullis.toml"
-    bin=$BIN_A; [[ $v == B ]] && bin=$BIN_B
+    bin=$(side_bin "$v")
     (cd "$W/$v" && exec "$bin" serve --config "$W/$v/portcullis.toml" --addr-file "$W/$v/addr.json" \
         >"$W/$v/stdout.log" 2>"$W/$v/stderr.log") &
     PID[$v]=$!
@@ -76,6 +98,15 @@ for v in A B; do
 done
 for v in A B; do
     n=0
+    if is_nginx "$v"; then
+        PORT[$v]=$(sed -n 's/^ *listen 127\.0\.0\.1:\([0-9]*\).*/\1/p' "$S/nginx-proxy/nginx.conf" | head -n 1)
+        until curl -s -o /dev/null --max-time 1 --cacert "$S/pki/ca.pem" "https://127.0.0.1:${PORT[$v]}/"; do
+            kill -0 "${PID[$v]}" 2>/dev/null || { cat "$W/nginx-proxy.log" >&2; die "nginx proxy exited"; }
+            (( n++ < 100 )) || die "nginx proxy did not start within 10 s"
+            sleep 0.1
+        done
+        continue
+    fi
     until [[ -s $W/$v/addr.json ]]; do
         kill -0 "${PID[$v]}" 2>/dev/null || { cat "$W/$v/stderr.log" >&2; die "build $v exited"; }
         (( n++ < 100 )) || die "build $v did not start within 10 s"
@@ -91,12 +122,12 @@ done
 load() {    # port, seconds, output
     local limit=$(( $2 + 30 ))
     case $MODE in
-        h1) timeout --kill-after=5 "$limit" wrk -t1 -c25 -d"$2"s --latency \
+        h1) timeout --kill-after=5 "$limit" wrk -t1 -c"$CONNS" -d"$2"s --latency \
                 -H "Authorization: Bearer $TOKEN" "https://127.0.0.1:$1/" > "$3" 2>&1 ;;
-        10k) timeout --kill-after=5 "$limit" wrk -t1 -c25 -d"$2"s --latency \
+        10k) timeout --kill-after=5 "$limit" wrk -t1 -c"$CONNS" -d"$2"s --latency \
                 -s "$S/rotate.lua" "https://127.0.0.1:$1/" -- "$S/tokens.txt" 1 > "$3" 2>&1 ;;
         rate) rm -f "$3.log"
-            timeout --kill-after=5 "$limit" h2load --h1 -t1 -c25 --rps=100 -D"$2" \
+            timeout --kill-after=5 "$limit" h2load --h1 -t1 -c"$CONNS" --rps=$(( 2500 / CONNS )) -D"$2" \
                 -H "Authorization: Bearer $TOKEN" --log-file="$3.log" "https://127.0.0.1:$1/" > "$3" 2>&1 ;;
     esac
 }
@@ -124,13 +155,22 @@ load "${PORT[A]}" 3 /dev/null & a=$!
 load "${PORT[B]}" 3 /dev/null & b=$!
 wait "$a" "$b"
 hz=$(getconf CLK_TCK)
+procs() {   # the processes whose CPU counts for side $1: nginx's master and its workers
+    if is_nginx "$1"; then
+        echo "${PID[$1]}" $(pgrep -P "${PID[$1]}")
+    else
+        echo "${PID[$1]}"
+    fi
+}
 for r in $(seq 1 "$ROUNDS"); do
-    a0=$(cpu_ticks "${PID[A]}"); b0=$(cpu_ticks "${PID[B]}")
+    # shellcheck disable=SC2046 # one pid per word
+    a0=$(cpu_ticks $(procs A)); b0=$(cpu_ticks $(procs B))
     load "${PORT[A]}" "$SECS" "$W/a.txt" & a=$!
     load "${PORT[B]}" "$SECS" "$W/b.txt" & b=$!
     wait "$a" || die "load on A failed: $(tail -n 3 "$W/a.txt")"
     wait "$b" || die "load on B failed: $(tail -n 3 "$W/b.txt")"
-    a1=$(cpu_ticks "${PID[A]}"); b1=$(cpu_ticks "${PID[B]}")
+    # shellcheck disable=SC2046
+    a1=$(cpu_ticks $(procs A)); b1=$(cpu_ticks $(procs B))
     na=$(done_reqs "$W/a.txt"); nb=$(done_reqs "$W/b.txt")
     [[ $na =~ ^[0-9]+$ && $nb =~ ^[0-9]+$ ]] && (( na > 0 && nb > 0 )) || die "no requests counted"
     awk -v a=$(( a1 - a0 )) -v b=$(( b1 - b0 )) -v na="$na" -v nb="$nb" -v hz="$hz" -v r="$r" \
