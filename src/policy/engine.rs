@@ -476,41 +476,54 @@ mod tests {
     use super::*;
     use crate::policy::facts::MethodClass;
 
-    #[test]
-    fn a_front_entry_matching_half_the_key_is_not_used() {
-        let set =
-            load_dir(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/policies"))
-                .unwrap();
-        let settings = Settings {
-            limits: Limits::default(),
-            zones: Vec::new(),
-            cache_ttl: Duration::from_secs(60),
-            cache_capacity: 100,
-            shadow_routes: Vec::new(),
-            dir: PathBuf::new(),
-            shadow_dir: None,
-        };
-        let engine = Engine::new(Arc::new(set), None, settings, None);
-        let claims: crate::claims::Claims = serde_json::from_value(serde_json::json!({
+    fn alice() -> crate::claims::Claims {
+        serde_json::from_value(serde_json::json!({
             "sub": "alice@example.com", "iss": "https://idp.example", "exp": 4_000_000_000u64,
         }))
-        .unwrap();
-        let resolved = crate::posture::Resolved::default();
-        let facts = RequestFacts {
-            claims: &claims,
+        .unwrap()
+    }
+
+    /// A read of `route` by `claims` from `peer`, nothing else set.
+    fn facts<'a>(
+        claims: &'a crate::claims::Claims,
+        resolved: &'a crate::posture::Resolved,
+        route: &'a str,
+        peer: IpAddr,
+    ) -> RequestFacts<'a> {
+        RequestFacts {
+            claims,
             issuer: "idp",
-            resolved: &resolved,
+            resolved,
             owner: None,
-            route: "app",
+            route,
             sensitivity: crate::config::Sensitivity::default(),
             workloads: &[],
             method: MethodClass::Read,
-            peer: IpAddr::from([127, 0, 0, 1]),
+            peer,
             zone: "",
             binding: "none",
             spiffe_id: None,
             session_binding: None,
+        }
+    }
+
+    /// The decision with the other action (allow for deny, deny otherwise).
+    fn flipped(d: &Decision) -> Decision {
+        let mut d = d.clone();
+        d.action = if d.action == crate::policy::Action::Deny {
+            crate::policy::Action::Allow
+        } else {
+            crate::policy::Action::Deny
         };
+        d
+    }
+
+    #[test]
+    fn a_front_entry_matching_half_the_key_is_not_used() {
+        let engine = memo_engine(100);
+        let claims = alice();
+        let resolved = crate::posture::Resolved::default();
+        let facts = facts(&claims, &resolved, "app", IpAddr::from([127, 0, 0, 1]));
         let now = crate::util::now_unix();
         let first = engine.decide(&facts, now);
         assert!(!first.cache_hit);
@@ -519,14 +532,8 @@ mod tests {
         // Another decision whose key shares this one's set and high half
         // (it differs in a bit the set index does not read) takes this
         // key's place in the front.
-        let mut other = first.decided.decision.clone();
-        other.action = if other.action == crate::policy::Action::Deny {
-            crate::policy::Action::Allow
-        } else {
-            crate::policy::Action::Deny
-        };
         let planted = Arc::new(Decided {
-            decision: other,
+            decision: flipped(&first.decided.decision),
             shadow: None,
             inputs: first.decided.inputs.clone(),
             expires_ms: u64::MAX,
@@ -565,30 +572,13 @@ mod tests {
     #[test]
     fn decisions_made_together_expire_apart() {
         let engine = memo_engine(1000);
-        let claims: crate::claims::Claims = serde_json::from_value(serde_json::json!({
-            "sub": "alice@example.com", "iss": "https://idp.example", "exp": 4_000_000_000u64,
-        }))
-        .unwrap();
+        let claims = alice();
         let resolved = crate::posture::Resolved::default();
         let now = crate::util::now_unix();
         let before = crate::util::now_unix_ms();
         let mut expiries = Vec::new();
         for i in 0..200u8 {
-            let facts = RequestFacts {
-                claims: &claims,
-                issuer: "idp",
-                resolved: &resolved,
-                owner: None,
-                route: "app",
-                sensitivity: crate::config::Sensitivity::default(),
-                workloads: &[],
-                method: MethodClass::Read,
-                peer: IpAddr::from([10, 0, 0, i]),
-                zone: "",
-                binding: "none",
-                spiffe_id: None,
-                session_binding: None,
-            };
+            let facts = facts(&claims, &resolved, "app", IpAddr::from([10, 0, 0, i]));
             let out = engine.decide(&facts, now);
             assert!(!out.cache_hit);
             expiries.push(out.decided.expires_ms);
@@ -606,41 +596,18 @@ mod tests {
     #[test]
     fn a_shared_cache_entry_past_its_own_expiry_is_not_served() {
         let engine = memo_engine(100);
-        let claims: crate::claims::Claims = serde_json::from_value(serde_json::json!({
-            "sub": "alice@example.com", "iss": "https://idp.example", "exp": 4_000_000_000u64,
-        }))
-        .unwrap();
+        let claims = alice();
         let resolved = crate::posture::Resolved::default();
-        let facts = RequestFacts {
-            claims: &claims,
-            issuer: "idp",
-            resolved: &resolved,
-            owner: None,
-            route: "app",
-            sensitivity: crate::config::Sensitivity::default(),
-            workloads: &[],
-            method: MethodClass::Read,
-            peer: IpAddr::from([127, 0, 0, 1]),
-            zone: "",
-            binding: "none",
-            spiffe_id: None,
-            session_binding: None,
-        };
+        let facts = facts(&claims, &resolved, "app", IpAddr::from([127, 0, 0, 1]));
         let now = crate::util::now_unix();
         let key = engine.key(&facts);
         let first = engine.decide(&facts, now);
-        let mut flipped = first.decided.decision.clone();
-        flipped.action = if flipped.action == crate::policy::Action::Deny {
-            crate::policy::Action::Allow
-        } else {
-            crate::policy::Action::Deny
-        };
         // The shared cache still holds an entry whose own expiry has
         // passed (and this thread's front has none): it is decided again.
         engine.cache.insert(
             key,
             Arc::new(Decided {
-                decision: flipped,
+                decision: flipped(&first.decided.decision),
                 shadow: None,
                 inputs: first.decided.inputs.clone(),
                 expires_ms: now.saturating_mul(1000),
@@ -673,26 +640,9 @@ mod tests {
     #[test]
     fn a_tokens_memo_counts_only_for_its_engine_key_and_lifetime() {
         let engine = memo_engine(100);
-        let claims: crate::claims::Claims = serde_json::from_value(serde_json::json!({
-            "sub": "alice@example.com", "iss": "https://idp.example", "exp": 4_000_000_000u64,
-        }))
-        .unwrap();
+        let claims = alice();
         let resolved = crate::posture::Resolved::default();
-        let facts = |route| RequestFacts {
-            claims: &claims,
-            issuer: "idp",
-            resolved: &resolved,
-            owner: None,
-            route,
-            sensitivity: crate::config::Sensitivity::default(),
-            workloads: &[],
-            method: MethodClass::Read,
-            peer: IpAddr::from([127, 0, 0, 1]),
-            zone: "",
-            binding: "none",
-            spiffe_id: None,
-            session_binding: None,
-        };
+        let facts = |route| facts(&claims, &resolved, route, IpAddr::from([127, 0, 0, 1]));
         let now = crate::util::now_unix();
         let memo = ArcSwapOption::<Decided>::empty();
         let first = engine.decide_with(&facts("app"), now, Some(&memo));
@@ -704,18 +654,9 @@ mod tests {
                 .is_some_and(|m| Arc::ptr_eq(m, &first.decided))
         );
         let key = first.decided.key;
-        let flipped = || {
-            let mut d = first.decided.decision.clone();
-            d.action = if d.action == crate::policy::Action::Deny {
-                crate::policy::Action::Allow
-            } else {
-                crate::policy::Action::Deny
-            };
-            d
-        };
         let plant = |key: u128, owner: u64, expires_ms: u64| {
             let d = Arc::new(Decided {
-                decision: flipped(),
+                decision: flipped(&first.decided.decision),
                 shadow: None,
                 inputs: first.decided.inputs.clone(),
                 expires_ms,
