@@ -209,7 +209,6 @@ impl Engine {
     ) -> Self {
         let cache = Cache::builder()
             .max_capacity(settings.cache_capacity)
-            .time_to_live(settings.cache_ttl)
             .expire_after(EntryTtl(settings.cache_ttl))
             .build_with_hasher(foldhash::fast::RandomState::default());
         let front = if settings.cache_capacity > 0 && !settings.cache_ttl.is_zero() {
@@ -420,15 +419,14 @@ fn entry_ttl(ttl: Duration, key: u128) -> Duration {
         return ttl;
     };
     let spread = ttl_ms / 4;
-    let cut = ((key >> 64) as u64)
-        .checked_rem(spread.saturating_add(1))
-        .unwrap_or(0);
+    let cut = ((key >> 64) as u64) % (spread + 1);
     Duration::from_millis(ttl_ms.saturating_sub(cut))
 }
 
 /// The shared cache's expiry of an entry: [`entry_ttl`] from when it was
-/// made, the same span its [`Decided::expires_ms`] gives the thread fronts
-/// (the cache's `time_to_live` stays the bound of both).
+/// made (or replaced), the same span its [`Decided::expires_ms`] gives the
+/// thread fronts and token memos; never past the configured TTL, so the
+/// cache needs no `time_to_live` of its own.
 struct EntryTtl(Duration);
 
 impl moka::Expiry<u128, Arc<Decided>> for EntryTtl {
