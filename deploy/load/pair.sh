@@ -50,7 +50,7 @@ done
 [[ $BIN_A != nginx || $BIN_B != nginx ]] || die "at most one side is nginx"
 [[ ( $BIN_A != nginx && $BIN_B != nginx ) || -f $S/nginx-proxy/nginx.conf ]] || die "$S has no nginx-proxy (keep a scratch with PEERS including nginx)"
 CONNS=${CONNS:-25}
-[[ $CONNS =~ ^[0-9]+$ ]] && (( CONNS > 0 )) || die "CONNS must be a positive integer"
+[[ $CONNS =~ ^[0-9]+$ ]] && (( CONNS > 0 && CONNS <= 2500 )) || die "CONNS must be an integer from 1 to 2500"
 [[ $MODE =~ ^(h1|10k|rate)$ ]] || die "MODE is h1, 10k or rate (got '$MODE')"
 [[ $MODE != 10k || -f $S/rotate.lua ]] || die "$S has no rotate.lua (keep a scratch from the current run.sh)"
 [[ $SECS =~ ^[0-9]+$ && $ROUNDS =~ ^[0-9]+$ ]] && (( SECS > 0 && ROUNDS > 0 )) \
