@@ -176,198 +176,34 @@ pub fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
     }
 }
 
-/// A header the proxy sets on every forwarded request it has a value for
-/// (its index in [`OWN_NAMES`], which is also the order they go out in).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Own {
-    /// `X-Forwarded-For`: the client's address. Without one, a client's
-    /// own `X-Forwarded-For` still never reaches the upstream.
-    ForwardedFor,
-    /// `X-Forwarded-Proto`.
-    ForwardedProto,
-    /// `X-Forwarded-Host`: the authority the client asked for. Without one,
-    /// a client's own never reaches the upstream either.
-    ForwardedHost,
-    /// `X-Request-Id`.
-    RequestId,
-    /// `X-Portcullis-Route`.
-    Route,
-    /// `X-Portcullis-Subject`.
-    Subject,
-    /// `X-Portcullis-Issuer`.
-    Issuer,
-    /// `X-Portcullis-Device`.
-    Device,
-    /// `X-Portcullis-Binding`.
-    Binding,
-    /// `X-Portcullis-Verified-Device`.
-    VerifiedDevice,
-    /// `X-Portcullis-Workload`.
-    Workload,
-    /// `X-Portcullis-Device-Compliance`.
-    Compliance,
-    /// `X-Portcullis-Device-Lifecycle`.
-    Lifecycle,
-    /// `X-Portcullis-Snapshot`.
-    Snapshot,
-    /// `X-Portcullis-Decision`.
-    Decision,
-}
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
-const OWN_COUNT: usize = 15;
-
-/// The names of [`Own`], by index.
-static OWN_NAMES: [HeaderName; OWN_COUNT] = {
-    use super::set_headers as s;
-    [
-        HeaderName::from_static("x-forwarded-for"),
-        HeaderName::from_static("x-forwarded-proto"),
-        HeaderName::from_static("x-forwarded-host"),
-        HeaderName::from_static(s::REQUEST_ID),
-        HeaderName::from_static(s::ROUTE),
-        HeaderName::from_static(s::SUBJECT),
-        HeaderName::from_static(s::ISSUER),
-        HeaderName::from_static(s::DEVICE),
-        HeaderName::from_static(s::BINDING),
-        HeaderName::from_static(s::VERIFIED_DEVICE),
-        HeaderName::from_static(s::WORKLOAD),
-        HeaderName::from_static(s::DEVICE_COMPLIANCE),
-        HeaderName::from_static(s::DEVICE_LIFECYCLE),
-        HeaderName::from_static(s::SNAPSHOT),
-        HeaderName::from_static(s::DECISION),
-    ]
-};
-
-/// The names a client's header never passes under, whatever this request
-/// sets: `X-Forwarded-For` and `-Host` are the proxy's to set or leave out.
-const ALWAYS_REPLACED: u16 = (1 << Own::ForwardedFor as u16) | (1 << Own::ForwardedHost as u16);
-
-/// Templates kept per thread (one per set of headers present; a process
-/// sees a few: one per kind of route and principal).
-const TEMPLATES_MAX: usize = 16;
-
-/// A header map holding the names of one set of [`Own`] headers, in
-/// order, with placeholder values; and the length mask of the names a
-/// client's header is dropped under.
-#[derive(Debug)]
-struct Template {
-    present: u16,
-    map: HeaderMap,
-    replaced: u16,
-    lengths: u64,
-}
-
-impl Template {
-    fn new(present: u16) -> Self {
-        let mut map = HeaderMap::with_capacity(present.count_ones() as usize + 8);
-        for (i, name) in OWN_NAMES.iter().enumerate() {
-            if present & (1 << i) != 0 {
-                map.append(name, HeaderValue::from_static(""));
-            }
+/// Sets `X-Forwarded-For/-Proto/-Host`, replacing anything the client sent.
+pub fn set_forwarded(
+    headers: &mut HeaderMap,
+    client_ip: Option<HeaderValue>,
+    proto: &'static str,
+    host: Option<HeaderValue>,
+) {
+    match client_ip {
+        Some(v) => {
+            headers.insert(&X_FORWARDED_FOR, v);
         }
-        let replaced = present | ALWAYS_REPLACED;
-        let lengths = OWN_NAMES
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| replaced & (1 << i) != 0)
-            .fold(0, |m, (_, n)| m | length_bit(n));
-        Self {
-            present,
-            map,
-            replaced,
-            lengths,
+        None => {
+            headers.remove(&X_FORWARDED_FOR);
         }
     }
-
-    /// Whether a client's header `name` gives way to the proxy's.
-    fn replaces(&self, name: &HeaderName) -> bool {
-        self.lengths & length_bit(name) != 0
-            && OWN_NAMES
-                .iter()
-                .enumerate()
-                .any(|(i, n)| self.replaced & (1 << i) != 0 && n == name)
-    }
-}
-
-thread_local! {
-    /// This thread's templates (see [`OwnHeaders::apply`]).
-    static TEMPLATES: std::cell::RefCell<Vec<Template>> =
-        const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// The values of the [`Own`] headers for one forwarded request.
-///
-/// Inserting them one by one into the client's map hashed each long name
-/// and probed for it, about 300 instructions a header and some 14 headers a
-/// request. [`OwnHeaders::apply`] instead clones a per-thread map that
-/// already holds these names (their hashes and slots computed once), sets
-/// the values in place, and appends the client's headers after them: the
-/// client's few names, mostly standard ones whose hash is a table index,
-/// are what gets hashed.
-#[derive(Debug, Default)]
-pub struct OwnHeaders {
-    values: [Option<HeaderValue>; OWN_COUNT],
-}
-
-impl OwnHeaders {
-    /// Sets `which` (replacing a value set before).
-    pub fn set(&mut self, which: Own, v: HeaderValue) {
-        self.values[which as usize] = Some(v);
-    }
-
-    /// Whether `which` has a value.
-    pub fn has(&self, which: Own) -> bool {
-        self.values[which as usize].is_some()
-    }
-
-    /// Replaces `headers` with these headers followed by the client's
-    /// own, in their order, less every one named like a header set here
-    /// (and any `X-Forwarded-For` or `-Host`): exactly what inserting each
-    /// of these into `headers` (and removing those two when unset) leaves,
-    /// in another order.
-    pub fn apply(self, headers: &mut HeaderMap) {
-        let present = self
-            .values
-            .iter()
-            .enumerate()
-            .fold(0u16, |m, (i, v)| if v.is_some() { m | (1 << i) } else { m });
-        let client = std::mem::take(headers);
-        let mut out = TEMPLATES.with_borrow_mut(|all| {
-            if let Some(t) = all.iter().find(|t| t.present == present) {
-                return build(t, client);
-            }
-            let t = Template::new(present);
-            let out = build(&t, client);
-            if all.len() < TEMPLATES_MAX {
-                all.push(t);
-            }
-            out
-        });
-        // The template's names are in index order, as the values are.
-        for (slot, v) in out.values_mut().zip(self.values.into_iter().flatten()) {
-            *slot = v;
+    headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+    match host {
+        Some(v) => {
+            headers.insert(&X_FORWARDED_HOST, v);
         }
-        *headers = out;
-    }
-}
-
-/// `t`'s map with the client's headers that pass appended after its own.
-fn build(t: &Template, client: HeaderMap) -> HeaderMap {
-    let mut out = t.map.clone();
-    out.reserve(client.keys_len());
-    let mut pass = false;
-    let mut name: Option<HeaderName> = None;
-    for (n, v) in client {
-        // `None`: another value of the name before it.
-        if let Some(n) = n {
-            pass = !t.replaces(&n);
-            name = Some(n);
-        }
-        if let (true, Some(n)) = (pass, &name) {
-            out.append(n, v);
+        None => {
+            headers.remove(&X_FORWARDED_HOST);
         }
     }
-    out
 }
 
 /// Headers the proxy sets for the upstream whatever the strip list says;
@@ -469,196 +305,6 @@ mod tests {
             }
         }
         h
-    }
-
-    const OWN_ALL: [Own; OWN_COUNT] = [
-        Own::ForwardedFor,
-        Own::ForwardedProto,
-        Own::ForwardedHost,
-        Own::RequestId,
-        Own::Route,
-        Own::Subject,
-        Own::Issuer,
-        Own::Device,
-        Own::Binding,
-        Own::VerifiedDevice,
-        Own::Workload,
-        Own::Compliance,
-        Own::Lifecycle,
-        Own::Snapshot,
-        Own::Decision,
-    ];
-
-    /// What the proxy did before `OwnHeaders`: each header inserted into
-    /// the client's map, `X-Forwarded-For`/`-Host` removed when unset.
-    fn inserted_one_by_one(client: &HeaderMap, own: &[(Own, HeaderValue)]) -> HeaderMap {
-        let mut h = client.clone();
-        for o in [Own::ForwardedFor, Own::ForwardedHost] {
-            if !own.iter().any(|(w, _)| *w == o) {
-                h.remove(&OWN_NAMES[o as usize]);
-            }
-        }
-        for (o, v) in own {
-            h.insert(&OWN_NAMES[*o as usize], v.clone());
-        }
-        h
-    }
-
-    /// Every name's lines, in order, and the names in first-seen order.
-    fn lines(h: &HeaderMap) -> Vec<(String, Vec<String>)> {
-        h.keys()
-            .map(|k| {
-                let vs = h
-                    .get_all(k)
-                    .iter()
-                    .map(|v| v.to_str().unwrap().to_owned())
-                    .collect();
-                (k.as_str().to_owned(), vs)
-            })
-            .collect()
-    }
-
-    fn sorted(mut l: Vec<(String, Vec<String>)>) -> Vec<(String, Vec<String>)> {
-        l.sort();
-        l
-    }
-
-    /// A client's map with every name the proxy sets (two lines each) and
-    /// others around them, in a mixed order.
-    fn client_map() -> HeaderMap {
-        let mut h = HeaderMap::new();
-        h.append(header::HOST, HeaderValue::from_static("app.example"));
-        for (i, n) in OWN_NAMES.iter().enumerate() {
-            h.append(n, HeaderValue::from_str(&format!("client-{i}-a")).unwrap());
-            h.append(
-                header::ACCEPT,
-                HeaderValue::from_str(&format!("a{i}")).unwrap(),
-            );
-            h.append(n, HeaderValue::from_str(&format!("client-{i}-b")).unwrap());
-        }
-        h.append("x-app-own", HeaderValue::from_static("1"));
-        h.append(header::COOKIE, HeaderValue::from_static("a=1"));
-        h.append("x-app-own", HeaderValue::from_static("2"));
-        h
-    }
-
-    #[test]
-    fn own_headers_leave_what_inserting_each_left_for_every_set_present() {
-        let client = client_map();
-        // Every subset of the fifteen headers (a thread keeps 16 templates,
-        // so most of these build theirs on the spot, the rest reuse one).
-        for present in 0u16..(1 << OWN_COUNT) {
-            let own: Vec<(Own, HeaderValue)> = OWN_ALL
-                .iter()
-                .filter(|o| present & (1 << **o as u16) != 0)
-                .map(|o| {
-                    (
-                        *o,
-                        HeaderValue::from_str(&format!("proxy-{}", *o as u8)).unwrap(),
-                    )
-                })
-                .collect();
-            let mut set = OwnHeaders::default();
-            for (o, v) in &own {
-                set.set(*o, v.clone());
-            }
-            let mut got = client.clone();
-            set.apply(&mut got);
-            let want = inserted_one_by_one(&client, &own);
-            assert_eq!(
-                sorted(lines(&got)),
-                sorted(lines(&want)),
-                "present {present:#06x}"
-            );
-            // The proxy's first, in index order, then the client's in theirs.
-            let names: Vec<String> = lines(&got).into_iter().map(|(n, _)| n).collect();
-            let ours: Vec<String> = own
-                .iter()
-                .map(|(o, _)| OWN_NAMES[*o as usize].to_string())
-                .collect();
-            assert_eq!(names[..ours.len()], ours[..], "present {present:#06x}");
-        }
-    }
-
-    #[test]
-    fn own_names_follow_the_enum() {
-        use crate::proxy::set_headers as s;
-        let want = [
-            "x-forwarded-for",
-            "x-forwarded-proto",
-            "x-forwarded-host",
-            s::REQUEST_ID,
-            s::ROUTE,
-            s::SUBJECT,
-            s::ISSUER,
-            s::DEVICE,
-            s::BINDING,
-            s::VERIFIED_DEVICE,
-            s::WORKLOAD,
-            s::DEVICE_COMPLIANCE,
-            s::DEVICE_LIFECYCLE,
-            s::SNAPSHOT,
-            s::DECISION,
-        ];
-        for (o, n) in OWN_ALL.iter().zip(want) {
-            assert_eq!(OWN_NAMES[*o as usize], n, "{o:?}");
-        }
-    }
-
-    #[test]
-    fn own_headers_replace_the_clients_and_keep_the_rest_in_order() {
-        let mut h = client_map();
-        let mut own = OwnHeaders::default();
-        own.set(Own::Subject, HeaderValue::from_static("alice@example.com"));
-        own.set(Own::ForwardedProto, HeaderValue::from_static("https"));
-        own.set(Own::RequestId, HeaderValue::from_static("r-1"));
-        own.apply(&mut h);
-        let l = lines(&h);
-        assert_eq!(l[0], ("x-forwarded-proto".into(), vec!["https".into()]));
-        assert_eq!(l[1], ("x-request-id".into(), vec!["r-1".into()]));
-        assert_eq!(
-            l[2],
-            (
-                "x-portcullis-subject".into(),
-                vec!["alice@example.com".into()]
-            )
-        );
-        // A client's X-Forwarded-For and -Host never pass, set or not.
-        assert!(h.get("x-forwarded-for").is_none());
-        assert!(h.get("x-forwarded-host").is_none());
-        // A name this request does not set passes as the client sent it
-        // (the strip list, applied before, is what keeps those out).
-        assert_eq!(
-            h.get_all("x-portcullis-issuer").iter().collect::<Vec<_>>(),
-            ["client-6-a", "client-6-b"]
-        );
-        assert_eq!(
-            h.get_all(header::ACCEPT).iter().count(),
-            OWN_COUNT,
-            "every line of a repeated name"
-        );
-        assert_eq!(
-            h.get_all("x-app-own").iter().collect::<Vec<_>>(),
-            ["1", "2"]
-        );
-        assert_eq!(h.get(header::HOST).unwrap(), "app.example");
-    }
-
-    #[test]
-    fn own_headers_on_an_empty_request_are_just_the_proxys() {
-        let mut h = HeaderMap::new();
-        let mut own = OwnHeaders::default();
-        own.set(Own::Decision, HeaderValue::from_static("allow"));
-        own.set(Own::ForwardedFor, HeaderValue::from_static("192.0.2.1"));
-        assert!(own.has(Own::Decision) && !own.has(Own::Subject));
-        own.apply(&mut h);
-        assert_eq!(
-            lines(&h),
-            [
-                ("x-forwarded-for".to_owned(), vec!["192.0.2.1".to_owned()]),
-                ("x-portcullis-decision".to_owned(), vec!["allow".to_owned()]),
-            ]
-        );
     }
 
     #[test]

@@ -58,7 +58,6 @@ use crate::telemetry::{ActionLabel, Metrics, RouteLabel, RouteStatus};
 use crate::tls::TlsInfo;
 use crate::util::RequestIds;
 pub use client::ProxyBody;
-use headers::{Own, OwnHeaders};
 pub use rescue::Denial;
 
 /// What the accept loop knows about a connection, shared by its requests.
@@ -1236,15 +1235,25 @@ fn phase_route<B>(rt: &Runtime, req: &Request<B>) -> Result<Arc<Route>, Denial> 
         .ok_or(Denial::NoRoute)
 }
 
-/// Header names the request path uses on every request, built at compile
-/// time (statics, as `Bytes` is not `Freeze`); the ones it sets on
-/// forwarded requests are [`headers::Own`]'s.
+/// The names of [`set_headers`], built at compile time (the request path
+/// inserts them on every request; statics, as `Bytes` is not `Freeze`).
 mod names {
     use http::header::HeaderName;
 
     use super::set_headers as s;
 
+    pub static SUBJECT: HeaderName = HeaderName::from_static(s::SUBJECT);
+    pub static ISSUER: HeaderName = HeaderName::from_static(s::ISSUER);
+    pub static DEVICE: HeaderName = HeaderName::from_static(s::DEVICE);
+    pub static BINDING: HeaderName = HeaderName::from_static(s::BINDING);
+    pub static VERIFIED_DEVICE: HeaderName = HeaderName::from_static(s::VERIFIED_DEVICE);
+    pub static WORKLOAD: HeaderName = HeaderName::from_static(s::WORKLOAD);
+    pub static ROUTE: HeaderName = HeaderName::from_static(s::ROUTE);
     pub static REQUEST_ID: HeaderName = HeaderName::from_static(s::REQUEST_ID);
+    pub static DEVICE_COMPLIANCE: HeaderName = HeaderName::from_static(s::DEVICE_COMPLIANCE);
+    pub static DEVICE_LIFECYCLE: HeaderName = HeaderName::from_static(s::DEVICE_LIFECYCLE);
+    pub static SNAPSHOT: HeaderName = HeaderName::from_static(s::SNAPSHOT);
+    pub static DECISION: HeaderName = HeaderName::from_static(s::DECISION);
     pub static DPOP: HeaderName = HeaderName::from_static("dpop");
 }
 
@@ -1307,6 +1316,9 @@ fn prepare_upstream_request<B>(
     // are its own headers, never the ones the proxy adds below. (Also the
     // cheaper order: the scan runs over the client's few names.)
     headers::remove_hop_by_hop(h);
+    // Room for the forwarding and identity headers added below at once,
+    // instead of growing (and re-hashing) the client's small map step by step.
+    h.reserve(16);
     headers::strip_identity(h, &rt.stripped);
     headers::strip_own_cookies(h, crate::session::OWN_COOKIES);
     // `Host` stays for now: the pool replaces it with the upstream's.
@@ -1314,48 +1326,38 @@ fn prepare_upstream_request<B>(
         h.remove(header::AUTHORIZATION);
         h.remove(&names::DPOP);
     }
-    let mut own = OwnHeaders::default();
-    if let Some(ip) = conn.peer_ip.clone() {
-        own.set(Own::ForwardedFor, ip);
-    }
-    own.set(
-        Own::ForwardedProto,
-        HeaderValue::from_static(if conn.tls.is_some() { "https" } else { "http" }),
-    );
-    if let Some(host) = original_host {
-        own.set(Own::ForwardedHost, host);
-    }
-    own.set(Own::RequestId, ctx.id.header());
+    let proto = if conn.tls.is_some() { "https" } else { "http" };
+    headers::set_forwarded(h, conn.peer_ip.clone(), proto, original_host);
+    set_request_id(h, &ctx.id);
     if let Some(v) = &route.name_header {
-        own.set(Own::Route, v.clone());
+        h.insert(&names::ROUTE, v.clone());
     }
     if let Some(a) = &ctx.auth {
         let t = &a.token.headers;
         if let Some(v) = &t.subject {
-            own.set(Own::Subject, v.clone());
+            h.insert(&names::SUBJECT, v.clone());
         }
         if let Some(v) = &t.issuer {
-            own.set(Own::Issuer, v.clone());
+            h.insert(&names::ISSUER, v.clone());
         }
         if let Some(v) = &t.device {
-            own.set(Own::Device, v.clone());
+            h.insert(&names::DEVICE, v.clone());
         }
     }
     if let Some(b) = &ctx.binding {
-        own.set(Own::Binding, HeaderValue::from_static(b.kind.as_str()));
+        h.insert(&names::BINDING, HeaderValue::from_static(b.kind.as_str()));
         if let Some(Ok(v)) = b.device.as_deref().map(HeaderValue::from_str) {
-            // The token's device, when it names one, stays the device.
-            if !own.has(Own::Device) {
-                own.set(Own::Device, v.clone());
+            if !h.contains_key(&names::DEVICE) {
+                h.insert(&names::DEVICE, v.clone());
             }
-            own.set(Own::VerifiedDevice, v);
+            h.insert(&names::VERIFIED_DEVICE, v);
         }
         if let Some(Ok(v)) = b
             .workload
             .as_ref()
             .map(|w| HeaderValue::from_str(&w.to_string()))
         {
-            own.set(Own::Workload, v);
+            h.insert(&names::WORKLOAD, v);
         }
     }
     if let Some(r) = &ctx.resolved {
@@ -1366,16 +1368,23 @@ fn prepare_upstream_request<B>(
                     crate::posture::model::lifecycle_name(d.lifecycle),
                 )
             });
-            own.set(Own::Compliance, HeaderValue::from_static(compliance));
-            own.set(Own::Lifecycle, HeaderValue::from_static(lifecycle));
+            h.insert(
+                &names::DEVICE_COMPLIANCE,
+                HeaderValue::from_static(compliance),
+            );
+            h.insert(
+                &names::DEVICE_LIFECYCLE,
+                HeaderValue::from_static(lifecycle),
+            );
         }
-        own.set(Own::Snapshot, snapshot_header(r.snapshot_version));
+        h.insert(&names::SNAPSHOT, snapshot_header(r.snapshot_version));
     }
     if let Some(d) = &ctx.decision {
-        own.set(Own::Decision, HeaderValue::from_static(d.action.as_str()));
+        h.insert(
+            &names::DECISION,
+            HeaderValue::from_static(d.action.as_str()),
+        );
     }
-    // The proxy's headers first, then the client's that none replaces.
-    own.apply(h);
     assertion::apply(rt.assertion.as_deref(), ctx, route, h)?;
     Ok(upgrade)
 }
