@@ -16,6 +16,11 @@ struct Setup {
 }
 
 async fn setup(extra: &str) -> Setup {
+    setup_with("", extra).await
+}
+
+/// `proxy_extra` goes into the `[proxy]` table, `extra` after the routes.
+async fn setup_with(proxy_extra: &str, extra: &str) -> Setup {
     let pki = TestPki::new();
     let upstream = Upstream::start().await;
     let (rsa, ec, ed) = keys();
@@ -48,7 +53,11 @@ allow_underscore_headers = true
     );
     let cfg = pki.write_config(
         "p.toml",
-        &base_config(&issuer, r#"jwks_file = "jwks.json""#, &routes),
+        &base_config(&issuer, r#"jwks_file = "jwks.json""#, &routes).replacen(
+            "[proxy]\n",
+            &format!("[proxy]\n{proxy_extra}\n"),
+            1,
+        ),
     );
     let server = portcullis::server::start(cfg).await.unwrap();
     let token = ec.sign(&claims(&issuer, "alice@example.com")).unwrap();
@@ -156,6 +165,76 @@ async fn allowed_routes_keep_underscores_but_never_identity_look_alikes() {
     assert_eq!(underscored(&seen.headers), ["x_app_tenant"]);
     assert_eq!(seen.headers["x_app_tenant"], "t1");
     assert_eq!(seen.headers["x-forwarded-for"], "127.0.0.1");
+}
+
+#[tokio::test]
+async fn a_replaced_strip_list_still_strips_every_header_the_proxy_sets() {
+    // An operator's own list instead of the defaults: the defaults' other
+    // names (here `X-Forwarded-User`) are theirs to pass, but never a
+    // header the proxy sets itself, even on a route where it sets none.
+    let s = setup_with(
+        "strip_headers_replace_defaults = true\nstrip_headers = [\"x-app-secret\"]",
+        "",
+    )
+    .await;
+    let forged = "x-portcullis-subject: mallory@example.com\r\nX-Portcullis-Device: dev-mallory\r\n\
+                  x-portcullis-verified-device: dev-mallory\r\nx-portcullis-decision: allow\r\n\
+                  x-portcullis-snapshot: 1\r\nx-portcullis-workload: spiffe://x/y\r\n\
+                  x-portcullis-binding: mtls\r\nx-portcullis-assertion: forged\r\n\
+                  x-forwarded-user: someone\r\nx-app-secret: s\r\nx-app-kept: k\r\n";
+    let req = format!(
+        "GET /public/x HTTP/1.1\r\nHost: {}\r\n{forged}Connection: close\r\n\r\n",
+        host(&s)
+    );
+    let (status, _) = raw(&s, &req).await;
+    assert_eq!(status, 200);
+    let seen = s.upstream.last();
+    assert_eq!(seen.path, "/public/x");
+    let portcullis: Vec<&str> = seen
+        .headers
+        .keys()
+        .map(|k| k.as_str())
+        .filter(|k| k.starts_with("x-portcullis-") && *k != "x-portcullis-route")
+        .collect();
+    assert!(portcullis.is_empty(), "{portcullis:?}");
+    assert_eq!(seen.headers["x-portcullis-route"], "public");
+    assert!(seen.headers.get("x-app-secret").is_none());
+    assert_eq!(seen.headers["x-forwarded-user"], "someone");
+    assert_eq!(seen.headers["x-app-kept"], "k");
+
+    // With a token, the subject and device are the token's (`laptop-1`).
+    let req = format!(
+        "GET /me HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\n{forged}Connection: close\r\n\r\n",
+        host(&s),
+        s.token
+    );
+    let (status, _) = raw(&s, &req).await;
+    assert_eq!(status, 200);
+    let seen = s.upstream.last();
+    assert_eq!(seen.headers["x-portcullis-subject"], "alice@example.com");
+    assert_eq!(
+        seen.headers.get_all("x-portcullis-subject").iter().count(),
+        1
+    );
+    assert_eq!(seen.headers["x-portcullis-device"], "laptop-1");
+    assert_eq!(
+        seen.headers.get_all("x-portcullis-device").iter().count(),
+        1
+    );
+    assert!(seen.headers.get("x-portcullis-verified-device").is_none());
+    assert!(seen.headers.get("x-portcullis-assertion").is_none());
+
+    // An underscored look-alike of a header the proxy sets goes even on a
+    // route that keeps underscores.
+    let req = format!(
+        "GET /legacy/x HTTP/1.1\r\nHost: {}\r\nx_portcullis_assertion: forged\r\n\
+         x_portcullis_device: dev-mallory\r\nx_app_tenant: t1\r\nConnection: close\r\n\r\n",
+        host(&s)
+    );
+    let (status, _) = raw(&s, &req).await;
+    assert_eq!(status, 200);
+    let seen = s.upstream.last();
+    assert_eq!(underscored(&seen.headers), ["x_app_tenant"]);
 }
 
 #[tokio::test]

@@ -795,15 +795,20 @@ impl Config {
         Ok(())
     }
 
-    /// The header names stripped from client requests.
+    /// The header names stripped from client requests: the ones the proxy
+    /// sets itself always, the defaults unless replaced, the configured ones.
     pub fn stripped_headers(&self) -> Vec<http::HeaderName> {
         let mut out: Vec<http::HeaderName> = Vec::new();
-        if !self.proxy.strip_headers_replace_defaults {
-            out.extend(
-                DEFAULT_STRIPPED_HEADERS
-                    .iter()
-                    .map(|h| http::HeaderName::from_static(h)),
-            );
+        let defaults = if self.proxy.strip_headers_replace_defaults {
+            &[][..]
+        } else {
+            DEFAULT_STRIPPED_HEADERS
+        };
+        for h in PROXY_SET_HEADERS.iter().chain(defaults) {
+            let n = http::HeaderName::from_static(h);
+            if !out.contains(&n) {
+                out.push(n);
+            }
         }
         let route_headers = self
             .routes

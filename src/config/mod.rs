@@ -101,6 +101,30 @@ pub const DEFAULT_POLICY_WATCH_INTERVAL_MS: u64 = 2000;
 /// Default share of `allow` decisions written to the audit log.
 pub const DEFAULT_AUDIT_SAMPLE_ALLOW: f64 = 0.1;
 
+/// The headers the proxy itself sets on forwarded requests (when it has a
+/// value for them): stripped from every client request whatever
+/// `strip_headers` and `strip_headers_replace_defaults` say, so that an app
+/// trusting them only ever reads the proxy's, and an underscored look-alike
+/// of one never passes either.
+pub const PROXY_SET_HEADERS: &[&str] = &[
+    "x-portcullis-subject",
+    "x-portcullis-issuer",
+    "x-portcullis-device",
+    "x-portcullis-route",
+    "x-portcullis-binding",
+    "x-portcullis-verified-device",
+    "x-portcullis-workload",
+    "x-portcullis-decision",
+    "x-portcullis-device-compliance",
+    "x-portcullis-device-lifecycle",
+    "x-portcullis-snapshot",
+    "x-portcullis-assertion",
+    "x-request-id",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+];
+
 /// Identity headers stripped from every client request by default: every
 /// header the proxy itself sets, and the usual names apps trust from proxies.
 pub const DEFAULT_STRIPPED_HEADERS: &[&str] = &[

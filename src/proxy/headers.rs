@@ -206,25 +206,9 @@ pub fn set_forwarded(
     }
 }
 
-/// Headers the proxy sets for the upstream whatever the strip list says;
-/// an underscored look-alike of these never passes either.
-const PROXY_SET: &[&str] = &[
-    super::set_headers::SUBJECT,
-    super::set_headers::ISSUER,
-    super::set_headers::DEVICE,
-    super::set_headers::BINDING,
-    super::set_headers::VERIFIED_DEVICE,
-    super::set_headers::WORKLOAD,
-    super::set_headers::ROUTE,
-    super::set_headers::REQUEST_ID,
-    super::set_headers::DEVICE_COMPLIANCE,
-    super::set_headers::DEVICE_LIFECYCLE,
-    super::set_headers::SNAPSHOT,
-    super::set_headers::DECISION,
-    "x-forwarded-for",
-    "x-forwarded-proto",
-    "x-forwarded-host",
-];
+/// Headers the proxy sets for the upstream, stripped whatever the strip
+/// list says; an underscored look-alike of these never passes either.
+use crate::config::PROXY_SET_HEADERS as PROXY_SET;
 
 /// True when `name` (lowercase, as `HeaderMap` keeps it) becomes `target`
 /// once every `_` is read as `-`, the way CGI, WSGI and PHP-FPM fold names.
@@ -272,6 +256,31 @@ pub fn drop_underscored(
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn every_header_the_proxy_sets_is_always_stripped() {
+        use crate::proxy::set_headers as s;
+        for n in [
+            s::SUBJECT,
+            s::ISSUER,
+            s::DEVICE,
+            s::BINDING,
+            s::VERIFIED_DEVICE,
+            s::WORKLOAD,
+            s::ROUTE,
+            s::REQUEST_ID,
+            s::DEVICE_COMPLIANCE,
+            s::DEVICE_LIFECYCLE,
+            s::SNAPSHOT,
+            s::DECISION,
+            crate::config::ASSERTION_HEADER,
+            "x-forwarded-for",
+            "x-forwarded-proto",
+            "x-forwarded-host",
+        ] {
+            assert!(PROXY_SET.contains(&n), "{n}");
+        }
+    }
 
     #[test]
     fn hop_by_hop_lengths_are_the_names_lengths() {

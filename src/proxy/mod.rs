@@ -1332,6 +1332,10 @@ fn prepare_upstream_request<B>(
     if let Some(v) = &route.name_header {
         h.insert(&names::ROUTE, v.clone());
     }
+    // The token's device, when it names one, is the device; else the one
+    // the client certificate proves. (Never a client's: the strip list
+    // always holds every header set here.)
+    let mut device_set = false;
     if let Some(a) = &ctx.auth {
         let t = &a.token.headers;
         if let Some(v) = &t.subject {
@@ -1342,12 +1346,13 @@ fn prepare_upstream_request<B>(
         }
         if let Some(v) = &t.device {
             h.insert(&names::DEVICE, v.clone());
+            device_set = true;
         }
     }
     if let Some(b) = &ctx.binding {
         h.insert(&names::BINDING, HeaderValue::from_static(b.kind.as_str()));
         if let Some(Ok(v)) = b.device.as_deref().map(HeaderValue::from_str) {
-            if !h.contains_key(&names::DEVICE) {
+            if !device_set {
                 h.insert(&names::DEVICE, v.clone());
             }
             h.insert(&names::VERIFIED_DEVICE, v);
