@@ -125,27 +125,11 @@ pub const PROXY_SET_HEADERS: &[&str] = &[
     "x-forwarded-host",
 ];
 
-/// Identity headers stripped from every client request by default: every
-/// header the proxy itself sets, and the usual names apps trust from proxies.
+/// Identity headers stripped from every client request by default, besides
+/// [`PROXY_SET_HEADERS`]: the rest of `X-Forwarded-*`, and the usual names
+/// apps trust from proxies.
 pub const DEFAULT_STRIPPED_HEADERS: &[&str] = &[
-    "x-portcullis-subject",
-    "x-portcullis-issuer",
-    "x-portcullis-device",
-    "x-portcullis-route",
-    "x-portcullis-binding",
-    "x-portcullis-verified-device",
-    "x-portcullis-workload",
-    "x-portcullis-decision",
-    "x-portcullis-device-compliance",
-    "x-portcullis-device-lifecycle",
-    "x-portcullis-snapshot",
-    "x-portcullis-assertion",
-    "x-portcullis-binding",
     "x-portcullis-request-id",
-    "x-request-id",
-    "x-forwarded-for",
-    "x-forwarded-proto",
-    "x-forwarded-host",
     "x-forwarded-port",
     "x-forwarded-user",
     "x-forwarded-email",
