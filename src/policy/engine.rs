@@ -505,15 +505,24 @@ mod tests {
         }
     }
 
-    /// The decision with the other action (allow for deny, deny otherwise).
-    fn flipped(d: &Decision) -> Decision {
-        let mut d = d.clone();
-        d.action = if d.action == crate::policy::Action::Deny {
+    /// A cached decision like `d` with the other action (allow for deny,
+    /// deny otherwise), under `key` for `owner`, ending at `expires_ms`:
+    /// what a test plants to see whether a lookup serves it.
+    fn flipped(d: &Decided, key: u128, owner: u64, expires_ms: u64) -> Arc<Decided> {
+        let mut decision = d.decision.clone();
+        decision.action = if decision.action == crate::policy::Action::Deny {
             crate::policy::Action::Allow
         } else {
             crate::policy::Action::Deny
         };
-        d
+        Arc::new(Decided {
+            decision,
+            shadow: None,
+            inputs: d.inputs.clone(),
+            expires_ms,
+            key,
+            owner,
+        })
     }
 
     #[test]
@@ -530,14 +539,7 @@ mod tests {
         // Another decision whose key shares this one's set and high half
         // (it differs in a bit the set index does not read) takes this
         // key's place in the front.
-        let planted = Arc::new(Decided {
-            decision: flipped(&first.decided.decision),
-            shadow: None,
-            inputs: first.decided.inputs.clone(),
-            expires_ms: u64::MAX,
-            key: key ^ (1 << 40),
-            owner: engine.front,
-        });
+        let planted = flipped(&first.decided, key ^ (1 << 40), engine.front, u64::MAX);
         engine.front_put(key, &planted);
         // The front finds it by half the key; its full key refuses it, and
         // the shared cache answers with this key's own decision.
@@ -604,14 +606,7 @@ mod tests {
         // passed (and this thread's front has none): it is decided again.
         engine.cache.insert(
             key,
-            Arc::new(Decided {
-                decision: flipped(&first.decided.decision),
-                shadow: None,
-                inputs: first.decided.inputs.clone(),
-                expires_ms: now.saturating_mul(1000),
-                key,
-                owner: engine.front,
-            }),
+            flipped(&first.decided, key, engine.front, now.saturating_mul(1000)),
         );
         DECISIONS.with_borrow_mut(|d| *d = crate::util::front::Front::new());
         let again = engine.decide(&facts, now);
@@ -653,14 +648,7 @@ mod tests {
         );
         let key = first.decided.key;
         let plant = |key: u128, owner: u64, expires_ms: u64| {
-            let d = Arc::new(Decided {
-                decision: flipped(&first.decided.decision),
-                shadow: None,
-                inputs: first.decided.inputs.clone(),
-                expires_ms,
-                key,
-                owner,
-            });
+            let d = flipped(&first.decided, key, owner, expires_ms);
             memo.store(Some(d.clone()));
             d
         };

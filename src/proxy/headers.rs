@@ -3,6 +3,10 @@
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
+// The headers the proxy sets for the upstream: stripped whatever the strip
+// list says, and an underscored look-alike of one never passes either.
+use crate::config::PROXY_SET_HEADERS as PROXY_SET;
+
 /// Hop-by-hop headers (RFC 9110 §7.6.1) plus the legacy ones proxies drop.
 const HOP_BY_HOP: &[HeaderName] = &[
     header::CONNECTION,
@@ -205,10 +209,6 @@ pub fn set_forwarded(
         }
     }
 }
-
-/// Headers the proxy sets for the upstream, stripped whatever the strip
-/// list says; an underscored look-alike of these never passes either.
-use crate::config::PROXY_SET_HEADERS as PROXY_SET;
 
 /// True when `name` (lowercase, as `HeaderMap` keeps it) becomes `target`
 /// once every `_` is read as `-`, the way CGI, WSGI and PHP-FPM fold names.
