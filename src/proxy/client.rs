@@ -35,6 +35,7 @@ use hyper::client::conn::http1::SendRequest;
 use hyper_util::client::legacy::connect::HttpConnector;
 use tower::Service;
 
+use super::wire::{self, WireError};
 use crate::config::UpstreamConfig;
 use crate::telemetry::ReasonLabel;
 use prometheus_client::metrics::counter::Counter;
@@ -55,6 +56,13 @@ pub fn empty_body() -> ProxyBody {
 
 /// The connector every upstream connection is opened with.
 type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
+
+/// The stream of a connection the pool drives itself ([`wire`]): the
+/// connector's (TCP, or TLS over it) behind tokio's I/O traits, boxed once
+/// per connection so that moving it in and out of the pool and into a
+/// response body moves a pointer, not a TLS session.
+type WireIo = Box<hyper_util::rt::TokioIo<<Connector as Service<Uri>>::Response>>;
+type WireConn = wire::Conn<WireIo>;
 
 /// How long an idle upstream connection is kept. Counted from the pool's
 /// last prune before it went idle and enforced by the next prune (each
@@ -142,6 +150,9 @@ pub enum UpstreamError {
     /// The HTTP exchange failed.
     #[error("upstream: {0}")]
     Http(#[source] hyper::Error),
+    /// The HTTP exchange of a bodiless GET or HEAD failed.
+    #[error("upstream: {0}")]
+    Wire(#[source] WireError),
 }
 
 /// One worker's upstream connections: idle HTTP/1.1 connections per
@@ -190,11 +201,37 @@ struct Host {
     /// `Host` header for this upstream (port only when not the default).
     host_header: HeaderValue,
     idle: VecDeque<Idle>,
+    /// Idle connections for bodiless GET and HEAD requests ([`wire`]).
+    wired: VecDeque<WireIdle>,
+}
+
+impl Host {
+    /// Closes the least recently used idle connections, of either kind,
+    /// until one more fits under `max_idle` (the bound is for the upstream,
+    /// not per queue).
+    fn make_room(&mut self, max_idle: usize) {
+        while self.idle.len() + self.wired.len() >= max_idle.max(1) {
+            let oldest_wired = self.wired.front().map(|w| w.since);
+            let oldest_idle = self.idle.front().map(|i| i.since);
+            match (oldest_idle, oldest_wired) {
+                (Some(i), Some(w)) if i <= w => drop(self.idle.pop_front()),
+                (_, Some(_)) => drop(self.wired.pop_front()),
+                (Some(_), None) => drop(self.idle.pop_front()),
+                (None, None) => break,
+            }
+        }
+    }
 }
 
 struct Idle {
     sender: SendRequest<ProxyBody>,
     /// The pool's last prune before this connection went idle.
+    since: Instant,
+}
+
+struct WireIdle {
+    conn: WireConn,
+    /// As [`Idle::since`].
     since: Instant,
 }
 
@@ -235,6 +272,9 @@ impl Pool {
             (Some(s), Some(a)) => (s.clone(), a.clone()),
             _ => return Err(UpstreamError::NotAbsolute),
         };
+        if wire_eligible(&req) {
+            return self.request_wire(req, &scheme, &authority).await;
+        }
         let (host, host_header, idle, busy) = self.checkout(&scheme, &authority);
         // The upstream's own `Host`, replacing the client's (one lookup).
         req.headers_mut().insert(header::HOST, host_header);
@@ -275,6 +315,62 @@ impl Pool {
         }
     }
 
+    /// A bodiless GET or HEAD ([`wire_eligible`]), exchanged by the pool
+    /// itself in this task ([`wire`]). A reused connection that fails
+    /// before any byte of an answer (the upstream closed it while idle) is
+    /// replaced once by a new one: the request is idempotent and has no
+    /// body, so sending it again is safe (RFC 9110 §9.2.2).
+    async fn request_wire(
+        &self,
+        req: Request<ProxyBody>,
+        scheme: &Scheme,
+        authority: &Authority,
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
+        let (host, host_header, idle) = self.checkout_wire(scheme, authority);
+        let (mut parts, _) = req.into_parts();
+        // The upstream's own `Host`, replacing the client's (one lookup).
+        parts.headers.insert(header::HOST, host_header);
+        // Origin form on the wire; the authority is in `Host`.
+        let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let reused = idle.is_some();
+        let mut conn = match idle {
+            Some(c) => c,
+            None => {
+                self.count_opened(|o| &o.none_idle);
+                Box::pin(self.connect_wire(scheme, authority)).await?
+            }
+        };
+        let head = match conn.exchange(&parts.method, target, &parts.headers).await {
+            Ok(head) => head,
+            Err(WireError::Unanswered(_)) if reused => {
+                self.count_opened(|o| &o.closed);
+                conn = Box::pin(self.connect_wire(scheme, authority)).await?;
+                conn.exchange(&parts.method, target, &parts.headers)
+                    .await
+                    .map_err(UpstreamError::Wire)?
+            }
+            Err(e) => return Err(UpstreamError::Wire(e)),
+        };
+        let (body, back) = conn.body(&head);
+        let body = UpstreamBody {
+            inner: Inner::Wire {
+                body,
+                back: back.is_none().then(|| (Arc::downgrade(&self.inner), host)),
+            },
+        };
+        if let Some(conn) = back {
+            self.checkin_wire(host, conn);
+        }
+        let mut resp = Response::new(body);
+        *resp.status_mut() = head.status;
+        *resp.version_mut() = head.version;
+        *resp.headers_mut() = head.headers;
+        if let Some(reason) = head.reason {
+            resp.extensions_mut().insert(reason);
+        }
+        Ok(resp)
+    }
+
     /// Closes idle connections unused for longer than the idle timeout,
     /// and those the upstream closed. Each worker's tick calls it.
     pub fn prune(&self) {
@@ -284,19 +380,17 @@ impl Pool {
         for h in state.hosts.iter_mut() {
             h.idle
                 .retain(|i| !i.sender.is_closed() && now.duration_since(i.since) < IDLE_TIMEOUT);
+            h.wired
+                .retain_mut(|i| now.duration_since(i.since) < IDLE_TIMEOUT && !i.conn.is_closed());
         }
     }
 
-    /// The upstream's slot, its `Host` value, its most recently used idle
-    /// connection that is still open and ready, if any, and whether open
-    /// but busy ones were passed over.
-    fn checkout(
-        &self,
+    /// The upstream's slot.
+    fn host_slot<'a>(
+        hosts: &'a mut Vec<Host>,
         scheme: &Scheme,
         authority: &Authority,
-    ) -> (HostId, HeaderValue, Option<SendRequest<ProxyBody>>, bool) {
-        let mut state = self.state();
-        let hosts = &mut state.hosts;
+    ) -> (usize, Option<&'a mut Host>) {
         let i = match hosts
             .iter()
             .position(|h| h.authority == *authority && h.scheme == *scheme)
@@ -308,11 +402,70 @@ impl Pool {
                     authority: authority.clone(),
                     host_header: host_header(scheme, authority),
                     idle: VecDeque::new(),
+                    wired: VecDeque::new(),
                 });
                 hosts.len() - 1
             }
         };
-        let Some(h) = hosts.get_mut(i) else {
+        (i, hosts.get_mut(i))
+    }
+
+    /// The upstream's slot, its `Host` value and its most recently used
+    /// idle connection for [`Pool::request_wire`], if any.
+    fn checkout_wire(
+        &self,
+        scheme: &Scheme,
+        authority: &Authority,
+    ) -> (HostId, HeaderValue, Option<WireConn>) {
+        let mut state = self.state();
+        match Self::host_slot(&mut state.hosts, scheme, authority) {
+            (i, Some(h)) => (
+                HostId(i),
+                h.host_header.clone(),
+                h.wired.pop_back().map(|i| i.conn),
+            ),
+            (i, None) => (HostId(i), HeaderValue::from_static(""), None),
+        }
+    }
+
+    fn checkin_wire(&self, host: HostId, conn: WireConn) {
+        let mut state = self.state();
+        let since = state.pruned;
+        if let Some(h) = state.hosts.get_mut(host.0) {
+            h.make_room(self.inner.max_idle);
+            if self.inner.max_idle > 0 {
+                h.wired.push_back(WireIdle { conn, since });
+            }
+        }
+    }
+
+    async fn connect_wire(
+        &self,
+        scheme: &Scheme,
+        authority: &Authority,
+    ) -> Result<WireConn, UpstreamError> {
+        let uri = Uri::builder()
+            .scheme(scheme.clone())
+            .authority(authority.clone())
+            .path_and_query("/")
+            .build()
+            .map_err(|e| UpstreamError::Connect(Box::new(e)))?;
+        let mut connector = self.inner.connector.clone();
+        let io = connector.call(uri).await.map_err(UpstreamError::Connect)?;
+        Ok(wire::Conn::new(Box::new(hyper_util::rt::TokioIo::new(io))))
+    }
+
+    /// The upstream's slot, its `Host` value, its most recently used idle
+    /// connection that is still open and ready, if any, and whether open
+    /// but busy ones were passed over.
+    fn checkout(
+        &self,
+        scheme: &Scheme,
+        authority: &Authority,
+    ) -> (HostId, HeaderValue, Option<SendRequest<ProxyBody>>, bool) {
+        let mut state = self.state();
+        let (i, h) = Self::host_slot(&mut state.hosts, scheme, authority);
+        let Some(h) = h else {
             return (HostId(i), HeaderValue::from_static(""), None, false);
         };
         let mut found = None;
@@ -345,9 +498,7 @@ impl Pool {
         let mut state = self.state();
         let since = state.pruned;
         if let Some(h) = state.hosts.get_mut(host.0) {
-            if h.idle.len() >= self.inner.max_idle {
-                h.idle.pop_front();
-            }
+            h.make_room(self.inner.max_idle);
             if self.inner.max_idle > 0 {
                 h.idle.push_back(Idle { sender, since });
             }
@@ -396,14 +547,25 @@ impl Pool {
     ) -> Response<UpstreamBody> {
         // An upgraded connection belongs to its tunnel; one the upstream
         // closes is not reused.
-        let reusable = resp.status() != StatusCode::SWITCHING_PROTOCOLS
+        let mut reusable = resp.status() != StatusCode::SWITCHING_PROTOCOLS
             && !super::headers::connection_has(resp.headers(), "close");
-        let (parts, body) = resp.into_parts();
+        let (mut parts, body) = resp.into_parts();
+        // hyper decodes the transfer coding but keeps a `Content-Length`
+        // sent beside it, which the client would then be framed by (a
+        // complete-looking, cut body). The coding wins (RFC 9112 §6.3), the
+        // length goes, and a connection that sent both is not reused.
+        if parts.headers.contains_key(header::TRANSFER_ENCODING)
+            && parts.headers.remove(header::CONTENT_LENGTH).is_some()
+        {
+            reusable = false;
+        }
         let mut body = UpstreamBody {
-            inner: body,
-            back: reusable.then(|| (Arc::downgrade(&self.inner), host, sender)),
+            inner: Inner::Hyper {
+                body,
+                back: reusable.then(|| (Arc::downgrade(&self.inner), host, sender)),
+            },
         };
-        if body.inner.is_end_stream() {
+        if body.is_end_stream() {
             body.check_in();
         }
         Response::from_parts(parts, body)
@@ -420,20 +582,64 @@ fn host_header(scheme: &Scheme, authority: &Authority) -> HeaderValue {
     HeaderValue::from_str(&text).unwrap_or_else(|_| HeaderValue::from_static(""))
 }
 
+/// Whether the pool exchanges `req` itself ([`wire`]): a `GET` or `HEAD`
+/// with no body and no framing or upgrade header. Everything else goes
+/// through hyper's client.
+fn wire_eligible(req: &Request<ProxyBody>) -> bool {
+    let h = req.headers();
+    (req.method() == http::Method::GET || req.method() == http::Method::HEAD)
+        && req.body().is_end_stream()
+        && !h.contains_key(header::CONTENT_LENGTH)
+        && !h.contains_key(header::TRANSFER_ENCODING)
+        && !h.contains_key(header::UPGRADE)
+}
+
 /// An upstream response body that returns its connection to the pool once
 /// read to the end. Dropped earlier, the connection is dropped too (hyper
 /// closes a connection whose response was not read through).
 pub struct UpstreamBody {
-    inner: Incoming,
-    back: Option<(Weak<PoolInner>, HostId, SendRequest<ProxyBody>)>,
+    inner: Inner,
+}
+
+enum Inner {
+    /// Through hyper's client.
+    Hyper {
+        body: Incoming,
+        back: Option<(Weak<PoolInner>, HostId, SendRequest<ProxyBody>)>,
+    },
+    /// Read by the pool itself; `back` is where its connection goes once
+    /// the body has ended cleanly (none when it went back already).
+    Wire {
+        body: wire::WireBody<WireIo>,
+        back: Option<(Weak<PoolInner>, HostId)>,
+    },
 }
 
 impl UpstreamBody {
     fn check_in(&mut self) {
-        if let Some((pool, host, sender)) = self.back.take()
-            && let Some(inner) = pool.upgrade()
-        {
-            Pool { inner }.checkin(host, sender);
+        match &mut self.inner {
+            Inner::Hyper { back, .. } => {
+                if let Some((pool, host, sender)) = back.take()
+                    && let Some(inner) = pool.upgrade()
+                {
+                    Pool { inner }.checkin(host, sender);
+                }
+            }
+            Inner::Wire { body, back } => {
+                if let Some(conn) = body.take_idle()
+                    && let Some((pool, host)) = back.take()
+                    && let Some(inner) = pool.upgrade()
+                {
+                    Pool { inner }.checkin_wire(host, conn);
+                }
+            }
+        }
+    }
+
+    fn drop_connection(&mut self) {
+        match &mut self.inner {
+            Inner::Hyper { back, .. } => *back = None,
+            Inner::Wire { back, .. } => *back = None,
         }
     }
 }
@@ -447,11 +653,18 @@ impl Body for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
-        match Pin::new(&mut this.inner).poll_frame(cx) {
+        let polled = match &mut this.inner {
+            Inner::Hyper { body, .. } => Pin::new(body)
+                .poll_frame(cx)
+                .map_err(|e| Box::new(e) as BoxError),
+            Inner::Wire { body, .. } => body.poll_frame(cx).map_err(|e| Box::new(e) as BoxError),
+        };
+        match polled {
             Poll::Ready(Some(Ok(frame))) => {
                 // hyper's server stops polling once the body says it has
-                // ended, so the end is caught here, not only at `None`.
-                if this.inner.is_end_stream() {
+                // ended, or once it has the trailers (always last), so the
+                // end is caught here, not only at `None`.
+                if frame.is_trailers() || this.is_end_stream() {
                     this.check_in();
                 }
                 Poll::Ready(Some(Ok(frame)))
@@ -461,19 +674,25 @@ impl Body for UpstreamBody {
                 Poll::Ready(None)
             }
             Poll::Ready(Some(Err(e))) => {
-                this.back = None;
-                Poll::Ready(Some(Err(Box::new(e))))
+                this.drop_connection();
+                Poll::Ready(Some(Err(e)))
             }
             Poll::Pending => Poll::Pending,
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match &self.inner {
+            Inner::Hyper { body, .. } => body.is_end_stream(),
+            Inner::Wire { body, .. } => body.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match &self.inner {
+            Inner::Hyper { body, .. } => body.size_hint(),
+            Inner::Wire { body, .. } => body.size_hint(),
+        }
     }
 }
 

@@ -38,6 +38,7 @@ pub mod client;
 pub mod headers;
 pub mod live;
 pub mod rescue;
+mod wire;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
