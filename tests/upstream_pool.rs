@@ -1040,3 +1040,35 @@ async fn a_get_reaches_the_upstream_as_one_head_without_body_framing() {
     );
     within("shutdown", s.server.shutdown()).await;
 }
+
+/// `pool_idle_per_host` bounds an upstream's idle connections whichever
+/// way they were used: a bodiless GET (the pool's own exchange) and a POST
+/// (through hyper) keep their connections apart, but under one bound. With
+/// a bound of one, each request of the other kind finds the one idle
+/// connection of its own kind gone (closed to make room), while requests of
+/// one kind keep reusing theirs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_kinds_of_idle_connection_share_one_bound() {
+    let pki = TestPki::new();
+    let upstream = RawUpstream::start().await;
+    let url = format!("http://{}", upstream.addr);
+    let extra = "\n[listener]\nworkers = 1\n\n[upstream]\npool_idle_per_host = 1\n";
+    let s = setup_with(pki, upstream, &url, extra).await;
+    let mut c = conn(&s).await;
+    for _ in 0..3 {
+        assert_eq!(c.get("/keep", &[]).await.0, StatusCode::OK);
+    }
+    assert_eq!(s.upstream.accepted(), 1, "GETs reuse their connection");
+    let (status, _, _) = c.send_body("POST", "/keep", &[], "p").await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(s.upstream.accepted(), 2, "a POST does not take the GET's");
+    // The POST's connection went back and the GET's was closed for it.
+    assert_eq!(c.get("/keep", &[]).await.0, StatusCode::OK);
+    assert_eq!(s.upstream.accepted(), 3);
+    let (status, _, _) = c.send_body("POST", "/keep", &[], "p").await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(s.upstream.accepted(), 4);
+    // None of them waited or failed: every opening was on an empty queue.
+    assert_eq!(opened(&s).await, (4, 0, 0));
+    s.server.shutdown().await;
+}

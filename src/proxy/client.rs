@@ -14,10 +14,18 @@
 //!   the steady state opens no upstream connection;
 //! - per request there is no hash map, no spawned task and no boxed future.
 //!
+//! The common request, a `GET` or `HEAD` with no body, does not go through
+//! hyper's client at all: the pool writes its head and reads the answer in
+//! the request's own task ([`super::wire`]), on connections of its own
+//! queue; hyper's connection task was a quarter of a request's
+//! instructions. Both queues of an upstream share one idle bound.
+//!
 //! A connection is taken most-recently-used first (warm, and the stale ones
 //! age out at the front). One whose request could not be written (the
 //! upstream closed it while idle) is retried once on a new connection, as
-//! hyper-util does; a request that reached the upstream is never retried.
+//! hyper-util does; so is a bodiless GET or HEAD on a reused connection
+//! that closed before any byte of an answer (idempotent, RFC 9110 §9.2.2).
+//! Any other request that reached the upstream is never retried.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
