@@ -452,6 +452,17 @@ impl Pool {
         scheme: &Scheme,
         authority: &Authority,
     ) -> Result<WireConn, UpstreamError> {
+        let io = self.open(scheme, authority).await?;
+        Ok(wire::Conn::new(Box::new(hyper_util::rt::TokioIo::new(io))))
+    }
+
+    /// A new connection to the upstream (TCP, and TLS for https), through
+    /// the connector and its connect timeout.
+    async fn open(
+        &self,
+        scheme: &Scheme,
+        authority: &Authority,
+    ) -> Result<<Connector as Service<Uri>>::Response, UpstreamError> {
         let uri = Uri::builder()
             .scheme(scheme.clone())
             .authority(authority.clone())
@@ -459,8 +470,7 @@ impl Pool {
             .build()
             .map_err(|e| UpstreamError::Connect(Box::new(e)))?;
         let mut connector = self.inner.connector.clone();
-        let io = connector.call(uri).await.map_err(UpstreamError::Connect)?;
-        Ok(wire::Conn::new(Box::new(hyper_util::rt::TokioIo::new(io))))
+        connector.call(uri).await.map_err(UpstreamError::Connect)
     }
 
     /// The upstream's slot, its `Host` value, its most recently used idle
@@ -525,14 +535,7 @@ impl Pool {
         scheme: &Scheme,
         authority: &Authority,
     ) -> Result<SendRequest<ProxyBody>, UpstreamError> {
-        let uri = Uri::builder()
-            .scheme(scheme.clone())
-            .authority(authority.clone())
-            .path_and_query("/")
-            .build()
-            .map_err(|e| UpstreamError::Connect(Box::new(e)))?;
-        let mut connector = self.inner.connector.clone();
-        let io = connector.call(uri).await.map_err(UpstreamError::Connect)?;
+        let io = self.open(scheme, authority).await?;
         let (sender, conn) = hyper::client::conn::http1::Builder::new()
             .handshake(io)
             .await
