@@ -334,7 +334,7 @@ impl Pool {
         scheme: &Scheme,
         authority: &Authority,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
-        let (host, host_header, idle) = self.checkout_wire(scheme, authority);
+        let (host, host_header, idle, stale) = self.checkout_wire(scheme, authority);
         let (mut parts, _) = req.into_parts();
         // The upstream's own `Host`, replacing the client's (one lookup).
         parts.headers.insert(header::HOST, host_header);
@@ -344,7 +344,7 @@ impl Pool {
         let mut conn = match idle {
             Some(c) => c,
             None => {
-                self.count_opened(|o| &o.none_idle);
+                self.count_opened(|o| if stale { &o.closed } else { &o.none_idle });
                 Box::pin(self.connect_wire(scheme, authority)).await?
             }
         };
@@ -418,21 +418,35 @@ impl Pool {
         (i, hosts.get_mut(i))
     }
 
-    /// The upstream's slot, its `Host` value and its most recently used
-    /// idle connection for [`Pool::request_wire`], if any.
+    /// The upstream's slot, its `Host` value, its most recently used idle
+    /// connection for [`Pool::request_wire`] that is still quiet, if any,
+    /// and whether one that was not (closed, or sent bytes nobody asked
+    /// for) was dropped on the way. Nothing reads an idle connection: an
+    /// answer the upstream sends while it is idle (hyper's connection task
+    /// would see it and close) would otherwise be taken for the answer to
+    /// the next request. The check is the runtime's readiness flag, a
+    /// syscall only when the socket has news.
     fn checkout_wire(
         &self,
         scheme: &Scheme,
         authority: &Authority,
-    ) -> (HostId, HeaderValue, Option<WireConn>) {
+    ) -> (HostId, HeaderValue, Option<WireConn>, bool) {
         let mut state = self.state();
         match Self::host_slot(&mut state.hosts, scheme, authority) {
-            (i, Some(h)) => (
-                HostId(i),
-                h.host_header.clone(),
-                h.wired.pop_back().map(|i| i.conn),
-            ),
-            (i, None) => (HostId(i), HeaderValue::from_static(""), None),
+            (i, Some(h)) => {
+                let mut stale = false;
+                let mut found = None;
+                while let Some(mut idle) = h.wired.pop_back() {
+                    if idle.conn.is_closed() {
+                        stale = true;
+                    } else {
+                        found = Some(idle.conn);
+                        break;
+                    }
+                }
+                (HostId(i), h.host_header.clone(), found, stale)
+            }
+            (i, None) => (HostId(i), HeaderValue::from_static(""), None, false),
         }
     }
 

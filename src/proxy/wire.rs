@@ -190,7 +190,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
     }
 
     /// Whether the upstream has closed the idle connection (or sent
-    /// something unasked): a read that does not wait.
+    /// something unasked): a read that does not wait. On a socket it asks
+    /// the runtime's readiness flag first (cleared by the last short
+    /// read), so a quiet connection costs no syscall.
     pub fn is_closed(&mut self) -> bool {
         let mut cx = Context::from_waker(std::task::Waker::noop());
         let mut probe = [0u8; 1];
@@ -317,16 +319,27 @@ fn finish_head(
             keep_alive = true;
         }
     }
+    let coded = headers.contains_key(header::TRANSFER_ENCODING);
+    // A coding list is tokens: one with other bytes is no framing anyone
+    // agrees on (hyper would read it as "not chunked").
+    if headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .any(|v| v.to_str().is_err())
+    {
+        return Err(WireError::Malformed("invalid transfer-encoding"));
+    }
+    // Two framings, even on an answer without a body: the coding wins, the
+    // length goes, and the connection is not trusted again.
+    if coded && headers.remove(header::CONTENT_LENGTH).is_some() {
+        keep_alive = false;
+    }
     let framing =
         if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
             Framing::Empty
-        } else if headers.contains_key(header::TRANSFER_ENCODING) {
+        } else if coded {
             if version == Version::HTTP_10 {
                 return Err(WireError::Malformed("transfer-encoding on HTTP/1.0"));
-            }
-            if headers.remove(header::CONTENT_LENGTH).is_some() {
-                // Two framings: trust the coding, but not the connection.
-                keep_alive = false;
             }
             if chunked_is_last(&headers) {
                 Framing::Chunked
@@ -643,6 +656,16 @@ fn trailers(buf: &[u8]) -> Result<Option<(usize, HeaderMap)>, WireError> {
     let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
     match httparse::parse_headers(buf, &mut slots) {
         Ok(httparse::Status::Complete((n, lines))) => {
+            // `httparse` takes a bare LF for a line's end; a trailer line
+            // ends in CRLF (RFC 9112 §7.1.2), as hyper's decoder requires.
+            let section = buf.get(..n).unwrap_or_default();
+            if section
+                .iter()
+                .enumerate()
+                .any(|(i, b)| *b == b'\n' && (i == 0 || section.get(i - 1) != Some(&b'\r')))
+            {
+                return Err(WireError::Malformed("trailer line not ended by CRLF"));
+            }
             let mut map = HeaderMap::with_capacity(lines.len());
             for h in lines {
                 let name = HeaderName::from_bytes(h.name.as_bytes())
@@ -968,5 +991,312 @@ mod tests {
         assert_eq!(data, want.as_bytes());
         assert!(body.take_idle().is_some());
         drop(writer.await.unwrap());
+    }
+
+    /// What a client gets from one answer, whichever reader read it: the
+    /// head (or `None`: refused) and the body (data and trailers, or
+    /// `None`: failed part-way).
+    #[derive(Debug, PartialEq)]
+    struct Seen {
+        head: Option<(StatusCode, Version, HeaderMap, Option<Vec<u8>>)>,
+        body: Option<(Vec<u8>, Option<HeaderMap>)>,
+    }
+
+    async fn through_wire(method: Method, answer: &[u8]) -> Seen {
+        match run(method, answer).await {
+            Err(_) => Seen {
+                head: None,
+                body: None,
+            },
+            Ok((head, body, _)) => Seen {
+                head: Some((
+                    head.status,
+                    head.version,
+                    head.headers,
+                    head.reason.map(|r| r.as_bytes().to_vec()),
+                )),
+                body: body.ok(),
+            },
+        }
+    }
+
+    /// The same exchange through hyper's client, over the same kind of
+    /// pipe and far end. A `Content-Length` hyper keeps beside a
+    /// `Transfer-Encoding` is taken out, as the pool does after it.
+    async fn through_hyper(method: Method, answer: &[u8]) -> Seen {
+        use http_body_util::BodyExt;
+        let refused = Seen {
+            head: None,
+            body: None,
+        };
+        let (near, mut far) = tokio::io::duplex(1 << 20);
+        let answer = answer.to_vec();
+        // hyper takes bytes that come before its request for an unasked
+        // answer: this far end reads the request first.
+        tokio::spawn(async move {
+            let mut seen = Vec::new();
+            while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                if far.read_buf(&mut seen).await? == 0 {
+                    break;
+                }
+            }
+            far.write_all(&answer).await
+        });
+        let Ok((mut send, conn)) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(near)).await
+        else {
+            return refused;
+        };
+        tokio::spawn(conn);
+        let req = http::Request::builder()
+            .method(method)
+            .uri("/p?q=1")
+            .header(header::HOST, "up")
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap();
+        let Ok(resp) = send.send_request(req).await else {
+            return refused;
+        };
+        let (mut parts, mut body) = resp.into_parts();
+        if parts.headers.contains_key(header::TRANSFER_ENCODING) {
+            parts.headers.remove(header::CONTENT_LENGTH);
+        }
+        let reason = parts
+            .extensions
+            .get::<hyper::ext::ReasonPhrase>()
+            .map(|r| r.as_bytes().to_vec());
+        let mut data = Vec::new();
+        let mut trailers = None;
+        let body = loop {
+            match body.frame().await {
+                None => break Some((data, trailers)),
+                Some(Err(_)) => break None,
+                Some(Ok(f)) => match f.into_data() {
+                    Ok(d) => data.extend_from_slice(&d),
+                    // hyper may hand over an empty trailer section; the
+                    // pool's reader ends the body without one.
+                    Err(f) => trailers = f.into_trailers().ok().filter(|t| !t.is_empty()),
+                },
+            }
+        };
+        Seen {
+            head: Some((parts.status, parts.version, parts.headers, reason)),
+            body,
+        }
+    }
+
+    /// An answer built from parts, well-formed unless its framing is
+    /// meant to be wrong (a length off by a little, two lengths, a coding
+    /// other than chunked last), with whatever junk follows it.
+    struct Shape<'a> {
+        informational: u8,
+        version: &'a str,
+        status: u16,
+        reason: &'a str,
+        extra: &'a [&'a str],
+        framing: u8,
+        body: &'a [u8],
+        splits: &'a [usize],
+        junk: &'a str,
+    }
+
+    fn answer(shape: &Shape<'_>) -> Vec<u8> {
+        let &Shape {
+            informational,
+            version,
+            status,
+            reason,
+            extra,
+            framing,
+            body,
+            splits,
+            junk,
+        } = shape;
+        let mut a = Vec::new();
+        match informational {
+            1 => a.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n"),
+            2 => a.extend_from_slice(b"HTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\n"),
+            _ => {}
+        }
+        a.extend_from_slice(format!("{version} {status} {reason}\r\n").as_bytes());
+        for h in extra {
+            a.extend_from_slice(h.as_bytes());
+            a.extend_from_slice(b"\r\n");
+        }
+        let n = body.len();
+        let chunked = |a: &mut Vec<u8>, ext: bool, trailers: bool| {
+            let mut at = 0;
+            for &s in splits.iter().chain([&n]) {
+                let end = s.clamp(at, n);
+                if end > at {
+                    let e = if ext { ";a=b" } else { "" };
+                    a.extend_from_slice(format!("{:x}{e}\r\n", end - at).as_bytes());
+                    a.extend_from_slice(&body[at..end]);
+                    a.extend_from_slice(b"\r\n");
+                    at = end;
+                }
+            }
+            a.extend_from_slice(b"0\r\n");
+            if trailers {
+                a.extend_from_slice(b"x-sum: 1\r\n");
+            }
+            a.extend_from_slice(b"\r\n");
+        };
+        match framing {
+            0 => {
+                a.extend_from_slice(format!("content-length: {n}\r\n\r\n").as_bytes());
+                a.extend_from_slice(body);
+            }
+            1 => {
+                a.extend_from_slice(format!("content-length: {}\r\n\r\n", n + 2).as_bytes());
+                a.extend_from_slice(body);
+            }
+            2 => {
+                let m = n.saturating_sub(2);
+                a.extend_from_slice(format!("content-length: {m}\r\n\r\n").as_bytes());
+                a.extend_from_slice(body);
+            }
+            3 => {
+                a.extend_from_slice(
+                    format!("content-length: {n}\r\ncontent-length: {n}\r\n\r\n").as_bytes(),
+                );
+                a.extend_from_slice(body);
+            }
+            4 => {
+                a.extend_from_slice(format!("content-length: {n}, {}\r\n\r\n", n + 1).as_bytes());
+                a.extend_from_slice(body);
+            }
+            5 => {
+                a.extend_from_slice(b"transfer-encoding: chunked\r\n\r\n");
+                chunked(&mut a, false, false);
+            }
+            6 => {
+                a.extend_from_slice(b"transfer-encoding: chunked\r\n\r\n");
+                chunked(&mut a, true, true);
+            }
+            7 => {
+                a.extend_from_slice(b"transfer-encoding: gzip, chunked\r\n\r\n");
+                chunked(&mut a, false, false);
+            }
+            8 => {
+                a.extend_from_slice(
+                    format!("transfer-encoding: chunked\r\ncontent-length: {n}\r\n\r\n").as_bytes(),
+                );
+                chunked(&mut a, false, true);
+            }
+            9 => {
+                a.extend_from_slice(b"transfer-encoding: gzip\r\n\r\n");
+                a.extend_from_slice(body);
+            }
+            _ => {
+                a.extend_from_slice(b"\r\n");
+                a.extend_from_slice(body);
+            }
+        }
+        a.extend_from_slice(junk.as_bytes());
+        a
+    }
+
+    /// The pool's reader against hyper's client as the oracle. On answers
+    /// built well-formed (framing errors included, on purpose) both give
+    /// the client the same thing: status, version, headers, reason, body
+    /// and trailers, or both refuse. After random edits to the bytes the
+    /// pool's reader is never more lenient: whatever it accepts, hyper
+    /// accepts and reads alike.
+    #[test]
+    fn reads_every_answer_as_hyper_does_and_never_accepts_more() {
+        use proptest::prelude::*;
+        use proptest::sample::{Index, select};
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let extra = proptest::collection::vec(
+            select(vec![
+                "server: t",
+                "x-a: 1",
+                "x-a: 2",
+                "set-cookie: a=b",
+                "x-b: \tv w",
+                "x-c:",
+                "connection: close",
+                "connection: keep-alive",
+                "connection: foo, close",
+                "content-type: text/plain; charset=utf-8",
+            ]),
+            0..4,
+        );
+        let parts = (
+            0u8..3,
+            select(vec!["HTTP/1.1", "HTTP/1.0"]),
+            select(vec![200u16, 201, 204, 206, 301, 304, 404, 500, 599]),
+            select(vec!["OK", "", "Fine Thanks", "Not Found"]),
+            extra,
+            0u8..11,
+            proptest::collection::vec(select(b"ab\r\n0;:x".to_vec()), 0..40),
+            proptest::collection::vec(0usize..40, 0..4),
+            select(vec![
+                "",
+                "x",
+                "HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n",
+            ]),
+            any::<bool>(),
+        );
+        let edits = proptest::collection::vec(
+            (
+                0u8..4,
+                any::<Index>(),
+                select(b"\r\n :;,0aX\x00\x7f\xff\t".to_vec()),
+            ),
+            0..3,
+        );
+        proptest!(
+            ProptestConfig::with_cases(20_000),
+            |(p in parts, edits in edits)| {
+                let (info, version, status, reason, extra, framing, body, splits, junk, head) = p;
+                let mut a = answer(&Shape {
+                    informational: info,
+                    version,
+                    status,
+                    reason,
+                    extra: &extra,
+                    framing,
+                    body: &body,
+                    splits: &splits,
+                    junk,
+                });
+                let edited = !edits.is_empty();
+                for (kind, at, byte) in edits {
+                    if a.is_empty() {
+                        break;
+                    }
+                    let i = at.index(a.len());
+                    match kind {
+                        0 => a[i] = byte,
+                        1 => {
+                            a.remove(i);
+                        }
+                        2 => a.insert(i, byte),
+                        _ => a.truncate(i),
+                    }
+                }
+                let method = if head { Method::HEAD } else { Method::GET };
+                let (ours, theirs) = rt.block_on(async {
+                    let limit = std::time::Duration::from_secs(10);
+                    let ours = tokio::time::timeout(limit, through_wire(method.clone(), &a)).await;
+                    let theirs = tokio::time::timeout(limit, through_hyper(method, &a)).await;
+                    (ours.unwrap(), theirs.unwrap())
+                });
+                let text = String::from_utf8_lossy(&a);
+                if !edited {
+                    prop_assert_eq!(&ours, &theirs, "{:?}", text);
+                } else if ours.head.is_some() {
+                    prop_assert_eq!(&ours.head, &theirs.head, "{:?}", text);
+                    if ours.body.is_some() {
+                        prop_assert_eq!(&ours.body, &theirs.body, "{:?}", text);
+                    }
+                }
+            }
+        );
     }
 }
