@@ -325,9 +325,13 @@ impl Pool {
 
     /// A bodiless GET or HEAD ([`wire_eligible`]), exchanged by the pool
     /// itself in this task ([`wire`]). A reused connection that fails
-    /// before any byte of an answer (the upstream closed it while idle) is
-    /// replaced once by a new one: the request is idempotent and has no
-    /// body, so sending it again is safe (RFC 9110 §9.2.2).
+    /// before any byte of an answer is replaced once by a new one: most
+    /// often the upstream closed it while idle (one whose close had
+    /// already arrived is dropped at checkout), but the upstream may also
+    /// have read the request and failed without a word. The request is
+    /// idempotent and has no body, so it is sent once more (RFC 9110
+    /// §9.2.2), as nginx's default `proxy_next_upstream error` does;
+    /// hyper's leg retries only a request it never wrote.
     async fn request_wire(
         &self,
         req: Request<ProxyBody>,

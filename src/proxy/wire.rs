@@ -20,6 +20,7 @@
 //! answer was read exactly to its end with nothing after it, on HTTP/1.1
 //! without `Connection: close` (or HTTP/1.0 with `keep-alive`).
 
+use std::future::Future;
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
@@ -36,7 +37,8 @@ pub const MAX_HEADERS: usize = 100;
 /// Bytes an answer's head may take, 1xx heads included: hyper's default
 /// read-buffer limit.
 pub const MAX_HEAD_BYTES: usize = 8192 + 4096 * 100;
-/// Bytes of one chunk-size line (with its extensions) or of the trailers.
+/// Bytes of one chunk-size line (with its extensions) or of the trailers,
+/// and of all of one body's chunk extensions together (hyper's limits).
 const MAX_CHUNK_META: usize = 16 * 1024;
 /// Informational (1xx) answers skipped before the final one.
 const MAX_INFORMATIONAL: usize = 16;
@@ -170,6 +172,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
             conn: None,
             state,
             keep_alive: head.keep_alive,
+            extensions: 0,
             size: match head.framing {
                 Framing::Empty => Some(0),
                 Framing::Length(n) => Some(n),
@@ -197,10 +200,12 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
         let mut cx = Context::from_waker(std::task::Waker::noop());
         let mut probe = [0u8; 1];
         let mut rb = tokio::io::ReadBuf::new(&mut probe);
-        !matches!(
-            Pin::new(&mut self.io).poll_read(&mut cx, &mut rb),
-            Poll::Pending
-        )
+        // Outside the task's budget: a task that has spent it gets
+        // `Pending` from every read, whatever the socket holds, and a
+        // connection that talked would pass for quiet.
+        let read = std::future::poll_fn(|cx| Pin::new(&mut self.io).poll_read(cx, &mut rb));
+        let mut read = std::pin::pin!(tokio::task::coop::unconstrained(read));
+        !matches!(read.as_mut().poll(&mut cx), Poll::Pending)
     }
 }
 
@@ -398,6 +403,10 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
             let n = digits.iter().try_fold(0u64, |n, d| {
                 n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
             })?;
+            // hyper keeps the top two values for itself and refuses them.
+            if n > u64::MAX - 2 {
+                return None;
+            }
             if found.is_some_and(|f| f != n) {
                 return None;
             }
@@ -415,6 +424,8 @@ pub struct WireBody<IO> {
     state: State,
     keep_alive: bool,
     size: Option<u64>,
+    /// Chunk-extension bytes read so far in this body.
+    extensions: usize,
 }
 
 enum State {
@@ -565,7 +576,22 @@ impl<IO: AsyncRead + Unpin> WireBody<IO> {
                 State::Chunked(step) => {
                     let buf = self.conn.as_ref().map(|c| &c.buf[..]).unwrap_or_default();
                     let parsed = match step {
-                        Chunk::Size => chunk_size(buf),
+                        // No line end yet: nothing to parse (parsing a
+                        // trickled line again from its start at every
+                        // read would cost its length squared).
+                        Chunk::Size if !buf.contains(&b'\n') => Ok(None),
+                        Chunk::Size => match chunk_size(buf) {
+                            Ok(Some((n, ext, next))) => {
+                                self.extensions += ext;
+                                if self.extensions > MAX_CHUNK_META {
+                                    Err(WireError::Malformed("chunk extensions too long"))
+                                } else {
+                                    Ok(Some((n, next)))
+                                }
+                            }
+                            Ok(None) => Ok(None),
+                            Err(e) => Err(e),
+                        },
                         Chunk::DataEnd => match buf.get(..2) {
                             Some(b"\r\n") => Ok(Some((2, Chunk::Size))),
                             Some(_) => Err(WireError::Malformed("chunk not followed by CRLF")),
@@ -620,11 +646,12 @@ impl<IO: AsyncRead + Unpin> WireBody<IO> {
     }
 }
 
-/// A chunk-size line at the front of `buf`: its length and what follows
-/// (the chunk's data, or the trailers after the last chunk). Stricter than
+/// A chunk-size line at the front of `buf`: its length, its extension
+/// bytes (the line past the digits) and what follows (the chunk's data, or
+/// the trailers after the last chunk). Stricter than
 /// `httparse` alone: at least one hex digit, no control byte in an
 /// extension.
-fn chunk_size(buf: &[u8]) -> Result<Option<(usize, Chunk)>, WireError> {
+fn chunk_size(buf: &[u8]) -> Result<Option<(usize, usize, Chunk)>, WireError> {
     let bad = || WireError::Malformed("invalid chunk size");
     match buf.first() {
         None => return Ok(None),
@@ -637,8 +664,10 @@ fn chunk_size(buf: &[u8]) -> Result<Option<(usize, Chunk)>, WireError> {
             if line.iter().any(|b| b.is_ascii_control() && *b != b'\t') {
                 return Err(bad());
             }
+            let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
             Ok(Some((
                 n,
+                line.len() - digits,
                 if size == 0 {
                     Chunk::Trailers
                 } else {
@@ -810,6 +839,28 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn chunk_extensions_are_bounded_per_body_not_only_per_line() {
+        let ext = "e".repeat(6000);
+        let mut answer = "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n".to_string();
+        for _ in 0..3 {
+            answer.push_str(&format!("1;{ext}\r\nx\r\n"));
+        }
+        answer.push_str("0\r\n\r\n");
+        let (_, body, reused) = run(Method::GET, answer.as_bytes()).await.unwrap();
+        assert!(body.is_err(), "18 KB of extensions accepted");
+        assert!(!reused);
+        // Many chunks with small extensions are fine.
+        let mut answer = "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n".to_string();
+        for _ in 0..500 {
+            answer.push_str("1;a=b\r\nx\r\n");
+        }
+        answer.push_str("0\r\n\r\n");
+        let (_, body, reused) = run(Method::GET, answer.as_bytes()).await.unwrap();
+        assert_eq!(body.unwrap().0, vec![b'x'; 500]);
+        assert!(reused);
+    }
+
+    #[tokio::test]
     async fn transfer_encoding_wins_over_content_length_and_the_connection_is_not_reused() {
         let (head, body, reused) = get(
             "HTTP/1.1 200 OK\r\ncontent-length: 99\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
@@ -910,6 +961,10 @@ mod tests {
                 matches!(e, Err(WireError::Malformed(_))),
                 "{bad:?} accepted"
             );
+        }
+        for n in [u64::MAX, u64::MAX - 1] {
+            let e = get(&format!("HTTP/1.1 200 OK\r\ncontent-length: {n}\r\n\r\n")).await;
+            assert!(matches!(e, Err(WireError::Malformed(_))), "{n} accepted");
         }
         let many: String = (0..=MAX_HEADERS).map(|i| format!("x-{i}: v\r\n")).collect();
         let e = get(&format!("HTTP/1.1 200 OK\r\n{many}\r\n")).await;
