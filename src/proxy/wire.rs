@@ -173,11 +173,6 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
             state,
             keep_alive: head.keep_alive,
             extensions: 0,
-            size: match head.framing {
-                Framing::Empty => Some(0),
-                Framing::Length(n) => Some(n),
-                Framing::Chunked | Framing::Close => None,
-            },
         };
         match body.state {
             State::Done | State::Buffered(_) => {
@@ -423,7 +418,6 @@ pub struct WireBody<IO> {
     conn: Option<Conn<IO>>,
     state: State,
     keep_alive: bool,
-    size: Option<u64>,
     /// Chunk-extension bytes read so far in this body.
     extensions: usize,
 }
@@ -464,10 +458,10 @@ impl<IO> WireBody<IO> {
 
     /// The exact length, when framed by one.
     pub fn size_hint(&self) -> SizeHint {
-        match (&self.state, self.size) {
-            (State::Done | State::Idle, _) => SizeHint::with_exact(0),
-            (State::Buffered(Some(b)), _) => SizeHint::with_exact(b.len() as u64),
-            (State::Length(n), _) => SizeHint::with_exact(*n),
+        match &self.state {
+            State::Done | State::Idle => SizeHint::with_exact(0),
+            State::Buffered(Some(b)) => SizeHint::with_exact(b.len() as u64),
+            State::Length(n) => SizeHint::with_exact(*n),
             _ => SizeHint::default(),
         }
     }
