@@ -754,7 +754,6 @@ mod tests {
     /// proof is accepted (property test over 5 000 mutated proofs).
     #[test]
     fn mutated_proofs_never_panic_and_never_pass() {
-        use proptest::sample::{Index, select};
         let alphabet: &[u8] = b"ABCxyz019-_.=+/ {}\"";
         let req = ProofRequest {
             method: "POST",
@@ -778,33 +777,13 @@ mod tests {
             parts(a).is_some() && parts(a) == parts(b)
         };
         // Up to five edits: (kind, where, which byte).
-        let edits = proptest::collection::vec(
-            (
-                0u8..4,
-                proptest::arbitrary::any::<Index>(),
-                select(alphabet.to_vec()),
-            ),
-            1..=5,
-        );
+        let edits = crate::util::edits::edits(alphabet, 1..=5);
         proptest::proptest!(
             proptest::test_runner::Config::with_cases(5_000),
             |(edits in edits)| {
                 let v = verifier();
                 let mut p = RFC9449_PROOF.as_bytes().to_vec();
-                for (kind, at, byte) in edits {
-                    if p.is_empty() {
-                        break;
-                    }
-                    let i = at.index(p.len());
-                    match kind {
-                        0 => p[i] = byte,
-                        1 => {
-                            p.remove(i);
-                        }
-                        2 => p.insert(i, byte),
-                        _ => p.truncate(i),
-                    }
-                }
+                crate::util::edits::apply(&mut p, &edits);
                 if let Ok(text) = std::str::from_utf8(&p)
                     && text != RFC9449_PROOF
                     && let Ok(ok) = v.verify(text, &req)

@@ -216,8 +216,8 @@ struct Host {
 impl Host {
     /// Closes the least recently used idle connections, of either kind,
     /// until one more fits under `max_idle` (the bound is for the upstream,
-    /// not per queue).
-    fn make_room(&mut self, max_idle: usize) {
+    /// not per queue); false when none may be kept at all.
+    fn make_room(&mut self, max_idle: usize) -> bool {
         while self.idle.len() + self.wired.len() >= max_idle.max(1) {
             let oldest_wired = self.wired.front().map(|w| w.since);
             let oldest_idle = self.idle.front().map(|i| i.since);
@@ -228,6 +228,7 @@ impl Host {
                 (None, None) => break,
             }
         }
+        max_idle > 0
     }
 }
 
@@ -457,11 +458,10 @@ impl Pool {
     fn checkin_wire(&self, host: HostId, conn: WireConn) {
         let mut state = self.state();
         let since = state.pruned;
-        if let Some(h) = state.hosts.get_mut(host.0) {
-            h.make_room(self.inner.max_idle);
-            if self.inner.max_idle > 0 {
-                h.wired.push_back(WireIdle { conn, since });
-            }
+        if let Some(h) = state.hosts.get_mut(host.0)
+            && h.make_room(self.inner.max_idle)
+        {
+            h.wired.push_back(WireIdle { conn, since });
         }
     }
 
@@ -533,11 +533,10 @@ impl Pool {
         }
         let mut state = self.state();
         let since = state.pruned;
-        if let Some(h) = state.hosts.get_mut(host.0) {
-            h.make_room(self.inner.max_idle);
-            if self.inner.max_idle > 0 {
-                h.idle.push_back(Idle { sender, since });
-            }
+        if let Some(h) = state.hosts.get_mut(host.0)
+            && h.make_room(self.inner.max_idle)
+        {
+            h.idle.push_back(Idle { sender, since });
         }
     }
 

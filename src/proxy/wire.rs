@@ -32,6 +32,8 @@ use http::{Method, StatusCode, Version};
 use hyper::body::{Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use super::headers::connection_has;
+
 /// Header lines an answer (or its trailers) may have: hyper's default.
 pub const MAX_HEADERS: usize = 100;
 /// Bytes an answer's head may take, 1xx heads included: hyper's default
@@ -309,16 +311,8 @@ fn finish_head(
     reason: Option<hyper::ext::ReasonPhrase>,
     head_request: bool,
 ) -> Result<Head, WireError> {
-    let mut keep_alive = version == Version::HTTP_11;
-    for v in headers.get_all(header::CONNECTION) {
-        if has_token(v.as_bytes(), b"close") {
-            keep_alive = false;
-            break;
-        }
-        if version == Version::HTTP_10 && has_token(v.as_bytes(), b"keep-alive") {
-            keep_alive = true;
-        }
-    }
+    let mut keep_alive = !connection_has(&headers, "close")
+        && (version == Version::HTTP_11 || connection_has(&headers, "keep-alive"));
     let coded = headers.contains_key(header::TRANSFER_ENCODING);
     // A coding list is tokens: one with other bytes is no framing anyone
     // agrees on (hyper would read it as "not chunked").
@@ -368,12 +362,6 @@ fn finish_head(
         framing,
         keep_alive,
     })
-}
-
-/// Whether a comma-separated header value lists `token` (any case).
-fn has_token(v: &[u8], token: &[u8]) -> bool {
-    v.split(|b| *b == b',')
-        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
 }
 
 /// Whether `chunked` is the last transfer coding (of the last line).
@@ -1255,7 +1243,7 @@ mod tests {
     #[test]
     fn reads_every_answer_as_hyper_does_and_never_accepts_more() {
         use proptest::prelude::*;
-        use proptest::sample::{Index, select};
+        use proptest::sample::select;
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -1291,14 +1279,7 @@ mod tests {
             ]),
             any::<bool>(),
         );
-        let edits = proptest::collection::vec(
-            (
-                0u8..4,
-                any::<Index>(),
-                select(b"\r\n :;,0aX\x00\x7f\xff\t".to_vec()),
-            ),
-            0..3,
-        );
+        let edits = crate::util::edits::edits(b"\r\n :;,0aX\x00\x7f\xff\t", 0..3);
         proptest!(
             ProptestConfig::with_cases(20_000),
             |(p in parts, edits in edits)| {
@@ -1315,20 +1296,7 @@ mod tests {
                     junk,
                 });
                 let edited = !edits.is_empty();
-                for (kind, at, byte) in edits {
-                    if a.is_empty() {
-                        break;
-                    }
-                    let i = at.index(a.len());
-                    match kind {
-                        0 => a[i] = byte,
-                        1 => {
-                            a.remove(i);
-                        }
-                        2 => a.insert(i, byte),
-                        _ => a.truncate(i),
-                    }
-                }
+                crate::util::edits::apply(&mut a, &edits);
                 let method = if head { Method::HEAD } else { Method::GET };
                 let (ours, theirs) = rt.block_on(async {
                     let limit = std::time::Duration::from_secs(10);

@@ -352,6 +352,44 @@ pub fn p256_jwk(
     }))
 }
 
+/// Random byte edits for property tests that check a parser refuses what
+/// it should: a strategy for a list of edits and their application.
+#[cfg(test)]
+pub mod edits {
+    use proptest::prelude::*;
+    use proptest::sample::{Index, select};
+
+    /// Which edit (replace, remove, insert, cut the rest), where, and the
+    /// byte it writes.
+    pub type Edit = (u8, Index, u8);
+
+    /// `count` edits writing bytes from `alphabet`.
+    pub fn edits(
+        alphabet: &[u8],
+        count: impl Into<proptest::collection::SizeRange>,
+    ) -> impl Strategy<Value = Vec<Edit>> {
+        proptest::collection::vec((0u8..4, any::<Index>(), select(alphabet.to_vec())), count)
+    }
+
+    /// Applies `edits` in order; stops once nothing is left.
+    pub fn apply(bytes: &mut Vec<u8>, edits: &[Edit]) {
+        for (kind, at, byte) in edits {
+            if bytes.is_empty() {
+                break;
+            }
+            let i = at.index(bytes.len());
+            match kind {
+                0 => bytes[i] = *byte,
+                1 => {
+                    bytes.remove(i);
+                }
+                2 => bytes.insert(i, *byte),
+                _ => bytes.truncate(i),
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
