@@ -36,9 +36,21 @@ fn main() {
     if !wanted || linker_chosen() || !rustc_links_with_lld() {
         return;
     }
+    // The linker reads a copy in OUT_DIR, not the checkout's file: cargo
+    // does not rerun a build script when the same target directory builds
+    // the crate from another checkout (a git worktree), and the link
+    // argument it keeps must not name a file that checkout may have deleted.
+    let Some(out) = env::var_os("OUT_DIR") else {
+        return;
+    };
+    let copy = Path::new(&out).join("link.order");
+    if std::fs::copy(&order, &copy).is_err() {
+        println!("cargo:warning=cannot copy build/link.order to OUT_DIR; linking in default order");
+        return;
+    }
     println!(
         "cargo:rustc-link-arg-bins=-Wl,--symbol-ordering-file={}",
-        order.display()
+        copy.display()
     );
     println!("cargo:rustc-link-arg-bins=-Wl,--no-warn-symbol-ordering");
 }
