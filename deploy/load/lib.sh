@@ -33,3 +33,11 @@ h2load_percentiles() {   # h2load --log-file[, start in µs since the epoch] -> 
     awk -v from="${2:-0}" '$1 >= from { print $3 }' "$1" | sort -n | awk '{ d[NR] = $1 }
         END { printf "%.3f %.3f\n", d[int(NR * 0.50) + 1] / 1000, d[int(NR * 0.99) + 1] / 1000 }'
 }
+
+h2load_phase() {   # h2load --log-file, period in µs[, start in µs since the epoch] -> a percentage
+    # How evenly the requests start within one rate period: the share (%) of
+    # requests whose start falls in the busiest tenth of the period. 10 is
+    # perfectly even; 100 means every connection sends at the same moment.
+    awk -v p="$2" -v from="${3:-0}" '$1 >= from { c[int(($1 % p) * 10 / p)]++; n++ }
+        END { m = 0; for (i in c) if (c[i] > m) m = c[i]; printf "%.0f", n ? m * 100 / n : 0 }' "$1"
+}

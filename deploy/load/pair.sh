@@ -22,7 +22,7 @@
 # workers). MODE: h1 (wrk -t1 -cCONNS each, saturating), 10k (the same with
 # the load script's Lua script rotating over every token in DIR, from the
 # same offset for both; the 3-second warm-up verifies them) or rate
-# (h2load --h1 -cCONNS at 2,500 req/s each); SECONDS per round (default 15), ROUNDS
+# (h2load --h1 -cCONNS at 2,500 req/s each, connections opened one a millisecond); SECONDS per round (default 15), ROUNDS
 # (default 8); CONNS (environment, default 25) connections per side. Prints each build's CPU-µs per request and its p99 (wrk's,
 # or from h2load's per-request log) per round and B over A; run it both ways round (A, B then B, A) so neither position is
 # favoured. Loopback only, every load run bounded by timeout, every
@@ -127,7 +127,9 @@ load() {    # port, seconds, output
         10k) timeout --kill-after=5 "$limit" wrk -t1 -c"$CONNS" -d"$2"s --latency \
                 -s "$S/rotate.lua" "https://127.0.0.1:$1/" -- "$S/tokens.txt" 1 > "$3" 2>&1 ;;
         rate) rm -f "$3.log"
-            timeout --kill-after=5 "$limit" h2load --h1 -t1 -c"$CONNS" --rps=$(( 2500 / CONNS )) -D"$2" \
+            # Connections opened one a millisecond (see run.sh, RATE_RAMP_MS).
+            timeout --kill-after=5 "$limit" h2load --h1 -t1 -c"$CONNS" --rps=$(( 2500 / CONNS )) \
+                -r1 --rate-period=1ms -n $(( 2500 / CONNS * CONNS * $2 )) \
                 -H "Authorization: Bearer $TOKEN" --log-file="$3.log" "https://127.0.0.1:$1/" > "$3" 2>&1 ;;
     esac
 }

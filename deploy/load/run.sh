@@ -33,6 +33,16 @@
 #                      every token once before the warm-up (fills the caches)
 #   H2_CONNS=10 H2_STREAMS=10   h2 mode: connections x concurrent streams
 #   RATE=5000 RATE_CONNS=50     rate mode: total req/s over this many connections
+#   RATE_RAMP_MS=1     rate mode: each h2load thread opens one connection every
+#                      this many ms (h2load -r/--rate-period), so the
+#                      connections' request timers are spread evenly over
+#                      the period; 0: all at once, as before stop 34 (each
+#                      connection's timer then starts when its handshake
+#                      ends, and when those ends bunch up the fixed rate
+#                      becomes a burst of up to RATE_CONNS requests every
+#                      period: the latency measured is then the burst's,
+#                      set by start-up, not the proxy's; the note line's
+#                      "phase" shows how even the starts were)
 #   PORTCULLIS_BIN     prebuilt binary; default: cargo build --release into
 #                      ${CARGO_TARGET_DIR:-<repo>/target} and use release/portcullis
 #   PIN=0              1: pin every proxy's worker threads one per CPU, alike:
@@ -98,6 +108,7 @@ H2_CONNS=${H2_CONNS:-10}
 H2_STREAMS=${H2_STREAMS:-10}
 RATE=${RATE:-5000}
 RATE_CONNS=${RATE_CONNS:-50}
+RATE_RAMP_MS=${RATE_RAMP_MS:-1}
 BASE_PORT=${BASE_PORT:-18080}
 KEEP_TMP=${KEEP_TMP:-0}
 PROFILE_DIR=${PROFILE_DIR:-}
@@ -116,7 +127,7 @@ source "$SCRIPT_DIR/lib.sh"   # cpu_ticks, cpu_split, to_ms, h2load_percentiles
 log() { printf '[load] %s\n' "$*" >&2; }
 die() { printf '[load] FAIL: %s\n' "$*" >&2; exit 1; }
 
-for v in DURATION WARMUP CONNS THREADS ROUNDS BASE_PORT TOKENS H2_CONNS H2_STREAMS RATE RATE_CONNS; do
+for v in DURATION WARMUP CONNS THREADS ROUNDS BASE_PORT TOKENS H2_CONNS H2_STREAMS RATE RATE_CONNS RATE_RAMP_MS; do
     [[ ${!v} =~ ^[0-9]+$ ]] || die "$v must be a non-negative integer (got '${!v}')"
 done
 (( DURATION > 0 && CONNS > 0 && THREADS > 0 && ROUNDS > 0 && TOKENS > 0 )) \
@@ -645,8 +656,14 @@ run_load() {
             timeout --kill-after=5 "$limit" h2load -t"$THREADS" -c"$H2_CONNS" -m"$H2_STREAMS" \
                 -D"$d" "${AUTH[@]}" --log-file="$out.log" "$url" > "$out" 2>&1 ;;
         rate)
+            # With a ramp, h2load's rate mode (-r, exclusive with -D): each
+            # client sends its share of -n at --rps, so the run lasts d
+            # seconds plus the ramp.
+            local per=$(( RATE / RATE_CONNS )) span=(-D"$d")
+            (( RATE_RAMP_MS == 0 )) \
+                || span=(-r"$THREADS" --rate-period="${RATE_RAMP_MS}ms" -n $(( per * RATE_CONNS * d )))
             timeout --kill-after=5 "$limit" h2load --h1 -t"$THREADS" -c"$RATE_CONNS" \
-                --rps=$(( RATE / RATE_CONNS )) -D"$d" "${AUTH[@]}" --log-file="$out.log" \
+                --rps="$per" "${span[@]}" "${AUTH[@]}" --log-file="$out.log" \
                 "$url" > "$out" 2>&1 ;;
     esac || { tail -n 20 "$out" >&2; die "$mode load against $url failed"; }
 }
@@ -808,6 +825,9 @@ measure() {   # round, mode, peer
     P99_L[$key]+="$p99 "
     UPC[$key]=$(( ${UPC[$key]:-0} + up_conns - 1 ))   # minus the stub_status connection
     local note="round $round, $key: $reqs req, $rps req/s, p50 $p50 ms, p99 $p99 ms, $cpu_us CPU-us/req (user $user_us, kernel $sys_us); upstream: $up_reqs req on $(( up_conns - 1 )) new connections, $up_us CPU-us/req"
+    if [[ $mode == rate ]]; then
+        note+="; phase: busiest tenth of the period holds $(h2load_phase "$out.log" $(( 1000000 * RATE_CONNS / RATE )) "$w0")% of the requests"
+    fi
     if [[ $name == portcullis ]]; then
         note+="; token cache +$(( h1 - h0 )) hits +$(( m1 - m0 )) misses; decision cache +$(( ph1 - ph0 )) hits +$(( pm1 - pm0 )) misses"
         local a0 b0 c0 a1 b1 c1
@@ -859,7 +879,7 @@ median() { tr ' ' '\n' | awk 'NF' | sort -g | awk '{ v[NR] = $1 } END { if (NR %
 
 echo
 echo "Same-run table: ${ROUNDS} round(s) of ${DURATION}s (warm-up ${WARMUP}s) per mode and peer, $(nproc) CPUs, load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
-echo "  h1: wrk -t$THREADS -c$CONNS, one token; h1-10k: the same over $TOKENS tokens/devices; h2: h2load -t$THREADS -c$H2_CONNS -m$H2_STREAMS; rate: h2load --h1 -c$RATE_CONNS at $RATE req/s"
+echo "  h1: wrk -t$THREADS -c$CONNS, one token; h1-10k: the same over $TOKENS tokens/devices; h2: h2load -t$THREADS -c$H2_CONNS -m$H2_STREAMS; rate: h2load --h1 -c$RATE_CONNS at $RATE req/s, connections opened $( (( RATE_RAMP_MS )) && echo "one per ${RATE_RAMP_MS} ms per thread" || echo "all at once")"
 for n in "${NOTES[@]}"; do echo "  $n"; done
 echo
 echo "req/s = total requests / total seconds; p50, p99 = median over rounds; CPU-us/req = total CPU / total requests;"
