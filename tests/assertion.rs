@@ -63,6 +63,15 @@ upstream = "{u}"
 auth = "bearer"
 
 [[routes]]
+name = "renamed"
+path_prefix = "/renamed"
+upstream = "{u}"
+auth = "bearer"
+
+[routes.identity_headers]
+groups = "X-Portcullis-Device"
+
+[[routes]]
 name = "public"
 path_prefix = "/public"
 upstream = "{u}"
@@ -350,4 +359,49 @@ async fn identical_requests_reuse_one_assertion_and_a_posture_change_gets_a_new_
     assert_ne!(jwt, first);
     let v = e.jose_verify(jwt, "plain").await.unwrap();
     assert_eq!(v["payload"]["groups"], json!(["finance"]));
+}
+
+/// A route's identity header may bear a name the proxy sets itself: the
+/// app gets one line, the route's (as when both went into one map, the
+/// route's last), whichever leg of the pool carries the request.
+#[tokio::test]
+async fn a_route_header_named_like_a_proxy_header_replaces_it_in_one_line() {
+    let e = env("new", 10).await;
+    e.identity(
+        "alice",
+        IdentityPatch {
+            groups: Some(vec!["eng".into(), "ops".into()]),
+            ..Default::default()
+        },
+    )
+    .await;
+    let token = e.token("alice", json!({}));
+    // A GET goes through the pool's own leg.
+    for extra in [&[][..], &[("x-portcullis-device", "stolen")][..]] {
+        let seen = e.through("/renamed/x", &token, extra).await;
+        let lines: Vec<_> = seen.headers.get_all("x-portcullis-device").iter().collect();
+        assert_eq!(lines, ["eng,ops"], "{extra:?}");
+        // The other lines the proxy sets are there, once each.
+        for name in ["x-portcullis-subject", "x-request-id", "x-forwarded-proto"] {
+            assert_eq!(seen.headers.get_all(name).iter().count(), 1, "{name}");
+        }
+        assert_eq!(header(&seen, "x-portcullis-subject"), Some("alice"));
+    }
+    // A request with a body goes through hyper's leg: the same one line.
+    let c = client(&e.pki.ca_pem, false);
+    let req = http::Request::post(e.url("/renamed/x"))
+        .header("authorization", format!("Bearer {token}"))
+        .header("x-portcullis-device", "stolen")
+        .body(full("body"))
+        .unwrap();
+    let before = e.upstream.count();
+    let resp = c.request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(e.upstream.count(), before + 1);
+    let seen = e.upstream.last();
+    assert_eq!(seen.method, "POST");
+    let lines: Vec<_> = seen.headers.get_all("x-portcullis-device").iter().collect();
+    assert_eq!(lines, ["eng,ops"]);
+    assert_eq!(header(&seen, "x-portcullis-subject"), Some("alice"));
+    assert_eq!(seen.headers.get_all("x-request-id").iter().count(), 1);
 }

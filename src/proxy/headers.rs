@@ -184,29 +184,21 @@ static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
-/// Sets `X-Forwarded-For/-Proto/-Host`, replacing anything the client sent.
+/// Sets `X-Forwarded-For/-Proto/-Host` (the client's were stripped).
 pub fn set_forwarded(
-    headers: &mut HeaderMap,
+    set: &mut super::client::SetHeaders,
     client_ip: Option<HeaderValue>,
     proto: &'static str,
     host: Option<HeaderValue>,
 ) {
-    match client_ip {
-        Some(v) => {
-            headers.insert(&X_FORWARDED_FOR, v);
-        }
-        None => {
-            headers.remove(&X_FORWARDED_FOR);
-        }
+    // Without a value the header is absent: the strip list took the
+    // client's.
+    if let Some(v) = client_ip {
+        set.push(&X_FORWARDED_FOR, v);
     }
-    headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(proto));
-    match host {
-        Some(v) => {
-            headers.insert(&X_FORWARDED_HOST, v);
-        }
-        None => {
-            headers.remove(&X_FORWARDED_HOST);
-        }
+    set.push(&X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+    if let Some(v) = host {
+        set.push(&X_FORWARDED_HOST, v);
     }
 }
 

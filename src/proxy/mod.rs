@@ -393,9 +393,9 @@ impl Proxy {
         self.metrics
             .count_forwarded(ctx.decision.as_ref().map_or("allow", |d| d.action.as_str()));
         // 6. forward
-        let upgrade = prepare_upstream_request(rt, ctx, &route, &mut req, conn)?;
+        let (upgrade, set) = prepare_upstream_request(rt, ctx, &route, &mut req, conn)?;
         let mut resp = self
-            .phase_forward(rt, ctx, &route, req, upgrade, conn)
+            .phase_forward(rt, ctx, &route, req, (upgrade, set), conn)
             .await?;
         if dpop_used && rt.binder.dpop.nonce_required() {
             // RFC 9449 §8.2: a fresh nonce for the client's next proof.
@@ -788,7 +788,7 @@ impl Proxy {
         ctx: &RequestCtx,
         route: &Route,
         mut req: Request<Incoming>,
-        upgrade: Option<HeaderValue>,
+        (upgrade, set): (Option<HeaderValue>, client::SetHeaders),
         conn: &ConnInfo,
     ) -> Result<Response<ProxyBody>, Denial> {
         let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
@@ -830,7 +830,7 @@ impl Proxy {
         // `timeout_at` from the clock read just taken (`timeout` reads it again).
         let result = tokio::time::timeout_at(
             (started + route.timeout).into(),
-            rt_upstream(_rt).request(up_req),
+            rt_upstream(_rt).request(up_req, set),
         )
         .await;
         if let Some(s) = span {
@@ -1281,7 +1281,7 @@ fn prepare_upstream_request<B>(
     route: &Route,
     req: &mut Request<B>,
     conn: &ConnInfo,
-) -> Result<Option<HeaderValue>, Denial> {
+) -> Result<(Option<HeaderValue>, client::SetHeaders), Denial> {
     let upgrade =
         headers::upgrade_protocol(req.headers()).filter(|_| req.version() == Version::HTTP_11);
     // The host the client asked for, as a header value before the URI and
@@ -1317,9 +1317,9 @@ fn prepare_upstream_request<B>(
     // are its own headers, never the ones the proxy adds below. (Also the
     // cheaper order: the scan runs over the client's few names.)
     headers::remove_hop_by_hop(h);
-    // Room for the forwarding and identity headers added below at once,
-    // instead of growing (and re-hashing) the client's small map step by step.
-    h.reserve(16);
+    // Room for what may still go into the map: the upstream's `Host` (an
+    // HTTP/2 request has none), a trace context, a route's assertion.
+    h.reserve(2);
     headers::strip_identity(h, &rt.stripped);
     headers::strip_own_cookies(h, crate::session::OWN_COOKIES);
     // `Host` stays for now: the pool replaces it with the upstream's.
@@ -1327,43 +1327,46 @@ fn prepare_upstream_request<B>(
         h.remove(header::AUTHORIZATION);
         h.remove(&names::DPOP);
     }
+    // The lines set below go beside the map (see `client::SetHeaders`):
+    // the strip list always holds every one of these names, so the
+    // client's are gone and none is there twice.
+    let mut set = client::SetHeaders::with_capacity(16);
     let proto = if conn.tls.is_some() { "https" } else { "http" };
-    headers::set_forwarded(h, conn.peer_ip.clone(), proto, original_host);
-    set_request_id(h, &ctx.id);
+    headers::set_forwarded(&mut set, conn.peer_ip.clone(), proto, original_host);
+    set.push(&names::REQUEST_ID, ctx.id.header());
     if let Some(v) = &route.name_header {
-        h.insert(&names::ROUTE, v.clone());
+        set.push(&names::ROUTE, v.clone());
     }
     // The token's device, when it names one, is the device; else the one
-    // the client certificate proves. (Never a client's: the strip list
-    // always holds every header set here.)
+    // the client certificate proves.
     let mut device_set = false;
     if let Some(a) = &ctx.auth {
         let t = &a.token.headers;
         if let Some(v) = &t.subject {
-            h.insert(&names::SUBJECT, v.clone());
+            set.push(&names::SUBJECT, v.clone());
         }
         if let Some(v) = &t.issuer {
-            h.insert(&names::ISSUER, v.clone());
+            set.push(&names::ISSUER, v.clone());
         }
         if let Some(v) = &t.device {
-            h.insert(&names::DEVICE, v.clone());
+            set.push(&names::DEVICE, v.clone());
             device_set = true;
         }
     }
     if let Some(b) = &ctx.binding {
-        h.insert(&names::BINDING, HeaderValue::from_static(b.kind.as_str()));
+        set.push(&names::BINDING, HeaderValue::from_static(b.kind.as_str()));
         if let Some(Ok(v)) = b.device.as_deref().map(HeaderValue::from_str) {
             if !device_set {
-                h.insert(&names::DEVICE, v.clone());
+                set.push(&names::DEVICE, v.clone());
             }
-            h.insert(&names::VERIFIED_DEVICE, v);
+            set.push(&names::VERIFIED_DEVICE, v);
         }
         if let Some(Ok(v)) = b
             .workload
             .as_ref()
             .map(|w| HeaderValue::from_str(&w.to_string()))
         {
-            h.insert(&names::WORKLOAD, v);
+            set.push(&names::WORKLOAD, v);
         }
     }
     if let Some(r) = &ctx.resolved {
@@ -1374,25 +1377,30 @@ fn prepare_upstream_request<B>(
                     crate::posture::model::lifecycle_name(d.lifecycle),
                 )
             });
-            h.insert(
+            set.push(
                 &names::DEVICE_COMPLIANCE,
                 HeaderValue::from_static(compliance),
             );
-            h.insert(
+            set.push(
                 &names::DEVICE_LIFECYCLE,
                 HeaderValue::from_static(lifecycle),
             );
         }
-        h.insert(&names::SNAPSHOT, snapshot_header(r.snapshot_version));
+        set.push(&names::SNAPSHOT, snapshot_header(r.snapshot_version));
     }
     if let Some(d) = &ctx.decision {
-        h.insert(
+        set.push(
             &names::DECISION,
             HeaderValue::from_static(d.action.as_str()),
         );
     }
     assertion::apply(rt.assertion.as_deref(), ctx, route, h)?;
-    Ok(upgrade)
+    if !route.identity.headers.is_empty() {
+        // A route's own identity header may bear a name set above: its
+        // line replaces the proxy's.
+        set.yield_to(h);
+    }
+    Ok((upgrade, set))
 }
 
 thread_local! {

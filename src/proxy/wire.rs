@@ -115,14 +115,16 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
 
     /// Sends a request head (no body) and reads the final answer's head.
     /// `target` is the origin-form request target; `headers` go as they
-    /// are (a header value never holds CR or LF).
+    /// are (a header value never holds CR or LF), then `set`, the lines
+    /// the proxy adds (names `headers` does not hold).
     pub async fn exchange(
         &mut self,
         method: &Method,
         target: &str,
         headers: &HeaderMap,
+        set: &[(&HeaderName, HeaderValue)],
     ) -> Result<Head, WireError> {
-        encode_head(&mut self.out, method, target, headers);
+        encode_head(&mut self.out, method, target, headers, set);
         let written = async {
             self.io.write_all(&self.out).await?;
             self.io.flush().await
@@ -206,15 +208,22 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
     }
 }
 
-/// Writes `method target HTTP/1.1`, the headers and the blank line.
-fn encode_head(out: &mut Vec<u8>, method: &Method, target: &str, headers: &HeaderMap) {
+/// Writes `method target HTTP/1.1`, the headers, the set lines and the
+/// blank line.
+fn encode_head(
+    out: &mut Vec<u8>,
+    method: &Method,
+    target: &str,
+    headers: &HeaderMap,
+    set: &[(&HeaderName, HeaderValue)],
+) {
     out.clear();
-    out.reserve(32 + target.len() + headers.len() * 48);
+    out.reserve(32 + target.len() + (headers.len() + set.len()) * 48);
     out.extend_from_slice(method.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in headers {
+    for (name, value) in headers.iter().chain(set.iter().map(|(n, v)| (*n, v))) {
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
@@ -723,7 +732,7 @@ mod tests {
         let mut conn = Conn::new(near);
         let mut headers = HeaderMap::new();
         headers.insert(header::HOST, HeaderValue::from_static("up"));
-        let head = conn.exchange(&method, "/p?q=1", &headers).await;
+        let head = conn.exchange(&method, "/p?q=1", &headers, &[]).await;
         upstream
             .await
             .map_err(|e| WireError::Io(io::Error::other(e)))?
@@ -760,10 +769,30 @@ mod tests {
         h.insert(header::HOST, HeaderValue::from_static("up:8080"));
         h.append("x-a", HeaderValue::from_static("1"));
         h.append("x-a", HeaderValue::from_static("2"));
-        encode_head(&mut out, &Method::GET, "/a?b=c", &h);
+        encode_head(&mut out, &Method::GET, "/a?b=c", &h, &[]);
         assert_eq!(
             out,
             b"GET /a?b=c HTTP/1.1\r\nhost: up:8080\r\nx-a: 1\r\nx-a: 2\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn the_set_lines_follow_the_request_headers_in_their_order() {
+        let mut out = Vec::new();
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("up"));
+        let (s, d) = (
+            HeaderName::from_static("x-s"),
+            HeaderName::from_static("x-d"),
+        );
+        let set = [
+            (&s, HeaderValue::from_static("alice")),
+            (&d, HeaderValue::from_static("dev-1")),
+        ];
+        encode_head(&mut out, &Method::HEAD, "/", &h, &set);
+        assert_eq!(
+            out,
+            b"HEAD / HTTP/1.1\r\nhost: up\r\nx-s: alice\r\nx-d: dev-1\r\n\r\n"
         );
     }
 
@@ -1015,7 +1044,7 @@ mod tests {
             far
         });
         let head = conn
-            .exchange(&Method::GET, "/", &HeaderMap::new())
+            .exchange(&Method::GET, "/", &HeaderMap::new(), &[])
             .await
             .unwrap();
         let (mut body, back) = conn.body(&head);
