@@ -1269,12 +1269,11 @@ fn warm_late(ctx: &RequestCtx) {
     std::hint::black_box(w);
 }
 
-/// Rewrites the request for the upstream: URI, identity headers out,
-/// forwarding and verified-identity headers in, version for the pool.
-/// Phase 6's rewrite of the client's request for the upstream: its URI,
-/// hop-by-hop and identity headers out, the proxy's forwarding and identity
-/// headers in. Returns the protocol of an HTTP/1.1 `Upgrade` (WebSocket),
-/// read before the hop-by-hop headers go.
+/// Phase 6's rewrite of the client's request for the upstream: its URI and
+/// version for the pool, hop-by-hop and identity headers out. Returns the
+/// protocol of an HTTP/1.1 `Upgrade` (WebSocket), read before the
+/// hop-by-hop headers go, and the proxy's forwarding and identity lines,
+/// which the pool writes beside the map ([`client::SetHeaders`]).
 fn prepare_upstream_request<B>(
     rt: &Runtime,
     ctx: &RequestCtx,
