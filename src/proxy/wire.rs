@@ -325,10 +325,11 @@ fn finish_head(
     let coded = headers.contains_key(header::TRANSFER_ENCODING);
     // A coding list is tokens: one with other bytes is no framing anyone
     // agrees on (hyper would read it as "not chunked").
-    if headers
-        .get_all(header::TRANSFER_ENCODING)
-        .iter()
-        .any(|v| v.to_str().is_err())
+    if coded
+        && headers
+            .get_all(header::TRANSFER_ENCODING)
+            .iter()
+            .any(|v| v.to_str().is_err())
     {
         return Err(WireError::Malformed("invalid transfer-encoding"));
     }
@@ -349,16 +350,13 @@ fn finish_head(
             } else {
                 Framing::Close
             }
-        } else if headers.contains_key(header::CONTENT_LENGTH) {
-            let n =
-                content_length(&headers).ok_or(WireError::Malformed("invalid content-length"))?;
-            if n == 0 {
-                Framing::Empty
-            } else {
-                Framing::Length(n)
-            }
         } else {
-            Framing::Close
+            match content_length(&headers) {
+                Length::Absent => Framing::Close,
+                Length::Invalid => return Err(WireError::Malformed("invalid content-length")),
+                Length::Is(0) => Framing::Empty,
+                Length::Is(n) => Framing::Length(n),
+            }
         };
     if framing == Framing::Close {
         keep_alive = false;
@@ -383,29 +381,39 @@ fn chunked_is_last(headers: &HeaderMap) -> bool {
         .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"))
 }
 
-/// The one length every `Content-Length` line (and list item) agrees on.
-fn content_length(headers: &HeaderMap) -> Option<u64> {
+/// What the `Content-Length` lines say.
+enum Length {
+    /// There is none.
+    Absent,
+    /// Not one length every line and list item agrees on.
+    Invalid,
+    /// The one length they all give.
+    Is(u64),
+}
+
+/// The one length every `Content-Length` line (and list item) agrees on
+/// (one lookup: the answer's lines are read once).
+fn content_length(headers: &HeaderMap) -> Length {
     let mut found = None;
     for v in headers.get_all(header::CONTENT_LENGTH) {
         for item in v.as_bytes().split(|b| *b == b',') {
             let digits = item.trim_ascii();
             if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
-                return None;
+                return Length::Invalid;
             }
-            let n = digits.iter().try_fold(0u64, |n, d| {
+            let Some(n) = digits.iter().try_fold(0u64, |n, d| {
                 n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
-            })?;
+            }) else {
+                return Length::Invalid;
+            };
             // hyper keeps the top two values for itself and refuses them.
-            if n > u64::MAX - 2 {
-                return None;
-            }
-            if found.is_some_and(|f| f != n) {
-                return None;
+            if n > u64::MAX - 2 || found.is_some_and(|f| f != n) {
+                return Length::Invalid;
             }
             found = Some(n);
         }
     }
-    found
+    found.map_or(Length::Absent, Length::Is)
 }
 
 /// An answer's body, read from its connection as it is polled.
