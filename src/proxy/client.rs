@@ -34,7 +34,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderValue};
 use http::uri::{Authority, Scheme};
 use http::{Request, Response, StatusCode, Uri};
 use http_body_util::combinators::UnsyncBoxBody;
@@ -43,6 +43,7 @@ use hyper::client::conn::http1::SendRequest;
 use hyper_util::client::legacy::connect::HttpConnector;
 use tower::Service;
 
+use super::headers::SetHeaders;
 use super::wire::{self, WireError};
 use crate::config::UpstreamConfig;
 use crate::telemetry::ReasonLabel;
@@ -360,14 +361,14 @@ impl Pool {
             }
         };
         let head = match conn
-            .exchange(&parts.method, target, &parts.headers, &set.0)
+            .exchange(&parts.method, target, &parts.headers, set.lines())
             .await
         {
             Ok(head) => head,
             Err(WireError::Unanswered(_)) if reused => {
                 self.count_opened(|o| &o.closed);
                 conn = Box::pin(self.connect_wire(scheme, authority)).await?;
-                conn.exchange(&parts.method, target, &parts.headers, &set.0)
+                conn.exchange(&parts.method, target, &parts.headers, set.lines())
                     .await
                     .map_err(UpstreamError::Wire)?
             }
@@ -617,47 +618,6 @@ fn host_header(scheme: &Scheme, authority: &Authority) -> HeaderValue {
         _ => authority.host().to_owned(),
     };
     HeaderValue::from_str(&text).unwrap_or_else(|_| HeaderValue::from_static(""))
-}
-
-/// The header lines the proxy sets on one upstream request, kept beside
-/// the request's map instead of inserted into it: each insert hashed its
-/// (long, custom) name and probed the map, about 300 instructions a line
-/// for 13 lines a request, for a map the pool's own leg only walks once to
-/// write it. Every name pushed here is one the client's headers were
-/// stripped of ([`crate::config::PROXY_SET_HEADERS`]), so a name is never
-/// both in the map and here.
-#[derive(Debug, Default)]
-pub struct SetHeaders(Vec<(&'static HeaderName, HeaderValue)>);
-
-impl SetHeaders {
-    /// Room for `n` lines.
-    pub fn with_capacity(n: usize) -> Self {
-        Self(Vec::with_capacity(n))
-    }
-
-    /// Adds the line `name: value`. The caller sets each name once.
-    pub fn push(&mut self, name: &'static HeaderName, value: HeaderValue) {
-        self.0.push((name, value));
-    }
-
-    /// Drops the lines whose names `map` holds: a route's own identity
-    /// header of the same name replaces the proxy's line, as an insert
-    /// after it did.
-    pub fn yield_to(&mut self, map: &HeaderMap) {
-        self.0.retain(|(n, _)| !map.contains_key(*n));
-    }
-
-    /// The lines, in the order set.
-    pub fn lines(&self) -> &[(&'static HeaderName, HeaderValue)] {
-        &self.0
-    }
-
-    /// Moves the lines into `map` (hyper's leg writes the map).
-    pub fn into_map(self, map: &mut HeaderMap) {
-        for (n, v) in self.0 {
-            map.insert(n, v);
-        }
-    }
 }
 
 /// Whether the pool exchanges `req` itself ([`wire`]): a `GET` or `HEAD`

@@ -788,7 +788,7 @@ impl Proxy {
         ctx: &RequestCtx,
         route: &Route,
         mut req: Request<Incoming>,
-        (upgrade, set): (Option<HeaderValue>, client::SetHeaders),
+        (upgrade, set): (Option<HeaderValue>, headers::SetHeaders),
         conn: &ConnInfo,
     ) -> Result<Response<ProxyBody>, Denial> {
         let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
@@ -1273,14 +1273,14 @@ fn warm_late(ctx: &RequestCtx) {
 /// version for the pool, hop-by-hop and identity headers out. Returns the
 /// protocol of an HTTP/1.1 `Upgrade` (WebSocket), read before the
 /// hop-by-hop headers go, and the proxy's forwarding and identity lines,
-/// which the pool writes beside the map ([`client::SetHeaders`]).
+/// which the pool writes beside the map ([`headers::SetHeaders`]).
 fn prepare_upstream_request<B>(
     rt: &Runtime,
     ctx: &RequestCtx,
     route: &Route,
     req: &mut Request<B>,
     conn: &ConnInfo,
-) -> Result<(Option<HeaderValue>, client::SetHeaders), Denial> {
+) -> Result<(Option<HeaderValue>, headers::SetHeaders), Denial> {
     let upgrade =
         headers::upgrade_protocol(req.headers()).filter(|_| req.version() == Version::HTTP_11);
     // The host the client asked for, as a header value before the URI and
@@ -1326,10 +1326,10 @@ fn prepare_upstream_request<B>(
         h.remove(header::AUTHORIZATION);
         h.remove(&names::DPOP);
     }
-    // The lines set below go beside the map (see `client::SetHeaders`):
+    // The lines set below go beside the map (see `headers::SetHeaders`):
     // the strip list always holds every one of these names, so the
     // client's are gone and none is there twice.
-    let mut set = client::SetHeaders::with_capacity(16);
+    let mut set = headers::SetHeaders::with_capacity(16);
     let proto = if conn.tls.is_some() { "https" } else { "http" };
     headers::set_forwarded(&mut set, conn.peer_ip.clone(), proto, original_host);
     set.push(&names::REQUEST_ID, ctx.id.header());
