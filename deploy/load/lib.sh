@@ -41,3 +41,32 @@ h2load_phase() {   # h2load --log-file, period in µs[, start in µs since the e
     awk -v p="$2" -v from="${3:-0}" '$1 >= from { c[int(($1 % p) * 10 / p)]++; n++ }
         END { m = 0; for (i in c) if (c[i] > m) m = c[i]; printf "%.0f", n ? m * 100 / n : 0 }' "$1"
 }
+
+split_table() {   # bpftrace output of split.bt, name of side 0, name of side 1 -> one
+                  # line per (part, side): count and percentiles from its 10-us buckets
+    awk -v a="$2" -v b="$3" '
+        /^@[a-z_]+\[[01]\]:/ {
+            split(substr($1, 2), f, /[][]/); key = f[1] SUBSEP f[2]
+            if (!(key in seen)) { seen[key] = 1; keys[++nk] = key }
+            next
+        }
+        /^\[[0-9]+, / && nk {
+            lo = $1; gsub(/[^0-9]/, "", lo); n = $3 + 0
+            c[key, ++m[key]] = lo; w[key, m[key]] = n; tot[key] += n
+        }
+        END {
+            order = "c_pick req_proc u_svc u_pick resp_proc c_total"
+            np = split(order, parts, " ")
+            printf "  %-10s %-11s %9s %6s %6s %6s %6s %7s   (us; 10-us buckets, lower edges)\n", "part", "side", "count", "p50", "p90", "p99", "p99.9", "mean"
+            for (i = 1; i <= np; i++) for (s = 0; s <= 1; s++) {
+                key = parts[i] SUBSEP s
+                if (!(key in tot) || tot[key] == 0) continue
+                split("0.5 0.9 0.99 0.999", qs, " "); acc = 0; j = 1; sum = 0
+                for (k = 1; k <= m[key]; k++) {
+                    acc += w[key, k]; sum += (c[key, k] + 5) * w[key, k]
+                    while (j <= 4 && acc >= qs[j] * tot[key]) { q[j] = c[key, k]; j++ }
+                }
+                printf "  %-10s %-11s %9d %6d %6d %6d %6d %7.1f\n", parts[i], (s ? b : a), tot[key], q[1], q[2], q[3], q[4], sum / tot[key]
+            }
+        }' "$1"
+}

@@ -16,6 +16,14 @@
 # in a round lands on both, and their p99s can be compared round by round
 # (sequential rounds on this kind of VM differ by more than the two do).
 #
+# SPLIT=1 (root, bpftrace) also traces the sockets of both sides over the
+# measured rounds (split.bt) and prints, per side, where a request's time
+# went: waiting to be read, the proxy's work before the upstream, the
+# upstream's answer, waiting to be read again, the work after, and the
+# whole. The probes slow every traced call by about a microsecond, alike
+# for both sides: read the split side by side, and the rounds' CPU and p99
+# as traced ones.
+#
 # DIR is a scratch directory the load script kept: its portcullis config,
 # store (the seeded devices), certificates, tokens and upstream nginx are
 # reused; each build gets a copy of the portcullis directory (default
@@ -39,7 +47,7 @@ ROUNDS=${6:-8}
 
 die() { printf '[pair] FAIL: %s\n' "$*" >&2; exit 1; }
 # shellcheck source=deploy/load/lib.sh
-source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"   # cpu_ticks, to_ms, h2load_percentiles
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"   # cpu_ticks, to_ms, h2load_percentiles, split_table
 [[ -f $S/portcullis/portcullis.toml && -f $S/upstream/nginx.conf && -s $S/tokens.txt ]] \
     || die "$S is not a scratch directory kept by deploy/load/run.sh"
 side_bin() { if [[ $1 == A ]]; then echo "$BIN_A"; else echo "$BIN_B"; fi; }
@@ -56,6 +64,12 @@ CONNS=${CONNS:-25}
 [[ $SECS =~ ^[0-9]+$ && $ROUNDS =~ ^[0-9]+$ ]] && (( SECS > 0 && ROUNDS > 0 )) \
     || die "SECONDS and ROUNDS must be positive integers"
 for t in nginx wrk h2load curl; do command -v "$t" >/dev/null || die "$t not found"; done
+SPLIT=${SPLIT:-0}
+[[ $SPLIT =~ ^[01]$ ]] || die "SPLIT is 0 or 1 (got '$SPLIT')"
+if [[ $SPLIT == 1 ]]; then
+    command -v bpftrace >/dev/null || die "SPLIT=1 needs bpftrace (Debian: apt-get install bpftrace)"
+    [[ $(id -u) == 0 ]] || die "SPLIT=1 needs root (bpftrace)"
+fi
 
 W=$(mktemp -d /tmp/portcullis-pair.XXXXXX)
 PIDS=()
@@ -164,6 +178,20 @@ procs() {   # the processes whose CPU counts for side $1: nginx's master and its
         echo "${PID[$1]}"
     fi
 }
+if [[ $SPLIT == 1 ]]; then
+    UP_PORT=$(sed -n 's/^ *listen 127\.0\.0\.1:\([0-9]*\).*/\1/p' "$S/upstream/nginx.conf" | head -n 1)
+    [[ -n $UP_PORT ]] || die "no upstream port in $S/upstream/nginx.conf"
+    bpftrace "$(dirname "${BASH_SOURCE[0]}")/split.bt" "${PORT[A]}" "${PORT[B]}" "$UP_PORT" \
+        > "$W/split.txt" 2> "$W/split.err" &
+    BT=$!
+    PIDS+=("$BT")
+    n=0
+    until grep -q '^Attaching' "$W/split.txt" 2>/dev/null; do
+        kill -0 "$BT" 2>/dev/null || die "bpftrace exited: $(grep -v RLIMIT_MEMLOCK "$W/split.err" | head -n 3)"
+        (( n++ < 300 )) || die "bpftrace did not attach within 30 s"
+        sleep 0.1
+    done
+fi
 for r in $(seq 1 "$ROUNDS"); do
     # shellcheck disable=SC2046 # one pid per word
     a0=$(cpu_ticks $(procs A)); b0=$(cpu_ticks $(procs B))
@@ -181,3 +209,9 @@ for r in $(seq 1 "$ROUNDS"); do
         printf "round %d: A %d req %.1f CPU-us/req p99 %s ms | B %d req %.1f CPU-us/req p99 %s ms | B/A %.3f\n", r, na, ca, pa, nb, cb, pb, cb / ca
     }'
 done
+if [[ $SPLIT == 1 ]]; then
+    kill -INT "$BT"
+    wait "$BT" 2>/dev/null || true
+    echo "split over the measured rounds (split.bt; side A = $BIN_A, B = $BIN_B):"
+    split_table "$W/split.txt" A B
+fi
