@@ -277,56 +277,62 @@ impl Pool {
     ///
     /// `set` are the lines the proxy adds: the pool's own leg writes them
     /// after the request's headers, hyper's leg gets them in the map.
-    pub async fn request(
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "an async block keeps each argument once; an async fn, twice (see `Proxy::handle`)"
+    )]
+    pub fn request(
         &self,
         mut req: Request<ProxyBody>,
         set: SetHeaders,
-    ) -> Result<Response<UpstreamBody>, UpstreamError> {
-        let (scheme, authority) = match (req.uri().scheme(), req.uri().authority()) {
-            (Some(s), Some(a)) => (s.clone(), a.clone()),
-            _ => return Err(UpstreamError::NotAbsolute),
-        };
-        if wire_eligible(&req) {
-            return self.request_wire(req, &set, &scheme, &authority).await;
-        }
-        set.into_map(req.headers_mut());
-        let (host, host_header, idle, busy) = self.checkout(&scheme, &authority);
-        // The upstream's own `Host`, replacing the client's (one lookup).
-        req.headers_mut().insert(header::HOST, host_header);
-        // Origin form on the wire; the authority is in `Host`.
-        let target = Uri::from(
-            req.uri()
-                .path_and_query()
-                .cloned()
-                .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
-        );
-        *req.uri_mut() = target;
-
-        match idle {
-            Some(mut sender) => {
-                // Ready (checked at checkout); `ready` only registers nothing.
-                if sender.ready().await.is_ok() {
-                    match sender.try_send_request(req).await {
-                        Ok(resp) => return Ok(self.wrap(host, sender, resp)),
-                        Err(mut e) => match e.take_message() {
-                            // Never written: the upstream had closed the
-                            // connection. Retried once on a new one below.
-                            Some(back) => req = back,
-                            None => return Err(UpstreamError::Http(e.into_error())),
-                        },
-                    }
-                }
-                self.count_opened(|o| &o.closed);
+    ) -> impl Future<Output = Result<Response<UpstreamBody>, UpstreamError>> {
+        async move {
+            let (scheme, authority) = match (req.uri().scheme(), req.uri().authority()) {
+                (Some(s), Some(a)) => (s.clone(), a.clone()),
+                _ => return Err(UpstreamError::NotAbsolute),
+            };
+            if wire_eligible(&req) {
+                return self.request_wire(req, &set, &scheme, &authority).await;
             }
-            None if busy => self.count_opened(|o| &o.all_busy),
-            None => self.count_opened(|o| &o.none_idle),
-        }
-        // Boxed: connecting is rare, and its state would otherwise be part
-        // of every request's future.
-        let mut sender = Box::pin(self.connect(&scheme, &authority)).await?;
-        match sender.send_request(req).await {
-            Ok(resp) => Ok(self.wrap(host, sender, resp)),
-            Err(e) => Err(UpstreamError::Http(e)),
+            set.into_map(req.headers_mut());
+            let (host, host_header, idle, busy) = self.checkout(&scheme, &authority);
+            // The upstream's own `Host`, replacing the client's (one lookup).
+            req.headers_mut().insert(header::HOST, host_header);
+            // Origin form on the wire; the authority is in `Host`.
+            let target = Uri::from(
+                req.uri()
+                    .path_and_query()
+                    .cloned()
+                    .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+            );
+            *req.uri_mut() = target;
+
+            match idle {
+                Some(mut sender) => {
+                    // Ready (checked at checkout); `ready` only registers nothing.
+                    if sender.ready().await.is_ok() {
+                        match sender.try_send_request(req).await {
+                            Ok(resp) => return Ok(self.wrap(host, sender, resp)),
+                            Err(mut e) => match e.take_message() {
+                                // Never written: the upstream had closed the
+                                // connection. Retried once on a new one below.
+                                Some(back) => req = back,
+                                None => return Err(UpstreamError::Http(e.into_error())),
+                            },
+                        }
+                    }
+                    self.count_opened(|o| &o.closed);
+                }
+                None if busy => self.count_opened(|o| &o.all_busy),
+                None => self.count_opened(|o| &o.none_idle),
+            }
+            // Boxed: connecting is rare, and its state would otherwise be part
+            // of every request's future.
+            let mut sender = Box::pin(self.connect(&scheme, &authority)).await?;
+            match sender.send_request(req).await {
+                Ok(resp) => Ok(self.wrap(host, sender, resp)),
+                Err(e) => Err(UpstreamError::Http(e)),
+            }
         }
     }
 
@@ -339,59 +345,65 @@ impl Pool {
     /// idempotent and has no body, so it is sent once more (RFC 9110
     /// §9.2.2), as nginx's default `proxy_next_upstream error` does;
     /// hyper's leg retries only a request it never wrote.
-    async fn request_wire(
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "an async block keeps each argument once; an async fn, twice (see `Proxy::handle`)"
+    )]
+    fn request_wire(
         &self,
         req: Request<ProxyBody>,
         set: &SetHeaders,
         scheme: &Scheme,
         authority: &Authority,
-    ) -> Result<Response<UpstreamBody>, UpstreamError> {
-        let (host, host_header, idle, stale) = self.checkout_wire(scheme, authority);
-        let (mut parts, _) = req.into_parts();
-        // The upstream's own `Host`, replacing the client's (one lookup).
-        parts.headers.insert(header::HOST, host_header);
-        // Origin form on the wire; the authority is in `Host`.
-        let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        let reused = idle.is_some();
-        let mut conn = match idle {
-            Some(c) => c,
-            None => {
-                self.count_opened(|o| if stale { &o.closed } else { &o.none_idle });
-                Box::pin(self.connect_wire(scheme, authority)).await?
+    ) -> impl Future<Output = Result<Response<UpstreamBody>, UpstreamError>> {
+        async move {
+            let (host, host_header, idle, stale) = self.checkout_wire(scheme, authority);
+            let (mut parts, _) = req.into_parts();
+            // The upstream's own `Host`, replacing the client's (one lookup).
+            parts.headers.insert(header::HOST, host_header);
+            // Origin form on the wire; the authority is in `Host`.
+            let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+            let reused = idle.is_some();
+            let mut conn = match idle {
+                Some(c) => c,
+                None => {
+                    self.count_opened(|o| if stale { &o.closed } else { &o.none_idle });
+                    Box::pin(self.connect_wire(scheme, authority)).await?
+                }
+            };
+            let head = match conn
+                .exchange(&parts.method, target, &parts.headers, set.lines())
+                .await
+            {
+                Ok(head) => head,
+                Err(WireError::Unanswered(_)) if reused => {
+                    self.count_opened(|o| &o.closed);
+                    conn = Box::pin(self.connect_wire(scheme, authority)).await?;
+                    conn.exchange(&parts.method, target, &parts.headers, set.lines())
+                        .await
+                        .map_err(UpstreamError::Wire)?
+                }
+                Err(e) => return Err(UpstreamError::Wire(e)),
+            };
+            let (body, back) = conn.body(&head);
+            let body = UpstreamBody {
+                inner: Inner::Wire {
+                    body,
+                    back: back.is_none().then(|| (Arc::downgrade(&self.inner), host)),
+                },
+            };
+            if let Some(conn) = back {
+                self.checkin_wire(host, conn);
             }
-        };
-        let head = match conn
-            .exchange(&parts.method, target, &parts.headers, set.lines())
-            .await
-        {
-            Ok(head) => head,
-            Err(WireError::Unanswered(_)) if reused => {
-                self.count_opened(|o| &o.closed);
-                conn = Box::pin(self.connect_wire(scheme, authority)).await?;
-                conn.exchange(&parts.method, target, &parts.headers, set.lines())
-                    .await
-                    .map_err(UpstreamError::Wire)?
+            let mut resp = Response::new(body);
+            *resp.status_mut() = head.status;
+            *resp.version_mut() = head.version;
+            *resp.headers_mut() = head.headers;
+            if let Some(reason) = head.reason {
+                resp.extensions_mut().insert(reason);
             }
-            Err(e) => return Err(UpstreamError::Wire(e)),
-        };
-        let (body, back) = conn.body(&head);
-        let body = UpstreamBody {
-            inner: Inner::Wire {
-                body,
-                back: back.is_none().then(|| (Arc::downgrade(&self.inner), host)),
-            },
-        };
-        if let Some(conn) = back {
-            self.checkin_wire(host, conn);
+            Ok(resp)
         }
-        let mut resp = Response::new(body);
-        *resp.status_mut() = head.status;
-        *resp.version_mut() = head.version;
-        *resp.headers_mut() = head.headers;
-        if let Some(reason) = head.reason {
-            resp.extensions_mut().insert(reason);
-        }
-        Ok(resp)
     }
 
     /// Closes idle connections unused for longer than the idle timeout,

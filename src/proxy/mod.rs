@@ -240,171 +240,195 @@ impl Proxy {
 
     /// Handles one request through every phase; never fails (refusals become
     /// responses).
-    pub async fn handle(&self, req: Request<Incoming>, conn: &ConnInfo) -> Response<ProxyBody> {
-        let rt = self.runtime.load_full();
-        rt.auth.warm(req.headers().get(header::AUTHORIZATION));
-        let access_line = tracing::enabled!(target: "portcullis::access", tracing::Level::INFO);
-        let mut ctx = RequestCtx {
-            id: self.ids.next_request_id(),
-            started: access_line.then(Instant::now),
-            route: None,
-            auth: None,
-            resolved: None,
-            binding: None,
-            decision: None,
-            audience: rescue::Audience::Api,
-            session: None,
-            trace: rt
-                .tracing
-                .as_ref()
-                .map(|t| t.start(&req, conn.peer, conn.tls.is_some())),
-        };
-        let method = req.method().clone();
-        // The path is kept only for the access line, when it is written.
-        let path = access_line.then(|| req.uri().path().to_owned());
-        // The assertion's JWKS is the proxy's own document: answered before routing.
-        let jwks = assertion::serve_jwks(rt.assertion.as_deref(), &req);
-        let mut refused: Option<&'static str> = None;
-        let resp = match jwks {
-            Some(r) => r,
-            None => match self.pipeline(&rt, &mut ctx, req, conn).await {
-                Ok(r) => r,
-                Err(d) => {
-                    refused = Some(match d.action() {
-                        // A refusal that is not a decision (upstream failure, bad framing).
-                        "allow" => "error",
-                        a => a,
-                    });
-                    self.metrics
-                        .decisions
-                        .get_or_create(&ActionLabel {
-                            action: d.action(),
-                            reason: d.code(),
-                        })
-                        .inc();
-                    if d.origin() != rescue::Origin::Downstream {
-                        tracing::warn!(request_id = %ctx.id, origin = ?d.origin(), error = %d, "request failed");
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "an async block keeps each argument once; an async fn, twice (see `Proxy::handle`)"
+    )]
+    pub fn handle(
+        &self,
+        req: Request<Incoming>,
+        conn: &ConnInfo,
+    ) -> impl Future<Output = Response<ProxyBody>> {
+        // An `async` block, not an `async fn`: an async fn's future keeps
+        // each argument twice (the argument and the body's local copy),
+        // and this future is boxed, and so copied whole, once a request.
+        async move {
+            let rt = self.runtime.load_full();
+            rt.auth.warm(req.headers().get(header::AUTHORIZATION));
+            let access_line = tracing::enabled!(target: "portcullis::access", tracing::Level::INFO);
+            let mut ctx = RequestCtx {
+                id: self.ids.next_request_id(),
+                started: access_line.then(Instant::now),
+                route: None,
+                auth: None,
+                resolved: None,
+                binding: None,
+                decision: None,
+                audience: rescue::Audience::Api,
+                session: None,
+                trace: rt
+                    .tracing
+                    .as_ref()
+                    .map(|t| t.start(&req, conn.peer, conn.tls.is_some())),
+            };
+            let method = req.method().clone();
+            // The path is kept only for the access line, when it is written.
+            let path = access_line.then(|| req.uri().path().to_owned());
+            // The assertion's JWKS is the proxy's own document: answered before routing.
+            let mut refused: Option<&'static str> = None;
+            // Matched on the call itself: a named local would keep its
+            // storage in this future across the pipeline's await.
+            let resp = match assertion::serve_jwks(rt.assertion.as_deref(), &req) {
+                Some(r) => r,
+                None => match self.pipeline(&rt, &mut ctx, req, conn).await {
+                    Ok(r) => r,
+                    Err(d) => {
+                        refused = Some(match d.action() {
+                            // A refusal that is not a decision (upstream failure, bad framing).
+                            "allow" => "error",
+                            a => a,
+                        });
+                        self.metrics
+                            .decisions
+                            .get_or_create(&ActionLabel {
+                                action: d.action(),
+                                reason: d.code(),
+                            })
+                            .inc();
+                        if d.origin() != rescue::Origin::Downstream {
+                            tracing::warn!(request_id = %ctx.id, origin = ?d.origin(), error = %d, "request failed");
+                        }
+                        let algs = if rt.binder.dpop.enabled() {
+                            rt.binder.dpop.algs()
+                        } else {
+                            ""
+                        };
+                        rescue::respond_to(&d, &ctx.id, algs, ctx.audience)
                     }
-                    let algs = if rt.binder.dpop.enabled() {
-                        rt.binder.dpop.algs()
-                    } else {
-                        ""
-                    };
-                    rescue::respond_to(&d, &ctx.id, algs, ctx.audience)
-                }
-            },
-        };
-        self.record(&ctx, &method, path.as_deref(), conn, resp.status());
-        self.remember(&ctx, refused);
-        if let Some(t) = ctx.trace.take() {
-            let decision = ctx.decision.as_ref().map(|d| d.action.as_str());
-            t.finish(
-                resp.status(),
-                ctx.route.as_deref().map(|r| r.name.as_str()),
-                decision,
-            );
+                },
+            };
+            self.record(&ctx, &method, path.as_deref(), conn, resp.status());
+            self.remember(&ctx, refused);
+            if let Some(t) = ctx.trace.take() {
+                let decision = ctx.decision.as_ref().map(|d| d.action.as_str());
+                t.finish(
+                    resp.status(),
+                    ctx.route.as_deref().map(|r| r.name.as_str()),
+                    decision,
+                );
+            }
+            resp
         }
-        resp
     }
 
-    async fn pipeline(
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "an async block keeps each argument once; an async fn, twice (see `Proxy::handle`)"
+    )]
+    fn pipeline(
         &self,
         rt: &Runtime,
         ctx: &mut RequestCtx,
         mut req: Request<Incoming>,
         conn: &ConnInfo,
-    ) -> Result<Response<ProxyBody>, Denial> {
-        // 0. admit
-        let admitted = admit::admit(&req)?;
-        // Proxy-owned paths of browser login (callback, logout, back-channel logout).
-        if let Some(b) = &rt.browser
-            && req.uri().path().starts_with(crate::session::paths::PREFIX)
-        {
-            return Box::pin(self.browser_endpoint(rt, ctx, b, req, conn)).await;
-        }
-        // 1. route
-        let t = ctx.clock();
-        let route = phase_route(rt, &req)?;
-        ctx.route = Some(route.clone());
-        if admitted.underscored {
-            headers::drop_underscored(
-                req.headers_mut(),
-                route.allow_underscore_headers,
-                rt.stripped.names(),
-                &ctx.id,
-            );
-        }
-        ctx.traced("route", t);
-        let mut dpop_used = false;
-        match route.auth {
-            AuthMode::Bearer => {
-                // 2. authenticate
-                let t = ctx.clock();
-                let (scheme, token, auth) = self.phase_authenticate(rt, &route, &req).await?;
-                ctx.traced("authenticate", t);
-                let t = ctx.clock();
-                // 3. bind (the subject stays in the context, and so in the
-                // access line, even when its binding is refused)
-                let binding = phase_bind(rt, &route, &req, conn, scheme, token, &auth);
-                ctx.auth = Some(auth);
-                let binding = binding?;
-                ctx.traced("bind", t);
-                dpop_used = scheme == Scheme::Dpop;
-                if let (Some(key), Some(cluster)) =
-                    (&binding.dpop_replay_key, self.posture.cluster())
-                {
-                    Box::pin(phase_bind_cluster(cluster, key)).await?;
-                    ctx.refresh_clock();
-                }
-                // 4. resolve on the device the binding proved (a certificate)
-                // or else the one the token names; the lifecycle baseline runs
-                // here only when no policy set owns it.
-                let engine = self.policy.load();
-                if let (Some(c), Some(a)) = (self.posture.cluster(), &ctx.auth)
-                    && c.is_lazy()
-                    && let Some(d) = binding.device.as_deref().or(a.token.device.as_deref())
-                {
-                    Box::pin(c.fill_device(d)).await;
-                    ctx.refresh_clock();
-                }
-                let t = ctx.clock();
-                let resolved = match &ctx.auth {
-                    Some(a) => self.phase_resolve(a, binding.device.as_deref(), engine.is_none()),
-                    None => Err(Denial::Internal),
-                };
-                ctx.binding = Some(binding);
-                ctx.resolved = Some(resolved?);
-                ctx.traced("resolve", t);
-                // 5. decide
-                if let Some(engine) = engine {
+    ) -> impl Future<Output = Result<Response<ProxyBody>, Denial>> {
+        async move {
+            // 0. admit
+            let admitted = admit::admit(&req)?;
+            // Proxy-owned paths of browser login (callback, logout, back-channel logout).
+            if let Some(b) = &rt.browser
+                && req.uri().path().starts_with(crate::session::paths::PREFIX)
+            {
+                return Box::pin(self.browser_endpoint(rt, ctx, b, req, conn)).await;
+            }
+            // 1. route
+            let t = ctx.clock();
+            let route = phase_route(rt, &req)?;
+            ctx.route = Some(route.clone());
+            if admitted.underscored {
+                headers::drop_underscored(
+                    req.headers_mut(),
+                    route.allow_underscore_headers,
+                    rt.stripped.names(),
+                    &ctx.id,
+                );
+            }
+            ctx.traced("route", t);
+            let mut dpop_used = false;
+            match route.auth {
+                AuthMode::Bearer => {
+                    // 2. authenticate
                     let t = ctx.clock();
-                    self.phase_decide(&engine, ctx, &route, &req, conn).await?;
-                    ctx.traced("decide", t);
+                    let (scheme, token, auth) = self.phase_authenticate(rt, &route, &req).await?;
+                    ctx.traced("authenticate", t);
+                    let t = ctx.clock();
+                    // 3. bind (the subject stays in the context, and so in the
+                    // access line, even when its binding is refused)
+                    let binding = phase_bind(rt, &route, &req, conn, scheme, token, &auth);
+                    ctx.auth = Some(auth);
+                    let binding = binding?;
+                    ctx.traced("bind", t);
+                    dpop_used = scheme == Scheme::Dpop;
+                    if let (Some(key), Some(cluster)) =
+                        (&binding.dpop_replay_key, self.posture.cluster())
+                    {
+                        Box::pin(phase_bind_cluster(cluster, key)).await?;
+                        ctx.refresh_clock();
+                    }
+                    // 4. resolve on the device the binding proved (a certificate)
+                    // or else the one the token names; the lifecycle baseline runs
+                    // here only when no policy set owns it.
+                    let engine = self.policy.load();
+                    if let (Some(c), Some(a)) = (self.posture.cluster(), &ctx.auth)
+                        && c.is_lazy()
+                        && let Some(d) = binding.device.as_deref().or(a.token.device.as_deref())
+                    {
+                        Box::pin(c.fill_device(d)).await;
+                        ctx.refresh_clock();
+                    }
+                    let t = ctx.clock();
+                    let resolved = match &ctx.auth {
+                        Some(a) => {
+                            self.phase_resolve(a, binding.device.as_deref(), engine.is_none())
+                        }
+                        None => Err(Denial::Internal),
+                    };
+                    ctx.binding = Some(binding);
+                    ctx.resolved = Some(resolved?);
+                    ctx.traced("resolve", t);
+                    // 5. decide
+                    if let Some(engine) = engine {
+                        let t = ctx.clock();
+                        self.phase_decide(&engine, ctx, &route, &req, conn).await?;
+                        ctx.traced("decide", t);
+                    }
+                }
+                // 2–3. a workload certificate authenticates and binds at once
+                // (allow-listed per route by SPIFFE id).
+                AuthMode::Mtls => ctx.binding = Some(phase_workload(rt, &route, &req, conn)?),
+                // 2–5. a browser session (OIDC login), then resolve and decide
+                // exactly as for a bearer token.
+                AuthMode::Browser => {
+                    Box::pin(self.browser_phases(rt, ctx, &route, &req, conn)).await?
+                }
+                AuthMode::Public => {}
+            }
+            self.metrics
+                .count_forwarded(ctx.decision.as_ref().map_or("allow", |d| d.action.as_str()));
+            // 6. forward
+            let (upgrade, set) = prepare_upstream_request(rt, ctx, &route, &mut req, conn)?;
+            let mut resp = self
+                .phase_forward(rt, ctx, &route, req, (upgrade, set), conn)
+                .await?;
+            if dpop_used && rt.binder.dpop.nonce_required() {
+                // RFC 9449 §8.2: a fresh nonce for the client's next proof.
+                let nonce = rt.binder.dpop.fresh_nonce(crate::util::now_unix());
+                if let Ok(v) = HeaderValue::from_str(&nonce) {
+                    resp.headers_mut().insert("dpop-nonce", v);
                 }
             }
-            // 2–3. a workload certificate authenticates and binds at once
-            // (allow-listed per route by SPIFFE id).
-            AuthMode::Mtls => ctx.binding = Some(phase_workload(rt, &route, &req, conn)?),
-            // 2–5. a browser session (OIDC login), then resolve and decide
-            // exactly as for a bearer token.
-            AuthMode::Browser => Box::pin(self.browser_phases(rt, ctx, &route, &req, conn)).await?,
-            AuthMode::Public => {}
+            Ok(resp)
         }
-        self.metrics
-            .count_forwarded(ctx.decision.as_ref().map_or("allow", |d| d.action.as_str()));
-        // 6. forward
-        let (upgrade, set) = prepare_upstream_request(rt, ctx, &route, &mut req, conn)?;
-        let mut resp = self
-            .phase_forward(rt, ctx, &route, req, (upgrade, set), conn)
-            .await?;
-        if dpop_used && rt.binder.dpop.nonce_required() {
-            // RFC 9449 §8.2: a fresh nonce for the client's next proof.
-            let nonce = rt.binder.dpop.fresh_nonce(crate::util::now_unix());
-            if let Ok(v) = HeaderValue::from_str(&nonce) {
-                resp.headers_mut().insert("dpop-nonce", v);
-            }
-        }
-        Ok(resp)
     }
 
     /// Phase 2: reads the one `Authorization` header (`Bearer`, or `DPoP`
@@ -782,7 +806,11 @@ impl Proxy {
     /// responses that keep streaming are live connections: registered with
     /// the facts of this request, re-decided on change, cut when refused
     /// ([`live`]).
-    async fn phase_forward(
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "an async block keeps each argument once; an async fn, twice (see `Proxy::handle`)"
+    )]
+    fn phase_forward(
         &self,
         _rt: &Runtime,
         ctx: &RequestCtx,
@@ -790,119 +818,127 @@ impl Proxy {
         mut req: Request<Incoming>,
         (upgrade, set): (Option<HeaderValue>, headers::SetHeaders),
         conn: &ConnInfo,
-    ) -> Result<Response<ProxyBody>, Denial> {
-        let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
-        let limit = route.max_body_bytes;
-        if let Some(limit) = limit
-            && let Some(len) = content_length(&req)
-            && len > limit
-        {
-            return Err(Denial::BodyTooLarge { limit });
-        }
-        let (mut parts, body) = req.into_parts();
-        let method = parts.method.clone();
-        if let Some(proto) = &upgrade {
-            parts
-                .headers
-                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-            parts.headers.insert(header::UPGRADE, proto.clone());
-        }
-        // Body errors are tagged: a malformed chunk is the client's fault (400).
-        let body: ProxyBody = if hyper::body::Body::is_end_stream(&body) {
-            // No body (a GET, most requests): nothing to box.
-            drop(body);
-            client::empty_body()
-        } else {
-            let body = body.map_err(admit::ClientBodyError);
-            match limit {
-                Some(l) => Limited::new(Linger(Some(body)), l as usize).boxed_unsync(),
-                None => body
-                    .map_err(|e| Box::new(e) as client::BoxError)
-                    .boxed_unsync(),
+    ) -> impl Future<Output = Result<Response<ProxyBody>, Denial>> {
+        async move {
+            let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
+            let limit = route.max_body_bytes;
+            if let Some(limit) = limit
+                && let Some(len) = content_length(&req)
+                && len > limit
+            {
+                return Err(Denial::BodyTooLarge { limit });
             }
-        };
-        let span = ctx
-            .trace
-            .as_ref()
-            .map(|t| t.upstream(&parts.method, &parts.uri, &mut parts.headers));
-        let up_req = Request::from_parts(parts, body);
-        let started = Instant::now();
-        // `timeout_at` from the clock read just taken (`timeout` reads it again).
-        let result = tokio::time::timeout_at(
-            (started + route.timeout).into(),
-            rt_upstream(_rt).request(up_req, set),
-        )
-        .await;
-        if let Some(s) = span {
-            s.end(match &result {
-                Ok(Ok(r)) => Ok(r.status()),
-                Ok(Err(_)) => Err("upstream_error"),
-                Err(_) => Err("timeout"),
-            });
-        }
-        route
-            .metric_handles
-            .upstream
-            .get_or_init(|| {
-                self.metrics
-                    .upstream_seconds
-                    .get_or_create_owned(&RouteLabel {
-                        route: route.name.clone(),
-                    })
-            })
-            .observe(started.elapsed().as_secs_f64());
-        warm_late(ctx);
-        let mut resp = match result {
-            Err(_) => return Err(Denial::UpstreamTimeout),
-            Ok(Err(e)) => {
-                if is_body_limit(&e) {
-                    return Err(Denial::BodyTooLarge {
-                        limit: limit.unwrap_or(0),
-                    });
+            // Built in a block: the parts, the client's body and the span's
+            // bytes end before the await instead of taking room in this
+            // future for its whole life (the span is boxed: tracing is
+            // usually off, and then it is `None`).
+            let (up_req, method, span) = {
+                let (mut parts, body) = req.into_parts();
+                let method = parts.method.clone();
+                if let Some(proto) = &upgrade {
+                    parts
+                        .headers
+                        .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                    parts.headers.insert(header::UPGRADE, proto.clone());
                 }
-                if admit::is_client_body(&e) {
-                    return Err(Denial::Framing(admit::FramingError::Body));
-                }
-                tracing::debug!(request_id = %ctx.id, error = %e, "upstream request failed");
-                return Err(Denial::UpstreamUnavailable);
-            }
-            Ok(Ok(r)) => r,
-        };
-        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-            let Some(client_upgrade) = client_upgrade else {
-                return Err(Denial::UpstreamUnavailable);
+                // Body errors are tagged: a malformed chunk is the client's fault (400).
+                let body: ProxyBody = if hyper::body::Body::is_end_stream(&body) {
+                    // No body (a GET, most requests): nothing to box.
+                    drop(body);
+                    client::empty_body()
+                } else {
+                    let body = body.map_err(admit::ClientBodyError);
+                    match limit {
+                        Some(l) => Limited::new(Linger(Some(body)), l as usize).boxed_unsync(),
+                        None => body
+                            .map_err(|e| Box::new(e) as client::BoxError)
+                            .boxed_unsync(),
+                    }
+                };
+                let span = ctx
+                    .trace
+                    .as_ref()
+                    .map(|t| Box::new(t.upstream(&parts.method, &parts.uri, &mut parts.headers)));
+                (Request::from_parts(parts, body), method, span)
             };
-            let upstream_upgrade = hyper::upgrade::on(&mut resp);
-            let websocket = upgrade
-                .as_ref()
-                .is_some_and(|p| p.as_bytes().eq_ignore_ascii_case(b"websocket"));
-            let registration = live::Seed::new(ctx, &method, conn)
-                .map(|seed| self.live.register(seed, live::Kind::Upgrade));
-            tokio::spawn(live::tunnel(
-                client_upgrade,
-                upstream_upgrade,
-                websocket,
-                registration,
-                ctx.id.clone(),
-            ));
-            let (parts, _) = resp.into_parts();
-            let mut out = Response::from_parts(parts, client::empty_body());
-            set_request_id(out.headers_mut(), &ctx.id);
-            return Ok(out);
+            let started = Instant::now();
+            // `timeout_at` from the clock read just taken (`timeout` reads it again).
+            let result = tokio::time::timeout_at(
+                (started + route.timeout).into(),
+                rt_upstream(_rt).request(up_req, set),
+            )
+            .await;
+            if let Some(s) = span {
+                s.end(match &result {
+                    Ok(Ok(r)) => Ok(r.status()),
+                    Ok(Err(_)) => Err("upstream_error"),
+                    Err(_) => Err("timeout"),
+                });
+            }
+            route
+                .metric_handles
+                .upstream
+                .get_or_init(|| {
+                    self.metrics
+                        .upstream_seconds
+                        .get_or_create_owned(&RouteLabel {
+                            route: route.name.clone(),
+                        })
+                })
+                .observe(started.elapsed().as_secs_f64());
+            warm_late(ctx);
+            let mut resp = match result {
+                Err(_) => return Err(Denial::UpstreamTimeout),
+                Ok(Err(e)) => {
+                    if is_body_limit(&e) {
+                        return Err(Denial::BodyTooLarge {
+                            limit: limit.unwrap_or(0),
+                        });
+                    }
+                    if admit::is_client_body(&e) {
+                        return Err(Denial::Framing(admit::FramingError::Body));
+                    }
+                    tracing::debug!(request_id = %ctx.id, error = %e, "upstream request failed");
+                    return Err(Denial::UpstreamUnavailable);
+                }
+                Ok(Ok(r)) => r,
+            };
+            if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                let Some(client_upgrade) = client_upgrade else {
+                    return Err(Denial::UpstreamUnavailable);
+                };
+                let upstream_upgrade = hyper::upgrade::on(&mut resp);
+                let websocket = upgrade
+                    .as_ref()
+                    .is_some_and(|p| p.as_bytes().eq_ignore_ascii_case(b"websocket"));
+                let registration = live::Seed::new(ctx, &method, conn)
+                    .map(|seed| self.live.register(seed, live::Kind::Upgrade));
+                tokio::spawn(live::tunnel(
+                    client_upgrade,
+                    upstream_upgrade,
+                    websocket,
+                    registration,
+                    ctx.id.clone(),
+                ));
+                let (parts, _) = resp.into_parts();
+                let mut out = Response::from_parts(parts, client::empty_body());
+                set_request_id(out.headers_mut(), &ctx.id);
+                return Ok(out);
+            }
+            let (mut parts, body) = resp.into_parts();
+            headers::remove_hop_by_hop(&mut parts.headers);
+            set_request_id(&mut parts.headers, &ctx.id);
+            // A body already complete never streams; the others register only
+            // once they have nothing ready (see `live::LiveBody`).
+            let seed = (!hyper::body::Body::is_end_stream(&body))
+                .then(|| live::Seed::new(ctx, &method, conn))
+                .flatten();
+            let body = match seed {
+                Some(seed) => live::LiveBody::new(body, seed, self.live.clone()).boxed_unsync(),
+                None => body.boxed_unsync(),
+            };
+            Ok(Response::from_parts(parts, body))
         }
-        let (mut parts, body) = resp.into_parts();
-        headers::remove_hop_by_hop(&mut parts.headers);
-        set_request_id(&mut parts.headers, &ctx.id);
-        // A body already complete never streams; the others register only
-        // once they have nothing ready (see `live::LiveBody`).
-        let seed = (!hyper::body::Body::is_end_stream(&body))
-            .then(|| live::Seed::new(ctx, &method, conn))
-            .flatten();
-        let body = match seed {
-            Some(seed) => live::LiveBody::new(body, seed, self.live.clone()).boxed_unsync(),
-            None => body.boxed_unsync(),
-        };
-        Ok(Response::from_parts(parts, body))
     }
 
     /// Phase 7: remembers the decision for the access picture: the subject
