@@ -47,10 +47,9 @@ split_table() {   # bpftrace output of split.bt, name of side 0, name of side 1 
     awk -v a="$2" -v b="$3" '
         /^@[a-z_]+\[[01]\]:/ {
             split(substr($1, 2), f, /[][]/); key = f[1] SUBSEP f[2]
-            if (!(key in seen)) { seen[key] = 1; keys[++nk] = key }
             next
         }
-        /^\[[0-9]+, / && nk {
+        /^\[[0-9]+, / && key != "" {
             lo = $1; gsub(/[^0-9]/, "", lo); n = $3 + 0
             c[key, ++m[key]] = lo; w[key, m[key]] = n; tot[key] += n
         }

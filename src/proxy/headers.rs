@@ -187,7 +187,7 @@ pub fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
 /// write it. Every name pushed here is one the client's headers were
 /// stripped of ([`PROXY_SET`]), so a name is never both in the map and
 /// here.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct SetHeaders(Vec<(&'static HeaderName, HeaderValue)>);
 
 impl SetHeaders {

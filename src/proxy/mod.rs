@@ -242,7 +242,7 @@ impl Proxy {
     /// responses).
     #[expect(
         clippy::manual_async_fn,
-        reason = "an async block keeps each argument once; an async fn, twice (see `Proxy::handle`)"
+        reason = "an async block keeps each argument once; an async fn, twice (see below)"
     )]
     pub fn handle(
         &self,

@@ -277,7 +277,6 @@ fn parse_head(
             .filter(|r| Some(*r) != status.canonical_reason())
             .map(|r| Bytes::copy_from_slice(r.as_bytes()));
         let base = buf.as_ptr().addr();
-        let count = res.headers.len();
         for h in res.headers.iter() {
             let at = |s: &[u8]| u32::try_from(s.as_ptr().addr() - base).unwrap_or(u32::MAX);
             let (n, v) = (h.name.as_bytes(), h.value);
@@ -299,7 +298,7 @@ fn parse_head(
             }
             continue;
         }
-        let mut headers = HeaderMap::with_capacity(count);
+        let mut headers = HeaderMap::with_capacity(spans.len());
         for &(n0, n1, v0, v1) in &spans {
             let name = head
                 .get(n0 as usize..n1 as usize)
