@@ -20,17 +20,21 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 # Dependencies first, so a source-only change reuses the cached layer.
+# scripts/release-build.sh is the release build: cargo with the optimisation
+# profile in build/pgo (profile-guided; both layers use the same flags, so the
+# dependencies' layer is reused).
 COPY Cargo.toml Cargo.lock build.rs ./
 COPY build ./build
 COPY benches ./benches
+COPY scripts/release-build.sh ./scripts/
 RUN mkdir -p src \
  && echo 'fn main() {}' > src/main.rs \
  && touch src/lib.rs \
- && cargo build --release --locked --bin portcullis \
+ && scripts/release-build.sh \
  && rm -rf src
 COPY src ./src
 RUN touch src/main.rs src/lib.rs \
- && cargo build --release --locked --bin portcullis \
+ && scripts/release-build.sh \
  && install -D -m 0755 target/release/portcullis /out/portcullis \
  && install -d -m 0755 /out/state
 

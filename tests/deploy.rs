@@ -176,6 +176,66 @@ fn dockerfile_passes_hadolint() {
         "the runtime runs as non-root"
     );
     assert!(docker.contains("ENTRYPOINT [\"/usr/local/bin/portcullis\"]"));
+    assert!(
+        docker.contains("scripts/release-build.sh"),
+        "the image is the release build, with its optimisation profile"
+    );
+}
+
+/// The release build's optimisation profile (`build/pgo`, read by
+/// `scripts/release-build.sh`) is one this toolchain reads. rustc only warns
+/// on a profile it cannot read (bad data, a newer LLVM's format) and builds
+/// without it, so a broken profile would silently cost the release build its
+/// optimisation: here a crate built with it must compile without a word.
+#[test]
+fn release_profile_is_read_by_this_toolchain() {
+    let want: u32 = std::fs::read_to_string(root().join("build/pgo/llvm-major"))
+        .unwrap()
+        .trim()
+        .parse()
+        .expect("build/pgo/llvm-major holds LLVM's major version");
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let version = run(&rustc, &["-vV"], None);
+    assert!(version.status.success(), "{rustc} -vV failed");
+    let have: u32 = text(&version.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .and_then(|v| v.split('.').next())
+        .and_then(|m| m.parse().ok())
+        .expect("rustc -vV names its LLVM version");
+    assert!(
+        have >= want,
+        "the profile is LLVM {want}'s format; this rustc has LLVM {have}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let unpacked = run("gzip", &["-dc", "build/pgo/portcullis.profdata.gz"], None);
+    assert!(
+        unpacked.status.success() && !unpacked.stdout.is_empty(),
+        "gzip -dc build/pgo/portcullis.profdata.gz: {}",
+        text(&unpacked.stderr)
+    );
+    let profile = dir.path().join("portcullis.profdata");
+    std::fs::write(&profile, &unpacked.stdout).unwrap();
+    let src = dir.path().join("probe.rs");
+    std::fs::write(&src, "pub fn probe(x: u32) -> u32 { x.wrapping_mul(3) }\n").unwrap();
+    let out = run(
+        &rustc,
+        &[
+            "--crate-type=lib",
+            "-Copt-level=2",
+            &format!("-Cprofile-use={}", profile.display()),
+            "-Cllvm-args=-no-pgo-warn-mismatch",
+            "--out-dir",
+            &dir.path().display().to_string(),
+            &src.display().to_string(),
+        ],
+        None,
+    );
+    assert!(
+        out.status.success() && out.stderr.is_empty(),
+        "rustc with the profile: {}",
+        text(&out.stderr)
+    );
 }
 
 /// `systemd-analyze verify` on a copy whose ExecStart points at a binary

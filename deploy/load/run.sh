@@ -43,7 +43,9 @@
 #                      period: the latency measured is then the burst's,
 #                      set by start-up, not the proxy's; the note line's
 #                      "phase" shows how even the starts were)
-#   PORTCULLIS_BIN     prebuilt binary; default: cargo build --release into
+#   PORTCULLIS_BIN     prebuilt binary; default: the release build
+#                      (scripts/release-build.sh: cargo build --release with
+#                      the profile in build/pgo) into
 #                      ${CARGO_TARGET_DIR:-<repo>/target} and use release/portcullis
 #   PIN=0              1: pin every proxy's worker threads one per CPU, alike:
 #                      portcullis [listener] pin_workers, nginx
@@ -221,8 +223,8 @@ fi
 if [[ -n ${PORTCULLIS_BIN:-} ]]; then
     BIN=$PORTCULLIS_BIN
 else
-    log "building portcullis (cargo build --release)"
-    (cd "$REPO_ROOT" && cargo build --release --quiet --bin portcullis)
+    log "building portcullis (scripts/release-build.sh: the release build, with its optimisation profile)"
+    "$REPO_ROOT/scripts/release-build.sh" --quiet
     target_dir=${CARGO_TARGET_DIR:-target}
     [[ $target_dir = /* ]] || target_dir=$REPO_ROOT/$target_dir
     BIN=$target_dir/release/portcullis

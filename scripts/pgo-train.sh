@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Writes the release build's optimisation profile
+# (build/pgo/portcullis.profdata.gz and build/pgo/llvm-major), which
+# scripts/release-build.sh builds with. Run it after changes to the request
+# path and commit both files; a stale profile costs speed, never
+# correctness.
+#
+#   scripts/pgo-train.sh                   # about 15 minutes on 2 cores
+#
+# 1. builds an instrumented release binary (-Cprofile-generate) into
+#    ${CARGO_TARGET_DIR:-target}/pgo-generate;
+# 2. runs the load script (deploy/load/run.sh) against it once in every
+#    mode, one token and 10k tokens over HTTP/1.1, h2, and a fixed rate
+#    (nginx as the peer the script requires), so the counts are those of
+#    the request path a deployment serves: TLS, the token cache, posture,
+#    the decision cache, forwarding;
+# 3. merges the counts with the toolchain's own llvm-profdata (rustup's
+#    llvm-tools component: LLVM's profile format follows its version) into
+#    a sparse profile: functions the load never ran are left out, so they
+#    are optimised as without a profile rather than as cold.
+#
+# Needs what the load script needs (nginx, wrk, h2load, curl, jq: see
+# deploy/load/README.md) and rustup. Loopback only.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+die() { printf 'scripts/pgo-train.sh: %s\n' "$*" >&2; exit 1; }
+command -v rustup >/dev/null 2>&1 || die "needs rustup (for the llvm-tools component)"
+rustup component add llvm-tools >/dev/null
+sysroot=$(rustc --print sysroot)
+host=$(rustc -vV | sed -n 's/^host: //p')
+profdata=$sysroot/lib/rustlib/$host/bin/llvm-profdata
+[ -x "$profdata" ] || die "no llvm-profdata at $profdata"
+llvm=$(rustc -vV | sed -n 's/^LLVM version: \([0-9]*\).*/\1/p')
+[ -n "$llvm" ] || die "cannot read rustc's LLVM version"
+
+target_dir=${CARGO_TARGET_DIR:-target}
+mkdir -p "$target_dir"
+target_dir=$(cd "$target_dir" && pwd)
+raw=$target_dir/pgo-raw
+rm -rf "$raw"
+mkdir -p "$raw"
+
+echo "scripts/pgo-train.sh: building the instrumented binary" >&2
+# `--target`: RUSTFLAGS then reach only the binary's crates, not the build
+# scripts and proc-macros, which would otherwise write their own counts
+# (serde's derives, aws-lc's build) into the profile while compiling.
+RUSTFLAGS="-Cprofile-generate=$raw" CARGO_TARGET_DIR="$target_dir/pgo-generate" \
+  cargo build --release --locked --quiet --target "$host" --bin portcullis
+bin=$target_dir/pgo-generate/$host/release/portcullis
+
+echo "scripts/pgo-train.sh: running the load script against it" >&2
+MODES="h1 h1-10k h2 rate" DURATION=8 WARMUP=2 ROUNDS=1 PEERS="nginx portcullis" \
+  PORTCULLIS_BIN="$bin" deploy/load/run.sh >"$target_dir/pgo-train.log" 2>&1 \
+  || die "the load script failed: see $target_dir/pgo-train.log"
+compgen -G "$raw/*.profraw" >/dev/null || die "the instrumented binary wrote no counts into $raw"
+# The counts of every run of the binary (the load script's own calls and
+# the proxy under load; runs of one binary add into one file).
+
+mkdir -p build/pgo
+"$profdata" merge --sparse -o "$target_dir/portcullis.profdata" "$raw"/*.profraw
+gzip -9nc "$target_dir/portcullis.profdata" > build/pgo/portcullis.profdata.gz.tmp
+mv build/pgo/portcullis.profdata.gz.tmp build/pgo/portcullis.profdata.gz
+echo "$llvm" > build/pgo/llvm-major
+echo "scripts/pgo-train.sh: wrote build/pgo/portcullis.profdata.gz (LLVM $llvm); commit it with build/pgo/llvm-major" >&2
