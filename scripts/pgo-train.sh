@@ -42,15 +42,19 @@ rm -rf "$raw"
 mkdir -p "$raw"
 
 echo "scripts/pgo-train.sh: building the instrumented binary" >&2
-# `--target`: RUSTFLAGS then reach only the binary's crates, not the build
-# scripts and proc-macros, which would otherwise write their own counts
-# (serde's derives, aws-lc's build) into the profile while compiling.
-RUSTFLAGS="-Cprofile-generate=$raw" CARGO_TARGET_DIR="$target_dir/pgo-generate" \
-  cargo build --release --locked --quiet --target "$host" --bin portcullis
-bin=$target_dir/pgo-generate/$host/release/portcullis
+# RUSTFLAGS reach the build scripts and proc-macros too, which write their
+# own counts while compiling (serde's derives, aws-lc's build): into a
+# directory of their own, which is not merged. Not `--target`: it changes
+# every crate's symbol hashes, and a profile is matched by symbol name, so
+# it would not fit the release build (which has no `--target`).
+RUSTFLAGS="-Cprofile-generate=$target_dir/pgo-build-counts" \
+  CARGO_TARGET_DIR="$target_dir/pgo-generate" \
+  cargo build --release --locked --quiet --bin portcullis
+bin=$target_dir/pgo-generate/release/portcullis
 
 echo "scripts/pgo-train.sh: running the load script against it" >&2
-MODES="h1 h1-10k h2 rate" DURATION=8 WARMUP=2 ROUNDS=1 PEERS="nginx portcullis" \
+LLVM_PROFILE_FILE="$raw/portcullis-%m.profraw" \
+  MODES="h1 h1-10k h2 rate" DURATION=8 WARMUP=2 ROUNDS=1 PEERS="nginx portcullis" \
   PORTCULLIS_BIN="$bin" deploy/load/run.sh >"$target_dir/pgo-train.log" 2>&1 \
   || die "the load script failed: see $target_dir/pgo-train.log"
 compgen -G "$raw/*.profraw" >/dev/null || die "the instrumented binary wrote no counts into $raw"
