@@ -12,7 +12,7 @@
 # nats-server during the nats run) over the measured run.
 #
 # Knobs: DURATION=15 WARMUP=3 ROUNDS=2 CONNS=50 THREADS=2 SEED=10000
-#        PORTCULLIS_BIN (default: cargo build --release) KEEP_TMP=0
+#        PORTCULLIS_BIN (default: scripts/release-build.sh) KEEP_TMP=0
 # Only 127.0.0.1 is a target; every load run is bounded (wrk -d, timeout);
 # every process started here is stopped on exit.
 
@@ -57,8 +57,8 @@ NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 if [[ -n ${PORTCULLIS_BIN:-} ]]; then
     BIN=$PORTCULLIS_BIN
 else
-    log "building portcullis (release)"
-    (cd "$ROOT" && cargo build --release --quiet --bin portcullis)
+    log "building portcullis (scripts/release-build.sh)"
+    "$ROOT/scripts/release-build.sh" --quiet
     target_dir=${CARGO_TARGET_DIR:-target}
     [[ $target_dir = /* ]] || target_dir=$ROOT/$target_dir
     BIN=$target_dir/release/portcullis

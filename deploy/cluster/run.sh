@@ -7,7 +7,7 @@
 # works at every replica, the operator revokes its subject at r1, and r2 and
 # r3 refuse it too. With KEEP_RUNNING=1 it leaves everything up until Ctrl-C.
 #
-# Knobs: PORTCULLIS_BIN (default: cargo build --release), NATS_PORT=4222,
+# Knobs: PORTCULLIS_BIN (default: scripts/release-build.sh), NATS_PORT=4222,
 # UPSTREAM_PORT=8480, KEEP_RUNNING=0, KEEP_TMP=0.
 # Every process started here is stopped on exit.
 
@@ -38,8 +38,8 @@ command -v nats-server >/dev/null || die "nats-server not found (Debian: apt-get
 if [[ -n ${PORTCULLIS_BIN:-} ]]; then
     BIN=$PORTCULLIS_BIN
 else
-    log "building portcullis (release)"
-    (cd "$ROOT" && cargo build --release --quiet)
+    log "building portcullis (scripts/release-build.sh)"
+    "$ROOT/scripts/release-build.sh" --quiet
     BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/portcullis
 fi
 
