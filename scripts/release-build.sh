@@ -50,7 +50,17 @@ else
   fi
 fi
 if [ ${#flags[@]} -gt 0 ]; then
-  # RUSTFLAGS replaces the configured flags; keep any the caller set.
-  export RUSTFLAGS="${RUSTFLAGS:+$RUSTFLAGS }${flags[*]}"
+  # Handed to cargo one flag per field (CARGO_ENCODED_RUSTFLAGS, fields
+  # split by 0x1f), so a target directory whose path has a space still
+  # works; flags the caller set come first (RUSTFLAGS is split on spaces,
+  # as cargo splits it).
+  sep=$'\x1f'
+  enc=${CARGO_ENCODED_RUSTFLAGS:-}
+  if [ -z "$enc" ] && [ -n "${RUSTFLAGS:-}" ]; then
+    for f in $RUSTFLAGS; do enc=${enc:+$enc$sep}$f; done
+  fi
+  for f in "${flags[@]}"; do enc=${enc:+$enc$sep}$f; done
+  unset RUSTFLAGS
+  export CARGO_ENCODED_RUSTFLAGS=$enc
 fi
 exec cargo build --release --locked --bin portcullis "$@"
