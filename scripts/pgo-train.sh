@@ -28,17 +28,21 @@ die() { printf 'scripts/pgo-train.sh: %s\n' "$*" >&2; exit 1; }
 command -v rustup >/dev/null 2>&1 || die "needs rustup (for the llvm-tools component)"
 rustup component add llvm-tools >/dev/null
 sysroot=$(rustc --print sysroot)
-host=$(rustc -vV | sed -n 's/^host: //p')
+version=$(rustc -vV)
+host=$(sed -n 's/^host: //p' <<<"$version")
+llvm=$(sed -n 's/^LLVM version: \([0-9]*\).*/\1/p' <<<"$version")
 profdata=$sysroot/lib/rustlib/$host/bin/llvm-profdata
 [ -x "$profdata" ] || die "no llvm-profdata at $profdata"
-llvm=$(rustc -vV | sed -n 's/^LLVM version: \([0-9]*\).*/\1/p')
 [ -n "$llvm" ] || die "cannot read rustc's LLVM version"
 
 target_dir=${CARGO_TARGET_DIR:-target}
 mkdir -p "$target_dir"
 target_dir=$(cd "$target_dir" && pwd)
+# The load run's counts (merged) and the build's own (never read): both
+# start empty, so neither piles up over trainings.
 raw=$target_dir/pgo-raw
-rm -rf "$raw"
+build_counts=$target_dir/pgo-build-counts
+rm -rf "$raw" "$build_counts"
 mkdir -p "$raw"
 
 echo "scripts/pgo-train.sh: building the instrumented binary" >&2
@@ -47,19 +51,19 @@ echo "scripts/pgo-train.sh: building the instrumented binary" >&2
 # directory of their own, which is not merged. Not `--target`: it changes
 # every crate's symbol hashes, and a profile is matched by symbol name, so
 # it would not fit the release build (which has no `--target`).
-RUSTFLAGS="-Cprofile-generate=$target_dir/pgo-build-counts" \
+RUSTFLAGS="-Cprofile-generate=$build_counts" \
   CARGO_TARGET_DIR="$target_dir/pgo-generate" \
   cargo build --release --locked --quiet --bin portcullis
 bin=$target_dir/pgo-generate/release/portcullis
 
 echo "scripts/pgo-train.sh: running the load script against it" >&2
+# The counts of every run of the binary (the load script's own calls and
+# the proxy under load; runs of one binary add into one file).
 LLVM_PROFILE_FILE="$raw/portcullis-%m.profraw" \
   MODES="h1 h1-10k h2 rate" DURATION=8 WARMUP=2 ROUNDS=1 PEERS="nginx portcullis" \
   PORTCULLIS_BIN="$bin" deploy/load/run.sh >"$target_dir/pgo-train.log" 2>&1 \
   || die "the load script failed: see $target_dir/pgo-train.log"
 compgen -G "$raw/*.profraw" >/dev/null || die "the instrumented binary wrote no counts into $raw"
-# The counts of every run of the binary (the load script's own calls and
-# the proxy under load; runs of one binary add into one file).
 
 mkdir -p build/pgo
 "$profdata" merge --sparse -o "$target_dir/portcullis.profdata" "$raw"/*.profraw
