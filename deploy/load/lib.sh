@@ -69,3 +69,27 @@ split_table() {   # bpftrace output of split.bt, name of side 0, name of side 1 
             }
         }' "$1"
 }
+
+sched_summary() {   # sched.bt output, its seconds, the proxy's pids, the upstream's pids -> one line
+    awk -v secs="$2" -v proxy="$3" -v up="$4" '
+        BEGIN {
+            n = split(proxy, a, " "); for (i = 1; i <= n; i++) grp[a[i]] = "proxy"
+            n = split(up, a, " "); for (i = 1; i <= n; i++) grp[a[i]] = "upstream"
+        }
+        match($0, /^@[a-z]+\[[0-9]+\]: /) {
+            m = substr($0, 2, RLENGTH - 3); split(m, kv, "["); k = kv[1]; t = kv[2] + 0
+            v = substr($0, RLENGTH + 1)
+            if (k == "comm") comm[t] = v; else val[k, t] = v + 0
+            seen[t] = 1
+        }
+        END {
+            for (t in seen) {
+                g = (t in grp) ? grp[t] : (comm[t] == "wrk" || comm[t] == "h2load") ? "load" : (t == 0) ? "idle" : "other"
+                on[g] += val["on", t]; slow[g] += val["slow", t]
+                if (val["wmax", t] > wmax[g]) wmax[g] = val["wmax", t]
+            }
+            printf "sched: CPUs idle %.0f ms/s; waits > 0.5 ms for a CPU a second (longest, ms): proxy %.0f (%.1f), load %.0f (%.1f), upstream %.0f (%.1f)", \
+                on["idle"] / 1000 / secs, slow["proxy"] / secs, wmax["proxy"] / 1000, \
+                slow["load"] / secs, wmax["load"] / 1000, slow["upstream"] / secs, wmax["upstream"] / 1000
+        }' "$1"
+}

@@ -81,6 +81,12 @@
 #   STRACE_DIR         when set: strace -c -f every peer's processes during its
 #                      measured runs, syscall counts per request into this dir
 #                      (counts only: ptrace makes every timing meaningless)
+#   SCHED_DIR          when set (root, bpftrace): trace the scheduler during
+#                      every peer's measured runs (sched.bt) and add to each
+#                      run's line who had the CPUs and who waited for one:
+#                      the CPUs' idle time, and the waits longer than 0.5 ms
+#                      for a CPU of the proxy, the load generator and the
+#                      upstream (each process's raw counts in this dir)
 #   BASE_PORT=18080    first port tried when picking free loopback ports
 #   KEEP_TMP=1         keep the scratch directory (configs, logs) after the run
 #
@@ -115,6 +121,7 @@ BASE_PORT=${BASE_PORT:-18080}
 KEEP_TMP=${KEEP_TMP:-0}
 PROFILE_DIR=${PROFILE_DIR:-}
 STRACE_DIR=${STRACE_DIR:-}
+SCHED_DIR=${SCHED_DIR:-}
 FILL_TIMEOUT=${FILL_TIMEOUT:-300}
 CALLGRIND=${CALLGRIND:-0}
 CACHE_SIM=${CACHE_SIM:-0}
@@ -212,6 +219,12 @@ if [[ $CALLGRIND == 1 ]]; then
     for t in valgrind callgrind_control; do
         command -v "$t" >/dev/null 2>&1 || die "CALLGRIND=1 needs $t (Debian: apt-get install valgrind)"
     done
+fi
+if [[ -n $SCHED_DIR ]]; then
+    command -v bpftrace >/dev/null 2>&1 || die "SCHED_DIR needs bpftrace (Debian: apt-get install bpftrace)"
+    [[ $(id -u) == 0 ]] || die "SCHED_DIR needs root (bpftrace)"
+    mkdir -p "$SCHED_DIR"
+    SCHED_DIR=$(cd "$SCHED_DIR" && pwd)
 fi
 if [[ -n $PROFILE_DIR ]]; then
     command -v perf >/dev/null 2>&1 || die "PROFILE_DIR needs perf (Debian: apt-get install linux-perf)"
@@ -752,6 +765,14 @@ measure() {   # round, mode, peer
         strace_pid=$!
         sleep 0.5
     fi
+    local sched_pid=""
+    if [[ -n $SCHED_DIR ]]; then
+        # The window's last DURATION - 1 seconds (the probes attach in
+        # about half a second), never past the load run.
+        timeout --kill-after=5 $(( DURATION + 30 )) bpftrace "$SCRIPT_DIR/sched.bt" $(( DURATION > 2 ? DURATION - 1 : 1 )) \
+            > "$SCHED_DIR/sched-$mode-$name-$round.txt" 2>&1 &
+        sched_pid=$!
+    fi
     local cg=0
     if [[ $CALLGRIND == 1 && ( $name == portcullis || $name == nginx ) ]]; then
         cg=1
@@ -780,6 +801,9 @@ measure() {   # round, mode, peer
     fi
     if [[ -n $strace_pid ]]; then
         wait "$strace_pid" || true
+    fi
+    if [[ -n $sched_pid ]]; then
+        wait "$sched_pid" || log "bpftrace (sched.bt) exited with $?"
     fi
     if [[ -n $perf_pid ]]; then
         wait "$perf_pid" || log "perf record exited with $?"
@@ -841,6 +865,9 @@ measure() {   # round, mode, peer
         awk -v n="$reqs" '$1 ~ /^[0-9.]+$/ && NF >= 5 { c = $4; name = $NF; if (name != "total") printf "%-20s %8.3f per request\n", name, c / n }' \
             "$sf.raw" | sort -k2 -nr > "$sf.txt" || true
         note+="; syscalls/req $(awk '{ s += $2 } END { printf "%.2f", s }' "$sf.txt") ($sf.txt)"
+    fi
+    if [[ -n $sched_pid ]]; then
+        note+="; $(sched_summary "$SCHED_DIR/sched-$mode-$name-$round.txt" $(( DURATION > 2 ? DURATION - 1 : 1 )) "${pids[*]}" "$(proc_pids "$UP_PID")")"
     fi
     if [[ -n $ir ]]; then
         TOT_IR[$key]=$(( ${TOT_IR[$key]:-0} + ir ))   # every round of this key has a count
