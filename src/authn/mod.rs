@@ -107,8 +107,11 @@ pub struct VerifiedToken {
     pub key: Arc<VerifyKey>,
     /// Claims.
     pub claims: Claims,
-    /// The device named by the issuer's device claim, if any.
-    pub device: Option<String>,
+    /// The device named by the issuer's device claim, if any, with the
+    /// memo of its record as last resolved for phase 4
+    /// ([`crate::posture::Snapshot::device_via`]: used only while the
+    /// snapshot still holds that very record).
+    pub device: Option<crate::posture::DeviceClaim>,
     /// SHA-256 of the token (the cache key), for the access memory; `None`
     /// for a browser session's principal.
     pub hash: Option<[u8; 32]>,
@@ -118,10 +121,6 @@ pub struct VerifiedToken {
     /// The token itself, for the per-thread front's exact comparison;
     /// `None` when longer than 2 KiB or for a browser session's principal.
     pub raw: Option<Box<str>>,
-    /// The snapshot's record of `device` as last resolved, for phase 4
-    /// ([`crate::posture::snapshot::Snapshot::device_via`]: used only while
-    /// the snapshot still holds that very record).
-    pub device_memo: arc_swap::ArcSwapOption<crate::posture::model::Device>,
     /// The last policy decision a request of this token got
     /// ([`crate::policy::Engine::decide_with`]: used only for the same
     /// engine, the same whole key and before its expiry).
@@ -146,11 +145,15 @@ impl VerifiedToken {
         // before anything else is read, the device's record and the
         // decision are then fetched together with the reads below, not one
         // behind the other.
-        let device = self.device_memo.load();
+        let device = self.device.as_ref().map(|c| c.held());
         let decided = self.decision_memo.load();
-        let mut word = device.as_ref().map_or(0, |d| {
-            d.version ^ u64::from(d.id.as_bytes().first().copied().unwrap_or(0))
-        }) ^ decided.as_ref().map_or(0, |d| d.touch());
+        // The record's `superseded` flag (phase 4 reads it) and its version;
+        // not its id's bytes, which nothing compares any more.
+        let mut word = device
+            .as_ref()
+            .and_then(|g| g.as_ref())
+            .map_or(0, |d| d.version ^ u64::from(d.superseded.get()))
+            ^ decided.as_ref().map_or(0, |d| d.touch());
         let mut byte = 0u8;
         let mut lines = |b: &[u8]| {
             for x in b.iter().step_by(64).chain(b.last()) {
@@ -660,11 +663,10 @@ impl Authenticator {
             issuer,
             key,
             claims,
-            device,
+            device: device.map(crate::posture::DeviceClaim::new),
             hash: Some(hash),
             headers,
             raw: (token.len() <= FRONT_MAX_TOKEN_BYTES).then(|| Box::from(token)),
-            device_memo: arc_swap::ArcSwapOption::empty(),
             decision_memo: arc_swap::ArcSwapOption::empty(),
             access: crate::access::Memo::default(),
         });

@@ -245,7 +245,7 @@ impl Binder {
             .certificate_device(req.peer)
             .map_err(BindError::AmbiguousDevice)?;
         if let (Some(cert), Some(claimed)) = (&device, &tok.verified.device)
-            && cert != claimed
+            && cert.as_str() != claimed.id()
         {
             return Err(BindError::DeviceMismatch);
         }

@@ -32,7 +32,7 @@ use event::{Change, EventError, PostureEvent, merge_device, merge_identity};
 use journal::{CommitBatch, EventReport, EventStore, LoggedEvent, Outcome, Skipped, StoreError};
 use model::{Device, Group, Identity, IdentityStatus, Revocation, RevocationTarget};
 use session::SessionRecord;
-pub use snapshot::Snapshot;
+pub use snapshot::{DeviceClaim, Snapshot};
 
 /// Most events folded into one transaction.
 pub const MAX_BATCH_EVENTS: usize = 4096;
@@ -622,30 +622,33 @@ impl Posture {
 
     /// Phase 4 (resolve): looks up the identity and device for a request.
     pub fn resolve(&self, subject: &str, device_id: Option<&str>) -> Resolved {
-        self.resolve_via(subject, device_id, None)
-    }
-
-    /// [`Posture::resolve`], the device found through `memo` when given
-    /// (the cached token's memo of its own device claim; see
-    /// [`snapshot::Snapshot::device_via`]).
-    pub fn resolve_via(
-        &self,
-        subject: &str,
-        device_id: Option<&str>,
-        memo: Option<&arc_swap::ArcSwapOption<Device>>,
-    ) -> Resolved {
         // INVARIANT: read the version before the records, so every record
         // written at or below it is visible to the lookups below.
         let snapshot_version = self.snapshot.version();
         let identity = self.snapshot.identity(subject);
-        let device = device_id.and_then(|d| match memo {
-            Some(m) => self.snapshot.device_via(d, m),
-            None => self.snapshot.device(d),
-        });
+        let device = device_id.and_then(|d| self.snapshot.device(d));
         Resolved {
             snapshot_version,
             identity,
             device_id: device_id.map(str::to_owned),
+            device,
+            snapshot_age_s: self.snapshot_age_s(),
+        }
+    }
+
+    /// [`Posture::resolve`] for a principal's own device claim: the record
+    /// found through the claim's memo (see
+    /// [`snapshot::Snapshot::device_via`]).
+    pub fn resolve_claim(&self, subject: &str, claim: Option<&DeviceClaim>) -> Resolved {
+        // INVARIANT: read the version before the records, so every record
+        // written at or below it is visible to the lookups below.
+        let snapshot_version = self.snapshot.version();
+        let identity = self.snapshot.identity(subject);
+        let device = claim.and_then(|c| self.snapshot.device_via(c));
+        Resolved {
+            snapshot_version,
+            identity,
+            device_id: claim.map(|c| c.id().to_owned()),
             device,
             snapshot_age_s: self.snapshot_age_s(),
         }

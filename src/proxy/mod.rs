@@ -478,9 +478,7 @@ impl Proxy {
         // record; a device from the client certificate is looked up.
         let resolved = match verified_device {
             Some(d) => self.posture.resolve(sub, Some(d)),
-            None => self
-                .posture
-                .resolve_via(sub, t.device.as_deref(), Some(&t.device_memo)),
+            None => self.posture.resolve_claim(sub, t.device.as_ref()),
         };
         self.posture.observe_control_window(sub, &resolved);
         match self.posture_verdict(t, &resolved, lifecycle_baseline) {

@@ -1059,12 +1059,11 @@ pub fn principal(r: &SessionRecord, auth: &Authenticator) -> Option<Arc<Verified
     Some(Arc::new(VerifiedToken {
         key: crate::authn::jwks::VerifyKey::session_marker(),
         claims,
-        device: r.device.clone(),
+        device: r.device.clone().map(crate::posture::DeviceClaim::new),
         hash: None,
         headers,
         issuer,
         raw: None,
-        device_memo: arc_swap::ArcSwapOption::empty(),
         decision_memo: arc_swap::ArcSwapOption::empty(),
         access: crate::access::Memo::default(),
     }))
