@@ -622,33 +622,37 @@ impl Posture {
 
     /// Phase 4 (resolve): looks up the identity and device for a request.
     pub fn resolve(&self, subject: &str, device_id: Option<&str>) -> Resolved {
-        // INVARIANT: read the version before the records, so every record
-        // written at or below it is visible to the lookups below.
-        let snapshot_version = self.snapshot.version();
-        let identity = self.snapshot.identity(subject);
-        let device = device_id.and_then(|d| self.snapshot.device(d));
-        Resolved {
-            snapshot_version,
-            identity,
-            device_id: device_id.map(str::to_owned),
-            device,
-            snapshot_age_s: self.snapshot_age_s(),
-        }
+        self.resolve_with(subject, device_id, || {
+            device_id.and_then(|d| self.snapshot.device(d))
+        })
     }
 
     /// [`Posture::resolve`] for a principal's own device claim: the record
     /// found through the claim's memo (see
     /// [`snapshot::Snapshot::device_via`]).
     pub fn resolve_claim(&self, subject: &str, claim: Option<&DeviceClaim>) -> Resolved {
+        self.resolve_with(subject, claim.map(DeviceClaim::id), || {
+            claim.and_then(|c| self.snapshot.device_via(c))
+        })
+    }
+
+    /// Phase 4's answer, the device record from `device` (a lookup of
+    /// `device_id`).
+    fn resolve_with(
+        &self,
+        subject: &str,
+        device_id: Option<&str>,
+        device: impl FnOnce() -> Option<Arc<Device>>,
+    ) -> Resolved {
         // INVARIANT: read the version before the records, so every record
         // written at or below it is visible to the lookups below.
         let snapshot_version = self.snapshot.version();
         let identity = self.snapshot.identity(subject);
-        let device = claim.and_then(|c| self.snapshot.device_via(c));
+        let device = device();
         Resolved {
             snapshot_version,
             identity,
-            device_id: claim.map(|c| c.id().to_owned()),
+            device_id: device_id.map(str::to_owned),
             device,
             snapshot_age_s: self.snapshot_age_s(),
         }

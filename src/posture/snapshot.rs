@@ -21,7 +21,7 @@ type Map<V> = papaya::HashMap<String, V, foldhash::fast::RandomState>;
 /// [`Snapshot::device_via`]. The id is fixed when the claim is made and the
 /// memo is written only with the lookup of that id, so the memo never holds
 /// another device's record. Reads as the id (`Deref<Target = str>`).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct DeviceClaim {
     id: String,
     memo: ArcSwapOption<Device>,
