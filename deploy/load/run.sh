@@ -19,13 +19,18 @@
 #                      load run of WARMUP + DURATION seconds on the same
 #                      client connections; only its last DURATION seconds
 #                      are measured (the steady state: no reconnects)
-#   ROUNDS=1           measure every (mode, peer) this many times
+#   ROUNDS=1           measure every (mode, peer) this many times (a multiple
+#                      of the number of peers puts each peer in each place
+#                      of the rotating order equally often)
 #   MODES="h1 h1-10k h2 rate"   which modes (any subset, in this order)
 #                        h1      wrk, HTTP/1.1, one token
 #                        h1-10k  wrk + Lua, HTTP/1.1, TOKENS distinct tokens
 #                        h2      h2load, HTTP/2, one token, H2_CONNS x H2_STREAMS
 #                        rate    h2load --h1 at a fixed RATE req/s, one token
 #   PEERS="nginx haproxy portcullis"
+#                      nginx-b may be added: a second nginx proxy with the
+#                      same config, the A/A control (how far two identical
+#                      peers' p99 and CPU a request move apart in one run)
 #   CONNS=50           wrk connections (-c)
 #   THREADS=2          wrk / h2load threads (-t)
 #   TOKENS=10000       distinct tokens / subjects / devices for h1-10k
@@ -149,7 +154,7 @@ for m in $MODES; do [[ $m =~ ^(h1|h1-10k|h2|rate)$ ]] || die "unknown mode '$m'"
 [[ -z $CACHE_LL || $CACHE_SIM == 1 ]] || die "CACHE_LL needs CACHE_SIM=1"
 [[ -z $CACHE_LL || $CACHE_LL =~ ^[0-9]+,[0-9]+,[0-9]+$ ]] || die "CACHE_LL is size,assoc,line (got '$CACHE_LL')"
 [[ -z $ORDER_FILE || $CALLGRIND == 1 ]] || die "ORDER_FILE needs CALLGRIND=1"
-for p in $PEERS; do [[ $p =~ ^(nginx|haproxy|portcullis)$ ]] || die "unknown peer '$p'"; done
+for p in $PEERS; do [[ $p =~ ^(nginx|nginx-b|haproxy|portcullis)$ ]] || die "unknown peer '$p'"; done
 [[ " $PEERS " == *" nginx "* ]] || die "PEERS must include nginx (the ratios are to nginx)"
 
 # ---------------------------------------------------------------- cleanup ---
@@ -465,23 +470,30 @@ done
 fi
 
 # ------------------------------------------------------ nginx TLS proxy ---
-NG_PORT=$(pick_port)
-NG=$TMP/nginx-proxy
-mkdir -p "$NG/logs"
-cp "$PKI/server.pem" "$PKI/server-key.pem" "$NG/"
-cat > "$NG/nginx.conf" <<EOF
+# start_nginx_proxy PEER: one nginx TLS reverse proxy (no auth) in front of
+# the upstream. PEER nginx is the floor every ratio is taken to; nginx-b,
+# when in PEERS, is a second instance of the very same config: the A/A
+# control, whose rounds against nginx show how far two identical peers'
+# p99 and CPU move apart within one run on this machine.
+start_nginx_proxy() {
+    local peer=$1 port dir pid
+    port=$(pick_port)
+    dir=$TMP/$peer-proxy
+    mkdir -p "$dir/logs"
+    cp "$PKI/server.pem" "$PKI/server-key.pem" "$dir/"
+    cat > "$dir/nginx.conf" <<EOF
 worker_processes 2;
 $NG_PIN
-pid $NG/nginx.pid;
-error_log $NG/logs/error.log warn;
+pid $dir/nginx.pid;
+error_log $dir/logs/error.log warn;
 events { worker_connections 4096; }
 http {
     access_log off;
-    client_body_temp_path $NG/client_body;
-    proxy_temp_path $NG/proxy;
-    fastcgi_temp_path $NG/fastcgi;
-    uwsgi_temp_path $NG/uwsgi;
-    scgi_temp_path $NG/scgi;
+    client_body_temp_path $dir/client_body;
+    proxy_temp_path $dir/proxy;
+    fastcgi_temp_path $dir/fastcgi;
+    uwsgi_temp_path $dir/uwsgi;
+    scgi_temp_path $dir/scgi;
     keepalive_requests 10000000;
     keepalive_timeout 120s;
     upstream backend {
@@ -491,9 +503,9 @@ http {
         keepalive_timeout 120s;
     }
     server {
-        listen 127.0.0.1:$NG_PORT ssl http2;
-        ssl_certificate $NG/server.pem;
-        ssl_certificate_key $NG/server-key.pem;
+        listen 127.0.0.1:$port ssl http2;
+        ssl_certificate $dir/server.pem;
+        ssl_certificate_key $dir/server-key.pem;
         ssl_protocols TLSv1.2 TLSv1.3;
         location / {
             proxy_pass http://backend;
@@ -503,24 +515,27 @@ http {
     }
 }
 EOF
-"$NGINX" -t -q -p "$NG" -e "$NG/logs/error.log" -c "$NG/nginx.conf" || die "nginx proxy config invalid"
-NG_WRAP=() NG_GLOBAL='daemon off;'
-if [[ $CALLGRIND == 1 ]]; then
-    # One process (no master): callgrind_control did not find the forked
-    # workers (no vgdb FIFO for them; they run as another user). Under
-    # valgrind a process runs one thread at a time anyway, and instructions
-    # per request do not depend on the worker count.
-    NG_WRAP=(valgrind --tool=callgrind --callgrind-out-file="$NG/callgrind.out" --log-file="$NG/valgrind.log")
-    if [[ $CACHE_SIM == 1 ]]; then NG_WRAP+=(--cache-sim=yes ${CACHE_LL:+--LL=$CACHE_LL}); fi
-    NG_GLOBAL='daemon off; master_process off;'
-fi
-"${NG_WRAP[@]}" "$NGINX" -p "$NG" -e "$NG/logs/error.log" -c "$NG/nginx.conf" -g "$NG_GLOBAL" 2>>"$NG/logs/stderr.log" &
-NG_PID=$!
-STARTED_PIDS+=("$NG_PID")
-wait_for_port "$NG_PORT" "nginx proxy" "$NG_PID" $(( CALLGRIND == 1 ? 60 : 10 ))
-URL[nginx]=https://127.0.0.1:$NG_PORT/
-ROOT[nginx]=$NG_PID
-log "nginx TLS proxy (pid $NG_PID, $([[ $CALLGRIND == 1 ]] && echo "one process under callgrind" || echo "2 workers")) on ${URL[nginx]}"
+    "$NGINX" -t -q -p "$dir" -e "$dir/logs/error.log" -c "$dir/nginx.conf" || die "$peer proxy config invalid"
+    local wrap=() global='daemon off;'
+    if [[ $CALLGRIND == 1 && $peer == nginx ]]; then
+        # One process (no master): callgrind_control did not find the forked
+        # workers (no vgdb FIFO for them; they run as another user). Under
+        # valgrind a process runs one thread at a time anyway, and instructions
+        # per request do not depend on the worker count.
+        wrap=(valgrind --tool=callgrind --callgrind-out-file="$dir/callgrind.out" --log-file="$dir/valgrind.log")
+        if [[ $CACHE_SIM == 1 ]]; then wrap+=(--cache-sim=yes ${CACHE_LL:+--LL=$CACHE_LL}); fi
+        global='daemon off; master_process off;'
+    fi
+    "${wrap[@]}" "$NGINX" -p "$dir" -e "$dir/logs/error.log" -c "$dir/nginx.conf" -g "$global" 2>>"$dir/logs/stderr.log" &
+    pid=$!
+    STARTED_PIDS+=("$pid")
+    wait_for_port "$port" "$peer proxy" "$pid" $(( CALLGRIND == 1 ? 60 : 10 ))
+    URL[$peer]=https://127.0.0.1:$port/
+    ROOT[$peer]=$pid
+    log "$peer TLS proxy (pid $pid, $( (( ${#wrap[@]} )) && echo "one process under callgrind" || echo "2 workers")) on ${URL[$peer]}"
+}
+start_nginx_proxy nginx
+if [[ " $PEERS " == *" nginx-b "* ]]; then start_nginx_proxy nginx-b; fi
 
 # ---------------------------------------------------------------- HAProxy ---
 if [[ " $PEERS " == *" haproxy "* ]]; then
@@ -588,7 +603,7 @@ for p in $PEERS; do
     check_status "$p" 200 "${URL[$p]}" "${AUTH[@]}"
     [[ $(< "$TMP/check.body") == ok ]] || die "$p: unexpected body: $(head -c 300 "$TMP/check.body")"
     check_status "$p" 200 "${URL[$p]}" --http2 "${AUTH[@]}"
-    if [[ $p != nginx ]]; then
+    if [[ $p != nginx && $p != nginx-b ]]; then
         check_status "$p" 401 "${URL[$p]}"
         check_status "$p" 200 "${URL[$p]}" -H "Authorization: Bearer $LAST_TOKEN"
         check_status "$p" 401 "${URL[$p]}" -H "Authorization: Bearer $TAMPERED"
@@ -882,15 +897,20 @@ measure() {   # round, mode, peer
 
 read -r -a PEER_LIST <<< "$PEERS"
 for (( r=1; r<=ROUNDS; r++ )); do
+    m=0
     for mode in $MODES; do
-        # Rotate the peer order every (round, mode) so drift on the machine
-        # hits every peer alike.
+        # Rotate the peer order every round, for every mode, so that each
+        # peer takes each place in the order (first after the previous
+        # mode, ..., last) once every k rounds: drift on the machine and
+        # the place's own effect hit every peer alike. (The offset once
+        # counted modes across rounds too, which with 2 modes and 3 peers
+        # gave every round the same order.)
         k=${#PEER_LIST[@]}
-        off=$(( (r - 1 + ${MODE_N:-0}) % k ))
+        off=$(( (r - 1 + m) % k ))
         for (( j=0; j<k; j++ )); do
             measure "$r" "$mode" "${PEER_LIST[(j + off) % k]}"
         done
-        MODE_N=$(( ${MODE_N:-0} + 1 ))
+        m=$(( m + 1 ))
     done
 done
 
@@ -912,21 +932,37 @@ echo "  h1: wrk -t$THREADS -c$CONNS, one token; h1-10k: the same over $TOKENS to
 for n in "${NOTES[@]}"; do echo "  $n"; done
 echo
 echo "req/s = total requests / total seconds; p50, p99 = median over rounds; CPU-us/req = total CPU / total requests;"
-echo "x nginx = CPU-us/req / nginx's in the same mode; up-conns = new upstream connections during the measured runs"
+echo "x nginx = CPU-us/req / nginx's in the same mode; up-conns = new upstream connections during the measured runs;"
+echo "p99 <= nginx = rounds in which the peer's p99 was at or under nginx's in the same round, then the median over rounds of"
+echo "  the peer's p99 / nginx's in the same round"
 echo
-printf '| %-7s | %-10s | %10s | %8s | %8s | %10s | %8s | %8s | %s\n' mode peer req/s p50_ms p99_ms CPU-us/req 'x nginx' up-conns errors
-printf '|%s|\n' "---------|------------|------------|----------|----------|------------|----------|----------|-------"
+printf '| %-7s | %-10s | %10s | %8s | %8s | %10s | %8s | %13s | %8s | %s\n' mode peer req/s p50_ms p99_ms CPU-us/req 'x nginx' 'p99 <= nginx' up-conns errors
+printf '|%s|\n' "---------|------------|------------|----------|----------|------------|----------|---------------|----------|-------"
 for mode in $MODES; do
     ng="$mode/nginx"
     ng_cpu=$(awk -v t="${TOT_TICKS[$ng]}" -v hz="$CLK_TCK" -v n="${TOT_REQS[$ng]}" 'BEGIN { printf "%.2f", t / hz * 1e6 / n }')
     for p in $PEERS; do
         key="$mode/$p"
         cpu=$(awk -v t="${TOT_TICKS[$key]}" -v hz="$CLK_TCK" -v n="${TOT_REQS[$key]}" 'BEGIN { printf "%.1f", t / hz * 1e6 / n }')
-        printf '| %-7s | %-10s | %10s | %8s | %8s | %10s | %8s | %8s | %s\n' "$mode" "$p" \
+        under=-
+        if [[ $p != nginx ]]; then
+            # P99_L lists one p99 a round, in round order, for every peer.
+            under=$(awk -v a="${P99_L[$key]}" -v b="${P99_L[$ng]}" 'BEGIN {
+                n = split(a, x, " "); split(b, y, " "); k = 0; m = 0
+                for (i = 1; i <= n; i++) {
+                    if (x[i] + 0 <= y[i] + 0) k++
+                    if (y[i] + 0 > 0) r[++m] = x[i] / y[i]
+                }
+                # median of the per-round ratios (insertion sort: few rounds)
+                for (i = 2; i <= m; i++) { v = r[i]; for (j = i - 1; j >= 1 && r[j] > v; j--) r[j + 1] = r[j]; r[j + 1] = v }
+                med = m == 0 ? 0 : (m % 2 ? r[(m + 1) / 2] : (r[m / 2] + r[m / 2 + 1]) / 2)
+                printf "%d/%d %.2fx", k, n, med }')
+        fi
+        printf '| %-7s | %-10s | %10s | %8s | %8s | %10s | %8s | %13s | %8s | %s\n' "$mode" "$p" \
             "$(awk -v n="${TOT_REQS[$key]}" -v s="${TOT_SECS[$key]}" 'BEGIN { printf "%.0f", n / s }')" \
             "$(median <<< "${P50_L[$key]}")" "$(median <<< "${P99_L[$key]}")" "$cpu" \
             "$(awk -v a="$cpu" -v b="$ng_cpu" 'BEGIN { if (b > 0) printf "%.2fx", a / b; else print "n/a" }')" \
-            "${UPC[$key]}" "${BAD[$key]:-0}"
+            "$under" "${UPC[$key]}" "${BAD[$key]:-0}"
     done
 done
 if [[ -n $ORDER_FILE ]]; then
