@@ -30,7 +30,10 @@
 #   PEERS="nginx haproxy portcullis"
 #                      nginx-b may be added: a second nginx proxy with the
 #                      same config, the A/A control (how far two identical
-#                      peers' p99 and CPU a request move apart in one run)
+#                      peers' p99 and CPU a request move apart in one run);
+#                      and nginx-id: that nginx config plus the 13 lines
+#                      portcullis adds to a forwarded request (the
+#                      upstream's cost of reading them, without any check)
 #   CONNS=50           wrk connections (-c)
 #   THREADS=2          wrk / h2load threads (-t)
 #   TOKENS=10000       distinct tokens / subjects / devices for h1-10k
@@ -154,7 +157,7 @@ for m in $MODES; do [[ $m =~ ^(h1|h1-10k|h2|rate)$ ]] || die "unknown mode '$m'"
 [[ -z $CACHE_LL || $CACHE_SIM == 1 ]] || die "CACHE_LL needs CACHE_SIM=1"
 [[ -z $CACHE_LL || $CACHE_LL =~ ^[0-9]+,[0-9]+,[0-9]+$ ]] || die "CACHE_LL is size,assoc,line (got '$CACHE_LL')"
 [[ -z $ORDER_FILE || $CALLGRIND == 1 ]] || die "ORDER_FILE needs CALLGRIND=1"
-for p in $PEERS; do [[ $p =~ ^(nginx|nginx-b|haproxy|portcullis)$ ]] || die "unknown peer '$p'"; done
+for p in $PEERS; do [[ $p =~ ^(nginx|nginx-b|nginx-id|haproxy|portcullis)$ ]] || die "unknown peer '$p'"; done
 [[ " $PEERS " == *" nginx "* ]] || die "PEERS must include nginx (the ratios are to nginx)"
 
 # ---------------------------------------------------------------- cleanup ---
@@ -474,9 +477,26 @@ fi
 # the upstream. PEER nginx is the floor every ratio is taken to; nginx-b,
 # when in PEERS, is a second instance of the very same config: the A/A
 # control, whose rounds against nginx show how far two identical peers'
-# p99 and CPU move apart within one run on this machine.
+# p99 and CPU move apart within one run on this machine. nginx-id, when
+# in PEERS, is the same config plus the 13 lines portcullis adds to each
+# request it forwards (its names, values of the lengths portcullis sends
+# in the h1-10k mode): what the upstream's cost of reading them does to a
+# proxy that checks nothing.
+ID_LINES='proxy_set_header X-Forwarded-For $remote_addr;
+            proxy_set_header X-Forwarded-Proto https;
+            proxy_set_header X-Forwarded-Host $http_host;
+            proxy_set_header X-Request-Id "d6b660229045-0000000000000001";
+            proxy_set_header X-Portcullis-Route app;
+            proxy_set_header X-Portcullis-Subject "user-00000@load.example";
+            proxy_set_header X-Portcullis-Issuer demo;
+            proxy_set_header X-Portcullis-Device dev-00000;
+            proxy_set_header X-Portcullis-Binding none;
+            proxy_set_header X-Portcullis-Device-Compliance compliant;
+            proxy_set_header X-Portcullis-Device-Lifecycle enrolled;
+            proxy_set_header X-Portcullis-Snapshot 10000;
+            proxy_set_header X-Portcullis-Decision allow;'
 start_nginx_proxy() {
-    local peer=$1 port dir pid
+    local peer=$1 extra=${2:-} port dir pid
     port=$(pick_port)
     dir=$TMP/$peer-proxy
     mkdir -p "$dir/logs"
@@ -511,6 +531,7 @@ http {
             proxy_pass http://backend;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
+            $extra
         }
     }
 }
@@ -536,6 +557,7 @@ EOF
 }
 start_nginx_proxy nginx
 if [[ " $PEERS " == *" nginx-b "* ]]; then start_nginx_proxy nginx-b; fi
+if [[ " $PEERS " == *" nginx-id "* ]]; then start_nginx_proxy nginx-id "$ID_LINES"; fi
 
 # ---------------------------------------------------------------- HAProxy ---
 if [[ " $PEERS " == *" haproxy "* ]]; then
@@ -603,7 +625,7 @@ for p in $PEERS; do
     check_status "$p" 200 "${URL[$p]}" "${AUTH[@]}"
     [[ $(< "$TMP/check.body") == ok ]] || die "$p: unexpected body: $(head -c 300 "$TMP/check.body")"
     check_status "$p" 200 "${URL[$p]}" --http2 "${AUTH[@]}"
-    if [[ $p != nginx && $p != nginx-b ]]; then
+    if [[ $p != nginx* ]]; then
         check_status "$p" 401 "${URL[$p]}"
         check_status "$p" 200 "${URL[$p]}" -H "Authorization: Bearer $LAST_TOKEN"
         check_status "$p" 401 "${URL[$p]}" -H "Authorization: Bearer $TAMPERED"
