@@ -29,8 +29,13 @@ const events = [];
 const say = (o) => process.stdout.write(`${JSON.stringify({ ...o, events })}\n`);
 
 const lines = readline.createInterface({ input: process.stdin });
+let stdinClosed = false;
+lines.once('close', () => { stdinClosed = true; });
 const nextLine = () => new Promise((resolve, reject) => {
+  // The test closes stdin when it ends early: stop (closing the browser).
+  if (stdinClosed) { reject(new Error('the test closed stdin')); return; }
   const t = setTimeout(() => reject(new Error('no go-ahead from the test')), TIMEOUT);
+  lines.once('close', () => { clearTimeout(t); reject(new Error('the test closed stdin')); });
   lines.once('line', (l) => { clearTimeout(t); resolve(l); });
 });
 
