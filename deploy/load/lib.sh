@@ -72,6 +72,7 @@ split_table() {   # bpftrace output of split.bt, name of side 0, name of side 1 
 
 sched_summary() {   # sched.bt output, its seconds, the proxy's pids, the upstream's pids -> one line
     awk -v secs="$2" -v proxy="$3" -v up="$4" '
+        function pct(a, b) { return b > 0 ? 100 * a / b : 0 }
         BEGIN {
             n = split(proxy, a, " "); for (i = 1; i <= n; i++) grp[a[i]] = "proxy"
             n = split(up, a, " "); for (i = 1; i <= n; i++) grp[a[i]] = "upstream"
@@ -86,10 +87,13 @@ sched_summary() {   # sched.bt output, its seconds, the proxy's pids, the upstre
             for (t in seen) {
                 g = (t in grp) ? grp[t] : (comm[t] == "wrk" || comm[t] == "h2load") ? "load" : (t == 0) ? "idle" : "other"
                 on[g] += val["on", t]; slow[g] += val["slow", t]
+                wakes[g] += val["wakes", t]; busy[g] += val["busy", t]
                 if (val["wmax", t] > wmax[g]) wmax[g] = val["wmax", t]
             }
             printf "sched: CPUs idle %.0f ms/s; waits > 0.5 ms for a CPU a second (longest, ms): proxy %.0f (%.1f), load %.0f (%.1f), upstream %.0f (%.1f)", \
                 on["idle"] / 1000 / secs, slow["proxy"] / secs, wmax["proxy"] / 1000, \
                 slow["load"] / secs, wmax["load"] / 1000, slow["upstream"] / secs, wmax["upstream"] / 1000
+            printf "; woken onto a busy CPU while another idled (%% of wake-ups): proxy %.1f, load %.1f, upstream %.1f", \
+                pct(busy["proxy"], wakes["proxy"]), pct(busy["load"], wakes["load"]), pct(busy["upstream"], wakes["upstream"])
         }' "$1"
 }

@@ -806,7 +806,7 @@ measure() {   # round, mode, peer
     if [[ -n $SCHED_DIR ]]; then
         # The window's last DURATION - 1 seconds (the probes attach in
         # about half a second), never past the load run.
-        timeout --kill-after=5 $(( DURATION + 30 )) bpftrace "$SCRIPT_DIR/sched.bt" $(( DURATION > 2 ? DURATION - 1 : 1 )) \
+        timeout --kill-after=5 $(( DURATION + 30 )) bpftrace "$SCRIPT_DIR/sched.bt" $(( DURATION > 2 ? DURATION - 1 : 1 )) "$(nproc --all)" \
             > "$SCHED_DIR/sched-$mode-$name-$round.txt" 2>&1 &
         sched_pid=$!
     fi
