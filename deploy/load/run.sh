@@ -94,7 +94,9 @@
 #                      run's line who had the CPUs and who waited for one:
 #                      the CPUs' idle time, and the waits longer than 0.5 ms
 #                      for a CPU of the proxy, the load generator and the
-#                      upstream (each process's raw counts in this dir)
+#                      upstream, and the share of each one's wake-ups that
+#                      put it on a busy CPU while another was idle (each
+#                      process's raw counts in this dir)
 #   BASE_PORT=18080    first port tried when picking free loopback ports
 #   KEEP_TMP=1         keep the scratch directory (configs, logs) after the run
 #
