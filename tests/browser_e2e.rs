@@ -65,16 +65,11 @@ async fn run_walk(plan: &Value, dir: &std::path::Path) -> (bool, String, String)
             break Some(s);
         }
         if start.elapsed() > WALK_DEADLINE {
-            // SIGTERM first: puppeteer closes Chromium on it.
-            let _ = Command::new("kill")
-                .args(["-TERM", &child.id().to_string()])
-                .status();
-            let grace = Instant::now();
-            while child.try_wait().unwrap().is_none() && grace.elapsed() < Duration::from_secs(5) {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            let _ = child.kill();
-            let _ = child.wait();
+            // Off the runtime: ending it can take seconds.
+            let _ = tokio::task::spawn_blocking(move || {
+                common::end_browser_script(&mut child, Duration::ZERO);
+            })
+            .await;
             break None;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;

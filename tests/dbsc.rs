@@ -685,37 +685,13 @@ async fn a_bound_session_survives_a_restart_with_its_key() {
     assert_eq!(assertion_claims(&seen)["sub"], "alice@example.com");
 }
 
-/// The script's process, ended when the test ends. It closes its browser
-/// before it exits (after its last line, or when its stdin closes), so it
-/// is given the time to: killed at once, it would leave Chromium running
-/// with no parent (a CI run on a busy machine once did). SIGTERM (which
-/// puppeteer also answers by closing the browser) and then SIGKILL only if
-/// it has not exited in time.
+/// The script's process, ended when the test ends: given the time to
+/// close its browser ([`common::end_browser_script`]).
 struct Child(std::process::Child);
 
 impl Drop for Child {
     fn drop(&mut self) {
-        drop(self.0.stdin.take());
-        let exited = |c: &mut std::process::Child, within: std::time::Duration| {
-            let start = std::time::Instant::now();
-            while start.elapsed() < within {
-                if !matches!(c.try_wait(), Ok(None)) {
-                    return true;
-                }
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
-            false
-        };
-        if exited(&mut self.0, std::time::Duration::from_secs(15)) {
-            return;
-        }
-        let _ = std::process::Command::new("kill")
-            .args(["-TERM", &self.0.id().to_string()])
-            .status();
-        if !exited(&mut self.0, std::time::Duration::from_secs(5)) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
+        common::end_browser_script(&mut self.0, std::time::Duration::from_secs(15));
     }
 }
 

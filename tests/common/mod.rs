@@ -494,6 +494,37 @@ pub async fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// Ends a node script that may hold a browser: waits up to `first` for it
+/// to exit on its own (it closes its browser first), then SIGTERM, which
+/// puppeteer also answers by closing the browser, then SIGKILL after 5 s.
+/// Killed at once it would leave Chromium running with no parent. Its
+/// stdin is closed first (a script waiting on it stops). Blocking.
+pub fn end_browser_script(child: &mut std::process::Child, first: Duration) {
+    drop(child.stdin.take());
+    let exited = |c: &mut std::process::Child, within: Duration| {
+        let start = Instant::now();
+        loop {
+            if !matches!(c.try_wait(), Ok(None)) {
+                return true;
+            }
+            if start.elapsed() >= within {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    if exited(child, first) {
+        return;
+    }
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    if !exited(child, Duration::from_secs(5)) {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
 /// The portcullis binary built for this test run.
 pub fn binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_portcullis"))
