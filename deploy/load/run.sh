@@ -971,16 +971,15 @@ for mode in $MODES; do
         under=-
         if [[ $p != nginx ]]; then
             # P99_L lists one p99 a round, in round order, for every peer.
-            under=$(awk -v a="${P99_L[$key]}" -v b="${P99_L[$ng]}" 'BEGIN {
-                n = split(a, x, " "); split(b, y, " "); k = 0; m = 0
+            # The rounds at or under ("k/n"), then each round's ratio.
+            read -r under ratios < <(awk -v a="${P99_L[$key]}" -v b="${P99_L[$ng]}" 'BEGIN {
+                n = split(a, x, " "); split(b, y, " "); k = 0; r = ""
                 for (i = 1; i <= n; i++) {
                     if (x[i] + 0 <= y[i] + 0) k++
-                    if (y[i] + 0 > 0) r[++m] = x[i] / y[i]
+                    if (y[i] + 0 > 0) r = r " " x[i] / y[i]
                 }
-                # median of the per-round ratios (insertion sort: few rounds)
-                for (i = 2; i <= m; i++) { v = r[i]; for (j = i - 1; j >= 1 && r[j] > v; j--) r[j + 1] = r[j]; r[j + 1] = v }
-                med = m == 0 ? 0 : (m % 2 ? r[(m + 1) / 2] : (r[m / 2] + r[m / 2 + 1]) / 2)
-                printf "%d/%d %.2fx", k, n, med }')
+                print k "/" n r }')
+            under+=" $(median <<< "$ratios" | awk '{ printf "%.2fx", $1 }')"
         fi
         printf '| %-7s | %-10s | %10s | %8s | %8s | %10s | %8s | %13s | %8s | %s\n' "$mode" "$p" \
             "$(awk -v n="${TOT_REQS[$key]}" -v s="${TOT_SECS[$key]}" 'BEGIN { printf "%.0f", n / s }')" \
