@@ -235,6 +235,10 @@ async fn dpop_bound_tokens_with_valid_proofs_reach_the_upstream() {
         assert_eq!(seen.headers["x-portcullis-device"], "laptop-1");
         assert!(seen.headers.get("x-portcullis-verified-device").is_none());
         assert!(seen.headers.get("x-portcullis-workload").is_none());
+        // The token and its proof stay at the proxy (no route here asks
+        // for them): the app learns the binding, not the credential.
+        assert!(seen.headers.get("authorization").is_none());
+        assert!(seen.headers.get("dpop").is_none());
     }
     assert_eq!(e.upstream.count(), 3);
 

@@ -19,7 +19,8 @@ async fn setup(extra: &str) -> Setup {
     setup_with("", extra).await
 }
 
-/// `proxy_extra` goes into the `[proxy]` table, `extra` after the routes.
+/// `proxy_extra` goes into the `[proxy]` table, `extra` after the routes
+/// (`@UP@` in it: the capturing upstream's URL).
 async fn setup_with(proxy_extra: &str, extra: &str) -> Setup {
     let pki = TestPki::new();
     let upstream = Upstream::start().await;
@@ -49,7 +50,8 @@ auth = "public"
 allow_underscore_headers = true
 {extra}
 "#,
-        up = upstream.url()
+        up = upstream.url(),
+        extra = extra.replace("@UP@", &upstream.url()),
     );
     let cfg = pki.write_config(
         "p.toml",
@@ -235,6 +237,71 @@ async fn a_replaced_strip_list_still_strips_every_header_the_proxy_sets() {
     assert_eq!(status, 200);
     let seen = s.upstream.last();
     assert_eq!(underscored(&seen.headers), ["x_app_tenant"]);
+}
+
+#[tokio::test]
+async fn the_clients_token_reaches_only_routes_that_ask_for_it() {
+    // By default an app gets who the caller is, never the caller's token:
+    // a token for the proxy's audience in an app's hands (its logs, a
+    // compromise) would open every other route behind the proxy.
+    let relay = "[[routes]]\nname = \"relay\"\npath_prefix = \"/relay\"\n\
+                 upstream = \"@UP@\"\nauth = \"bearer\"\nforward_authorization = true\n";
+    let s = setup(relay).await;
+    let c = client(&s.pki.ca_pem, false);
+    let bearer = format!("Bearer {}", s.token);
+    let (status, _, _) = get(&c, &format!("https://{}/me", host(&s)), Some(&s.token), &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    let seen = s.upstream.last();
+    assert_eq!(seen.path, "/me");
+    assert!(seen.headers.get("authorization").is_none());
+    assert_eq!(seen.headers["x-portcullis-subject"], "alice@example.com");
+    // A public route does not pass a client's credentials on either.
+    let (status, _, _) = get(
+        &c,
+        &format!("https://{}/public/p", host(&s)),
+        None,
+        &[("authorization", "Basic YWxpY2U6cHc=")],
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let seen = s.upstream.last();
+    assert_eq!(seen.path, "/public/p");
+    assert!(seen.headers.get("authorization").is_none());
+    // A route that asks for it gets the very line the client sent.
+    let (status, _, _) = get(
+        &c,
+        &format!("https://{}/relay/x", host(&s)),
+        Some(&s.token),
+        &[],
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let seen = s.upstream.last();
+    assert_eq!(seen.path, "/relay/x");
+    assert_eq!(seen.headers["authorization"], bearer.as_str());
+    assert_eq!(seen.headers["x-portcullis-subject"], "alice@example.com");
+    assert_eq!(s.upstream.count(), 3);
+
+    // Forwarding for the whole proxy; a route can still keep it.
+    let closed = "[[routes]]\nname = \"closed\"\npath_prefix = \"/closed\"\n\
+                  upstream = \"@UP@\"\nauth = \"bearer\"\nforward_authorization = false\n";
+    let s = setup_with("forward_authorization = true", closed).await;
+    let c = client(&s.pki.ca_pem, false);
+    let bearer = format!("Bearer {}", s.token);
+    let (status, _, _) = get(&c, &format!("https://{}/me", host(&s)), Some(&s.token), &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(s.upstream.last().headers["authorization"], bearer.as_str());
+    let (status, _, _) = get(
+        &c,
+        &format!("https://{}/closed/x", host(&s)),
+        Some(&s.token),
+        &[],
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let seen = s.upstream.last();
+    assert_eq!(seen.path, "/closed/x");
+    assert!(seen.headers.get("authorization").is_none());
 }
 
 #[tokio::test]

@@ -86,6 +86,7 @@
 #                      path: the link order file (build/link.order, see
 #                      build.rs)
 #   PORTCULLIS_POLICY  extra keys for portcullis's [policy] table (experiments)
+#   PORTCULLIS_PROXY   extra keys for portcullis's [proxy] table (experiments)
 #   STRACE_DIR         when set: strace -c -f every peer's processes during its
 #                      measured runs, syscall counts per request into this dir
 #                      (counts only: ptrace makes every timing meaningless)
@@ -388,6 +389,7 @@ MDM_SECRET=$(openssl rand -hex 24)
 cat > "$PC/portcullis.toml" <<EOF
 [proxy]
 listen = "127.0.0.1:0"
+${PORTCULLIS_PROXY:-}
 
 [admin]
 listen = "127.0.0.1:0"
@@ -482,9 +484,11 @@ fi
 # p99 and CPU move apart within one run on this machine. nginx-id, when
 # in PEERS, is the same config plus the 13 lines portcullis adds to each
 # request it forwards (its names, values of the lengths portcullis sends
-# in the h1-10k mode): what the upstream's cost of reading them does to a
-# proxy that checks nothing.
-ID_LINES='proxy_set_header X-Forwarded-For $remote_addr;
+# in the h1-10k mode), without the client's Authorization line, which
+# portcullis keeps by default (`forward_authorization`): the request the
+# upstream reads behind portcullis, from a proxy that checks nothing.
+ID_LINES='proxy_set_header Authorization "";
+            proxy_set_header X-Forwarded-For $remote_addr;
             proxy_set_header X-Forwarded-Proto https;
             proxy_set_header X-Forwarded-Host $http_host;
             proxy_set_header X-Request-Id "d6b660229045-0000000000000001";

@@ -345,8 +345,14 @@ pub struct ProxyConfig {
     /// Replace the default strip list instead of extending it.
     #[serde(default)]
     pub strip_headers_replace_defaults: bool,
-    /// Forward the client's `Authorization` header to the upstream.
-    #[serde(default = "d_true")]
+    /// Forward the client's `Authorization` and `DPoP` headers to the
+    /// upstream. Off by default: every app behind the proxy would otherwise
+    /// hold live tokens for the proxy's audience, which a compromised or
+    /// logging app could replay through the proxy to every other route (as
+    /// the proxy's own cookies never reach an app). A route that needs the
+    /// token itself (token relay, its own verification) sets its own
+    /// `forward_authorization`.
+    #[serde(default)]
     pub forward_authorization: bool,
     /// Seconds between re-decisions of every live connection (besides the
     /// re-decision on each state change of its subject or device).
@@ -583,6 +589,10 @@ pub struct RouteConfig {
     /// look-alikes of identity headers are dropped regardless).
     #[serde(default)]
     pub allow_underscore_headers: bool,
+    /// Forward the client's `Authorization` and `DPoP` headers to this app;
+    /// unset: `[proxy] forward_authorization` (off by default).
+    #[serde(default)]
+    pub forward_authorization: Option<bool>,
 }
 
 /// Route sensitivity, which policies read.
@@ -666,9 +676,6 @@ impl Default for UpstreamConfig {
     }
 }
 
-fn d_true() -> bool {
-    true
-}
 fn d_max_connections() -> usize {
     DEFAULT_MAX_CONNECTIONS
 }

@@ -1356,7 +1356,8 @@ fn prepare_upstream_request<B>(
     headers::strip_identity(h, &rt.stripped);
     headers::strip_own_cookies(h, crate::session::OWN_COOKIES);
     // `Host` stays for now: the pool replaces it with the upstream's.
-    if !rt.config.proxy.forward_authorization {
+    // The client's credentials stay here unless the route asks for them.
+    if !route.forward_authorization {
         h.remove(header::AUTHORIZATION);
         h.remove(&names::DPOP);
     }

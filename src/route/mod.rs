@@ -45,6 +45,9 @@ pub struct Route {
     pub workloads: Vec<String>,
     /// Header names with `_` pass (identity look-alikes never do).
     pub allow_underscore_headers: bool,
+    /// The client's `Authorization` and `DPoP` reach the upstream (the
+    /// route's `forward_authorization`, else `[proxy]`'s).
+    pub forward_authorization: bool,
     /// What the upstream receives about the caller: the assertion's
     /// audience and the plain identity headers.
     pub identity: RouteIdentity,
@@ -141,6 +144,9 @@ fn build_route(rc: &RouteConfig, cfg: &Config) -> Route {
         timeout: std::time::Duration::from_millis(rc.timeout_ms.unwrap_or(cfg.upstream.timeout_ms)),
         workloads: rc.workloads.clone(),
         allow_underscore_headers: rc.allow_underscore_headers,
+        forward_authorization: rc
+            .forward_authorization
+            .unwrap_or(cfg.proxy.forward_authorization),
         identity: RouteIdentity::new(rc),
     }
 }
