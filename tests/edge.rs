@@ -239,6 +239,26 @@ async fn a_replaced_strip_list_still_strips_every_header_the_proxy_sets() {
     assert_eq!(underscored(&seen.headers), ["x_app_tenant"]);
 }
 
+/// A GET of `path` with `headers` (and the setup's token as `Bearer` when
+/// `token`): checks the 200 and returns the `Authorization` the app
+/// received, after checking that the request reached it.
+async fn app_authorization(
+    s: &Setup,
+    path: &str,
+    token: bool,
+    headers: &[(&str, &str)],
+) -> Option<String> {
+    let c = client(&s.pki.ca_pem, false);
+    let url = format!("https://{}{path}", host(s));
+    let (status, _, body) = get(&c, &url, token.then_some(s.token.as_str()), headers).await;
+    assert_eq!(status, StatusCode::OK, "{path}: {body:?}");
+    let seen = s.upstream.last();
+    assert_eq!(seen.path, path);
+    seen.headers
+        .get("authorization")
+        .map(|v| v.to_str().unwrap().to_owned())
+}
+
 #[tokio::test]
 async fn the_clients_token_reaches_only_routes_that_ask_for_it() {
     // By default an app gets who the caller is, never the caller's token:
@@ -247,61 +267,36 @@ async fn the_clients_token_reaches_only_routes_that_ask_for_it() {
     let relay = "[[routes]]\nname = \"relay\"\npath_prefix = \"/relay\"\n\
                  upstream = \"@UP@\"\nauth = \"bearer\"\nforward_authorization = true\n";
     let s = setup(relay).await;
-    let c = client(&s.pki.ca_pem, false);
     let bearer = format!("Bearer {}", s.token);
-    let (status, _, _) = get(&c, &format!("https://{}/me", host(&s)), Some(&s.token), &[]).await;
-    assert_eq!(status, StatusCode::OK);
-    let seen = s.upstream.last();
-    assert_eq!(seen.path, "/me");
-    assert!(seen.headers.get("authorization").is_none());
-    assert_eq!(seen.headers["x-portcullis-subject"], "alice@example.com");
+    assert_eq!(app_authorization(&s, "/me", true, &[]).await, None);
+    assert_eq!(
+        s.upstream.last().headers["x-portcullis-subject"],
+        "alice@example.com"
+    );
     // A public route does not pass a client's credentials on either.
-    let (status, _, _) = get(
-        &c,
-        &format!("https://{}/public/p", host(&s)),
-        None,
-        &[("authorization", "Basic YWxpY2U6cHc=")],
-    )
-    .await;
-    assert_eq!(status, StatusCode::OK);
-    let seen = s.upstream.last();
-    assert_eq!(seen.path, "/public/p");
-    assert!(seen.headers.get("authorization").is_none());
+    let basic = [("authorization", "Basic YWxpY2U6cHc=")];
+    assert_eq!(
+        app_authorization(&s, "/public/p", false, &basic).await,
+        None
+    );
     // A route that asks for it gets the very line the client sent.
-    let (status, _, _) = get(
-        &c,
-        &format!("https://{}/relay/x", host(&s)),
-        Some(&s.token),
-        &[],
-    )
-    .await;
-    assert_eq!(status, StatusCode::OK);
-    let seen = s.upstream.last();
-    assert_eq!(seen.path, "/relay/x");
-    assert_eq!(seen.headers["authorization"], bearer.as_str());
-    assert_eq!(seen.headers["x-portcullis-subject"], "alice@example.com");
+    assert_eq!(
+        app_authorization(&s, "/relay/x", true, &[]).await,
+        Some(bearer)
+    );
+    assert_eq!(
+        s.upstream.last().headers["x-portcullis-subject"],
+        "alice@example.com"
+    );
     assert_eq!(s.upstream.count(), 3);
 
     // Forwarding for the whole proxy; a route can still keep it.
     let closed = "[[routes]]\nname = \"closed\"\npath_prefix = \"/closed\"\n\
                   upstream = \"@UP@\"\nauth = \"bearer\"\nforward_authorization = false\n";
     let s = setup_with("forward_authorization = true", closed).await;
-    let c = client(&s.pki.ca_pem, false);
     let bearer = format!("Bearer {}", s.token);
-    let (status, _, _) = get(&c, &format!("https://{}/me", host(&s)), Some(&s.token), &[]).await;
-    assert_eq!(status, StatusCode::OK);
-    assert_eq!(s.upstream.last().headers["authorization"], bearer.as_str());
-    let (status, _, _) = get(
-        &c,
-        &format!("https://{}/closed/x", host(&s)),
-        Some(&s.token),
-        &[],
-    )
-    .await;
-    assert_eq!(status, StatusCode::OK);
-    let seen = s.upstream.last();
-    assert_eq!(seen.path, "/closed/x");
-    assert!(seen.headers.get("authorization").is_none());
+    assert_eq!(app_authorization(&s, "/me", true, &[]).await, Some(bearer));
+    assert_eq!(app_authorization(&s, "/closed/x", true, &[]).await, None);
 }
 
 #[tokio::test]
