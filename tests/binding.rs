@@ -256,7 +256,10 @@ async fn dpop_bound_tokens_with_valid_proofs_reach_the_upstream() {
     )
     .await;
     assert_eq!(status, StatusCode::OK, "{body:?}");
-    assert_eq!(e.upstream.last().headers["x-portcullis-binding"], "dpop");
+    let seen = e.upstream.last();
+    assert_eq!(seen.headers["x-portcullis-binding"], "dpop");
+    assert!(seen.headers.get("authorization").is_none());
+    assert!(seen.headers.get("dpop").is_none());
 }
 
 #[tokio::test]
