@@ -32,8 +32,9 @@
 #                      same config, the A/A control (how far two identical
 #                      peers' p99 and CPU a request move apart in one run);
 #                      and nginx-id: that nginx config plus the 13 lines
-#                      portcullis adds to a forwarded request (the
-#                      upstream's cost of reading them, without any check)
+#                      portcullis adds to a forwarded request, less the
+#                      client's Authorization (the request the upstream
+#                      reads behind portcullis, without any check)
 #   CONNS=50           wrk connections (-c)
 #   THREADS=2          wrk / h2load threads (-t)
 #   TOKENS=10000       distinct tokens / subjects / devices for h1-10k
